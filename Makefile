@@ -1,0 +1,24 @@
+# Quick start:  make demo   (set up, then train DRDO on the embedded default)
+#               make test   (set up, then run the test suite; CI runs this)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; on a CUDA machine install your torch first or pass TORCH=torch.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test embedded-default
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/python -m drdo_lightning fit --config configs/drdo.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q

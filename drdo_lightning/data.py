@@ -1,0 +1,592 @@
+"""Preference data: read, validate, tokenize, truncate, cache, and collate.
+
+Rows are triples ``(prompt, chosen, rejected)`` with optional Oracle scores for each
+response; ``rejected_column=None`` reads SFT data (prompt and chosen only).
+
+Each field may be a plain string or, for conversational data, a list of
+``{"role", "content"}`` messages (the Ultrafeedback "binarized" layout: ``chosen`` and
+``rejected`` are whole conversations ending in an assistant turn; or the TRL layout:
+``prompt`` is the conversation so far and ``chosen``/``rejected`` hold one assistant turn).
+Conversations are rendered with the tokenizer's chat template.
+
+Truncation rule (per pair, applied identically to chosen and rejected):
+  1. A prompt longer than ``max_prompt_length`` tokens keeps its *last* tokens (the part
+     nearest the response), after any special tokens the tokenizer puts first (BOS).
+  2. A response that does not fit in ``max_length - len(prompt)`` keeps its *first* tokens.
+     With ``drop_long=True`` such pairs are dropped instead (the paper filters them).
+Every truncation, drop and skipped row is counted and logged.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import datasets
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+CACHE_FORMAT_VERSION = 1
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the source, the row and the field."""
+
+
+# ---------------------------------------------------------------------------------------
+# Reading raw rows
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {line_no}: expected a JSON object, got {type(row).__name__}")
+            yield line_no, row
+
+
+def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    for i, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: record {i}: expected a JSON object, got {type(row).__name__}")
+        yield i, row
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        # Line 1 is the header, so data row i sits on line i + 1 for single-line records.
+        for i, row in enumerate(csv.DictReader(f), start=2):
+            yield i, row
+
+
+def _read_dataset(ds: datasets.Dataset) -> Iterator[tuple[int, dict]]:
+    for i, row in enumerate(ds, start=1):
+        yield i, row
+
+
+def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, dict]]:
+    """Yield ``(row_number, row)`` from a local file/directory or a hub dataset id.
+
+    Local files: ``.jsonl``, ``.json`` (a list of objects), ``.csv``, ``.parquet``; a
+    directory written by ``datasets.save_to_disk``. Anything else that does not exist
+    locally is treated as a hub dataset id and loaded with ``datasets.load_dataset``.
+    ``row_number`` is the line number for JSONL/CSV and the 1-based record index otherwise.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"{path}: no split {split!r}; it has {sorted(loaded)}")
+            loaded = loaded[split]
+        return _read_dataset(loaded)
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
+    if path.suffix in readers or path.suffix == ".parquet":
+        if not path.is_file():
+            raise FileNotFoundError(f"data file not found: {path}")
+        if path.suffix == ".parquet":
+            return _read_dataset(datasets.Dataset.from_parquet(str(path)))
+        return readers[path.suffix](path)
+    if path.suffix or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise FileNotFoundError(
+            f"data source not found: {source} (expected an existing .jsonl/.json/.csv/.parquet file, "
+            "a save_to_disk directory, or a hub dataset id 'owner/name')"
+        )
+    return _read_dataset(datasets.load_dataset(source, split=split))
+
+
+# ---------------------------------------------------------------------------------------
+# Validating rows into prompt/response texts
+
+
+@dataclass
+class Columns:
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str | None = "rejected"
+    chosen_score: str | None = None
+    rejected_score: str | None = None
+
+    def required(self) -> list[str]:
+        names = [self.prompt, self.chosen, self.rejected, self.chosen_score, self.rejected_score]
+        return [n for n in names if n is not None]
+
+
+@dataclass
+class TextPair:
+    """One validated row: the rendered prompt and responses, and the Oracle scores."""
+
+    prompt: str
+    chosen: str
+    rejected: str | None
+    chosen_score: float | list[float] | None
+    rejected_score: float | list[float] | None
+    prompt_has_special_tokens: bool  # rendered by a chat template, which writes its own BOS/EOS
+
+
+class RowError(Exception):
+    """A problem with one row: ``reason`` is a short key for skip counts."""
+
+    def __init__(self, field: str, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.field, self.reason = field, reason
+
+
+def _check_messages(value: Any, field: str) -> list[dict]:
+    if not value or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        raise RowError(field, "bad_messages", "expected a non-empty list of {'role': str, 'content': str} messages")
+    return value
+
+
+def _check_text(value: Any, field: str) -> str:
+    if value is None:
+        raise RowError(field, "null_field", "expected a non-empty string, got null")
+    if not isinstance(value, str):
+        raise RowError(field, "not_a_string", f"expected a non-empty string, got {type(value).__name__}")
+    if not value.strip():
+        raise RowError(field, "empty_field", "expected a non-empty string, got an empty one")
+    return value
+
+
+def _check_score(value: Any, field: str) -> float | list[float]:
+    """A finite float, or a non-empty list of them (one per ensemble member)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for v in values:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise RowError(field, "bad_score", f"expected a finite number, got {v!r}") from None
+        if isinstance(v, bool) or not math.isfinite(f):
+            raise RowError(field, "bad_score", f"expected a finite number, got {v!r}")
+        out.append(f)
+    if not out:
+        raise RowError(field, "bad_score", "expected a number or a non-empty list of numbers, got []")
+    return out if isinstance(value, (list, tuple)) else out[0]
+
+
+def _render_conversation(prompt: Any, chosen: Any, rejected: Any, template: Any, cols: Columns):
+    """Split conversations into (prompt text, chosen text, rejected text) via the chat template."""
+    chosen_msgs = _check_messages(chosen, cols.chosen)
+    rejected_msgs = _check_messages(rejected, cols.rejected) if rejected is not None else None
+    for msgs, field in ((chosen_msgs, cols.chosen), (rejected_msgs, cols.rejected)):
+        if msgs is not None and msgs[-1]["role"] != "assistant":
+            raise RowError(field, "bad_roles", f"the last message must have role 'assistant', got {msgs[-1]['role']!r}")
+    context = chosen_msgs[:-1]
+    if rejected_msgs is not None and rejected_msgs[:-1] != context:
+        raise RowError(cols.rejected, "bad_roles", "chosen and rejected conversations differ before the final assistant turn")
+    if not context:  # TRL layout: the prompt column holds the conversation so far
+        if isinstance(prompt, str):
+            context = [{"role": "user", "content": _check_text(prompt, cols.prompt)}]
+        else:
+            context = _check_messages(prompt, cols.prompt)
+    if context[-1]["role"] == "assistant":
+        raise RowError(cols.prompt, "bad_roles", "the prompt conversation must not end with an assistant turn")
+    if template is None:
+        raise RowError(
+            cols.chosen, "no_chat_template",
+            "conversational rows need a tokenizer with a chat template (set --data.chat_template)",
+        )
+    prompt_text = template(context, add_generation_prompt=True)
+
+    def response(msgs):
+        full = template(context + [msgs[-1]], add_generation_prompt=False)
+        if not full.startswith(prompt_text):
+            raise RowError(cols.chosen, "bad_roles", "the chat template does not render the prompt as a prefix")
+        return full[len(prompt_text):]
+
+    return prompt_text, response(chosen_msgs), response(rejected_msgs) if rejected_msgs is not None else None
+
+
+def validate_row(row: dict, cols: Columns, template) -> TextPair:
+    """Check one raw row and render it to text; raises :class:`RowError`."""
+    prompt, chosen = row.get(cols.prompt), row.get(cols.chosen)
+    rejected = row.get(cols.rejected) if cols.rejected else None
+    if isinstance(chosen, list):
+        prompt_text, chosen_text, rejected_text = _render_conversation(prompt, chosen, rejected, template, cols)
+        conversational = True
+    else:
+        prompt_text = _check_text(prompt, cols.prompt)
+        chosen_text = _check_text(chosen, cols.chosen)
+        rejected_text = _check_text(rejected, cols.rejected) if cols.rejected else None
+        conversational = False
+    if rejected_text is not None and chosen_text == rejected_text:
+        raise RowError(cols.rejected, "identical_responses", "chosen and rejected responses are identical")
+    scores = [
+        _check_score(row.get(name), name) if name else None for name in (cols.chosen_score, cols.rejected_score)
+    ]
+    return TextPair(prompt_text, chosen_text, rejected_text, scores[0], scores[1], conversational)
+
+
+def load_pairs(source: str, cols: Columns, template, *, split: str = "train", on_bad_row: str = "error") -> list[TextPair]:
+    """Read and validate every row; bad rows raise or, with ``on_bad_row='skip'``, are counted."""
+    pairs: list[TextPair] = []
+    skipped: Counter[str] = Counter()
+    for row_number, row in read_rows(source, split):
+        if not pairs and not skipped:
+            missing = [c for c in cols.required() if c not in row]
+            if missing:
+                raise DataError(f"{source}: missing column(s) {missing}; the data has columns {sorted(row)}")
+        try:
+            pairs.append(validate_row(row, cols, template))
+        except RowError as e:
+            if on_bad_row == "error":
+                raise DataError(
+                    f"{source}: row {row_number}: field {e.field!r}: {e} "
+                    "(use --data.on_bad_row skip to skip such rows)"
+                ) from None
+            skipped[e.reason] += 1
+    if skipped:
+        log.warning("%s: skipped %d bad rows: %s", source, sum(skipped.values()), dict(skipped))
+    if not pairs:
+        raise DataError(f"{source}: no usable rows" + (f" (skipped: {dict(skipped)})" if skipped else ""))
+    return pairs
+
+
+def flip_labels(pairs: list[TextPair], rate: float, seed: int) -> int:
+    """Swap chosen/rejected (and their scores) in exactly ``round(rate * len(pairs))`` pairs."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"label_flip_rate must be in [0, 1], got {rate}")
+    n_flip = round(rate * len(pairs))
+    for i in random.Random(seed).sample(range(len(pairs)), n_flip):
+        p = pairs[i]
+        p.chosen, p.rejected = p.rejected, p.chosen
+        p.chosen_score, p.rejected_score = p.rejected_score, p.chosen_score
+    return n_flip
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenization and truncation
+
+
+def tokenize_pairs(
+    pairs: list[TextPair],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_prompt_length: int,
+    max_length: int,
+    drop_long: bool,
+) -> tuple[dict[str, list], Counter[str]]:
+    """Tokenize prompts and responses in batches and apply the module's truncation rule.
+
+    Returns columns ``prompt_ids``, ``chosen_ids`` (and ``rejected_ids``, scores when
+    present) and counts of what was truncated or dropped.
+    """
+    counts: Counter[str] = Counter()
+    has_rejected = pairs[0].rejected is not None
+    n_prefix = len(tokenizer("", add_special_tokens=True)["input_ids"])
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def encode(texts: list[str], special: bool) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else []
+
+    # A chat-templated prompt already carries its special tokens and its responses their
+    # end-of-turn markers; plain text gets the tokenizer's BOS (if any) and an EOS.
+    templated = [p.prompt_has_special_tokens for p in pairs]
+    prompt_ids: list[list[int]] = [[] for _ in pairs]
+    for flag in (False, True):
+        idx = [i for i, t in enumerate(templated) if t == flag]
+        for i, seq in zip(idx, encode([pairs[i].prompt for i in idx], special=not flag)):
+            prompt_ids[i] = seq
+    responses = {
+        key: [seq if templated[i] else seq + eos for i, seq in enumerate(encode([getattr(p, key) for p in pairs], False))]
+        for key in (("chosen", "rejected") if has_rejected else ("chosen",))
+    }
+
+    out: dict[str, list] = {"prompt_ids": [], **{f"{k}_ids": [] for k in responses}}
+    score_keys = [k for k in ("chosen_score", "rejected_score") if getattr(pairs[0], k) is not None]
+    for k in score_keys:
+        out[k] = []
+    for i, pair in enumerate(pairs):
+        prompt = prompt_ids[i]
+        prefix = n_prefix if not pair.prompt_has_special_tokens else 0
+        if len(prompt) > max_prompt_length:
+            prompt = prompt[:prefix] + prompt[len(prompt) - (max_prompt_length - prefix):]
+            counts["prompt_truncated"] += 1
+        budget = max_length - len(prompt)
+        resp = {k: r[i] for k, r in responses.items()}
+        if any(len(r) > budget for r in resp.values()):
+            if drop_long:
+                counts["dropped_too_long"] += 1
+                continue
+            resp = {k: r[:budget] for k, r in resp.items()}
+            counts["response_truncated"] += 1
+        out["prompt_ids"].append(prompt)
+        for k, r in resp.items():
+            out[f"{k}_ids"].append(r)
+        for k in score_keys:
+            out[k].append(getattr(pair, k))
+    return out, counts
+
+
+# ---------------------------------------------------------------------------------------
+# Collation
+
+
+@dataclass
+class PairCollator:
+    """Pads a batch dynamically (to its own longest sequence) on the right.
+
+    Chosen and rejected share one padded length so a module can concatenate them into one
+    ``[2B, T]`` forward. Labels are the input ids with prompt and padding positions set to
+    ``IGNORE_INDEX``.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        keys = [k for k in ("chosen", "rejected") if f"{k}_ids" in examples[0]]
+        length = max(len(ex["prompt_ids"]) + len(ex[f"{k}_ids"]) for ex in examples for k in keys)
+        batch: dict[str, torch.Tensor] = {}
+        for k in keys:
+            ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
+            labels = torch.full_like(ids, IGNORE_INDEX)
+            mask = torch.zeros_like(ids)
+            for row, ex in enumerate(examples):
+                p, r = ex["prompt_ids"], ex[f"{k}_ids"]
+                n = len(p) + len(r)
+                ids[row, :n] = torch.tensor(p + r)
+                labels[row, len(p):n] = torch.tensor(r)
+                mask[row, :n] = 1
+            batch[f"{k}_input_ids"], batch[f"{k}_attention_mask"], batch[f"{k}_labels"] = ids, mask, labels
+        for k in ("chosen_score", "rejected_score"):
+            if k in examples[0]:
+                batch[k] = torch.tensor([ex[k] for ex in examples], dtype=torch.float32)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------
+# The data module
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
+    """Load a tokenizer; give it a pad token if it has none (padding is masked out anyway)."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if tokenizer.pad_token_id is None:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+            log.warning("tokenizer %s had no pad, EOS or UNK token: added '<pad>'", name_or_path)
+    if chat_template is not None:
+        path = Path(chat_template).expanduser()
+        tokenizer.chat_template = path.read_text() if path.is_file() else chat_template
+    return tokenizer
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [backend.to_str() if backend is not None else repr(tokenizer.get_vocab())]
+    parts += [str(tokenizer.chat_template), str(tokenizer.all_special_tokens), str(tokenizer.eos_token_id)]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def _source_fingerprint(source: str) -> str:
+    path = Path(source).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    if path.is_dir():
+        return ";".join(
+            f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(path.rglob("*")) if p.is_file()
+        )
+    return f"hub:{source}"
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference pairs (or SFT texts) for every objective in this package.
+
+    Args:
+        train_file: JSONL/JSON/CSV/parquet file, ``save_to_disk`` directory, or hub dataset id.
+        val_file: Validation data in the same forms; or use ``val_fraction``.
+        val_fraction: Fraction of ``train_file`` held out for validation (seeded), in (0, 1).
+        tokenizer: Tokenizer path or hub id (linked to the model path by the CLI).
+        prompt_column, chosen_column, rejected_column: Column names; ``rejected_column=None``
+            reads SFT data (prompt and chosen response only).
+        chosen_score_column, rejected_score_column: Oracle reward columns (a number, or a
+            list of numbers for an ensemble).
+        max_prompt_length, max_length: Token budgets (paper: 512 / 1024); see the module
+            docstring for the truncation rule.
+        drop_long: Drop pairs that do not fit ``max_length`` instead of truncating them.
+        label_flip_rate: Fraction of *training* pairs whose labels are swapped (seeded), for
+            robustness experiments. Validation data is never flipped.
+        on_bad_row: ``error`` stops at the first bad row; ``skip`` drops bad rows and logs
+            counts by reason.
+        chat_template: A Jinja chat template (string or file) overriding the tokenizer's.
+        cache_dir: Where tokenized data is cached (keyed by data, tokenizer and settings).
+    """
+
+    def __init__(
+        self,
+        train_file: str,
+        val_file: str | None = None,
+        val_fraction: float | None = None,
+        tokenizer: str | None = None,
+        prompt_column: str = "prompt",
+        chosen_column: str = "chosen",
+        rejected_column: str | None = "rejected",
+        chosen_score_column: str | None = None,
+        rejected_score_column: str | None = None,
+        max_prompt_length: int = 512,
+        max_length: int = 1024,
+        drop_long: bool = False,
+        label_flip_rate: float = 0.0,
+        seed: int = 0,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        on_bad_row: Literal["error", "skip"] = "error",
+        chat_template: str | None = None,
+        trust_remote_code: bool = False,
+        split: str = "train",
+        val_split: str = "validation",
+        cache_dir: str | None = "~/.cache/drdo_lightning",
+    ) -> None:
+        super().__init__()
+        if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if val_fraction is not None and val_file is not None:
+            raise ValueError("give either val_file or val_fraction, not both")
+        if not 0 < max_prompt_length < max_length:
+            raise ValueError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}")
+        if not 0.0 <= label_flip_rate <= 1.0:
+            raise ValueError(f"label_flip_rate must be in [0, 1], got {label_flip_rate}")
+        if tokenizer is None:
+            raise ValueError("a tokenizer path or hub id is required (the CLI links it to the model path)")
+        if (chosen_score_column is None) != (rejected_score_column is None):
+            raise ValueError("give both chosen_score_column and rejected_score_column, or neither")
+        self.save_hyperparameters()
+        self.columns = Columns(prompt_column, chosen_column, rejected_column, chosen_score_column, rejected_score_column)
+        self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code, chat_template=chat_template)
+        self.train_dataset: datasets.Dataset | None = None
+        self.val_dataset: datasets.Dataset | None = None
+
+    @property
+    def has_scores(self) -> bool:
+        return self.columns.chosen_score is not None
+
+    def _template(self):
+        if not self.tokenizer.chat_template:
+            return None
+        return lambda msgs, add_generation_prompt: self.tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _cache_path(self) -> Path | None:
+        if self.hparams.cache_dir is None:
+            return None
+        keys = {k: v for k, v in self.hparams.items() if k not in ("batch_size", "eval_batch_size", "num_workers", "cache_dir")}
+        material = json.dumps(
+            {
+                "version": CACHE_FORMAT_VERSION,
+                "hparams": keys,
+                "train": _source_fingerprint(self.hparams.train_file),
+                "val": _source_fingerprint(self.hparams.val_file) if self.hparams.val_file else None,
+                "tokenizer": _tokenizer_fingerprint(self.tokenizer),
+            },
+            sort_keys=True,
+            default=str,
+        )
+        return Path(self.hparams.cache_dir).expanduser() / hashlib.sha256(material.encode()).hexdigest()[:24]
+
+    def _tokenize(self, pairs: list[TextPair], name: str) -> datasets.Dataset:
+        hp = self.hparams
+        columns, counts = tokenize_pairs(
+            pairs, self.tokenizer, max_prompt_length=hp.max_prompt_length, max_length=hp.max_length, drop_long=hp.drop_long
+        )
+        if counts:
+            log.info("%s split: %d pairs kept of %d; %s", name, len(columns["prompt_ids"]), len(pairs), dict(counts))
+        if not columns["prompt_ids"]:
+            raise DataError(f"{name} split is empty after filtering ({dict(counts)}); raise max_length or set drop_long=False")
+        return datasets.Dataset.from_dict(columns)
+
+    def _build(self) -> dict[str, datasets.Dataset]:
+        hp = self.hparams
+        template = self._template()
+        train = load_pairs(hp.train_file, self.columns, template, split=hp.split, on_bad_row=hp.on_bad_row)
+        val = None
+        if hp.val_file is not None:
+            val = load_pairs(hp.val_file, self.columns, template, split=hp.val_split, on_bad_row=hp.on_bad_row)
+        elif hp.val_fraction is not None:
+            order = list(range(len(train)))
+            random.Random(hp.seed).shuffle(order)
+            n_val = max(1, round(hp.val_fraction * len(train)))
+            if n_val >= len(train):
+                raise DataError(f"val_fraction={hp.val_fraction} leaves no training rows out of {len(train)}")
+            val = [train[i] for i in order[:n_val]]
+            train = [train[i] for i in order[n_val:]]
+        if hp.label_flip_rate > 0:
+            if train[0].rejected is None:
+                raise ValueError("label_flip_rate needs preference pairs (rejected_column is None)")
+            n = flip_labels(train, hp.label_flip_rate, hp.seed)
+            log.info("flipped the labels of %d of %d training pairs (seed %d)", n, len(train), hp.seed)
+        splits = {"train": self._tokenize(train, "train")}
+        if val is not None:
+            splits["val"] = self._tokenize(val, "val")
+        return splits
+
+    def prepare_data(self) -> None:
+        """Tokenize once and cache (runs on one process per node before ``setup``)."""
+        cache = self._cache_path()
+        if cache is None or (cache / "train").exists():
+            return
+        staging = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        for name, ds in self._build().items():
+            ds.save_to_disk(str(staging / name))
+        staging.rename(cache)
+        log.info("cached tokenized data in %s", cache)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        cache = self._cache_path()
+        if cache is not None and (cache / "train").exists():
+            log.info("loading tokenized data from cache %s", cache)
+            splits = {name: datasets.load_from_disk(str(cache / name)) for name in ("train", "val") if (cache / name).exists()}
+        else:
+            splits = self._build()
+        self.train_dataset, self.val_dataset = splits["train"], splits.get("val")
+
+    def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=PairCollator(self.tokenizer.pad_token_id),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []
+        return self._loader(self.val_dataset, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)

@@ -1,0 +1,145 @@
+"""Preference-learning objectives as pure tensor functions.
+
+Every function takes per-sequence quantities (log-probabilities ``z = log pi(y|x)`` summed
+over response tokens, or scalar rewards) and returns an unreduced per-pair loss ``[B]``, so
+the caller chooses the reduction. Equation numbers follow Nath et al., "Simultaneous Reward
+Distillation and Preference Learning" (arXiv 2410.08458); see ``shared/METHOD.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# log(1 - pi) is -inf at pi = 1. A sequence log-prob of exactly 0 is reachable in float32
+# (every token predicted with probability 1), so we cap z just below 0 to keep the
+# unlikelihood term finite. The cap sits beyond the range the method needs: z <= -1e-8.
+LOG_PROB_CEILING = -1e-8
+
+
+def sequence_logps(
+    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, average: bool = False
+) -> Tensor:
+    """Log-probability of each sequence's response tokens, ``z = log pi(y|x)``.
+
+    ``logits`` is ``[B, T, V]``; ``labels`` is ``[B, T]``: the input ids with prompt and
+    padding positions set to ``ignore_index``, *unshifted* (position t's logits predict
+    token t+1, the shift happens here). Returns the sum of response-token log-probs ``[B]``
+    or, with ``average=True``, their mean (the length-normalised variant).
+
+    ``log p = logit[label] - logsumexp(logit)``: only the logsumexp reduction touches the
+    whole vocabulary, so no log-softmax copy of ``logits`` is materialised.
+    """
+    logits = logits[:, :-1]
+    labels = labels[:, 1:]
+    mask = labels != ignore_index
+    safe_labels = labels.masked_fill(~mask, 0)
+    picked = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1).float()
+    token_logps = (picked - torch.logsumexp(logits.float(), dim=-1)) * mask
+    total = token_logps.sum(-1)
+    if average:
+        return total / mask.sum(-1).clamp(min=1)
+    return total
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate over the whole range.
+
+    Uses ``log(-expm1(x))`` for ``x > -ln 2`` and ``log1p(-exp(x))`` otherwise (Mächler 2012).
+    ``torch.where`` evaluates both branches, so each branch's input is clamped to the region
+    where it is finite; otherwise the unused branch would inject NaN gradients.
+    """
+    x = x.clamp(max=LOG_PROB_CEILING)
+    near_zero = x > -math.log(2.0)
+    from_expm1 = torch.log(-torch.expm1(torch.where(near_zero, x, -math.log(2.0))))
+    from_log1p = torch.log1p(-torch.exp(torch.where(near_zero, -math.log(2.0), x)))
+    return torch.where(near_zero, from_expm1, from_log1p)
+
+
+class DRDOTerms(NamedTuple):
+    """The two parts of paper Eq. 6, per pair, and the preference probability ``p_w``."""
+
+    distillation: Tensor
+    preference: Tensor
+    p_chosen: Tensor
+
+
+def drdo_terms(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    oracle_chosen_rewards: Tensor,
+    oracle_rejected_rewards: Tensor,
+    *,
+    alpha: float = 0.1,
+    gamma: float = 2.0,
+    detach_focal: bool = False,
+) -> DRDOTerms:
+    """Both terms of the DRDO loss (paper Eq. 6), unreduced.
+
+    distillation = (r*(x,y_w) - r*(x,y_l) - (r̂_w - r̂_l))^2
+    preference   = -alpha * (1 - p_w)^gamma * (z_w - log(1 - exp(z_l))),  p_w = sigmoid(z_w - z_l)
+
+    The focal weight ``(1 - p_w)^gamma`` is differentiated through, as in the paper's
+    gradient analysis (Appendix A.5); ``detach_focal=True`` treats it as a constant weight.
+    """
+    oracle_margin = oracle_chosen_rewards - oracle_rejected_rewards
+    student_margin = chosen_rewards - rejected_rewards
+    distillation = (oracle_margin - student_margin).square()
+
+    p_chosen = torch.sigmoid(chosen_logps - rejected_logps)
+    focal = (1.0 - p_chosen).pow(gamma)
+    if detach_focal:
+        focal = focal.detach()
+    log_unlikelihood = chosen_logps - log1mexp(rejected_logps)
+    preference = -alpha * focal * log_unlikelihood
+    return DRDOTerms(distillation, preference, p_chosen)
+
+
+def drdo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    oracle_chosen_rewards: Tensor,
+    oracle_rejected_rewards: Tensor,
+    *,
+    alpha: float = 0.1,
+    gamma: float = 2.0,
+) -> Tensor:
+    """DRDO loss per pair (paper Eq. 6): reward distillation + focal log-unlikelihood.
+
+    See :func:`drdo_terms` for the two terms; this is their sum, shape ``[B]``.
+    """
+    terms = drdo_terms(
+        chosen_logps,
+        rejected_logps,
+        chosen_rewards,
+        rejected_rewards,
+        oracle_chosen_rewards,
+        oracle_rejected_rewards,
+        alpha=alpha,
+        gamma=gamma,
+    )
+    return terms.distillation + terms.preference
+
+
+def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+    """Reward-model negative log-likelihood, ``-log sigmoid(r(x,y_w) - r(x,y_l))`` (paper Eq. 2)."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards)
+
+
+def oracle_loss(
+    chosen_rewards: Tensor, rejected_rewards: Tensor, chosen_logps: Tensor, *, alpha: float = 0.01
+) -> Tensor:
+    """Oracle reward-model loss (paper Eq. 5), per pair.
+
+    ``-(1 - alpha) * log sigmoid(r_w - r_l) - alpha * log pi(y_w|x)``: Bradley–Terry plus a
+    language-modelling regulariser on the chosen response (Yang et al. 2024).
+    """
+    return (1.0 - alpha) * bradley_terry_loss(chosen_rewards, rejected_rewards) - alpha * chosen_logps

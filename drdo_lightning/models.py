@@ -1,0 +1,113 @@
+"""A causal language model with a linear reward head: "a model who can do both".
+
+The policy keeps its language-modelling head and gains ``r̂(x, y)``, a scalar read from the
+final hidden state at the last non-padding token. One forward returns both.
+
+On disk the model is a plain Hugging Face directory (``config.json``, safetensors weights,
+tokenizer) that ``transformers`` alone loads for generation, plus ``reward_head.safetensors``
+for the head. Load both with :meth:`CausalLMWithRewardHead.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+REWARD_HEAD_FILE = "reward_head.safetensors"
+
+
+class LMOutput(NamedTuple):
+    logits: Tensor  # [B, T, V]
+    rewards: Tensor | None  # [B], or None when the model has no reward head
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of the last attended position of each row; correct for left and right padding."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (positions * attention_mask.bool()).argmax(-1)
+
+
+class CausalLMWithRewardHead(nn.Module):
+    """Wraps any ``AutoModelForCausalLM`` and adds an optional ``hidden -> 1`` reward head."""
+
+    def __init__(self, lm: PreTrainedModel, reward_head: nn.Linear | None = None) -> None:
+        super().__init__()
+        self.lm = lm
+        self.reward_head = reward_head
+
+    @staticmethod
+    def new_reward_head(hidden_size: int) -> nn.Linear:
+        """A freshly initialised head; its init draws from torch's global RNG (seed it)."""
+        head = nn.Linear(hidden_size, 1)
+        nn.init.normal_(head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(head.bias)
+        return head
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        reward_head: bool = True,
+        trust_remote_code: bool = False,
+        torch_dtype: torch.dtype | str | None = None,
+    ) -> CausalLMWithRewardHead:
+        """Load a causal LM from a local directory or hub id.
+
+        With ``reward_head=True`` the saved head is loaded when the directory has one, and a
+        new head is initialised otherwise (e.g. when starting a student from an SFT model).
+        """
+        lm = AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=trust_remote_code, dtype=torch_dtype
+        )
+        head = None
+        if reward_head:
+            head = cls.new_reward_head(lm.config.hidden_size)
+            head_file = Path(path) / REWARD_HEAD_FILE
+            if head_file.is_file():
+                head.load_state_dict(load_file(head_file))
+            head.to(dtype=lm.dtype)
+        return cls(lm, head)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> LMOutput:
+        # Run the backbone once and apply both heads to its final hidden states.
+        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = self.lm.get_output_embeddings()(hidden)
+        rewards = None
+        if self.reward_head is not None:
+            last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+            rewards = self.reward_head(last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
+        return LMOutput(logits, rewards)
+
+    def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> Path:
+        """Write the model (and tokenizer) to ``path`` atomically: a temp dir, then a rename.
+
+        Safe to call on every rank; only the caller decides who writes. An existing ``path``
+        is replaced only once the new directory is complete.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        self.lm.save_pretrained(staging, safe_serialization=True)
+        if self.reward_head is not None:
+            state = {k: v.detach().contiguous().cpu() for k, v in self.reward_head.state_dict().items()}
+            save_file(state, staging / REWARD_HEAD_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if path.exists():
+            backup = path.with_name(f".{path.name}.old")
+            shutil.rmtree(backup, ignore_errors=True)
+            path.rename(backup)
+            staging.rename(path)
+            shutil.rmtree(backup)
+        else:
+            staging.rename(path)
+        return path

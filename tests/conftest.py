@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny tokenizer, a tiny Llama saved to disk, and small preference files.
+
+Nothing is downloaded: the tokenizer is trained on generated text and the model is built
+from a config, then saved and loaded through the same path users take.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from drdo_lightning import demo
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_task() -> dict[str, list[dict]]:
+    task = demo.generate_task(seed=0, n_sft=64, n_train=96, n_val=24, n_eval=8)
+    for split in ("train", "val"):
+        for row in task[split]:  # the gold reward stands in for an Oracle in tests
+            row["oracle_chosen"], row["oracle_rejected"] = row["gold_chosen"], row["gold_rejected"]
+    return task
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_task):
+    texts = [r["prompt"] + " " + r["chosen"] for r in tiny_task["sft"]]
+    return demo.train_tokenizer(texts, vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_tokenizer) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = demo.tiny_llama_config(
+        len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_lm, tiny_tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tiny_lm.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pair_files(tmp_path_factory, tiny_task) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    return {split: write_jsonl(root / f"{split}.jsonl", tiny_task[split]) for split in ("sft", "train", "val")}

@@ -1,0 +1,198 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from drdo_lightning import losses
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# -- sequence_logps ---------------------------------------------------------------------
+
+
+def naive_sequence_logps(logits, labels, average=False):
+    """Per-token loop: sum (or mean) of log p(label_t+1 | prefix) over unmasked labels."""
+    out = []
+    for b in range(logits.shape[0]):
+        total, count = 0.0, 0
+        for t in range(logits.shape[1] - 1):
+            target = labels[b, t + 1].item()
+            if target == -100:
+                continue
+            total += torch.log_softmax(logits[b, t].double(), -1)[target].item()
+            count += 1
+        out.append(total / max(count, 1) if average else total)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logps_matches_per_token_loop_on_a_model(tiny_lm, padding_side, average):
+    torch.manual_seed(0)
+    prompt_lens, resp_lens = [3, 5, 2], [4, 2, 6]
+    length = max(p + r for p, r in zip(prompt_lens, resp_lens))
+    ids = torch.zeros(3, length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for b, (p, r) in enumerate(zip(prompt_lens, resp_lens)):
+        seq = torch.randint(1, tiny_lm.config.vocab_size, (p + r,))
+        start = length - (p + r) if padding_side == "left" else 0
+        ids[b, start : start + p + r] = seq
+        mask[b, start : start + p + r] = 1
+        labels[b, start + p : start + p + r] = seq[p:]
+    logits = tiny_lm(input_ids=ids, attention_mask=mask).logits
+    got = losses.sequence_logps(logits, labels, average=average)
+    want = naive_sequence_logps(logits, labels, average=average)
+    assert got.shape == (3,)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+
+
+def test_sequence_logps_hand_computed():
+    # One sequence, vocabulary 2, uniform logits at t=0 and a confident one at t=1.
+    logits = torch.tensor([[[0.0, 0.0], [0.0, math.log(3.0)], [5.0, 5.0]]])
+    labels = torch.tensor([[-100, 0, 1]])
+    # log p(0 | t=0) = log 1/2 ; log p(1 | t=1) = log 3/4
+    expected = math.log(0.5) + math.log(0.75)
+    assert losses.sequence_logps(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    assert losses.sequence_logps(logits, labels, average=True).item() == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_sequence_logps_gradient_matches_log_softmax_reference():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 5))
+    labels[:, :2] = -100
+    losses.sequence_logps(logits, labels).sum().backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    ref = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    (ref * (labels[:, 1:] != -100)).sum().backward()
+    torch.testing.assert_close(ours, logits.grad)
+
+
+# -- log1mexp ---------------------------------------------------------------------------
+
+
+def test_log1mexp_matches_direct_formula_where_that_is_accurate():
+    x = torch.tensor([-50.0, -5.0, -1.0, -0.5, -0.1, -1e-3], dtype=torch.float64)
+    torch.testing.assert_close(losses.log1mexp(x), torch.log(1 - torch.exp(x)))
+
+
+# -- DRDO (Eq. 6) -----------------------------------------------------------------------
+
+
+def test_drdo_loss_hand_computed():
+    zw, zl = -2.0, -3.0
+    rw, rl, ow, ol = 0.5, 0.2, 1.0, -1.0
+    alpha, gamma = 0.1, 2.0
+    distill = (ow - ol - (rw - rl)) ** 2  # (2 - 0.3)^2 = 2.89
+    p_w = sigmoid(zw - zl)
+    pref = -alpha * (1 - p_w) ** gamma * (zw - math.log(1 - math.exp(zl)))
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    got = losses.drdo_loss(t(zw), t(zl), t(rw), t(rl), t(ow), t(ol), alpha=alpha, gamma=gamma)
+    assert got.item() == pytest.approx(distill + pref, rel=1e-12)
+    assert distill == pytest.approx(2.89)
+
+
+def test_drdo_loss_is_unreduced_and_terms_add_up():
+    torch.manual_seed(0)
+    args = [torch.randn(4) - (3.0 if i < 2 else 0.0) for i in range(6)]
+    loss = losses.drdo_loss(*args)
+    terms = losses.drdo_terms(*args)
+    assert loss.shape == (4,)
+    torch.testing.assert_close(loss, terms.distillation + terms.preference)
+
+
+def test_drdo_gamma_zero_reduces_to_plain_log_unlikelihood():
+    zw = torch.tensor([-4.0, -10.0], dtype=torch.float64)
+    zl = torch.tensor([-6.0, -0.3], dtype=torch.float64)
+    zeros = torch.zeros(2, dtype=torch.float64)
+    got = losses.drdo_loss(zw, zl, zeros, zeros, zeros, zeros, alpha=0.7, gamma=0.0)
+    # -alpha * log(pi_w / (1 - pi_l))
+    want = -0.7 * (zw - torch.log(1 - torch.exp(zl)))
+    torch.testing.assert_close(got, want)
+
+
+def test_drdo_distillation_is_unweighted_by_alpha():
+    zero = torch.zeros(1)
+    args = (torch.tensor([-5.0]), torch.tensor([-5.0]), torch.tensor([1.0]), zero, torch.tensor([3.0]), zero)
+    a = losses.drdo_terms(*args, alpha=0.1).distillation
+    b = losses.drdo_terms(*args, alpha=10.0).distillation
+    torch.testing.assert_close(a, b)
+    assert a.item() == pytest.approx(4.0)
+
+
+def test_drdo_gradcheck_float64():
+    torch.manual_seed(0)
+    inputs = [
+        (torch.randn(3, dtype=torch.float64) - 4.0).requires_grad_(),  # chosen logps
+        (torch.randn(3, dtype=torch.float64) - 0.4).clamp(max=-0.05).detach().requires_grad_(),  # rejected logps near 0
+        torch.randn(3, dtype=torch.float64, requires_grad=True),
+        torch.randn(3, dtype=torch.float64, requires_grad=True),
+        torch.randn(3, dtype=torch.float64),
+        torch.randn(3, dtype=torch.float64),
+    ]
+    assert torch.autograd.gradcheck(lambda *a: losses.drdo_loss(*a, alpha=0.5, gamma=2.0), inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_drdo_stable_for_rejected_logps_from_minus_1e4_to_minus_1e8(dtype):
+    zl = torch.tensor([-1e4, -1e3, -100.0, -1.0, -0.69, -1e-2, -1e-4, -1e-6, -1e-8], dtype=dtype, requires_grad=True)
+    zw = torch.full_like(zl, -3.0).requires_grad_()
+    zeros = torch.zeros_like(zl)
+    loss = losses.drdo_loss(zw, zl, zeros, zeros, zeros, zeros)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all()
+    assert torch.isfinite(zl.grad).all() and torch.isfinite(zw.grad).all()
+    # Where the naive formula is accurate, the stable one agrees with it.
+    ok = (zl > -30) & (zl < -1e-3)
+    p_w = torch.sigmoid(zw - zl)
+    naive = -0.1 * (1 - p_w) ** 2 * (zw - torch.log(1 - torch.exp(zl)))
+    torch.testing.assert_close(loss[ok], naive[ok], rtol=1e-4, atol=1e-6)
+
+
+def test_drdo_exactly_zero_rejected_logp_stays_finite():
+    zl = torch.zeros(1, requires_grad=True)
+    zeros = torch.zeros(1)
+    loss = losses.drdo_loss(torch.tensor([-1.0]), zl, zeros, zeros, zeros, zeros)
+    loss.backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(zl.grad).all()
+
+
+def test_drdo_detach_focal_changes_gradient_not_value():
+    zw = torch.tensor([-2.0], requires_grad=True)
+    zl = torch.tensor([-2.5])
+    zeros = torch.zeros(1)
+    kept = losses.drdo_terms(zw, zl, zeros, zeros, zeros, zeros).preference
+    (g_kept,) = torch.autograd.grad(kept.sum(), zw)
+    detached = losses.drdo_terms(zw, zl, zeros, zeros, zeros, zeros, detach_focal=True).preference
+    (g_det,) = torch.autograd.grad(detached.sum(), zw)
+    torch.testing.assert_close(kept, detached)
+    assert not torch.allclose(g_kept, g_det)
+
+
+# -- Bradley–Terry (Eq. 2) and Oracle (Eq. 5) ----------------------------------------------
+
+
+def test_bradley_terry_hand_computed():
+    got = losses.bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
+    want = [-math.log(sigmoid(1.0)), -math.log(sigmoid(-2.0))]
+    assert got.tolist() == pytest.approx(want, rel=1e-6)
+
+
+def test_bradley_terry_stable_for_large_margins():
+    got = losses.bradley_terry_loss(torch.tensor([0.0]), torch.tensor([1000.0]))
+    assert got.item() == pytest.approx(1000.0)
+
+
+def test_oracle_loss_hand_computed():
+    rw, rl, zw = torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([-12.0])
+    got = losses.oracle_loss(rw, rl, zw, alpha=0.01)
+    want = 0.99 * -math.log(sigmoid(1.0)) + 0.01 * 12.0
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    # alpha = 0 is plain Bradley–Terry.
+    torch.testing.assert_close(losses.oracle_loss(rw, rl, zw, alpha=0.0), F.softplus(-(rw - rl)))
