@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any, Iterator, Literal
 
 import datasets
 import lightning as L
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -80,9 +82,14 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
 
 def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
     with path.open(encoding="utf-8", newline="") as f:
-        # Line 1 is the header, so data row i sits on line i + 1 for single-line records.
-        for i, row in enumerate(csv.DictReader(f), start=2):
-            yield i, row
+        reader = csv.DictReader(f)
+        for row in reader:
+            yield reader.line_num, row  # the line the record ends on (quoted fields may span lines)
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
+    for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+        yield i, row
 
 
 def _read_dataset(ds: datasets.Dataset) -> Iterator[tuple[int, dict]]:
@@ -106,12 +113,10 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, dict]]:
                 raise DataError(f"{path}: no split {split!r}; it has {sorted(loaded)}")
             loaded = loaded[split]
         return _read_dataset(loaded)
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}
-    if path.suffix in readers or path.suffix == ".parquet":
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    if path.suffix in readers:
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {path}")
-        if path.suffix == ".parquet":
-            return _read_dataset(datasets.Dataset.from_parquet(str(path)))
         return readers[path.suffix](path)
     if path.suffix or source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise FileNotFoundError(
@@ -196,7 +201,7 @@ def _check_score(value: Any, field: str) -> float | list[float]:
 def _render_conversation(prompt: Any, chosen: Any, rejected: Any, template: Any, cols: Columns):
     """Split conversations into (prompt text, chosen text, rejected text) via the chat template."""
     chosen_msgs = _check_messages(chosen, cols.chosen)
-    rejected_msgs = _check_messages(rejected, cols.rejected) if rejected is not None else None
+    rejected_msgs = _check_messages(rejected, cols.rejected) if cols.rejected is not None else None
     for msgs, field in ((chosen_msgs, cols.chosen), (rejected_msgs, cols.rejected)):
         if msgs is not None and msgs[-1]["role"] != "assistant":
             raise RowError(field, "bad_roles", f"the last message must have role 'assistant', got {msgs[-1]['role']!r}")
@@ -401,6 +406,15 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, chat_t
     return tokenizer
 
 
+def chat_renderer(tokenizer: PreTrainedTokenizerBase):
+    """``render(messages, add_generation_prompt) -> str`` with the tokenizer's chat template, or None."""
+    if not tokenizer.chat_template:
+        return None
+    return lambda messages, add_generation_prompt: tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
 def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     parts = [backend.to_str() if backend is not None else repr(tokenizer.get_vocab())]
@@ -492,13 +506,6 @@ class PreferenceDataModule(L.LightningDataModule):
     def has_scores(self) -> bool:
         return self.columns.chosen_score is not None
 
-    def _template(self):
-        if not self.tokenizer.chat_template:
-            return None
-        return lambda msgs, add_generation_prompt: self.tokenizer.apply_chat_template(
-            msgs, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-
     def _cache_path(self) -> Path | None:
         if self.hparams.cache_dir is None:
             return None
@@ -529,7 +536,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _build(self) -> dict[str, datasets.Dataset]:
         hp = self.hparams
-        template = self._template()
+        template = chat_renderer(self.tokenizer)
         train = load_pairs(hp.train_file, self.columns, template, split=hp.split, on_bad_row=hp.on_bad_row)
         val = None
         if hp.val_file is not None:
@@ -560,7 +567,10 @@ class PreferenceDataModule(L.LightningDataModule):
         staging = cache.with_name(cache.name + f".tmp{os.getpid()}")
         for name, ds in self._build().items():
             ds.save_to_disk(str(staging / name))
-        staging.rename(cache)
+        try:
+            staging.rename(cache)
+        except OSError:  # another process cached the same data first
+            shutil.rmtree(staging, ignore_errors=True)
         log.info("cached tokenized data in %s", cache)
 
     def setup(self, stage: str | None = None) -> None:

@@ -9,8 +9,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 def default_export_dir(trainer: L.Trainer) -> Path:
-    """``<log dir>/export``, so each run's export sits beside its logs and checkpoints."""
-    return Path(trainer.log_dir or trainer.default_root_dir) / "export"
+    """``<default_root_dir>/export``: one predictable place per run directory."""
+    return Path(trainer.default_root_dir) / "export"
 
 
 class ExportHuggingFace(L.Callback):
@@ -21,7 +21,7 @@ class ExportHuggingFace(L.Callback):
     reward head too. It holds the weights at the end of training.
 
     Args:
-        dirpath: Output directory; default ``<log dir>/export``.
+        dirpath: Output directory; default ``<trainer.default_root_dir>/export``.
     """
 
     def __init__(self, dirpath: str | None = None) -> None:

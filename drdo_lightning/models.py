@@ -77,15 +77,25 @@ class CausalLMWithRewardHead(nn.Module):
             head.to(dtype=lm.dtype)
         return cls(lm, head)
 
+    def _last_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def _rewards(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
+        return self.reward_head(last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> LMOutput:
-        # Run the backbone once and apply both heads to its final hidden states.
-        hidden = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """Logits ``[B, T, V]`` and rewards ``[B]`` from one pass of the backbone."""
+        hidden = self._last_hidden(input_ids, attention_mask)
         logits = self.lm.get_output_embeddings()(hidden)
-        rewards = None
-        if self.reward_head is not None:
-            last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-            rewards = self.reward_head(last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
+        rewards = self._rewards(hidden, attention_mask) if self.reward_head is not None else None
         return LMOutput(logits, rewards)
+
+    def rewards(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Rewards ``[B]`` only; skips the vocabulary projection (for scoring)."""
+        if self.reward_head is None:
+            raise ValueError("this model has no reward head")
+        return self._rewards(self._last_hidden(input_ids, attention_mask), attention_mask)
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None) -> Path:
         """Write the model (and tokenizer) to ``path`` atomically: a temp dir, then a rename.
@@ -96,6 +106,9 @@ class CausalLMWithRewardHead(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
         self.lm.save_pretrained(staging, safe_serialization=True)
         if self.reward_head is not None:
             state = {k: v.detach().contiguous().cpu() for k, v in self.reward_head.state_dict().items()}

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import PearsonCorrCoef
 from transformers import get_cosine_schedule_with_warmup
 
@@ -70,7 +70,7 @@ class PreferenceModule(L.LightningModule):
             self.hparams.model,
             reward_head=self.uses_reward_head,
             trust_remote_code=self.hparams.trust_remote_code,
-        )
+        ).train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
         if self.hparams.gradient_checkpointing:
             self.policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -207,7 +207,8 @@ class DRDO(PreferenceModule):
     ) -> None:
         super().__init__(model, **kwargs)
         self.save_hyperparameters()
-        self.reward_corr = nn.ModuleDict({"train": PearsonCorrCoef(), "val": PearsonCorrCoef()})
+        # Epoch-level correlation of student and Oracle reward margins, one state per stage.
+        self.train_reward_corr, self.val_reward_corr = PearsonCorrCoef(), PearsonCorrCoef()
 
     def objective(self, batch, out, stage):
         oracle_chosen, oracle_rejected = _oracle_scores(batch, "DRDO")
@@ -223,7 +224,7 @@ class DRDO(PreferenceModule):
             detach_focal=self.hparams.detach_focal,
         )
         student_margin = (out.chosen_rewards - out.rejected_rewards).detach()
-        corr = self.reward_corr[stage]
+        corr = getattr(self, f"{stage}_reward_corr")
         corr(student_margin, (oracle_chosen - oracle_rejected).float())  # forward: batch value + epoch state
         return (terms.distillation + terms.preference).mean(), {
             "distillation": terms.distillation.mean(),

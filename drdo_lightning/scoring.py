@@ -1,0 +1,131 @@
+"""``python -m drdo_lightning score``: precompute Oracle rewards ``r*(x, y)`` as data columns.
+
+The student never needs the Oracle in memory: score the dataset once, then train with
+``--data.chosen_score_column`` / ``--data.rejected_score_column`` pointing at the new columns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import datasets
+import torch
+from tqdm import tqdm
+
+from drdo_lightning.data import Columns, PairCollator, chat_renderer, load_pairs, load_tokenizer, read_rows, tokenize_pairs
+from drdo_lightning.models import REWARD_HEAD_FILE, CausalLMWithRewardHead
+
+log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def reward_columns(
+    model: CausalLMWithRewardHead,
+    examples: list[dict],
+    pad_token_id: int,
+    *,
+    batch_size: int,
+    sides: tuple[str, ...],
+    desc: str = "scoring",
+) -> dict[str, list[float]]:
+    """Rewards of every response in ``examples`` (tokenized pairs), per side.
+
+    Batches are formed from length-sorted examples to keep padding small; results come back
+    in the input order.
+    """
+    order = sorted(range(len(examples)), key=lambda i: -(len(examples[i]["prompt_ids"]) + len(examples[i]["chosen_ids"])))
+    collate = PairCollator(pad_token_id)
+    device = next(model.parameters()).device
+    out = {side: [0.0] * len(examples) for side in sides}
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        idx = order[start : start + batch_size]
+        batch = collate([examples[i] for i in idx])
+        for side in sides:
+            rewards = model.rewards(batch[f"{side}_input_ids"].to(device), batch[f"{side}_attention_mask"].to(device))
+            for i, r in zip(idx, rewards.tolist()):
+                out[side][i] = r
+    return out
+
+
+def _write_rows(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".jsonl":
+        with staging.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    elif path.suffix == ".parquet":
+        datasets.Dataset.from_list(rows).to_parquet(str(staging))
+    else:
+        raise ValueError(f"output must end in .jsonl or .parquet, got {path}")
+    staging.replace(path)
+
+
+def score(
+    models: list[str],
+    data: str,
+    output: str,
+    prompt_column: str = "prompt",
+    chosen_column: str = "chosen",
+    rejected_column: str | None = "rejected",
+    output_prefix: str = "oracle_",
+    batch_size: int = 32,
+    max_prompt_length: int = 512,
+    max_length: int = 1024,
+    split: str = "train",
+    chat_template: str | None = None,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Score every response of a dataset with one Oracle or an ensemble and write a new file.
+
+    For each response column ``c`` the output gains ``{output_prefix}{c}``: a number for one
+    model, or a list with one number per model for an ensemble (e-DPO). All input columns
+    are kept; the input is never modified. Sequences are truncated by the same rule as in
+    training (see :mod:`drdo_lightning.data`).
+
+    Args:
+        models: Reward-model directories (with ``reward_head.safetensors``); several for an ensemble.
+        data: Input data (any format :class:`PreferenceDataModule` reads).
+        output: Output ``.jsonl`` or ``.parquet`` file; must differ from the input.
+        output_prefix: Prefix of the new column names.
+        device: ``cpu`` or ``cuda``.
+        overwrite: Replace ``output`` if it exists.
+    """
+    out_path = Path(output)
+    if out_path.resolve() == Path(data).expanduser().resolve():
+        raise ValueError(f"output {output} is the input file; scoring never overwrites its input")
+    if out_path.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite true to replace it")
+    if not models:
+        raise ValueError("give at least one reward model")
+    tokenizer = load_tokenizer(models[0], trust_remote_code=trust_remote_code, chat_template=chat_template)
+    cols = Columns(prompt_column, chosen_column, rejected_column)
+    pairs = load_pairs(data, cols, chat_renderer(tokenizer), split=split, on_bad_row="error")
+    columns, counts = tokenize_pairs(pairs, tokenizer, max_prompt_length=max_prompt_length, max_length=max_length, drop_long=False)
+    if counts:
+        log.info("truncated while scoring: %s", dict(counts))
+    examples = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    sides = ("chosen", "rejected") if rejected_column else ("chosen",)
+    for path in models:
+        if not (Path(path) / REWARD_HEAD_FILE).is_file():
+            raise FileNotFoundError(f"{path} has no {REWARD_HEAD_FILE}: it is not a trained reward model")
+    per_model = []
+    for k, path in enumerate(models):
+        model = CausalLMWithRewardHead.from_pretrained(path, trust_remote_code=trust_remote_code).to(device).eval()
+        per_model.append(
+            reward_columns(model, examples, tokenizer.pad_token_id, batch_size=batch_size, sides=sides, desc=f"model {k + 1}/{len(models)}")
+        )
+    rows = [row for _, row in read_rows(data, split)]
+    names = {"chosen": chosen_column, "rejected": rejected_column}
+    for side in sides:
+        name = f"{output_prefix}{names[side]}"
+        for i, row in enumerate(rows):
+            values = [m[side][i] for m in per_model]
+            row[name] = values[0] if len(values) == 1 else values
+    _write_rows(rows, out_path)
+    log.info("wrote %d scored rows to %s", len(rows), out_path)
+    return out_path

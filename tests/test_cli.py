@@ -1,0 +1,177 @@
+"""End-to-end: the CLI trains, logs, checkpoints and exports; configs parse; scoring writes columns."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from drdo_lightning import CausalLMWithRewardHead, losses
+from drdo_lightning.cli import main
+from drdo_lightning.data import PairCollator
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def fit_args(tmp_path: Path, model_dir: Path, objective: str, train: Path, *extra: str) -> list[str]:
+    return [
+        "fit",
+        "--model", objective,
+        "--model.model", str(model_dir),
+        "--data.train_file", str(train),
+        "--data.cache_dir", str(tmp_path / "cache"),
+        "--data.batch_size", "8",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir", str(tmp_path),
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.dirpath", str(tmp_path / "checkpoints"),
+        "--trainer.callbacks.save_last", "true",
+        "--trainer.callbacks+=drdo_lightning.ExportHuggingFace",
+        "--seed_everything", "0",
+        *extra,
+    ]
+
+
+def read_metrics(root: Path) -> list[dict]:
+    (path,) = root.glob("lightning_logs/version_*/metrics.csv")
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def series(rows: list[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+@pytest.fixture(scope="module")
+def overfit_file(tmp_path_factory, tiny_task) -> Path:
+    path = tmp_path_factory.mktemp("overfit") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in tiny_task["train"][:16]))
+    return path
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_config_parses_with_print_config(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: drdo_lightning." in printed
+    assert "max_length:" in printed and "default_root_dir:" in printed
+
+
+def test_command_line_overrides_the_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs/drdo.yaml"), "--model.alpha", "1.0", "--trainer.max_steps", "10", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "alpha: 1.0" in printed and "max_steps: 10" in printed
+
+
+def test_unknown_option_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs/drdo.yaml"), "--model.alhpa", "1.0"])
+    assert exit_info.value.code != 0
+    assert "alhpa" in capsys.readouterr().err
+
+
+def test_drdo_fit_overfits_checkpoints_and_exports(tmp_path, tiny_model_dir, overfit_file):
+    cli = main(
+        fit_args(
+            tmp_path, tiny_model_dir, "DRDO", overfit_file,
+            "--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected",
+            "--data.batch_size", "16", "--model.learning_rate", "1e-2", "--trainer.max_steps", "40",
+        )
+    )
+    rows = read_metrics(tmp_path)
+    loss = series(rows, "train/loss")
+    assert len(loss) == 40 and torch.tensor(loss).isfinite().all()
+    # Full-batch overfit of 16 pairs: the loss falls and the distillation term nearly vanishes.
+    assert loss[-1] < 0.7 * loss[0]
+    distillation = series(rows, "train/distillation")
+    assert distillation[-1] < 0.1 * distillation[0]
+    for key in ("train/distillation", "train/preference", "train/p_chosen", "train/reward_accuracy",
+                "train/implicit_accuracy", "train/chosen_logps", "train/rejected_logps", "train/reward_corr"):
+        assert series(rows, key), key
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+    export = tmp_path / "export"
+    assert {"config.json", "model.safetensors", "reward_head.safetensors", "tokenizer.json"} <= {p.name for p in export.iterdir()}
+    reloaded = CausalLMWithRewardHead.from_pretrained(export).eval()
+    trained = cli.model.policy.eval()
+    batch = PairCollator(cli.datamodule.tokenizer.pad_token_id)([cli.datamodule.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        a = trained(batch["chosen_input_ids"], batch["chosen_attention_mask"])
+        b = reloaded(batch["chosen_input_ids"], batch["chosen_attention_mask"])
+    torch.testing.assert_close(a.rewards, b.rewards)
+    torch.testing.assert_close(
+        losses.sequence_logps(a.logits, batch["chosen_labels"]), losses.sequence_logps(b.logits, batch["chosen_labels"])
+    )
+    # The student's reward head learned to rank the pairs as the Oracle does.
+    assert series(rows, "train/reward_accuracy")[-1] >= 0.75
+
+
+def test_sft_then_oracle_then_score(tmp_path, tiny_model_dir, pair_files, overfit_file):
+    sft_root, oracle_root = tmp_path / "sft", tmp_path / "oracle"
+    main(fit_args(sft_root, tiny_model_dir, "SFT", pair_files["sft"], "--data.rejected_column", "null",
+                  "--model.learning_rate", "3e-3", "--trainer.max_steps", "30"))
+    sft_loss = series(read_metrics(sft_root), "train/loss")
+    assert sft_loss[-1] < sft_loss[0]
+    assert not (sft_root / "export" / "reward_head.safetensors").exists()
+
+    main(fit_args(oracle_root, sft_root / "export", "OracleRewardModel", overfit_file,
+                  "--model.learning_rate", "3e-3", "--trainer.max_steps", "30"))
+    oracle_rows = read_metrics(oracle_root)
+    assert series(oracle_rows, "train/reward_accuracy")[-1] >= 0.75
+    oracle_dir = oracle_root / "export"
+
+    before = hashlib.sha256(overfit_file.read_bytes()).hexdigest()
+    out = tmp_path / "scored.jsonl"
+    main(["score", "--models", json.dumps([str(oracle_dir)] * 2), "--data", str(overfit_file), "--output", str(out), "--batch_size", "5",
+          "--output_prefix", "ensemble_"])
+    assert hashlib.sha256(overfit_file.read_bytes()).hexdigest() == before
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    original = [json.loads(line) for line in overfit_file.read_text().splitlines()]
+    assert [{k: r[k] for k in o} for r, o in zip(scored, original)] == original
+
+    model = CausalLMWithRewardHead.from_pretrained(oracle_dir).eval()
+    tok = model_tokenizer(oracle_dir)
+    for row in scored[:4]:
+        for side in ("chosen", "rejected"):
+            ids = tok(row["prompt"])["input_ids"] + tok(row[side], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            with torch.no_grad():
+                want = model.rewards(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
+            assert row[f"ensemble_{side}"] == pytest.approx([want, want], abs=1e-5)
+
+    with pytest.raises(ValueError, match="never overwrites"):
+        main(["score", "--models", json.dumps([str(oracle_dir)]), "--data", str(overfit_file), "--output", str(overfit_file)])
+
+
+def model_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_shipped_drdo_recipe_runs_on_the_embedded_default(tmp_path):
+    """The README's main job, shortened: the shipped assets and configs/drdo.yaml work together."""
+    cli = main(
+        [
+            "fit", "--config", str(ROOT / "configs/drdo.yaml"),
+            "--trainer.max_steps", "3", "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "3",
+            "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--trainer.callbacks", json.dumps([{"class_path": "drdo_lightning.ExportHuggingFace"}]),
+            "--data.cache_dir", str(tmp_path / "cache"),
+        ]
+    )
+    assert cli.trainer.global_step == 3
+    assert (tmp_path / "export" / "reward_head.safetensors").is_file()
+    assert cli.trainer.callback_metrics["val/loss"].isfinite()
