@@ -78,7 +78,12 @@ class CausalLMWithRewardHead(nn.Module):
         return cls(lm, head)
 
     def _last_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # Positions count attended tokens only, so a left-padded row sees the same positions as
+        # its right-padded twin (models with absolute positions, e.g. GPT-2, depend on this).
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.lm.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
 
     def _rewards(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
