@@ -36,12 +36,15 @@ import datasets
 import lightning as L
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+# Per-example numbers the collator passes through as float tensors: Oracle scores ([B] or
+# [B, K] for an ensemble) and precomputed reference log-probs.
+FLOAT_COLUMNS = ("chosen_score", "rejected_score", "ref_chosen_logps", "ref_rejected_logps")
 CACHE_FORMAT_VERSION = 1
 
 
@@ -382,10 +385,53 @@ class PairCollator:
                 labels[row, len(p):n] = torch.tensor(r)
                 mask[row, :n] = 1
             batch[f"{k}_input_ids"], batch[f"{k}_attention_mask"], batch[f"{k}_labels"] = ids, mask, labels
-        for k in ("chosen_score", "rejected_score"):
+        for k in FLOAT_COLUMNS:
             if k in examples[0]:
                 batch[k] = torch.tensor([ex[k] for ex in examples], dtype=torch.float32)
         return batch
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler``'s seeded per-epoch shuffle (split across ranks) that can start mid-epoch.
+
+    ``start`` skips that many of this rank's items in the next pass only; it is set when a run
+    resumes (see :class:`ResumableDataLoader`).
+    """
+
+    start = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        start, self.start = self.start, 0
+        return iter(indices[start:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader (with a :class:`ResumableSampler`) whose place in the epoch survives a restart.
+
+    Lightning saves ``state_dict()`` of a training loader that has one in each checkpoint and
+    calls ``load_state_dict()`` before iterating again, so a run resumed mid-epoch sees the same
+    remaining batches as an uninterrupted one. Batches are counted here, as the training loop
+    takes them, not in the sampler, which workers read ahead of training.
+    """
+
+    _batches = 0  # batches of the current epoch handed out so far
+
+    def __iter__(self):
+        self._batches = self.sampler.start // self.batch_size
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, batches = state["epoch"], state["batches"]
+        if batches >= len(self):  # saved at the end of an epoch: resume at the start of the next
+            epoch, batches = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.start = batches * self.batch_size
 
 
 # ---------------------------------------------------------------------------------------
@@ -506,7 +552,8 @@ class PreferenceDataModule(L.LightningDataModule):
     def has_scores(self) -> bool:
         return self.columns.chosen_score is not None
 
-    def _cache_path(self) -> Path | None:
+    def cache_path(self) -> Path | None:
+        """Directory of this configuration's tokenized cache (None when caching is off)."""
         if self.hparams.cache_dir is None:
             return None
         keys = {k: v for k, v in self.hparams.items() if k not in ("batch_size", "eval_batch_size", "num_workers", "cache_dir")}
@@ -561,7 +608,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Tokenize once and cache (runs on one process per node before ``setup``)."""
-        cache = self._cache_path()
+        cache = self.cache_path()
         if cache is None or (cache / "train").exists():
             return
         staging = cache.with_name(cache.name + f".tmp{os.getpid()}")
@@ -576,7 +623,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return
-        cache = self._cache_path()
+        cache = self.cache_path()
         if cache is not None and (cache / "train").exists():
             log.info("loading tokenized data from cache %s", cache)
             splits = {name: datasets.load_from_disk(str(cache / name)) for name in ("train", "val") if (cache / name).exists()}
@@ -585,13 +632,16 @@ class PreferenceDataModule(L.LightningDataModule):
         self.train_dataset, self.val_dataset = splits["train"], splits.get("val")
 
     def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            ds,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            collate_fn=PairCollator(self.tokenizer.pad_token_id),
-            num_workers=self.hparams.num_workers,
+        kwargs = dict(
+            batch_size=batch_size, collate_fn=PairCollator(self.tokenizer.pad_token_id), num_workers=self.hparams.num_workers
         )
+        if not shuffle:
+            return DataLoader(ds, **kwargs)
+        # Shuffled per epoch from seed_everything's seed (as Lightning's own distributed sampler
+        # is), split across ranks, and resumable mid-epoch.
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = ResumableSampler(ds, num_replicas=world, rank=rank, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        return ResumableDataLoader(ds, sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
@@ -600,3 +650,18 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.val_dataset is None:
             return []
         return self._loader(self.val_dataset, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+
+    def add_columns(self, split: str, columns: dict[str, list[float]]) -> None:
+        """Attach per-example columns to the ``train`` or ``val`` split (e.g. reference log-probs)."""
+        name = f"{split}_dataset"
+        dataset = getattr(self, name)
+        for key, values in columns.items():
+            if key in dataset.column_names:
+                dataset = dataset.remove_columns(key)
+            dataset = dataset.add_column(key, values)
+        setattr(self, name, dataset)
+
+    def ordered_dataloader(self, split: str) -> DataLoader:
+        """The ``train`` or ``val`` split in dataset order (for precomputing per-example values)."""
+        batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
+        return self._loader(getattr(self, f"{split}_dataset"), batch_size, shuffle=False)

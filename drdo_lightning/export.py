@@ -1,11 +1,31 @@
-"""Export a trained policy as a Hugging Face directory at the end of ``fit``."""
+"""Hugging Face directories from training: at the end of ``fit``, and from any checkpoint.
+
+- :class:`ExportHuggingFace` (a callback) writes the trained policy when ``fit`` ends, also
+  under DeepSpeed ZeRO-3, where it first gathers the partitioned weights.
+- ``python -m drdo_lightning export --checkpoint PATH --output DIR`` (:func:`export`) does the
+  same from a checkpoint: a Lightning ``.ckpt`` file, or the directory DeepSpeed writes in its
+  place (sharded ZeRO-1/2/3 states, consolidated here to fp32).
+
+Either way the directory holds ``config.json``, ``model.safetensors``, the tokenizer and
+``reward_head.safetensors``: ``transformers.AutoModelForCausalLM`` alone loads it for
+generation, :meth:`CausalLMWithRewardHead.from_pretrained` with the reward head.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from drdo_lightning.data import load_tokenizer
+from drdo_lightning.models import CausalLMWithRewardHead
+
+POLICY_PREFIX = "policy."  # the LightningModule's attribute holding the CausalLMWithRewardHead
 
 
 def default_export_dir(trainer: L.Trainer) -> Path:
@@ -13,12 +33,107 @@ def default_export_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.default_root_dir) / "export"
 
 
+def policy_from_state_dict(
+    lm_class: type[PreTrainedModel], config: PretrainedConfig, state_dict: dict[str, Tensor]
+) -> CausalLMWithRewardHead:
+    """A :class:`CausalLMWithRewardHead` of class ``lm_class`` with ``state_dict``'s weights.
+
+    ``state_dict`` has the keys of ``CausalLMWithRewardHead.state_dict()`` (``lm.*``, and
+    ``reward_head.*`` when there is a head). The model keeps the weights' dtype and is built
+    without a random initialisation, so this also serves models that barely fit in memory.
+    """
+    lm_weights = {k[len("lm."):]: v for k, v in state_dict.items() if k.startswith("lm.")}
+    head_weights = {k[len("reward_head."):]: v for k, v in state_dict.items() if k.startswith("reward_head.")}
+    dtype = next(v.dtype for v in lm_weights.values() if v.is_floating_point())
+    lm = lm_class.from_pretrained(None, config=config, state_dict=lm_weights, dtype=dtype)
+    head = None
+    if head_weights:
+        head = nn.Linear(config.hidden_size, 1, dtype=head_weights["weight"].dtype)
+        head.load_state_dict(head_weights)
+    return CausalLMWithRewardHead(lm, head).eval()
+
+
+def _policy_weights(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The policy's entries of a LightningModule state dict (drops e.g. a frozen reference model)."""
+    return {k[len(POLICY_PREFIX):]: v for k, v in state_dict.items() if k.startswith(POLICY_PREFIX)}
+
+
+def _deepspeed_client_state_file(checkpoint_dir: Path) -> Path:
+    """Rank 0's model-states file, where Lightning stores its part of the checkpoint (hparams, loops)."""
+    tag_dir = checkpoint_dir / (checkpoint_dir / "latest").read_text().strip()
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):  # ZeRO-1/2, ZeRO-3
+        if (tag_dir / name).is_file():
+            return tag_dir / name
+    raise FileNotFoundError(f"{checkpoint_dir}: not a DeepSpeed checkpoint (no model states in {tag_dir})")
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The policy's weights (``CausalLMWithRewardHead`` keys) and the rest of a training checkpoint.
+
+    The second item holds Lightning's entries: ``hyper_parameters`` (the module's, e.g. the
+    starting ``model``), ``datamodule_hyper_parameters`` (e.g. ``tokenizer``), ``global_step``.
+    Lightning files are loaded with ``weights_only=True``. A DeepSpeed directory is consolidated
+    with ``deepspeed.utils.zero_to_fp32``, which unpickles DeepSpeed's optimizer files in full:
+    only export checkpoints you trust.
+    """
+    path = Path(path)
+    if path.is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path))
+        rest = torch.load(_deepspeed_client_state_file(path), map_location="cpu", weights_only=True)
+    else:
+        rest = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = rest.pop("state_dict")
+    weights = _policy_weights(state_dict)
+    if not weights:
+        raise ValueError(f"{path}: no '{POLICY_PREFIX}*' weights; is this a drdo_lightning checkpoint?")
+    return weights, rest
+
+
+def export(checkpoint: str, output: str, tokenizer: str | None = None, model: str | None = None) -> Path:
+    """Write a training checkpoint as a Hugging Face directory (safetensors, tokenizer, reward head).
+
+    Args:
+        checkpoint: A Lightning ``.ckpt`` file, or a DeepSpeed checkpoint directory (what
+            DeepSpeed writes as ``last.ckpt``, ``epoch=...ckpt``).
+        output: Directory to write; an existing one is replaced once the new one is complete.
+        tokenizer: Tokenizer path or hub id; default: the tokenizer the run trained with.
+        model: Where to read the model's config; default: the run's starting ``model`` (set
+            this when that path does not exist on this machine).
+    """
+    weights, rest = read_checkpoint(checkpoint)
+    hparams = rest.get("hyper_parameters", {})
+    data_hparams = rest.get("datamodule_hyper_parameters", {})
+    source = model or hparams.get("model")
+    if source is None:
+        raise ValueError(f"{checkpoint}: the checkpoint does not record its starting model; pass --model")
+    trust_remote_code = bool(hparams.get("trust_remote_code", False))
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):  # only to learn the concrete class: Auto* cannot load from a state dict
+        lm_class = type(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code))
+    policy = policy_from_state_dict(lm_class, config, weights)
+    if tokenizer is None:  # rebuild the training tokenizer: same source, same chat template
+        tok = load_tokenizer(
+            data_hparams.get("tokenizer") or source,
+            trust_remote_code=trust_remote_code,
+            chat_template=data_hparams.get("chat_template"),
+        )
+    else:
+        tok = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+    path = policy.save_pretrained(output, tokenizer=tok)
+    print(f"Exported {checkpoint} (step {rest.get('global_step', '?')}) to {path}")
+    return path
+
+
 class ExportHuggingFace(L.Callback):
     """Write ``save_pretrained`` output (config, safetensors, tokenizer, reward head) on fit end.
 
     The directory loads with ``transformers.AutoModelForCausalLM.from_pretrained`` for
     generation and with ``drdo_lightning.CausalLMWithRewardHead.from_pretrained`` for the
-    reward head too. It holds the weights at the end of training.
+    reward head too. It holds the weights at the end of training. Under DeepSpeed ZeRO-3 the
+    weights are gathered one layer at a time onto rank 0's CPU (every rank takes part), so no
+    device ever holds the whole model.
 
     Args:
         dirpath: Output directory; default ``<trainer.default_root_dir>/export``.
@@ -29,8 +144,14 @@ class ExportHuggingFace(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = Path(self.dirpath) if self.dirpath else default_export_dir(trainer)
+        policy = pl_module.policy
+        if getattr(trainer.strategy, "zero_stage_3", False):
+            # Collective: every rank sends its shards; rank 0 receives the full weights, on CPU.
+            state_dict = trainer.strategy.deepspeed_engine._zero3_consolidated_16bit_state_dict()
+            if trainer.is_global_zero:
+                policy = policy_from_state_dict(type(policy.lm), policy.lm.config, _policy_weights(state_dict))
         if trainer.is_global_zero:
             tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-            pl_module.policy.save_pretrained(path, tokenizer=tokenizer)
+            policy.save_pretrained(path, tokenizer=tokenizer)
             rank_zero_info(f"Exported the trained model to {path}")
         trainer.strategy.barrier("export")

@@ -143,3 +143,91 @@ def oracle_loss(
     language-modelling regulariser on the chosen response (Yang et al. 2024).
     """
     return (1.0 - alpha) * bradley_terry_loss(chosen_rewards, rejected_rewards) - alpha * chosen_logps
+
+
+# ---------------------------------------------------------------------------------------
+# Baselines measured against a frozen reference policy
+
+
+def policy_margin(
+    chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor
+) -> Tensor:
+    """``h = (z_w - z_w^ref) - (z_l - z_l^ref)``: the log-ratio margin every reference-based loss uses."""
+    return (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+
+
+def dpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+) -> Tensor:
+    """DPO (paper Eq. 3; Rafailov et al. 2023): ``-log sigmoid(beta * h)`` per pair."""
+    return -F.logsigmoid(beta * policy_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps))
+
+
+def ipo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    tau: float = 0.1,
+) -> Tensor:
+    """IPO (Azar et al. 2023): ``(h - 1 / (2 tau))^2`` per pair."""
+    margin = policy_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return (margin - 1.0 / (2.0 * tau)).square()
+
+
+def distill_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    oracle_chosen_rewards: Tensor,
+    oracle_rejected_rewards: Tensor,
+    *,
+    beta: float = 0.1,
+) -> Tensor:
+    """Reward-model distillation (paper Eq. 4; Fisch et al. 2024), per pair.
+
+    ``(r*(x,y_w) - r*(x,y_l) - beta * h)^2``: the policy's implicit reward margin regresses
+    onto the Oracle's. With ``[B, K]`` Oracle rewards it returns ``[B, K]``, one column per
+    ensemble member (``h`` broadcasts).
+    """
+    margin = policy_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if oracle_chosen_rewards.dim() == 2:
+        margin = margin.unsqueeze(-1)
+    return (oracle_chosen_rewards - oracle_rejected_rewards - beta * margin).square()
+
+
+def edpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    oracle_chosen_rewards: Tensor,
+    oracle_rejected_rewards: Tensor,
+    *,
+    beta: float = 0.1,
+) -> Tensor:
+    """e-DPO, pessimistic ensemble distillation (Fisch et al. 2024), a **scalar**.
+
+    Oracle rewards are ``[B, K]``, one column per reward model. Our reading of the paper:
+    minimise the worst case over the ensemble of the batch-mean distillation loss,
+    ``max_k mean_b (Δr*_k - beta * h)^2``. The max is taken over batch means (not per pair)
+    so that one reward model answers for the whole batch, as a worst-case reward model
+    would.
+    """
+    per_member = distill_loss(
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        oracle_chosen_rewards,
+        oracle_rejected_rewards,
+        beta=beta,
+    ).mean(0)
+    return per_member.max()

@@ -10,6 +10,7 @@ for the head. Load both with :meth:`CausalLMWithRewardHead.from_pretrained`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -35,6 +36,20 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
     return (positions * attention_mask.bool()).argmax(-1)
 
 
+def _gathered(module: nn.Module):
+    """Context in which ``module``'s parameters can be written, also when ZeRO-3 partitioned them.
+
+    Under ``deepspeed.zero.Init`` (DeepSpeed ZeRO-3) a new parameter holds only this rank's
+    shard; writing it needs the full tensor. Rank 0's values are broadcast on exit.
+    """
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed  # only reached when DeepSpeed made the parameters
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+
+
 class CausalLMWithRewardHead(nn.Module):
     """Wraps any ``AutoModelForCausalLM`` and adds an optional ``hidden -> 1`` reward head."""
 
@@ -47,8 +62,9 @@ class CausalLMWithRewardHead(nn.Module):
     def new_reward_head(hidden_size: int) -> nn.Linear:
         """A freshly initialised head; its init draws from torch's global RNG (seed it)."""
         head = nn.Linear(hidden_size, 1)
-        nn.init.normal_(head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
-        nn.init.zeros_(head.bias)
+        with _gathered(head):
+            nn.init.normal_(head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+            nn.init.zeros_(head.bias)
         return head
 
     @classmethod
@@ -73,7 +89,8 @@ class CausalLMWithRewardHead(nn.Module):
             head = cls.new_reward_head(lm.config.hidden_size)
             head_file = Path(path) / REWARD_HEAD_FILE
             if head_file.is_file():
-                head.load_state_dict(load_file(head_file))
+                with _gathered(head):
+                    head.load_state_dict(load_file(head_file))
             head.to(dtype=lm.dtype)
         return cls(lm, head)
 

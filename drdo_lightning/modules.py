@@ -9,6 +9,10 @@ head) and maps the forward's outputs to a loss with one function from :mod:`loss
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+from pathlib import Path
 from typing import NamedTuple
 
 import lightning as L
@@ -42,6 +46,8 @@ class PreferenceModule(L.LightningModule):
         average_logps: Use the mean token log-prob per response instead of the sum
             (length-normalised variant).
         gradient_checkpointing: Recompute activations in backward (non-reentrant).
+        reward_head_seed: Seed of a new reward head's initialisation (ensemble members differ
+            only here); default: the global seed.
         trust_remote_code: Allow model code from the model directory/hub to run. Off by default.
     """
 
@@ -57,6 +63,7 @@ class PreferenceModule(L.LightningModule):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         average_logps: bool = False,
         gradient_checkpointing: bool = False,
+        reward_head_seed: int | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -66,23 +73,32 @@ class PreferenceModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        self.policy = CausalLMWithRewardHead.from_pretrained(
-            self.hparams.model,
-            reward_head=self.uses_reward_head,
-            trust_remote_code=self.hparams.trust_remote_code,
-        ).train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
+        # A forked RNG seeds the head alone and leaves the global streams (data order) as they were.
+        with torch.random.fork_rng(enabled=self.hparams.reward_head_seed is not None):
+            if self.hparams.reward_head_seed is not None:
+                torch.manual_seed(self.hparams.reward_head_seed)
+            self.policy = CausalLMWithRewardHead.from_pretrained(
+                self.hparams.model,
+                reward_head=self.uses_reward_head,
+                trust_remote_code=self.hparams.trust_remote_code,
+            ).train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
         if self.hparams.gradient_checkpointing:
             self.policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- forward ------------------------------------------------------------------------
 
-    def forward_pairs(self, batch: dict[str, Tensor]) -> PairOutputs:
-        """One forward over ``[chosen; rejected]`` (``[2B, T]``); split the results per side."""
-        sides = ("chosen", "rejected") if self.uses_rejected else ("chosen",)
-        input_ids = torch.cat([batch[f"{s}_input_ids"] for s in sides])
-        attention_mask = torch.cat([batch[f"{s}_attention_mask"] for s in sides])
-        labels = torch.cat([batch[f"{s}_labels"] for s in sides])
-        out = self.policy(input_ids, attention_mask)
+    @property
+    def sides(self) -> tuple[str, ...]:
+        return ("chosen", "rejected") if self.uses_rejected else ("chosen",)
+
+    def forward_pairs(self, batch: dict[str, Tensor], model: CausalLMWithRewardHead | None = None) -> PairOutputs:
+        """One forward of ``model`` (default: the policy) over ``[chosen; rejected]`` (``[2B, T]``),
+        split per side."""
+        model = self.policy if model is None else model
+        input_ids = torch.cat([batch[f"{s}_input_ids"] for s in self.sides])
+        attention_mask = torch.cat([batch[f"{s}_attention_mask"] for s in self.sides])
+        labels = torch.cat([batch[f"{s}_labels"] for s in self.sides])
+        out = model(input_ids, attention_mask)
         logps = losses.sequence_logps(out.logits, labels, average=self.hparams.average_logps)
         n = batch["chosen_input_ids"].shape[0]
         rewards = out.rewards
@@ -130,7 +146,7 @@ class PreferenceModule(L.LightningModule):
 
     def configure_optimizers(self):
         decay, no_decay = [], []
-        for param in self.parameters():
+        for param in self.policy.parameters():
             if param.requires_grad:
                 (decay if param.ndim >= 2 else no_decay).append(param)
         optimizer = torch.optim.AdamW(
@@ -198,12 +214,20 @@ class DRDO(PreferenceModule):
         gamma: Focal exponent on ``(1 - p_w)`` (paper: 2).
         detach_focal: Treat the focal weight as a constant (an extension; the paper
             differentiates through it).
+        distill_weight: Weight of the distillation term (paper: 1, unweighted); 0 leaves the
+            preference term alone, for ablations.
     """
 
     uses_reward_head = True
 
     def __init__(
-        self, model: str, alpha: float = 0.1, gamma: float = 2.0, detach_focal: bool = False, **kwargs
+        self,
+        model: str,
+        alpha: float = 0.1,
+        gamma: float = 2.0,
+        detach_focal: bool = False,
+        distill_weight: float = 1.0,
+        **kwargs,
     ) -> None:
         super().__init__(model, **kwargs)
         self.save_hyperparameters()
@@ -226,7 +250,7 @@ class DRDO(PreferenceModule):
         student_margin = (out.chosen_rewards - out.rejected_rewards).detach()
         corr = getattr(self, f"{stage}_reward_corr")
         corr(student_margin, (oracle_chosen - oracle_rejected).float())  # forward: batch value + epoch state
-        return (terms.distillation + terms.preference).mean(), {
+        return (self.hparams.distill_weight * terms.distillation + terms.preference).mean(), {
             "distillation": terms.distillation.mean(),
             "preference": terms.preference.mean(),
             "p_chosen": terms.p_chosen.mean(),
@@ -234,3 +258,211 @@ class DRDO(PreferenceModule):
             "reward_corr": corr,
         }
 
+
+
+# ---------------------------------------------------------------------------------------
+# Baselines against a frozen reference policy
+
+
+class ReferenceModule(PreferenceModule):
+    """Shared base of DPO, IPO, distillation and e-DPO: adds a frozen reference policy.
+
+    The reference is a frozen copy of the starting policy (no second download), or the model
+    at ``reference_model``. With ``precompute_reference=True`` its log-probs are computed once
+    before training, attached to the data as ``ref_chosen_logps``/``ref_rejected_logps``, and
+    cached beside the tokenized data (keyed by data, tokenizer, truncation and reference
+    weights), so training holds one model in memory.
+
+    Args:
+        reference_model: Path or hub id of the reference; default: the starting ``model``.
+        precompute_reference: Precompute reference log-probs instead of running the
+            reference live.
+    """
+
+    def __init__(
+        self, model: str, reference_model: str | None = None, precompute_reference: bool = False, **kwargs
+    ) -> None:
+        super().__init__(model, **kwargs)
+        self.save_hyperparameters()
+        self.reference: CausalLMWithRewardHead | None = None
+
+    def _load_reference(self) -> CausalLMWithRewardHead:
+        reference = CausalLMWithRewardHead.from_pretrained(
+            self.hparams.reference_model or self.hparams.model,
+            reward_head=False,
+            trust_remote_code=self.hparams.trust_remote_code,
+        )
+        return self._freeze(reference)
+
+    @staticmethod
+    def _freeze(model: CausalLMWithRewardHead) -> CausalLMWithRewardHead:
+        model.requires_grad_(False)
+        return model.eval()
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.reference is not None or self.hparams.precompute_reference:
+            return
+        if self.hparams.reference_model is None:
+            self.reference = self._freeze(CausalLMWithRewardHead(copy.deepcopy(self.policy.lm)))
+        else:
+            self.reference = self._load_reference()
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.precompute_reference:
+            self._attach_reference_logps(self.trainer.datamodule)
+
+    def _reference_cache_file(self, datamodule) -> Path | None:
+        data_cache = datamodule.cache_path()
+        if data_cache is None:
+            return None
+        source = Path(self.hparams.reference_model or self.hparams.model)
+        weights = sorted(source.glob("*.safetensors")) if source.is_dir() else []
+        key = json.dumps(
+            {
+                "reference": str(source.resolve()) if source.exists() else str(source),
+                "weights": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights],
+                "average_logps": self.hparams.average_logps,
+            }
+        )
+        return data_cache / f"reference-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+    @torch.no_grad()
+    def _compute_reference_logps(self, datamodule) -> dict[str, Tensor]:
+        reference = self._load_reference().to(self.trainer.strategy.root_device)
+        values = {}
+        for split in ("train", "val"):
+            if getattr(datamodule, f"{split}_dataset") is None:
+                continue
+            chunks = []
+            for batch in datamodule.ordered_dataloader(split):
+                batch = {k: v.to(self.trainer.strategy.root_device) for k, v in batch.items()}
+                out = self.forward_pairs(batch, model=reference)
+                chunks.append(torch.stack([out.chosen_logps, out.rejected_logps], dim=-1).float().cpu())
+            values[split] = torch.cat(chunks)
+        return values
+
+    def _attach_reference_logps(self, datamodule) -> None:
+        cache = self._reference_cache_file(datamodule)
+        if cache is None or not cache.exists():
+            if cache is None or self.trainer.is_global_zero:
+                with torch.random.fork_rng():  # loading must not shift the seeded RNG streams of training
+                    values = self._compute_reference_logps(datamodule)
+                if cache is not None:
+                    staging = cache.with_suffix(".tmp")
+                    torch.save(values, staging)
+                    staging.replace(cache)
+            self.trainer.strategy.barrier("reference-logps")
+        if cache is not None:
+            values = torch.load(cache, weights_only=True)
+        for split, logps in values.items():
+            datamodule.add_columns(
+                split, {"ref_chosen_logps": logps[:, 0].tolist(), "ref_rejected_logps": logps[:, 1].tolist()}
+            )
+
+    def reference_logps(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(z_w^ref, z_l^ref)``: precomputed columns when present, else a no-grad reference forward."""
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        if self.reference is None:
+            raise RuntimeError("precompute_reference=True but the batch has no reference log-probs")
+        with torch.no_grad():
+            out = self.forward_pairs(batch, model=self.reference)
+        return out.chosen_logps, out.rejected_logps
+
+    # The reference is frozen and rebuilt from disk at start: keep it out of checkpoints.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("reference.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.reference is not None:
+            checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+
+    def margin_metrics(self, out: PairOutputs, ref: tuple[Tensor, Tensor], beta: float) -> dict[str, Tensor]:
+        """DPO-style implicit rewards ``beta * (z - z_ref)`` and their accuracy and margin."""
+        chosen = beta * (out.chosen_logps - ref[0]).detach()
+        rejected = beta * (out.rejected_logps - ref[1]).detach()
+        return {
+            "reward_accuracy": (chosen > rejected).float().mean(),
+            "reward_margin": (chosen - rejected).mean(),
+            "chosen_rewards": chosen.mean(),
+            "rejected_rewards": rejected.mean(),
+        }
+
+
+class DPO(ReferenceModule):
+    """Direct Preference Optimization (paper Eq. 3).
+
+    Args:
+        beta: Inverse temperature of the implicit reward (paper: 0.1).
+    """
+
+    def __init__(self, model: str, beta: float = 0.1, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self.save_hyperparameters()
+
+    def objective(self, batch, out, stage):
+        ref = self.reference_logps(batch)
+        loss = losses.dpo_loss(out.chosen_logps, out.rejected_logps, *ref, beta=self.hparams.beta).mean()
+        return loss, self.margin_metrics(out, ref, self.hparams.beta)
+
+
+class IPO(ReferenceModule):
+    """Identity Preference Optimisation (Azar et al. 2023).
+
+    Args:
+        tau: Regularisation strength; the target log-ratio margin is ``1 / (2 tau)``.
+    """
+
+    def __init__(self, model: str, tau: float = 0.1, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self.save_hyperparameters()
+
+    def objective(self, batch, out, stage):
+        ref = self.reference_logps(batch)
+        loss = losses.ipo_loss(out.chosen_logps, out.rejected_logps, *ref, tau=self.hparams.tau).mean()
+        return loss, self.margin_metrics(out, ref, 1.0)
+
+
+class Distill(ReferenceModule):
+    """Reward-model distillation from one Oracle (paper Eq. 4; Fisch et al. 2024).
+
+    Args:
+        beta: Scale of the policy's implicit reward (paper: 0.1).
+    """
+
+    def __init__(self, model: str, beta: float = 0.1, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self.save_hyperparameters()
+
+    def objective(self, batch, out, stage):
+        oracle = _oracle_scores(batch, "Distill")
+        if oracle[0].dim() != 1:
+            raise ValueError("Distill takes one Oracle score per response; use EDPO for an ensemble (list) column")
+        ref = self.reference_logps(batch)
+        loss = losses.distill_loss(out.chosen_logps, out.rejected_logps, *ref, *oracle, beta=self.hparams.beta).mean()
+        return loss, self.margin_metrics(out, ref, self.hparams.beta)
+
+
+class EDPO(ReferenceModule):
+    """e-DPO: pessimistic distillation from an ensemble of reward models (Fisch et al. 2024).
+
+    The Oracle score columns hold one list per response, one entry per ensemble member
+    (``python -m drdo_lightning score --models '[m1, m2, m3]'`` writes them).
+
+    Args:
+        beta: Scale of the policy's implicit reward (paper: 0.1).
+    """
+
+    def __init__(self, model: str, beta: float = 0.1, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self.save_hyperparameters()
+
+    def objective(self, batch, out, stage):
+        oracle = _oracle_scores(batch, "EDPO")
+        if oracle[0].dim() != 2:
+            raise ValueError("EDPO needs ensemble scores: score columns holding one list of K numbers per response")
+        ref = self.reference_logps(batch)
+        loss = losses.edpo_loss(out.chosen_logps, out.rejected_logps, *ref, *oracle, beta=self.hparams.beta)
+        return loss, self.margin_metrics(out, ref, self.hparams.beta)

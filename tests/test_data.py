@@ -492,7 +492,7 @@ def test_no_cache_dir_writes_nothing(pair_files, tiny_model_dir, tmp_path, monke
     dm = make_dm(pair_files["train"], tiny_model_dir, cache_dir=None)
     dm.prepare_data()
     dm.setup("fit")
-    assert dm._cache_path() is None and list(tmp_path.iterdir()) == []
+    assert dm.cache_path() is None and list(tmp_path.iterdir()) == []
 
 
 # --- 8. collator -------------------------------------------------------------------------------

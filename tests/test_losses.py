@@ -196,3 +196,64 @@ def test_oracle_loss_hand_computed():
     assert got.item() == pytest.approx(want, rel=1e-6)
     # alpha = 0 is plain Bradley–Terry.
     torch.testing.assert_close(losses.oracle_loss(rw, rl, zw, alpha=0.0), F.softplus(-(rw - rl)))
+
+
+# -- Reference-based baselines (Eq. 3, Eq. 4, IPO, e-DPO) -----------------------------------
+
+
+def ref_args(seed=0, n=5):
+    torch.manual_seed(seed)
+    return [torch.randn(n, dtype=torch.float64) * 3 - 20 for _ in range(4)]
+
+
+def test_dpo_hand_computed():
+    # h = (-10 - -12) - (-15 - -14) = 2 - (-1) = 3
+    got = losses.dpo_loss(torch.tensor([-10.0]), torch.tensor([-15.0]), torch.tensor([-12.0]), torch.tensor([-14.0]), beta=0.1)
+    assert got.item() == pytest.approx(-math.log(sigmoid(0.3)), rel=1e-6)
+
+
+def test_dpo_matches_formula_on_random_inputs():
+    zw, zl, rw, rl = ref_args()
+    want = -torch.log(torch.sigmoid(0.5 * ((zw - rw) - (zl - rl))))
+    torch.testing.assert_close(losses.dpo_loss(zw, zl, rw, rl, beta=0.5), want)
+
+
+def test_ipo_hand_computed_and_formula():
+    got = losses.ipo_loss(torch.tensor([-10.0]), torch.tensor([-15.0]), torch.tensor([-12.0]), torch.tensor([-14.0]), tau=0.25)
+    assert got.item() == pytest.approx((3.0 - 2.0) ** 2)
+    zw, zl, rw, rl = ref_args(1)
+    torch.testing.assert_close(losses.ipo_loss(zw, zl, rw, rl, tau=0.1), ((zw - rw) - (zl - rl) - 5.0) ** 2)
+
+
+def test_distill_hand_computed():
+    # h = 3, Δr* = 1.0 - (-0.5) = 1.5, beta = 0.1 -> (1.5 - 0.3)^2 = 1.44
+    got = losses.distill_loss(
+        torch.tensor([-10.0]), torch.tensor([-15.0]), torch.tensor([-12.0]), torch.tensor([-14.0]),
+        torch.tensor([1.0]), torch.tensor([-0.5]), beta=0.1,
+    )
+    assert got.item() == pytest.approx(1.44)
+
+
+def test_edpo_is_the_worst_member_of_batch_mean_distillation():
+    zw, zl, rw, rl = ref_args(2, n=4)
+    oracle_w = torch.randn(4, 3, dtype=torch.float64)
+    oracle_l = torch.randn(4, 3, dtype=torch.float64)
+    per_member = [
+        losses.distill_loss(zw, zl, rw, rl, oracle_w[:, k], oracle_l[:, k], beta=0.2).mean() for k in range(3)
+    ]
+    got = losses.edpo_loss(zw, zl, rw, rl, oracle_w, oracle_l, beta=0.2)
+    assert got.dim() == 0
+    assert got.item() == pytest.approx(max(p.item() for p in per_member))
+    # With one member it is plain distillation, batch-averaged.
+    single = losses.edpo_loss(zw, zl, rw, rl, oracle_w[:, :1], oracle_l[:, :1], beta=0.2)
+    assert single.item() == pytest.approx(per_member[0].item())
+
+
+def test_edpo_hand_computed():
+    # Two pairs, two members; h = [1, -1]; beta = 1.
+    zw, zl = torch.tensor([0.0, 0.0]), torch.tensor([-1.0, 1.0])
+    zero = torch.zeros(2)
+    ow = torch.tensor([[1.0, 3.0], [-1.0, 0.0]])
+    ol = torch.zeros(2, 2)
+    # member 0: ((1-1)^2 + (-1+1)^2)/2 = 0 ; member 1: ((3-1)^2 + (0+1)^2)/2 = 2.5
+    assert losses.edpo_loss(zw, zl, zero, zero, ow, ol, beta=1.0).item() == pytest.approx(2.5)

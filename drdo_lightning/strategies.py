@@ -1,0 +1,139 @@
+"""DeepSpeed ZeRO-2/3 for every recipe, on CUDA GPUs and on CPU-only machines.
+
+Lightning's :class:`~lightning.pytorch.strategies.DeepSpeedStrategy` refuses anything but CUDA,
+though DeepSpeed itself trains on CPU with the gloo backend. :class:`DeepSpeedStrategy` lifts
+that restriction and changes nothing else, so the same ZeRO configs run in tests, in CI and on
+CPU clusters as on GPUs. Use it from YAML (presets in ``configs/strategies/``)::
+
+    trainer:
+      strategy:
+        class_path: drdo_lightning.strategies.DeepSpeedStrategy
+        init_args: {stage: 3}
+
+With ZeRO-3 the module builds its model in ``configure_model``, which Lightning runs inside
+``deepspeed.zero.Init``: every parameter, the reward head's included, is partitioned across
+ranks as it is created and no rank ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import deepspeed
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
+from lightning.pytorch.strategies.deepspeed import remove_module_hooks
+import torch
+from torch.nn import Module
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from transformers.integrations import HfDeepSpeedConfig
+
+
+class DeepSpeedStrategy(LightningDeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy, also on CPU (``--trainer.accelerator cpu``, gloo backend).
+
+    On CUDA it is Lightning's strategy unchanged. On CPU it skips the two checks that assume
+    CUDA devices and gives DeepSpeed each process's local rank as its device rank, because CPU
+    devices carry no index. Takes every argument of Lightning's ``DeepSpeedStrategy``
+    (``stage``, ``offload_optimizer``, ``offload_parameters``, ``config``, ...).
+    """
+
+    @property
+    def _on_cpu(self) -> bool:
+        return isinstance(self.accelerator, CPUAccelerator)
+
+    @property
+    def _device_rank(self) -> int | None:
+        # DeepSpeed places the engine on `device_rank`; on CPU every rank's device is "cpu".
+        return self.local_rank if self._on_cpu else self.root_device.index
+
+    def setup_environment(self) -> None:
+        if not self._on_cpu:
+            return super().setup_environment()
+        DDPStrategy.setup_environment(self)  # everything but the parent's "CUDA only" check
+
+    def setup_distributed(self) -> None:
+        if not self._on_cpu:
+            return super().setup_distributed()
+        # The parent's steps without `_validate_device_index_selection`: it expects the device
+        # indices 0..n-1 of GPUs, and CPU devices have no index.
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    @contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        """Lightning's ``deepspeed.zero.Init`` around ``configure_model``, made known to transformers.
+
+        Under ZeRO-3 ``from_pretrained`` must create the model already partitioned and copy the
+        checkpoint into the partitions; it does so only when a live ``HfDeepSpeedConfig`` says
+        ZeRO-3 is on (otherwise it initialises and loads into empty shards and fails). The object
+        is kept for the strategy's lifetime: transformers consults it again, e.g. in ``generate``.
+        """
+        with super().model_sharded_context():
+            if self.zero_stage_3:
+                self._hf_deepspeed_config = HfDeepSpeedConfig(self.config)
+            yield
+
+    @property
+    def _offloads_optimizer(self) -> bool:
+        offload = self.config.get("zero_optimization", {}).get("offload_optimizer") or {}
+        return offload.get("device", "none") != "none"
+
+    def _setup_model_and_optimizer(self, model: Module, optimizer: Optimizer | None, lr_scheduler=None):
+        """``deepspeed.initialize`` for training, as Lightning calls it but with ``_device_rank``.
+
+        With the optimizer offloaded to the CPU, the module's ``torch.optim.AdamW`` becomes
+        :func:`cpu_adamw`, the same update that DeepSpeed requires there.
+        """
+        if self._offloads_optimizer and isinstance(optimizer, torch.optim.AdamW):
+            optimizer = cpu_adamw(optimizer, lr_scheduler)
+        engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self._device_rank),
+            config=self.config,
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, deepspeed_optimizer
+
+    def _initialize_deepspeed_inference(self, model: Module) -> None:
+        """``validate``/``test``/``predict``: as Lightning's, but with ``_device_rank``."""
+        config = {"train_micro_batch_size_per_gpu": 1}  # DeepSpeed's throughput timers require it
+        config.update({k: self.config[k] for k in ("fp16", "bf16") if k in self.config})
+        if self.zero_stage_3:
+            config.update({k: self.config[k] for k in ("zero_allow_untested_optimizer", "zero_optimization")})
+        remove_module_hooks(model)
+        self.model, _, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self._device_rank),
+            config=config,
+            model=model,
+            optimizer=None,
+            lr_scheduler=None,
+            model_parameters=[],
+            dist_init_required=False,
+        )
+
+
+def cpu_adamw(optimizer: torch.optim.AdamW, lr_scheduler: LRScheduler | None = None) -> Optimizer:
+    """DeepSpeed's ``DeepSpeedCPUAdam`` in AdamW mode, with ``optimizer``'s parameter groups.
+
+    ZeRO-Offload steps the optimizer on the CPU copy of the weights and insists on DeepSpeed's
+    vectorised CPU Adam there (several times faster than torch's); it is a C++ op that DeepSpeed
+    compiles on first use (about a minute; needs a C++ compiler and ``ninja``). Every group keeps
+    its learning rate, betas, eps and weight decay; ``lr_scheduler`` is pointed at the new
+    optimizer so the schedule still drives the one that steps.
+    """
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    cpu_adam = DeepSpeedCPUAdam(optimizer.param_groups, adamw_mode=True)
+    if lr_scheduler is not None:
+        lr_scheduler.optimizer = cpu_adam
+    return cpu_adam

@@ -1,0 +1,66 @@
+"""Test-only pieces that the multi-process tests load into their CLI subprocesses.
+
+The subprocesses run ``python -m drdo_lightning fit ...`` with ``tests/`` on ``PYTHONPATH`` and
+name these classes like any other: ``--trainer.callbacks+=probes.MeanLossOverRanks``,
+``--model probes.ShardProbeDRDO``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from drdo_lightning import DRDO
+
+
+class MeanLossOverRanks(L.Callback):
+    """Log ``probe/loss``: each step's training loss averaged over all ranks.
+
+    The modules log rank 0's own loss at each step (no per-step sync); the mean over ranks is
+    the loss of the whole global batch, which is what a single process with that batch sees.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"].detach()
+        pl_module.log("probe/loss", loss, on_step=True, on_epoch=False, sync_dist=True, batch_size=1)
+
+
+class StopAfterSteps(L.Callback):
+    """End ``fit`` once ``steps`` optimizer steps are done, like a job cut off by its time limit.
+
+    ``max_steps`` (and so the learning-rate schedule) stays as configured, so a resumed run
+    must continue exactly as the uninterrupted one.
+    """
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
+class ShardProbeDRDO(DRDO):
+    """DRDO that records, right after ``configure_model``, what this rank holds of each parameter.
+
+    Writes ``<probe_dir>/rank<R>.json``: ``{name: [full numel, local shard numel, numel of the
+    tensor as seen]}``. Under ZeRO-3 the parameters come out of ``configure_model`` already
+    partitioned: the tensor as seen is empty and the shard is about ``1 / world_size`` of it.
+    """
+
+    def __init__(self, *args, probe_dir: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        record = {
+            name: [getattr(p, "ds_numel", p.numel()), p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel(), p.numel()]
+            for name, p in self.policy.named_parameters()
+        }
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        path = Path(self.hparams.probe_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / f"rank{rank}.json").write_text(json.dumps(record))

@@ -1,0 +1,182 @@
+"""DPO, IPO, distillation and e-DPO through the shared machinery: the reference policy,
+precomputed reference log-probs, and the ensemble of reward models."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from drdo_lightning import DPO, CausalLMWithRewardHead
+from drdo_lightning.cli import main
+from drdo_lightning.pipeline import train_ensemble, write_summary
+
+
+def args(root: Path, model_dir: Path, objective: str, train: Path, *extra: str) -> list[str]:
+    return [
+        "fit", "--model", objective, "--model.model", str(model_dir),
+        "--data.train_file", str(train), "--data.cache_dir", str(root / "cache"), "--data.batch_size", "4",
+        "--trainer.default_root_dir", str(root), "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(root),
+        "--trainer.enable_checkpointing", "false", "--seed_everything", "0", "--model.learning_rate", "1e-2",
+        *extra,
+    ]
+
+
+def losses_of(cli) -> list[float]:
+    (path,) = Path(cli.trainer.logger.log_dir).glob("metrics.csv")
+    return [float(line.split(",")[header.index("train/loss")]) for header in [path.read_text().splitlines()[0].split(",")]
+            for line in path.read_text().splitlines()[1:]]
+
+
+@pytest.fixture(scope="module")
+def scored_pairs(tmp_path_factory, tiny_task) -> Path:
+    """16 pairs with a single Oracle score and a 3-member ensemble score per response."""
+    rng = random.Random(0)
+    rows = []
+    for row in tiny_task["train"][:16]:
+        row = dict(row)
+        row["ensemble_chosen"] = [row["oracle_chosen"] + rng.gauss(0, 0.3) for _ in range(3)]
+        row["ensemble_rejected"] = [row["oracle_rejected"] + rng.gauss(0, 0.3) for _ in range(3)]
+        rows.append(row)
+    path = tmp_path_factory.mktemp("scored") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_dpo_live_reference_equals_precomputed_step_for_step(tmp_path, tiny_model_dir, scored_pairs):
+    live = main(args(tmp_path / "live", tiny_model_dir, "DPO", scored_pairs, "--trainer.max_steps", "8"))
+    pre = main(args(tmp_path / "pre", tiny_model_dir, "DPO", scored_pairs, "--trainer.max_steps", "8",
+                    "--model.precompute_reference", "true"))
+    assert pre.model.reference is None  # one model in memory
+    live_loss, pre_loss = losses_of(live), losses_of(pre)
+    assert len(live_loss) == 8 and live_loss[0] == pytest.approx(0.6931, abs=1e-4)  # policy == reference at step 0
+    assert live_loss[-1] < live_loss[0]
+    assert pre_loss == pytest.approx(live_loss, abs=1e-5)
+    for (name, a), b in zip(live.model.policy.named_parameters(), pre.model.policy.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_reference_is_frozen_unoptimised_and_not_saved(tmp_path, tiny_model_dir, scored_pairs):
+    cli = main(args(tmp_path, tiny_model_dir, "DPO", scored_pairs, "--trainer.max_steps", "4",
+                    "--trainer.enable_checkpointing", "true",
+                    "--trainer.callbacks+=drdo_lightning.ExportHuggingFace"))
+    module = cli.model
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    for name, param in module.reference.lm.named_parameters():
+        assert not param.requires_grad and param.grad is None
+        torch.testing.assert_close(param, initial[name], msg=name)
+    optimised = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in module.reference.parameters()}
+    assert optimised == {id(p) for p in module.policy.parameters()}
+    # The policy moved away from the reference.
+    assert any(not torch.equal(p, initial[n]) for n, p in module.policy.lm.named_parameters())
+
+    (ckpt,) = (tmp_path / "lightning_logs").rglob("*.ckpt")
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert state and not [k for k in state if k.startswith("reference.")]
+    exported = load_file(tmp_path / "export" / "model.safetensors")
+    assert set(exported) == set(initial)
+    assert not (tmp_path / "export" / "reward_head.safetensors").exists()
+
+    # A checkpoint without the reference restores: the reference is rebuilt from disk.
+    resumed = main(args(tmp_path / "resume", tiny_model_dir, "DPO", scored_pairs, "--trainer.max_steps", "6",
+                        "--ckpt_path", str(ckpt)))
+    assert resumed.trainer.global_step == 6
+
+
+def test_precomputed_reference_is_cached_and_keyed_by_truncation(tmp_path, tiny_model_dir, scored_pairs, monkeypatch):
+    common = ("--trainer.max_steps", "1", "--model.precompute_reference", "true")
+    main(args(tmp_path, tiny_model_dir, "DPO", scored_pairs, *common))
+    caches = list((tmp_path / "cache").rglob("reference-*.pt"))
+    assert len(caches) == 1
+
+    def fail(*_):
+        raise AssertionError("reference log-probs recomputed despite the cache")
+
+    monkeypatch.setattr(DPO, "_compute_reference_logps", fail)
+    main(args(tmp_path, tiny_model_dir, "DPO", scored_pairs, *common))  # cache hit
+    with pytest.raises(AssertionError, match="recomputed"):
+        main(args(tmp_path, tiny_model_dir, "DPO", scored_pairs, *common, "--data.max_prompt_length", "16", "--data.max_length", "40"))
+
+
+def test_separate_reference_path_is_used(tmp_path, tiny_model_dir, scored_pairs):
+    other = tmp_path / "other"
+    model = CausalLMWithRewardHead.from_pretrained(tiny_model_dir, reward_head=False)
+    with torch.no_grad():
+        for p in model.lm.parameters():
+            p.mul_(0.5)
+    model.lm.save_pretrained(other)
+    cli = main(args(tmp_path, tiny_model_dir, "DPO", scored_pairs, "--trainer.max_steps", "1",
+                    "--model.reference_model", str(other)))
+    ref_params = dict(cli.model.reference.lm.named_parameters())
+    for name, p in model.lm.named_parameters():
+        torch.testing.assert_close(ref_params[name], p)
+    # Policy and reference differ, so the first DPO loss is not log 2.
+    assert losses_of(cli)[0] != pytest.approx(0.6931, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "objective, extra",
+    [
+        ("IPO", ()),
+        ("Distill", ("--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected")),
+        ("EDPO", ("--data.chosen_score_column", "ensemble_chosen", "--data.rejected_score_column", "ensemble_rejected")),
+    ],
+)
+def test_each_baseline_trains(tmp_path, tiny_model_dir, scored_pairs, objective, extra):
+    cli = main(args(tmp_path, tiny_model_dir, objective, scored_pairs, "--trainer.max_steps", "12",
+                    "--data.batch_size", "16", *extra))
+    loss = losses_of(cli)
+    assert len(loss) == 12 and torch.tensor(loss).isfinite().all()
+    assert loss[-1] < loss[0]
+    metrics = cli.trainer.callback_metrics
+    assert {"train/reward_accuracy", "train/reward_margin", "train/implicit_accuracy"} <= set(metrics)
+
+
+def test_score_shape_mismatches_are_explained(tmp_path, tiny_model_dir, scored_pairs):
+    with pytest.raises(ValueError, match="EDPO needs ensemble scores"):
+        main(args(tmp_path, tiny_model_dir, "EDPO", scored_pairs, "--trainer.max_steps", "1",
+                  "--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected"))
+    with pytest.raises(ValueError, match="use EDPO"):
+        main(args(tmp_path, tiny_model_dir, "Distill", scored_pairs, "--trainer.max_steps", "1",
+                  "--data.chosen_score_column", "ensemble_chosen", "--data.rejected_score_column", "ensemble_rejected"))
+    with pytest.raises(ValueError, match="needs Oracle rewards"):
+        main(args(tmp_path, tiny_model_dir, "Distill", scored_pairs, "--trainer.max_steps", "1"))
+
+
+def test_ensemble_members_differ_only_in_the_reward_head_init(tmp_path, tiny_model_dir, scored_pairs):
+    config = tmp_path / "rm.yaml"
+    config.write_text(
+        "model:\n  class_path: drdo_lightning.OracleRewardModel\n  init_args:\n"
+        f"    model: {tiny_model_dir}\n    alpha: 0.0\n    learning_rate: 0.0\n"
+        f"data:\n  train_file: {scored_pairs}\n  batch_size: 8\n  cache_dir: null\n"
+        "trainer:\n  max_steps: 1\n  enable_progress_bar: false\n  logger:\n"
+        "    class_path: lightning.pytorch.loggers.CSVLogger\n    init_args:\n      save_dir: unused\n"
+    )
+    exports = train_ensemble(str(config), members=2, out=str(tmp_path / "ens"))
+    heads = [load_file(e / "reward_head.safetensors") for e in exports]
+    bodies = [load_file(e / "model.safetensors") for e in exports]
+    assert not torch.equal(heads[0]["weight"], heads[1]["weight"])
+    for name in bodies[0]:  # lr 0: the backbone stays the shared starting point
+        torch.testing.assert_close(bodies[0][name], bodies[1][name])
+    again = train_ensemble(str(config), members=1, out=str(tmp_path / "again"))
+    torch.testing.assert_close(load_file(again[0] / "reward_head.safetensors")["weight"], heads[0]["weight"])
+
+
+def test_summary_table_reads_the_last_validation_metrics(tmp_path):
+    for name, acc in (("drdo", 0.7), ("dpo", 0.6)):
+        log = tmp_path / name / "logs" / "version_0"
+        log.mkdir(parents=True)
+        log.joinpath("metrics.csv").write_text(
+            "epoch,step,train/loss,val/loss,val/implicit_accuracy\n"
+            f"0,9,1.0,,\n0,10,,2.0,0.5\n1,20,,1.5,{acc}\n"
+        )
+    table = write_summary({"drdo": tmp_path / "drdo", "dpo": tmp_path / "dpo"}, tmp_path)
+    assert "| drdo | 1.500 | 0.700 |" in table and "| dpo | 1.500 | 0.600 |" in table
+    assert (tmp_path / "summary.csv").read_text().splitlines()[1].startswith("drdo,1.5,0.7")

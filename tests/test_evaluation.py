@@ -1,0 +1,215 @@
+"""Evaluation: win rates and bootstrap intervals on hand-computed cases, seeded batched sampling,
+reward-model judging, and the ``evaluate`` command end to end on tiny models."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from drdo_lightning import CausalLMWithRewardHead, demo
+from drdo_lightning.cli import main
+from drdo_lightning.data import load_tokenizer
+from drdo_lightning.evaluation import (
+    RewardModelJudge, bootstrap_mean, compare, generate, load_policy, plot_training_curves, read_training_log, summarize,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# -- statistics ------------------------------------------------------------------------------
+
+
+def test_compare_matches_a_hand_computed_case_with_a_tie():
+    # Two prompts x two temperatures. Cells: 1>0 win, 2=2 tie, 3<4 loss, 3>1 win.
+    a = np.array([[1.0, 2.0], [3.0, 3.0]])
+    b = np.array([[0.0, 2.0], [4.0, 1.0]])
+    stats = compare(a, b, samples=2000, seed=0)
+    assert stats["win"].value == 0.5 and stats["tie"].value == 0.25 and stats["loss"].value == 0.25
+    assert stats["win_rate"].value == 0.625  # (2 wins + 1 tie / 2) / 4
+    # Per-prompt win rates are 0.75 and 0.5; resampled means take 0.5, 0.625, 0.75 with
+    # probability 1/4, 1/2, 1/4, so the 95% interval spans the two extremes.
+    assert (stats["win_rate"].low, stats["win_rate"].high) == (0.5, 0.75)
+    assert compare(b, a)["win_rate"].value == pytest.approx(1 - 0.625)
+
+
+def test_identical_policies_win_half_the_time_with_a_collapsed_interval():
+    rewards = np.random.default_rng(0).normal(size=(50, 4))
+    stats = compare(rewards, rewards.copy())
+    assert stats["win"].value == 0.0 and stats["tie"].value == 1.0
+    assert tuple(stats["win_rate"]) == (0.5, 0.5, 0.5)
+
+
+def test_policies_with_the_same_distribution_get_an_interval_around_half():
+    rng = np.random.default_rng(1)
+    stats = compare(rng.normal(size=(200, 4)), rng.normal(size=(200, 4)))
+    low, high = stats["win_rate"].low, stats["win_rate"].high
+    assert low < 0.5 < high and high - low < 0.15
+    assert stats["tie"].value == 0.0
+
+
+def test_one_prompt_gives_a_point_interval():
+    stats = compare(np.array([[1.0, 0.0, 5.0, 2.0]]), np.array([[0.0, 0.0, 1.0, 3.0]]))
+    assert tuple(stats["win_rate"]) == (0.625, 0.625, 0.625)
+    assert tuple(bootstrap_mean([0.3])) == (0.3, 0.3, 0.3)
+
+
+def test_bootstrap_is_seeded_and_about_as_wide_as_the_normal_interval():
+    values = np.random.default_rng(2).normal(1.0, 2.0, size=400)
+    first, again, other = bootstrap_mean(values, seed=3), bootstrap_mean(values, seed=3), bootstrap_mean(values, seed=4)
+    assert first == again and first != other
+    assert first.low < values.mean() < first.high
+    normal_width = 2 * 1.96 * values.std(ddof=1) / np.sqrt(len(values))
+    assert first.high - first.low == pytest.approx(normal_width, rel=0.15)
+
+
+def test_summarize_reports_advantage_win_rates_and_pooled_temperatures():
+    sft = np.array([[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]])
+    scores = {"gold": {"sft": sft, "drdo": sft + np.array([[0.5, -0.25]])}}
+    rows = summarize(scores, [0.2, 0.9], baseline="sft", samples=200)
+    get = {(r["policy"], r["opponent"], r["temperature"], r["statistic"]): r for r in rows}
+    assert get[("drdo", "sft", "0.2", "advantage")]["value"] == pytest.approx(0.5)
+    assert get[("drdo", "sft", "all", "advantage")]["value"] == pytest.approx(0.125)
+    assert get[("drdo", "sft", "0.2", "win_rate")]["value"] == 1.0 and get[("drdo", "sft", "0.9", "win")]["value"] == 0.0
+    for t in ("0.2", "0.9", "all"):
+        assert get[("drdo", "sft", t, "win_rate")]["value"] + get[("sft", "drdo", t, "win_rate")]["value"] == pytest.approx(1)
+    assert get[("sft", "", "all", "mean_reward")]["value"] == pytest.approx(0.5)
+    assert ("sft", "sft", "all", "advantage") not in get
+
+
+# -- sampling and judging ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eval_prompts(tiny_task) -> list[str]:
+    return [row["prompt"] for row in tiny_task["eval"]]
+
+
+def test_generation_is_reproducible_for_a_seed_and_leaves_the_rng_alone(tiny_model_dir, eval_prompts):
+    model, tokenizer = load_policy(str(tiny_model_dir))
+    state = torch.get_rng_state()
+    kwargs = dict(temperature=0.9, max_new_tokens=8, batch_size=3)
+    first = generate(model, tokenizer, eval_prompts, seed=0, **kwargs)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert generate(model, tokenizer, eval_prompts, seed=0, **kwargs) == first
+    assert generate(model, tokenizer, eval_prompts, seed=1, **kwargs) != first
+    assert len(first) == len(eval_prompts) and any(first)
+
+
+def test_left_padded_batches_generate_as_one_prompt_at_a_time(tiny_model_dir, eval_prompts):
+    model, tokenizer = load_policy(str(tiny_model_dir))
+    assert len({len(tokenizer(p)["input_ids"]) for p in eval_prompts}) > 1  # padding really happens
+    batched = generate(model, tokenizer, eval_prompts, temperature=0, max_new_tokens=8, batch_size=len(eval_prompts))
+    single = generate(model, tokenizer, eval_prompts, temperature=0, max_new_tokens=8, batch_size=1)
+    assert batched == single
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    torch.manual_seed(0)
+    model = CausalLMWithRewardHead.from_pretrained(tiny_model_dir)  # a fresh, random reward head
+    return model.save_pretrained(tmp_path_factory.mktemp("judge") / "rm", tokenizer=load_tokenizer(str(tiny_model_dir)))
+
+
+def test_reward_model_judge_scores_like_the_model_and_ties_identical_responses(reward_model_dir, eval_prompts):
+    judge = RewardModelJudge(str(reward_model_dir), batch_size=2)
+    prompts = eval_prompts[:3] + eval_prompts[:1]
+    responses = [" the plot was great.", " it was a waste of time.", " I watched it at home.", " the plot was great."]
+    rewards = judge(prompts, responses)
+    tok = judge.tokenizer
+    for prompt, response, reward in zip(prompts, responses, rewards):
+        ids = tok(prompt)["input_ids"] + tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            want = judge.model.rewards(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
+        assert reward == pytest.approx(want, abs=1e-5)
+    assert rewards[0] == rewards[3]  # scored once: an exact tie
+
+
+# -- the command --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_policy_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    model = CausalLMWithRewardHead.from_pretrained(tiny_model_dir, reward_head=False)
+    with torch.no_grad():
+        for p in model.lm.parameters():
+            p.mul_(1.5)
+    return model.save_pretrained(tmp_path_factory.mktemp("other") / "policy", tokenizer=load_tokenizer(str(tiny_model_dir)))
+
+
+@pytest.fixture(scope="module")
+def training_log(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    (run / "logs" / "version_0").mkdir(parents=True)
+    (run / "logs" / "version_0" / "metrics.csv").write_text(
+        "epoch,step,train/loss,train/implicit_accuracy,train/chosen_logps,train/rejected_logps,val/loss\n"
+        "0,0,1.0,0.5,-20.0,-21.0,\n0,1,0.8,0.6,-19.0,-23.0,\n0,1,,,,,0.9\n"
+    )
+    return run
+
+
+def test_training_log_series_and_curves(training_log, tmp_path):
+    series = read_training_log(training_log)
+    assert series["rejected_logps"] == ([0, 1], [-21.0, -23.0])
+    assert "loss" in series and not any(k.startswith("val") for k in series)
+    path = plot_training_curves({"drdo": str(training_log)}, tmp_path / "curves.png")
+    assert path.read_bytes().startswith(PNG_MAGIC)
+
+
+def run_evaluate(out: Path, policies: dict, judges: dict, prompts: Path, *extra: str) -> list[dict]:
+    return main(["evaluate", "--policies", json.dumps(policies), "--judges", json.dumps(judges),
+                 "--prompts", str(prompts), "--out", str(out), "--temperatures", "[0.5, 1.0]",
+                 "--max_new_tokens", "6", "--batch_size", "3", "--bootstrap_samples", "200", *extra])
+
+
+def test_evaluate_writes_generations_estimates_plots_and_report(
+    tmp_path, tiny_model_dir, other_policy_dir, reward_model_dir, tiny_task, training_log
+):
+    prompts = tmp_path / "eval.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in tiny_task["eval"]))
+    policies = {"sft": str(tiny_model_dir), "twin": str(tiny_model_dir), "other": str(other_policy_dir)}
+    judges = {"rm": str(reward_model_dir), "gold": "vader"}
+    rows = run_evaluate(tmp_path / "a", policies, judges, prompts, "--logs", json.dumps({"drdo": str(training_log)}))
+
+    records = [json.loads(line) for line in (tmp_path / "a" / "generations.jsonl").read_text().splitlines()]
+    n_prompts = len(tiny_task["eval"])
+    assert len(records) == 3 * 2 * n_prompts
+    for r in records[:5]:
+        assert set(r["rewards"]) == {"rm", "gold"}
+        assert r["rewards"]["gold"] == demo.gold_reward([r["response"]])[0]
+
+    get = {(r["judge"], r["policy"], r["opponent"], r["temperature"], r["statistic"]): r for r in rows}
+    for judge in judges:
+        # The same model with the same seeds samples the same responses: all ties, 50%.
+        assert get[(judge, "sft", "twin", "all", "tie")]["value"] == 1.0
+        assert tuple(get[(judge, "sft", "twin", "all", "win_rate")][k] for k in ("value", "low", "high")) == (0.5, 0.5, 0.5)
+        assert get[(judge, "twin", "sft", "all", "advantage")]["value"] == 0.0
+        a, b = get[(judge, "sft", "other", "all", "win_rate")], get[(judge, "other", "sft", "all", "win_rate")]
+        assert a["value"] + b["value"] == pytest.approx(1.0) and a["low"] <= a["value"] <= a["high"]
+    with (tmp_path / "a" / "results.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+    report = (tmp_path / "a" / "report.md").read_text()
+    for png in ("win_rate_rm.png", "win_rate_gold.png", "reward_vs_temperature.png", "training_curves.png"):
+        assert f"]({png})" in report
+        assert (tmp_path / "a" / png).read_bytes().startswith(PNG_MAGIC)
+    assert "Reward advantage over `sft`" in report
+
+    # Same seed, same generations; another seed, other generations.
+    run_evaluate(tmp_path / "b", {"sft": str(tiny_model_dir)}, {"gold": "vader"}, prompts)
+    run_evaluate(tmp_path / "c", {"sft": str(tiny_model_dir)}, {"gold": "vader"}, prompts, "--seed", "1")
+    responses = {k: [json.loads(line)["response"] for line in (tmp_path / k / "generations.jsonl").read_text().splitlines()]
+                 for k in "bc"}
+    assert responses["b"] == [r["response"] for r in records if r["policy"] == "sft"]
+    assert responses["c"] != responses["b"]
+
+
+def test_evaluate_config_parses():
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--config", str(root / "configs" / "evaluate.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)

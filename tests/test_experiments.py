@@ -1,0 +1,157 @@
+"""Experiments: intervals over seeds, the edit-distance splits on hand-made data, the ablation
+configs, and the robustness sweep end to end at a tiny size."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from drdo_lightning import DRDO, experiments
+from drdo_lightning.cli import main
+from drdo_lightning.experiments import edit_distance, normalized_edit_distance, seed_interval
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_seed_interval_is_the_student_t_interval():
+    est = seed_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t_{0.975, 2} = 4.303
+    assert est.value == 2.0
+    assert est.high - est.value == pytest.approx(4.303 / math.sqrt(3), abs=1e-6)
+    assert est.value - est.low == pytest.approx(est.high - est.value)
+    for n, t_975 in ((12, 2.2010), (31, 2.0423)):  # beyond the table: the expansion
+        values = [float(v) for v in range(n)]
+        half = seed_interval(values).high - statistics.fmean(values)
+        assert half * math.sqrt(n) / statistics.stdev(values) == pytest.approx(t_975, abs=1e-3)
+    one = seed_interval([0.4])
+    assert one.value == 0.4 and math.isnan(one.low) and math.isnan(one.high)
+
+
+def test_edit_distance_on_known_cases():
+    assert edit_distance("kitten", "sitting") == 3
+    assert edit_distance([], ["a", "b"]) == 2
+    assert edit_distance("a b c d".split(), "a x c".split()) == 2  # one substitution, one deletion
+    assert normalized_edit_distance("a b c".split(), "a x c".split()) == pytest.approx(1 / 3)
+    assert normalized_edit_distance([], []) == 0.0
+    assert normalized_edit_distance(["a"], ["b"]) == 1.0
+
+
+# (confidence, number of the 10 words that differ): distances 0.9 0.8 0.2 0.5 0.1 0.6 0.3, median
+# 0.5; confidence median 4. High on both: the first two rows; low on both: confidence 3 and 1.
+HAND_MADE = [(7, 9), (6, 8), (5, 2), (4, 5), (3, 1), (2, 6), (1, 3)]
+WORDS = [f"w{i}" for i in range(10)]
+
+
+def _texts(k: int) -> tuple[str, str]:
+    return " ".join(WORDS), " ".join(WORDS[: 10 - k] + [f"x{i}" for i in range(k)])
+
+
+def _check_split_report(out: Path, report: dict) -> None:
+    assert report["all"]["size"] == 7 and report["hc_he"]["size"] == 2 and report["lc_le"]["size"] == 2
+    assert report["all"]["mean_confidence"] == pytest.approx(4.0)
+    assert report["all"]["mean_edit_distance"] == pytest.approx(3.4 / 7)
+    assert report["hc_he"]["mean_confidence"] == pytest.approx(6.5)
+    assert report["hc_he"]["mean_edit_distance"] == pytest.approx(0.85)
+    assert report["lc_le"]["mean_confidence"] == pytest.approx(2.0)
+    assert report["lc_le"]["mean_edit_distance"] == pytest.approx(0.2)
+    medians = json.loads((out / "splits.json").read_text())["medians"]
+    assert medians == {"confidence": 4.0, "edit_distance": pytest.approx(0.5)}
+    easy = [json.loads(line) for line in (out / "hc_he.jsonl").read_text().splitlines()]
+    assert sorted(r["confidence"] for r in easy) == [6.0, 7.0]
+    assert {"prompt", "chosen", "rejected", "confidence", "edit_distance"} <= set(easy[0])
+
+
+def test_splits_on_pairs_with_a_confidence_column(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"post {i}", "chosen": _texts(k)[0], "rejected": _texts(k)[1], "conf": c}
+            for i, (c, k) in enumerate(HAND_MADE)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = main(["splits", "--data", str(data), "--out", str(tmp_path / "out"), "--confidence_column", "conf"])
+    _check_split_report(tmp_path / "out", report)
+    assert "| hc_he | 2 | 6.500 | 0.850 |" in (tmp_path / "out" / "splits.md").read_text()
+
+
+def test_splits_on_the_openai_tldr_comparisons_format(tmp_path):
+    data = tmp_path / "comparisons.jsonl"
+    rows = []
+    for i, (c, k) in enumerate(HAND_MADE):
+        better, worse = _texts(k)
+        choice = i % 2  # the preferred summary sits at either index
+        summaries = [{"text": worse, "policy": "p"}, {"text": better, "policy": "q"}][:: 1 if choice else -1]
+        rows.append({"info": {"id": str(i), "post": f"post {i}", "title": "t", "subreddit": "tifu"},
+                     "summaries": summaries, "choice": choice, "worker": "w", "extra": {"confidence": c}})
+    rows.append({**rows[0], "extra": {"confidence": None}})  # some batches carry no confidence: skipped
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = main(["splits", "--data", str(data), "--out", str(tmp_path / "out")])
+    _check_split_report(tmp_path / "out", report)
+    first = json.loads((tmp_path / "out" / "all.jsonl").read_text().splitlines()[0])
+    assert first["prompt"] == "SUBREDDIT: r/tifu\nTITLE: t\nPOST: post 0\nTL;DR:"
+    assert first["chosen"] == " ".join(WORDS)
+
+
+ABLATIONS = sorted((ROOT / "configs" / "ablations").glob("*.yaml"))
+HAS_DISTILL_WEIGHT = "distill_weight" in inspect.signature(DRDO.__init__).parameters
+
+
+@pytest.mark.parametrize("config", ABLATIONS, ids=[c.stem for c in ABLATIONS])
+def test_each_ablation_layers_over_the_drdo_recipe(config, capsys):
+    import yaml
+
+    if config.stem == "preference_only" and not HAS_DISTILL_WEIGHT:
+        pytest.skip("needs DRDO(distill_weight=...)")
+    (key, value), = yaml.safe_load(config.read_text())["model"]["init_args"].items()
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs" / "drdo.yaml"), "--config", str(config), "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["class_path"] == "drdo_lightning.DRDO"
+    assert model["init_args"][key] == value and model["init_args"]["model"] == "embedded_default/sft_policy"
+    assert config.stem in experiments.ablation_configs()
+
+
+@pytest.fixture(scope="module")
+def eval_file(tmp_path_factory, tiny_task) -> Path:
+    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in tiny_task["eval"]))
+    return path
+
+
+def test_robustness_sweep_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file, monkeypatch):
+    out = tmp_path / "sweep"
+    args = [
+        "robustness", "--out", str(out), "--flip_rates", "[0.25]", "--methods", "[drdo]", "--seeds", "[0]",
+        "--max_steps", "2", "--judge_steps", "2", "--members", "1", "--policy", str(tiny_model_dir),
+        "--train_data", str(pair_files["train"]), "--val_data", str(pair_files["val"]),
+        "--eval.prompts", str(eval_file), "--eval.num_prompts", "4", "--eval.temperatures", "[0.7]",
+        "--eval.max_new_tokens", "6", "--eval.judges", json.dumps({"gold": "vader"}),
+        "--overrides", json.dumps(["--data.cache_dir", str(tmp_path / "cache"), "--trainer.enable_progress_bar", "false"]),
+    ]
+    table = main(args)
+    assert "flip 0.25" in table and "| drdo |" in table and "Retrained Oracle's accuracy" in table
+
+    # The judges were retrained on the flipped labels and rescored the data the student read.
+    judges = out / "flip_0.25" / "judges"
+    oracle_config = next((judges / "oracle").rglob("config.yaml")).read_text()
+    assert "label_flip_rate: 0.25" in oracle_config
+    scored = [json.loads(line) for line in (judges / "data" / "train.scored.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["ensemble_chosen"], float) for r in scored)  # one member: a number, not a list
+    assert any(r["oracle_chosen"] != r["gold_chosen"] for r in scored)  # no longer the fixture's stand-in scores
+    student = out / "flip_0.25" / "seed_0" / "drdo"
+    student_config = next(student.rglob("config.yaml")).read_text()
+    assert "label_flip_rate: 0.25" in student_config and str(judges / "data" / "train.scored.jsonl") in student_config
+
+    with (out / "cells.csv").open() as f:
+        (cell,) = list(csv.DictReader(f))
+    assert (cell["flip_rate"], cell["method"], cell["seed"], cell["judge"]) == ("0.25", "drdo", "0", "gold")
+    result = json.loads((student / "scores.json").read_text())
+    assert float(cell["reward"]) == pytest.approx(result["scores"]["gold"]["mean"])
+    assert (out / "robustness.png").read_bytes().startswith(b"\x89PNG")
+
+    # Resuming redoes nothing: finished cells and judges are read back.
+    monkeypatch.setattr(experiments, "fit_recipe", lambda *a, **k: pytest.fail("retrained a finished cell"))
+    monkeypatch.setattr(experiments, "_train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
+    assert main(args) == table
