@@ -180,7 +180,7 @@ def robustness(
     flip_rates: list[float] = list(FLIP_RATES),
     methods: list[str] = list(STUDENTS),
     seeds: list[int] = list(SEEDS),
-    max_steps: int = 100,
+    max_steps: int = 150,
     retrain_judges: bool = True,
     judge_steps: int = 125,
     members: int = 3,
@@ -314,7 +314,7 @@ def ablations(
     out: str = "runs/ablations",
     variants: list[str] | None = None,
     seeds: list[int] = list(SEEDS),
-    max_steps: int = 100,
+    max_steps: int = 150,
     eval: EvalSettings = EvalSettings(),
     overrides: list[str] | None = None,
 ) -> str:

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from drdo_lightning.data import load_tokenizer
 from drdo_lightning.models import CausalLMWithRewardHead
@@ -34,16 +34,18 @@ def default_export_dir(trainer: L.Trainer) -> Path:
 
 
 def policy_from_state_dict(
-    lm_class: type[PreTrainedModel], config: PretrainedConfig, state_dict: dict[str, Tensor]
+    config: PretrainedConfig, state_dict: dict[str, Tensor], *, trust_remote_code: bool = False
 ) -> CausalLMWithRewardHead:
-    """A :class:`CausalLMWithRewardHead` of class ``lm_class`` with ``state_dict``'s weights.
+    """A :class:`CausalLMWithRewardHead` with ``config``'s architecture and ``state_dict``'s weights.
 
     ``state_dict`` has the keys of ``CausalLMWithRewardHead.state_dict()`` (``lm.*``, and
     ``reward_head.*`` when there is a head). The model keeps the weights' dtype and is built
-    without a random initialisation, so this also serves models that barely fit in memory.
+    without a random initialisation first, so this also serves models that barely fit in memory.
     """
-    lm_weights = {k[len("lm."):]: v for k, v in state_dict.items() if k.startswith("lm.")}
-    head_weights = {k[len("reward_head."):]: v for k, v in state_dict.items() if k.startswith("reward_head.")}
+    lm_weights = {k.removeprefix("lm."): v for k, v in state_dict.items() if k.startswith("lm.")}
+    head_weights = {k.removeprefix("reward_head."): v for k, v in state_dict.items() if k.startswith("reward_head.")}
+    with torch.device("meta"):  # only to learn the concrete class: Auto* classes cannot load a state dict
+        lm_class = type(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code))
     dtype = next(v.dtype for v in lm_weights.values() if v.is_floating_point())
     lm = lm_class.from_pretrained(None, config=config, state_dict=lm_weights, dtype=dtype)
     head = None
@@ -55,7 +57,7 @@ def policy_from_state_dict(
 
 def _policy_weights(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """The policy's entries of a LightningModule state dict (drops e.g. a frozen reference model)."""
-    return {k[len(POLICY_PREFIX):]: v for k, v in state_dict.items() if k.startswith(POLICY_PREFIX)}
+    return {k.removeprefix(POLICY_PREFIX): v for k, v in state_dict.items() if k.startswith(POLICY_PREFIX)}
 
 
 def _deepspeed_client_state_file(checkpoint_dir: Path) -> Path:
@@ -110,9 +112,7 @@ def export(checkpoint: str, output: str, tokenizer: str | None = None, model: st
         raise ValueError(f"{checkpoint}: the checkpoint does not record its starting model; pass --model")
     trust_remote_code = bool(hparams.get("trust_remote_code", False))
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):  # only to learn the concrete class: Auto* cannot load from a state dict
-        lm_class = type(AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code))
-    policy = policy_from_state_dict(lm_class, config, weights)
+    policy = policy_from_state_dict(config, weights, trust_remote_code=trust_remote_code)
     if tokenizer is None:  # rebuild the training tokenizer: same source, same chat template
         tok = load_tokenizer(
             data_hparams.get("tokenizer") or source,
@@ -144,14 +144,14 @@ class ExportHuggingFace(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = Path(self.dirpath) if self.dirpath else default_export_dir(trainer)
-        policy = pl_module.policy
+        state_dict = None  # the policy's own weights
         if getattr(trainer.strategy, "zero_stage_3", False):
             # Collective: every rank sends its shards; rank 0 receives the full weights, on CPU.
+            # (DeepSpeed's own gatherer, the one transformers' Trainer uses for ZeRO-3 saves.)
             state_dict = trainer.strategy.deepspeed_engine._zero3_consolidated_16bit_state_dict()
-            if trainer.is_global_zero:
-                policy = policy_from_state_dict(type(policy.lm), policy.lm.config, _policy_weights(state_dict))
+            state_dict = _policy_weights(state_dict) if trainer.is_global_zero else None
         if trainer.is_global_zero:
             tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-            policy.save_pretrained(path, tokenizer=tokenizer)
+            pl_module.policy.save_pretrained(path, tokenizer=tokenizer, state_dict=state_dict)
             rank_zero_info(f"Exported the trained model to {path}")
         trainer.strategy.barrier("export")

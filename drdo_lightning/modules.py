@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor
 from torchmetrics import PearsonCorrCoef
 from transformers import get_cosine_schedule_with_warmup
@@ -98,10 +99,9 @@ class PreferenceModule(L.LightningModule):
         input_ids = torch.cat([batch[f"{s}_input_ids"] for s in self.sides])
         attention_mask = torch.cat([batch[f"{s}_attention_mask"] for s in self.sides])
         labels = torch.cat([batch[f"{s}_labels"] for s in self.sides])
-        out = model(input_ids, attention_mask)
-        logps = losses.sequence_logps(out.logits, labels, average=self.hparams.average_logps)
+        # Logits only at response positions (models.CausalLMWithRewardHead.sequence_logps).
+        logps, rewards = model.sequence_logps(input_ids, attention_mask, labels, average=self.hparams.average_logps)
         n = batch["chosen_input_ids"].shape[0]
-        rewards = out.rewards
         return PairOutputs(
             chosen_logps=logps[:n],
             rejected_logps=logps[n:] if self.uses_rejected else None,
@@ -144,11 +144,22 @@ class PreferenceModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------
 
+    def _fused_adamw(self) -> bool:
+        """Fused AdamW: one kernel over all tensors instead of a loop of small ops (7x less optimizer time
+        on CPU; TRL's default too). Not under fp16 loss scaling, where Lightning cannot clip the gradients
+        of an optimizer that unscales them itself, nor under DeepSpeed, whose engine wraps the optimizer."""
+        return (
+            self.device.type in ("cpu", "cuda")
+            and self.trainer.precision != "16-mixed"
+            and not isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        )
+
     def configure_optimizers(self):
         decay, no_decay = [], []
         for param in self.policy.parameters():
             if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)
+                # ZeRO-3 flattens parameters to 1-D partitions; ds_shape keeps the real shape.
+                (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": self.hparams.weight_decay},
@@ -156,6 +167,7 @@ class PreferenceModule(L.LightningModule):
             ],
             lr=self.hparams.learning_rate,
             betas=self.hparams.adam_betas,
+            fused=self._fused_adamw(),
         )
         scheduler = get_cosine_schedule_with_warmup(
             optimizer, self.hparams.warmup_steps, max(1, int(self.trainer.estimated_stepping_batches))
@@ -303,6 +315,11 @@ class ReferenceModule(PreferenceModule):
         super().configure_model()
         if self.reference is not None or self.hparams.precompute_reference:
             return
+        if hasattr(next(self.policy.parameters()), "ds_shape"):
+            raise ValueError(
+                "a live reference model is not supported under DeepSpeed ZeRO-3 (its parameters are sharded); "
+                "use --model.precompute_reference true"
+            )
         if self.hparams.reference_model is None:
             self.reference = self._freeze(CausalLMWithRewardHead(copy.deepcopy(self.policy.lm)))
         else:

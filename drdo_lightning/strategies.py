@@ -1,18 +1,23 @@
 """DeepSpeed ZeRO-2/3 for every recipe, on CUDA GPUs and on CPU-only machines.
 
-Lightning's :class:`~lightning.pytorch.strategies.DeepSpeedStrategy` refuses anything but CUDA,
-though DeepSpeed itself trains on CPU with the gloo backend. :class:`DeepSpeedStrategy` lifts
-that restriction and changes nothing else, so the same ZeRO configs run in tests, in CI and on
-CPU clusters as on GPUs. Use it from YAML (presets in ``configs/strategies/``)::
+:class:`DeepSpeedStrategy` is Lightning's :class:`~lightning.pytorch.strategies.DeepSpeedStrategy`
+with three additions, so that the presets in ``configs/strategies/`` run unchanged on GPUs, in
+tests, in CI and on CPU clusters:
+
+- CPU support (gloo backend): Lightning's strategy refuses anything but CUDA, though DeepSpeed
+  itself trains on CPU.
+- ZeRO-3 with Hugging Face models: the module builds its model in ``configure_model``, which
+  Lightning runs inside ``deepspeed.zero.Init``; transformers is told, so that ``from_pretrained``
+  creates every parameter partitioned and copies the checkpoint into the partitions.
+- ZeRO-Offload of the optimizer: the module's AdamW becomes DeepSpeed's CPU Adam, which
+  DeepSpeed requires there.
+
+Use it from YAML::
 
     trainer:
       strategy:
         class_path: drdo_lightning.strategies.DeepSpeedStrategy
         init_args: {stage: 3}
-
-With ZeRO-3 the module builds its model in ``configure_model``, which Lightning runs inside
-``deepspeed.zero.Init``: every parameter, the reward head's included, is partitioned across
-ranks as it is created and no rank ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -22,12 +27,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import deepspeed
+import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 from lightning.pytorch.strategies.deepspeed import remove_module_hooks
-import torch
 from torch.nn import Module
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -37,10 +42,10 @@ from transformers.integrations import HfDeepSpeedConfig
 class DeepSpeedStrategy(LightningDeepSpeedStrategy):
     """Lightning's DeepSpeed strategy, also on CPU (``--trainer.accelerator cpu``, gloo backend).
 
-    On CUDA it is Lightning's strategy unchanged. On CPU it skips the two checks that assume
-    CUDA devices and gives DeepSpeed each process's local rank as its device rank, because CPU
-    devices carry no index. Takes every argument of Lightning's ``DeepSpeedStrategy``
-    (``stage``, ``offload_optimizer``, ``offload_parameters``, ``config``, ...).
+    On CPU it skips the two checks that assume CUDA devices and gives DeepSpeed each process's
+    local rank as its device rank, because CPU devices carry no index. Takes every argument of
+    Lightning's ``DeepSpeedStrategy`` (``stage``, ``offload_optimizer``, ``offload_parameters``,
+    ``config``, ...).
     """
 
     @property

@@ -1,8 +1,8 @@
-"""Test-only pieces that the multi-process tests load into their CLI subprocesses.
+"""Test-only pieces that tests name on the command line like any other class.
 
-The subprocesses run ``python -m drdo_lightning fit ...`` with ``tests/`` on ``PYTHONPATH`` and
-name these classes like any other: ``--trainer.callbacks+=probes.MeanLossOverRanks``,
-``--model probes.ShardProbeDRDO``.
+In-process runs find them because pytest puts ``tests/`` on ``sys.path``; the multi-process
+tests put ``tests/`` on ``PYTHONPATH`` of their ``python -m drdo_lightning fit`` subprocesses:
+``--trainer.callbacks+=probes.MeanLossOverRanks``, ``--model probes.ShardProbeDRDO``.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class ShardProbeDRDO(DRDO):
 
     def __init__(self, *args, probe_dir: str, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.probe_dir = Path(probe_dir)
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -61,6 +62,5 @@ class ShardProbeDRDO(DRDO):
             for name, p in self.policy.named_parameters()
         }
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        path = Path(self.hparams.probe_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / f"rank{rank}.json").write_text(json.dumps(record))
+        self.probe_dir.mkdir(parents=True, exist_ok=True)
+        (self.probe_dir / f"rank{rank}.json").write_text(json.dumps(record))

@@ -4,15 +4,15 @@ configs, and the robustness sweep end to end at a tiny size."""
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import math
 import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 
-from drdo_lightning import DRDO, experiments
+from drdo_lightning import experiments
 from drdo_lightning.cli import main
 from drdo_lightning.experiments import edit_distance, normalized_edit_distance, seed_interval
 
@@ -95,15 +95,10 @@ def test_splits_on_the_openai_tldr_comparisons_format(tmp_path):
 
 
 ABLATIONS = sorted((ROOT / "configs" / "ablations").glob("*.yaml"))
-HAS_DISTILL_WEIGHT = "distill_weight" in inspect.signature(DRDO.__init__).parameters
 
 
 @pytest.mark.parametrize("config", ABLATIONS, ids=[c.stem for c in ABLATIONS])
 def test_each_ablation_layers_over_the_drdo_recipe(config, capsys):
-    import yaml
-
-    if config.stem == "preference_only" and not HAS_DISTILL_WEIGHT:
-        pytest.skip("needs DRDO(distill_weight=...)")
     (key, value), = yaml.safe_load(config.read_text())["model"]["init_args"].items()
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(ROOT / "configs" / "drdo.yaml"), "--config", str(config), "--print_config"])

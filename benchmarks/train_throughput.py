@@ -1,0 +1,475 @@
+"""Training throughput and peak memory: our trainers against TRL's ``DPOTrainer``, side by side.
+
+    python benchmarks/train_throughput.py                       # CPU, fp32, the ~58M-parameter preset
+    python benchmarks/train_throughput.py --device cuda --dtype bf16 --preset gpu
+    python benchmarks/train_throughput.py --preset tiny --rounds 1 --windows 2 --steps-per-window 1   # smoke run
+
+Every configuration trains the same Llama-architecture model (built from a config, random
+init) on the same preference pairs (random token ids with fixed prompt and response lengths,
+so no batch has padding), with the same batch size, precision, thread count, AdamW settings
+and gradient clipping (max norm 1.0, the default of TRL and of our recipes):
+
+- ``trl_dpo``: ``trl.DPOTrainer`` with its defaults: sigmoid DPO loss, reference model computed
+  live. Two settings differ from TRL's defaults so that both sides do the same work:
+  ``gradient_checkpointing=False`` (TRL turns it on by default, which recomputes the forward;
+  ours is off by default) and ``bf16`` only when ``--dtype bf16``.
+- ``drdo``: our DRDO student (no reference model; Oracle rewards are data columns).
+- ``dpo_precomputed``: our DPO with reference log-probs precomputed before training.
+- ``dpo_live``: our DPO with a live frozen reference.
+- ``floor``: a plain PyTorch loop over the same padded ``[chosen; rejected]`` batches:
+  ``model(input_ids, labels=...).loss.backward()``, gradient clipping and the same AdamW step.
+  It is the physical minimum of a training step; ``step / floor`` shows each trainer's overhead.
+
+Our trainers run through a real ``lightning.Trainer`` (logger, progress bar and checkpointing
+off, as in a quiet run) with the module's own ``training_step`` and ``configure_optimizers``,
+and the ``NonFiniteGuard`` callback that the CLI always adds: exactly what ``python -m
+drdo_lightning fit`` runs, minus I/O. TRL runs through ``DPOTrainer.train()``.
+
+Each configuration runs in its own subprocess, so its peak resident memory (``ru_maxrss``:
+model, optimizer, activations, data) is its own; the subprocesses are interleaved in rounds
+(round r runs the configurations in an order rotated by r), so slow drifts of the machine hit
+every configuration alike. A step is timed from the end of one optimizer step to the end of
+the next (data loading, forward, backward, clipping, optimizer, logging: everything), and a
+*window* is ``--steps-per-window`` consecutive steps after ``--warmup-steps``; each
+configuration reports the median of its ``--rounds x --windows`` windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+# Configurations, in table order. TRL DPO is the baseline every ratio is taken against.
+CONFIGS = {
+    "trl_dpo": "TRL DPOTrainer (live ref)",
+    "drdo": "DRDO (ours)",
+    "dpo_precomputed": "DPO, precomputed ref (ours)",
+    "dpo_live": "DPO, live ref (ours)",
+    "floor": "floor: fwd+bwd+AdamW",
+}
+BASELINE = "trl_dpo"
+LEARNING_RATE = 1e-5
+WEIGHT_DECAY = 0.05
+MAX_GRAD_NORM = 1.0
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model and batch shape. ``pairs`` pairs per batch; each sequence is ``prompt + response`` tokens."""
+
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int
+    tie_embeddings: bool
+    prompt: int
+    response: int
+    pairs: int
+
+
+PRESETS = {
+    # ~58M parameters (Llama layout: untied embeddings), 8 pairs of 64 + 192 tokens.
+    "cpu": Preset(hidden=512, layers=8, heads=8, intermediate=1376, vocab=32000, tie_embeddings=False,
+                  prompt=64, response=192, pairs=8),
+    # OPT-125m-sized: hidden 768, 12 layers, 12 heads, OPT's vocabulary and tied embeddings; the
+    # SwiGLU width 2048 gives the same MLP parameters as OPT's 3072-wide two-matrix MLP (~124M in all).
+    "gpu": Preset(hidden=768, layers=12, heads=12, intermediate=2048, vocab=50272, tie_embeddings=True,
+                  prompt=256, response=256, pairs=8),
+    # For the CI smoke run: seconds per configuration.
+    "tiny": Preset(hidden=32, layers=2, heads=2, intermediate=64, vocab=512, tie_embeddings=False,
+                   prompt=8, response=24, pairs=4),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Shared set-up: tokenizer, model and data written once, read by every configuration
+
+
+def build_tokenizer(vocab_size: int):
+    """A word-level tokenizer over the words ``t0 .. tN``: text made of those words tokenizes to
+    exactly the ids it was written from, so TRL (which tokenizes text) and our data module see
+    the same token ids. No training, nothing downloaded."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<pad>", "</s>"]
+    words = specials + [f"t{i}" for i in range(vocab_size - len(specials))]
+    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+
+
+def prepare(preset: Preset, n_pairs: int, workdir: Path, seed: int = 0) -> int:
+    """Write ``workdir/model`` (config-built Llama + tokenizer) and ``workdir/pairs.jsonl``;
+    return the model's parameter count.
+
+    Prompts have ``preset.prompt`` words; responses ``preset.response - 1`` words, to which both
+    TRL and our data module append EOS. Oracle scores are random (they only feed DRDO's loss).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer(preset.vocab)
+    config = LlamaConfig(
+        vocab_size=preset.vocab,
+        hidden_size=preset.hidden,
+        intermediate_size=preset.intermediate,
+        num_hidden_layers=preset.layers,
+        num_attention_heads=preset.heads,
+        num_key_value_heads=preset.heads,
+        max_position_embeddings=preset.prompt + preset.response,
+        tie_word_embeddings=preset.tie_embeddings,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(workdir / "model")
+    tokenizer.save_pretrained(workdir / "model")
+
+    rng = random.Random(seed)
+    first_word = len(tokenizer.all_special_tokens)
+
+    def text(n: int) -> str:
+        return " ".join(f"t{rng.randrange(preset.vocab - first_word)}" for _ in range(n))
+
+    with (workdir / "pairs.jsonl").open("w") as f:
+        for _ in range(n_pairs):
+            # Responses start with a space: TRL tokenizes prompt + response as one string.
+            row = {"prompt": text(preset.prompt), "chosen": " " + text(preset.response - 1),
+                   "rejected": " " + text(preset.response - 1), "oracle_chosen": rng.gauss(0, 1),
+                   "oracle_rejected": rng.gauss(0, 1)}
+            f.write(json.dumps(row) + "\n")
+    return model.num_parameters()
+
+
+# ---------------------------------------------------------------------------------------
+# One configuration, in its own process
+
+
+class StepClock:
+    """Timestamps at the start of training and at the end of every optimizer step.
+
+    Every configuration's loop calls :meth:`tick` at those points (a Lightning callback, a TRL
+    ``TrainerCallback`` or the floor's loop), and :meth:`windows` turns the ticks into window
+    durations the same way for all. On CUDA each tick waits for the queued kernels.
+    """
+
+    def __init__(self, device: str) -> None:
+        import torch
+
+        self.times: list[float] = []
+        self._sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        self.batch_shape: list[int] | None = None  # [sequences, tokens] of the last batch
+
+    def tick(self) -> None:
+        self._sync()
+        self.times.append(time.perf_counter())
+
+    def windows(self, warmup: int, steps_per_window: int) -> list[float]:
+        starts = range(warmup, len(self.times) - steps_per_window, steps_per_window)
+        return [self.times[i + steps_per_window] - self.times[i] for i in starts]
+
+
+def _lightning_run(objective: str, args, clock: StepClock) -> None:
+    """Our real training path: the objective's LightningModule and the data module in a Trainer."""
+    import lightning as L
+
+    from drdo_lightning import DPO, DRDO, PreferenceDataModule
+    from drdo_lightning.safety import NonFiniteGuard
+
+    preset, path = PRESETS[args.preset], str(args.workdir / "model")
+    module = {
+        "drdo": lambda: DRDO(path, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY),
+        "dpo_precomputed": lambda: DPO(path, precompute_reference=True, learning_rate=LEARNING_RATE,
+                                       weight_decay=WEIGHT_DECAY),
+        "dpo_live": lambda: DPO(path, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY),
+    }[objective]()
+    data = PreferenceDataModule(
+        str(args.workdir / "pairs.jsonl"), tokenizer=path, chosen_score_column="oracle_chosen",
+        rejected_score_column="oracle_rejected", max_prompt_length=preset.prompt,
+        max_length=preset.prompt + preset.response, batch_size=preset.pairs, cache_dir=None,
+    )
+
+    class Clock(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            clock.tick()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            clock.tick()
+            ids = batch["chosen_input_ids"]
+            clock.batch_shape = [2 * ids.shape[0], ids.shape[1]]
+
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
+        precision="bf16-mixed" if args.dtype == "bf16" else "32-true",
+        max_steps=total_steps(args), gradient_clip_val=MAX_GRAD_NORM, callbacks=[NonFiniteGuard(), Clock()],
+        logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+
+
+def _trl_run(args, clock: StepClock) -> None:
+    """``trl.DPOTrainer`` with its defaults (live reference built from the model path)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    preset, path = PRESETS[args.preset], str(args.workdir / "model")
+    rows = [json.loads(line) for line in (args.workdir / "pairs.jsonl").open()]
+    dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *_, **__):
+            clock.tick()
+
+        def on_step_end(self, *_, **__):
+            clock.tick()
+
+    config = DPOConfig(
+        output_dir=str(args.workdir / f"trl-{os.getpid()}"), per_device_train_batch_size=preset.pairs,
+        max_length=preset.prompt + preset.response, max_steps=total_steps(args), learning_rate=LEARNING_RATE,
+        weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM, gradient_checkpointing=False,
+        bf16=args.dtype == "bf16", use_cpu=args.device == "cpu", report_to=[], save_strategy="no",
+        disable_tqdm=True, seed=0,
+    )
+    trainer = DPOTrainer(path, args=config, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(path),
+                         callbacks=[Clock()])
+    batch = trainer.data_collator([trainer.train_dataset[0]] * preset.pairs)
+    clock.batch_shape = list(batch["input_ids"].shape)
+    trainer.train()
+
+
+def _floor_run(args, clock: StepClock) -> None:
+    """A hand-written loop: HF loss forward + backward, clipping, AdamW, on our collated batches."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from drdo_lightning import PreferenceDataModule
+
+    preset, path = PRESETS[args.preset], str(args.workdir / "model")
+    device = torch.device(args.device)
+    model = AutoModelForCausalLM.from_pretrained(path).to(device).train()
+    data = PreferenceDataModule(str(args.workdir / "pairs.jsonl"), tokenizer=path, max_prompt_length=preset.prompt,
+                                max_length=preset.prompt + preset.response, batch_size=preset.pairs, cache_dir=None)
+    data.setup("fit")
+    # Fused, like our modules' AdamW (PreferenceModule._fused_adamw) and TRL's default.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY, fused=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    clock.tick()
+    for batch in data.ordered_dataloader("train"):
+        input_ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]).to(device)
+        attention_mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]).to(device)
+        labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]]).to(device)
+        with autocast:
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad()
+        clock.tick()
+        clock.batch_shape = list(input_ids.shape)
+
+
+RUNNERS: dict[str, Callable] = {
+    "trl_dpo": _trl_run,
+    "drdo": lambda args, clock: _lightning_run("drdo", args, clock),
+    "dpo_precomputed": lambda args, clock: _lightning_run("dpo_precomputed", args, clock),
+    "dpo_live": lambda args, clock: _lightning_run("dpo_live", args, clock),
+    "floor": _floor_run,
+}
+
+
+def total_steps(args) -> int:
+    return args.warmup_steps + args.windows * args.steps_per_window
+
+
+def worker(args) -> None:
+    """Train one configuration and write its window times and peak memory to ``--result-file``."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    clock = StepClock(args.device)
+    RUNNERS[args.worker](args, clock)
+    windows = clock.windows(args.warmup_steps, args.steps_per_window)
+    if len(windows) != args.windows:
+        raise RuntimeError(f"{args.worker}: measured {len(windows)} windows, expected {args.windows}")
+    result = {
+        "windows_s": windows,
+        "batch_shape": clock.batch_shape,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None,
+    }
+    Path(args.result_file).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------
+# The orchestrator: rounds of subprocesses, then the table
+
+
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def wait_for_quiet(threshold: float, timeout_s: float, poll_s: float = 30.0) -> None:
+    """Block until the 1-minute load average is below ``threshold`` (timings on a busy machine lie)."""
+    deadline = time.monotonic() + timeout_s
+    while (load := loadavg()) >= threshold:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"load average still {load:.2f} >= {threshold} after {timeout_s:.0f} s; not measuring")
+        print(f"waiting for a quiet machine: load average {load:.2f} >= {threshold}", file=sys.stderr, flush=True)
+        time.sleep(poll_s)
+
+
+WORKER_OPTIONS = ("preset", "device", "dtype", "threads", "warmup_steps", "windows", "steps_per_window")
+
+
+def run_worker(name: str, args, result_file: Path) -> dict:
+    options = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in WORKER_OPTIONS]
+    command = [sys.executable, __file__, "--worker", name, f"--workdir={args.workdir}", f"--result-file={result_file}",
+               *options]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"configuration {name} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(result_file.read_text())
+
+
+@dataclass
+class Row:
+    name: str
+    step_s: float  # median window / steps per window
+    pairs_per_s: float
+    tokens_per_s: float
+    peak_mb: float  # peak RSS, or peak GPU memory allocated on CUDA
+    speedup: float = math.nan  # pairs/s relative to TRL DPO
+    memory_ratio: float = math.nan  # peak memory relative to TRL DPO
+    vs_floor: float = math.nan  # step time relative to the floor
+
+
+def summarize(results: dict[str, list[dict]], args) -> list[Row]:
+    preset = PRESETS[args.preset]
+    shapes = {name: runs[0]["batch_shape"] for name, runs in results.items()}
+    if len({tuple(s) for s in shapes.values()}) != 1:
+        raise RuntimeError(f"configurations trained on different batch shapes: {shapes}")
+    tokens_per_step = math.prod(next(iter(shapes.values())))
+    rows = []
+    for name, runs in results.items():
+        step = statistics.median(w for run in runs for w in run["windows_s"]) / args.steps_per_window
+        peak = max(run["peak_gpu_mb"] if args.device == "cuda" else run["peak_rss_mb"] for run in runs)
+        rows.append(Row(name, step, preset.pairs / step, tokens_per_step / step, peak))
+    base = next(r for r in rows if r.name == BASELINE)
+    floor = next(r for r in rows if r.name == "floor")
+    for r in rows:
+        r.speedup, r.memory_ratio, r.vs_floor = r.pairs_per_s / base.pairs_per_s, r.peak_mb / base.peak_mb, r.step_s / floor.step_s
+    return rows
+
+
+# The issue's targets on CPU: (row, quantity, comparison, bound).
+TARGETS = [
+    ("drdo", "speedup", ">=", 1.4),
+    ("dpo_precomputed", "speedup", ">=", 1.3),
+    ("dpo_live", "speedup", ">=", 1.0),
+    ("drdo", "memory_ratio", "<=", 0.8),
+    ("drdo", "vs_floor", "<=", 1.15),
+]
+
+
+def report(rows: list[Row], args, loads: tuple[float, float]) -> str:
+    p = PRESETS[args.preset]
+    memory = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB"
+    lines = [
+        f"preset {args.preset}: Llama hidden {p.hidden}, {p.layers} layers, {p.heads} heads, MLP {p.intermediate}, "
+        f"vocab {p.vocab}, {args.parameters / 1e6:.1f}M parameters; {p.pairs} pairs/batch of "
+        f"{p.prompt}+{p.response} tokens",
+        f"device {args.device}, {args.dtype}, {args.threads} threads; {args.rounds} rounds x {args.windows} windows x "
+        f"{args.steps_per_window} steps after {args.warmup_steps} warm-up steps; "
+        f"load average {loads[0]:.2f} at start, {loads[1]:.2f} at end",
+        "",
+        f"| configuration | step ms | pairs/s | tokens/s | {memory} | pairs/s vs TRL | memory vs TRL | step vs floor |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(f"| {CONFIGS[r.name]} | {r.step_s * 1e3:.0f} | {r.pairs_per_s:.2f} | {r.tokens_per_s:.0f} | "
+                     f"{r.peak_mb:.0f} | {r.speedup:.2f}x | {r.memory_ratio:.2f}x | {r.vs_floor:.2f}x |")
+    lines.append("")
+    by_name = {r.name: r for r in rows}
+    for name, quantity, op, bound in TARGETS:
+        value = getattr(by_name[name], quantity)
+        met = value >= bound if op == ">=" else value <= bound
+        lines.append(f"target {CONFIGS[name]}: {quantity} {value:.2f} {op} {bound}: {'met' if met else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: mixed precision (autocast)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads in every process")
+    parser.add_argument("--rounds", type=int, default=3, help="subprocess rounds; each runs every configuration once")
+    parser.add_argument("--windows", type=int, default=2, help="measured windows per configuration per round")
+    parser.add_argument("--steps-per-window", type=int, default=3)
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                        help="run a subset (the baseline and the floor are always included)")
+    parser.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
+                        help="first wait (up to --wait-timeout s) until the 1-minute load average is below LOAD")
+    parser.add_argument("--wait-timeout", type=float, default=2400.0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows and settings here")
+    # Internal: run one configuration (the orchestrator starts these).
+    parser.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return []
+    if args.dtype == "bf16" and args.device == "cpu":
+        raise SystemExit("--dtype bf16 is for --device cuda; the CPU comparison is fp32")
+    names = [n for n in CONFIGS if n in {*args.only, BASELINE, "floor"}]
+    if args.wait_for_load is not None:
+        wait_for_quiet(args.wait_for_load, args.wait_timeout)
+    preset = PRESETS[args.preset]
+    with tempfile.TemporaryDirectory(prefix="drdo-bench-") as tmp:
+        args.workdir = Path(tmp)
+        args.parameters = prepare(preset, preset.pairs * total_steps(args), args.workdir)
+        load_start = loadavg()
+        results: dict[str, list[dict]] = {n: [] for n in names}
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                print(f"round {r + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
+                results[name].append(run_worker(name, args, args.workdir / f"{name}-{r}.json"))
+        loads = (load_start, loadavg())
+    rows = summarize(results, args)
+    print(report(rows, args, loads))
+    if args.json is not None:
+        settings = {k: str(v) for k, v in vars(args).items() if k not in ("worker", "workdir", "result_file")}
+        args.json.write_text(json.dumps({"settings": settings, "load_average": loads, "rows": [asdict(r) for r in rows],
+                                         "raw": results}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The throughput benchmark (``benchmarks/train_throughput.py``) and the lean paths it measures.
+
+The benchmark runs end to end at a tiny size and must produce every row with finite, positive
+numbers; timings are for the benchmark itself, never asserted here. The response-only log-prob
+path that our modules train with must compute what the plain full-logits path computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from drdo_lightning import CausalLMWithRewardHead, losses
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_smoke_run_produces_every_row(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(SCRIPT), "--preset", "tiny", "--rounds", "1", "--windows", "2",
+               "--steps-per-window", "1", "--warmup-steps", "1", "--json", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    configs = load_benchmark().CONFIGS
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == list(configs)  # TRL DPO, DRDO, DPO precomputed, DPO live, floor
+    for name, row in rows.items():
+        for key in ("step_s", "pairs_per_s", "tokens_per_s", "peak_mb", "speedup", "memory_ratio", "vs_floor"):
+            assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
+        assert f"| {configs[name]} |" in proc.stdout
+    assert "load average" in proc.stdout
+
+
+def test_word_tokenizer_round_trips_the_ids_it_was_written_from():
+    tokenizer = load_benchmark().build_tokenizer(64)
+    ids = tokenizer("t5 t0 t60", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["t5", "t0", "t60"]
+    # TRL appends the EOS text to each response before tokenizing: it must stay one token.
+    assert tokenizer(" t1 t2</s>", add_special_tokens=False)["input_ids"][-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("average", [False, True])
+def test_response_only_logps_match_the_full_logits_path(tiny_lm, side, average):
+    torch.manual_seed(0)
+    model = CausalLMWithRewardHead(copy.deepcopy(tiny_lm), CausalLMWithRewardHead.new_reward_head(32)).train()
+    prompt_lens, response_lens = [3, 5, 2], [4, 2, 6]
+    length = max(p + r for p, r in zip(prompt_lens, response_lens))
+    ids = torch.zeros(3, length, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for b, (p, r) in enumerate(zip(prompt_lens, response_lens)):
+        start = length - (p + r) if side == "left" else 0
+        ids[b, start : start + p + r] = torch.randint(1, tiny_lm.config.vocab_size, (p + r,))
+        mask[b, start : start + p + r] = 1
+        labels[b, start + p : start + p + r] = ids[b, start + p : start + p + r]
+
+    def outputs_and_grads(compute):
+        model.zero_grad(set_to_none=True)
+        logps, rewards = compute()
+        (logps.sum() + rewards.sum()).backward()
+        return logps.detach(), rewards.detach(), [p.grad.clone() for p in model.parameters()]
+
+    def full_logits():
+        out = model(ids, mask)
+        return losses.sequence_logps(out.logits, labels, average=average), out.rewards
+
+    lean = outputs_and_grads(lambda: model.sequence_logps(ids, mask, labels, average=average))
+    plain = outputs_and_grads(full_logits)
+    torch.testing.assert_close(lean[0], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lean[1], plain[1])
+    for got, want in zip(lean[2], plain[2]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
