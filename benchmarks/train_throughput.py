@@ -37,6 +37,7 @@ configuration reports the median of its ``--rounds x --windows`` windows.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -176,11 +177,16 @@ class StepClock:
 
         self.times: list[float] = []
         self._sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        self.batch_shape: list[int] | None = None  # [sequences, tokens] of the last batch
+        self.batch_shape: list[int] | None = None  # [sequences, length, response tokens] of a batch
 
     def tick(self) -> None:
         self._sync()
         self.times.append(time.perf_counter())
+
+    def record_batch(self, labels) -> None:
+        """Note the first batch's shape and response tokens (``labels != -100``), for the same-work check."""
+        if self.batch_shape is None:
+            self.batch_shape = [*labels.shape, int((labels != -100).sum())]
 
     def windows(self, warmup: int, steps_per_window: int) -> list[float]:
         starts = range(warmup, len(self.times) - steps_per_window, steps_per_window)
@@ -190,17 +196,17 @@ class StepClock:
 def _lightning_run(objective: str, args, clock: StepClock) -> None:
     """Our real training path: the objective's LightningModule and the data module in a Trainer."""
     import lightning as L
+    import torch
 
     from drdo_lightning import DPO, DRDO, PreferenceDataModule
     from drdo_lightning.safety import NonFiniteGuard
 
     preset, path = PRESETS[args.preset], str(args.workdir / "model")
-    module = {
-        "drdo": lambda: DRDO(path, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY),
-        "dpo_precomputed": lambda: DPO(path, precompute_reference=True, learning_rate=LEARNING_RATE,
-                                       weight_decay=WEIGHT_DECAY),
-        "dpo_live": lambda: DPO(path, learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY),
-    }[objective]()
+    optim = dict(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    if objective == "drdo":
+        module = DRDO(path, **optim)
+    else:
+        module = DPO(path, precompute_reference=objective == "dpo_precomputed", **optim)
     data = PreferenceDataModule(
         str(args.workdir / "pairs.jsonl"), tokenizer=path, chosen_score_column="oracle_chosen",
         rejected_score_column="oracle_rejected", max_prompt_length=preset.prompt,
@@ -213,8 +219,7 @@ def _lightning_run(objective: str, args, clock: StepClock) -> None:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock.tick()
-            ids = batch["chosen_input_ids"]
-            clock.batch_shape = [2 * ids.shape[0], ids.shape[1]]
+            clock.record_batch(torch.cat([batch["chosen_labels"], batch["rejected_labels"]]))
 
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(
@@ -232,6 +237,7 @@ def _trl_run(args, clock: StepClock) -> None:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     preset, path = PRESETS[args.preset], str(args.workdir / "model")
     rows = [json.loads(line) for line in (args.workdir / "pairs.jsonl").open()]
@@ -244,6 +250,14 @@ def _trl_run(args, clock: StepClock) -> None:
         def on_step_end(self, *_, **__):
             clock.tick()
 
+    class Batches(DataCollatorForPreference):
+        """TRL's own collator, noting the first batch's labels (as TRL builds them) for the same-work check."""
+
+        def torch_call(self, examples):
+            batch = super().torch_call(examples)
+            clock.record_batch(batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100))
+            return batch
+
     config = DPOConfig(
         output_dir=str(args.workdir / f"trl-{os.getpid()}"), per_device_train_batch_size=preset.pairs,
         max_length=preset.prompt + preset.response, max_steps=total_steps(args), learning_rate=LEARNING_RATE,
@@ -251,10 +265,10 @@ def _trl_run(args, clock: StepClock) -> None:
         bf16=args.dtype == "bf16", use_cpu=args.device == "cpu", report_to=[], save_strategy="no",
         disable_tqdm=True, seed=0,
     )
-    trainer = DPOTrainer(path, args=config, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(path),
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    collator = Batches(pad_token_id=tokenizer.pad_token_id, max_length=config.max_length)  # TRL's default settings
+    trainer = DPOTrainer(path, args=config, data_collator=collator, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[Clock()])
-    batch = trainer.data_collator([trainer.train_dataset[0]] * preset.pairs)
-    clock.batch_shape = list(batch["input_ids"].shape)
     trainer.train()
 
 
@@ -286,14 +300,12 @@ def _floor_run(args, clock: StepClock) -> None:
         optimizer.step()
         optimizer.zero_grad()
         clock.tick()
-        clock.batch_shape = list(input_ids.shape)
+        clock.record_batch(labels)
 
 
 RUNNERS: dict[str, Callable] = {
     "trl_dpo": _trl_run,
-    "drdo": lambda args, clock: _lightning_run("drdo", args, clock),
-    "dpo_precomputed": lambda args, clock: _lightning_run("dpo_precomputed", args, clock),
-    "dpo_live": lambda args, clock: _lightning_run("dpo_live", args, clock),
+    **{name: functools.partial(_lightning_run, name) for name in ("drdo", "dpo_precomputed", "dpo_live")},
     "floor": _floor_run,
 }
 
@@ -369,7 +381,8 @@ def summarize(results: dict[str, list[dict]], args) -> list[Row]:
     shapes = {name: runs[0]["batch_shape"] for name, runs in results.items()}
     if len({tuple(s) for s in shapes.values()}) != 1:
         raise RuntimeError(f"configurations trained on different batch shapes: {shapes}")
-    tokens_per_step = math.prod(next(iter(shapes.values())))
+    sequences, length, _ = next(iter(shapes.values()))
+    tokens_per_step = sequences * length
     rows = []
     for name, runs in results.items():
         step = statistics.median(w for run in runs for w in run["windows_s"]) / args.steps_per_window
@@ -409,6 +422,8 @@ def report(rows: list[Row], args, loads: tuple[float, float]) -> str:
     for r in rows:
         lines.append(f"| {CONFIGS[r.name]} | {r.step_s * 1e3:.0f} | {r.pairs_per_s:.2f} | {r.tokens_per_s:.0f} | "
                      f"{r.peak_mb:.0f} | {r.speedup:.2f}x | {r.memory_ratio:.2f}x | {r.vs_floor:.2f}x |")
+    if args.device != "cpu":
+        return "\n".join(lines)  # the targets are for the CPU comparison
     lines.append("")
     by_name = {r.name: r for r in rows}
     for name, quantity, op, bound in TARGETS:
@@ -426,8 +441,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads in every process")
     parser.add_argument("--rounds", type=int, default=3, help="subprocess rounds; each runs every configuration once")
     parser.add_argument("--windows", type=int, default=2, help="measured windows per configuration per round")
-    parser.add_argument("--steps-per-window", type=int, default=3)
-    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--steps-per-window", type=int, default=2)
+    parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
                         help="run a subset (the baseline and the floor are always included)")
     parser.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Literal
 
 import datasets
 import lightning as L
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -391,17 +392,65 @@ class PairCollator:
         return batch
 
 
+def sequence_lengths(ds: datasets.Dataset) -> list[tuple[int, ...]]:
+    """Per example, the token length of ``prompt + chosen`` (and of ``prompt + rejected``)."""
+    table = ds.with_format("arrow")[:]
+    prompt = pc.list_value_length(table["prompt_ids"])
+    sides = [pc.add(prompt, pc.list_value_length(table[k])).to_pylist() for k in ("chosen_ids", "rejected_ids") if k in table.column_names]
+    return list(zip(*sides))
+
+
+def group_by_length(indices: list[int], lengths: list[int], batch_size: int, seed: int, window: int = 64) -> list[int]:
+    """Reorder ``indices`` so that each run of ``batch_size`` holds examples of similar length.
+
+    Each stretch of ``window`` batches of the (shuffled) order is sorted by length and cut into
+    batches, whose order within the stretch is then shuffled: batches pad little, and the
+    training order stays random beyond a stretch. A short last batch stays last.
+    """
+    rng = random.Random(seed)
+    out: list[int] = []
+    for i in range(0, len(indices), batch_size * window):
+        stretch = sorted(indices[i : i + batch_size * window], key=lengths.__getitem__)
+        batches = [stretch[j : j + batch_size] for j in range(0, len(stretch), batch_size)]
+        short = [batches.pop()] if len(batches[-1]) < batch_size else []
+        rng.shuffle(batches)
+        out.extend(index for batch in batches + short for index in batch)
+    return out
+
+
+def padding_fraction(lengths: list[tuple[int, ...]], order: list[int], batch_size: int) -> float:
+    """Share of padding among the tokens the collator builds for batches taken in ``order``
+    (chosen and rejected share one padded length per batch)."""
+    padded = real = 0
+    for i in range(0, len(order), batch_size):
+        rows = [lengths[j] for j in order[i : i + batch_size]]
+        padded += max(map(max, rows)) * len(rows) * len(rows[0])
+        real += sum(map(sum, rows))
+    return 1.0 - real / max(padded, 1)
+
+
 class ResumableSampler(DistributedSampler):
     """``DistributedSampler``'s seeded per-epoch shuffle (split across ranks) that can start mid-epoch.
 
     ``start`` skips that many of this rank's items in the next pass only; it is set when a run
-    resumes (see :class:`ResumableDataLoader`).
+    resumes (see :class:`ResumableDataLoader`). With ``lengths`` set (the longer side of each
+    pair), the order is grouped by length for batches of ``batch_size`` (:func:`group_by_length`,
+    seeded per epoch like the shuffle, so a resumed run sees the same batches).
     """
 
     start = 0
+    lengths: list[int] | None = None
+    batch_size = 1
+
+    def order(self) -> list[int]:
+        """This rank's items for the current epoch, in order."""
+        indices = list(super().__iter__())
+        if self.lengths is None:
+            return indices
+        return group_by_length(indices, self.lengths, self.batch_size, seed=self.seed + self.epoch)
 
     def __iter__(self):
-        indices = list(super().__iter__())
+        indices = self.order()
         start, self.start = self.start, 0
         return iter(indices[start:])
 
@@ -501,6 +550,9 @@ class PreferenceDataModule(L.LightningDataModule):
             counts by reason.
         chat_template: A Jinja chat template (string or file) overriding the tokenizer's.
         cache_dir: Where tokenized data is cached (keyed by data, tokenizer and settings).
+        group_by_length: Batch training pairs of similar length together (less padding; the
+            order stays shuffled beyond stretches of 64 batches). The share of padding tokens
+            is logged either way.
     """
 
     def __init__(
@@ -528,6 +580,7 @@ class PreferenceDataModule(L.LightningDataModule):
         split: str = "train",
         val_split: str = "validation",
         cache_dir: str | None = "~/.cache/drdo_lightning",
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         if val_fraction is not None and not 0.0 < val_fraction < 1.0:
@@ -556,7 +609,8 @@ class PreferenceDataModule(L.LightningDataModule):
         """Directory of this configuration's tokenized cache (None when caching is off)."""
         if self.hparams.cache_dir is None:
             return None
-        keys = {k: v for k, v in self.hparams.items() if k not in ("batch_size", "eval_batch_size", "num_workers", "cache_dir")}
+        loading_only = ("batch_size", "eval_batch_size", "num_workers", "cache_dir", "group_by_length")
+        keys = {k: v for k, v in self.hparams.items() if k not in loading_only}
         material = json.dumps(
             {
                 "version": CACHE_FORMAT_VERSION,
@@ -641,6 +695,13 @@ class PreferenceDataModule(L.LightningDataModule):
         # is), split across ranks, and resumable mid-epoch.
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
         sampler = ResumableSampler(ds, num_replicas=world, rank=rank, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        lengths = sequence_lengths(ds)
+        if self.hparams.group_by_length:
+            sampler.lengths, sampler.batch_size = [max(pair) for pair in lengths], batch_size
+        log.info(
+            "training batches: %.1f%% of tokens are padding (group_by_length=%s)",
+            100 * padding_fraction(lengths, sampler.order(), batch_size), self.hparams.group_by_length,
+        )
         return ResumableDataLoader(ds, sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:

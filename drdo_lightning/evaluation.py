@@ -57,15 +57,10 @@ class Estimate(NamedTuple):
 # Sampling
 
 
-def _encode_prompt(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase, max_prompt_length: int) -> list[int]:
-    """Prompt ids as in training (:func:`data.tokenize_pairs`): BOS + text, or the chat-template
-    rendering of a conversation (which carries its own special tokens); an over-long prompt
-    keeps its last tokens after the prefix."""
-    if isinstance(prompt, list):
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        ids, prefix = tokenizer(text, add_special_tokens=False)["input_ids"], 0
-    else:
-        ids, prefix = tokenizer(prompt)["input_ids"], len(tokenizer("")["input_ids"])
+def _encode_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int) -> list[int]:
+    """Prompt ids as in training (:func:`data.tokenize_pairs`): the tokenizer's prefix (BOS) and the
+    text; an over-long prompt keeps its last tokens after the prefix."""
+    ids, prefix = tokenizer(prompt)["input_ids"], len(tokenizer("")["input_ids"])
     if len(ids) > max_prompt_length:
         ids = ids[:prefix] + ids[len(ids) - (max_prompt_length - prefix):]
     return ids
@@ -75,7 +70,7 @@ def _encode_prompt(prompt: str | list[dict], tokenizer: PreTrainedTokenizerBase,
 def generate(
     model,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str | list[dict]],
+    prompts: Sequence[str],
     *,
     temperature: float,
     top_p: float = 0.8,
@@ -94,16 +89,18 @@ def generate(
     """
     device = next(model.parameters()).device
     encoded = [_encode_prompt(p, tokenizer, max_prompt_length) for p in prompts]
+    # Nucleus sampling only, as in the paper: top_k=0 switches off a top-k cut a model's generation config may carry.
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    if temperature == 0:
+        sampling = {"do_sample": False}
     responses: list[str] = []
     for b, start in enumerate(range(0, len(encoded), batch_size)):
         chunk = encoded[start : start + batch_size]
         width = max(len(ids) for ids in chunk)
         input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in chunk], device=device)
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {"do_sample": False}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed + b)
-            # top_k=0 switches off a top-k cut a model's generation config may carry: nucleus only, as in the paper.
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -144,10 +141,10 @@ class RewardModelJudge:
         self.batch_size, self.max_prompt_length, self.max_length = batch_size, max_prompt_length, max_length
         self.name = path
 
-    def __call__(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
-        keys = [(json.dumps(p), r) for p, r in zip(prompts, responses)]
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        keys = list(zip(prompts, responses))
         unique = list(dict.fromkeys(keys))
-        pairs = [self._pair(json.loads(p), r) for p, r in unique]
+        pairs = [TextPair(p, r, None, None, None, prompt_has_special_tokens=False) for p, r in unique]
         columns, _ = tokenize_pairs(pairs, self.tokenizer, max_prompt_length=self.max_prompt_length,
                                     max_length=self.max_length, drop_long=False)
         examples = [dict(zip(columns, values)) for values in zip(*columns.values())]
@@ -156,14 +153,8 @@ class RewardModelJudge:
         by_key = dict(zip(unique, rewards))
         return [by_key[k] for k in keys]
 
-    def _pair(self, prompt, response: str) -> TextPair:
-        if isinstance(prompt, list):  # a conversation: render it and its reply with the judge's template
-            context = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-            return TextPair(context, response, None, None, None, prompt_has_special_tokens=True)
-        return TextPair(prompt, response, None, None, None, prompt_has_special_tokens=False)
 
-
-def gold_judge(prompts: Sequence, responses: Sequence[str]) -> list[float]:
+def gold_judge(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
     """The embedded default's gold reward: VADER compound sentiment of the response alone."""
     return demo.gold_reward(responses)
 
@@ -177,13 +168,16 @@ def load_judge(spec: str, **kwargs) -> Judge:
 # Sampling and scoring every policy
 
 
-def read_prompts(path: str, column: str = "prompt", limit: int | None = None) -> list[str | list[dict]]:
-    """Prompts (strings or conversations) from any file :func:`data.read_rows` reads; the first ``limit``."""
+def read_prompts(path: str, column: str = "prompt", limit: int | None = None) -> list[str]:
+    """Text prompts from any file :func:`data.read_rows` reads; the first ``limit``.
+
+    Conversations must be rendered to text first (e.g. with the policy's chat template).
+    """
     prompts = []
     for number, row in read_rows(path):
         value = row.get(column)
-        if not (isinstance(value, str) and value.strip()) and not (isinstance(value, list) and value):
-            raise ValueError(f"{path}: row {number}: {column!r} must be a non-empty string or a list of messages")
+        if not (isinstance(value, str) and value.strip()):
+            raise ValueError(f"{path}: row {number}: {column!r} must be a non-empty string, got {value!r:.60}")
         prompts.append(value)
         if limit is not None and len(prompts) == limit:
             break
@@ -192,7 +186,7 @@ def read_prompts(path: str, column: str = "prompt", limit: int | None = None) ->
 
 def sample_and_score(
     policies: dict[str, str],
-    prompts: Sequence[str | list[dict]],
+    prompts: Sequence[str],
     judges: dict[str, Judge],
     *,
     temperatures: Sequence[float] = PAPER_TEMPERATURES,
@@ -340,7 +334,8 @@ def plot_reward_vs_temperature(rows: list[dict], judges: Sequence[str], policies
     axes = fig.subplots(1, len(judges), squeeze=False)[0]
     for ax, judge in zip(axes, judges):
         for k, policy in enumerate(policies):
-            points = [_lookup(rows, judge=judge, policy=policy, temperature=str(t), statistic="mean_reward") for t in temperatures]
+            points = [_lookup(rows, judge=judge, policy=policy, temperature=str(t), statistic="mean_reward")
+                      for t in temperatures]
             x = np.asarray(temperatures) + (k - (len(policies) - 1) / 2) * 0.006  # dodge overlapping bars
             y = np.array([p["value"] for p in points])
             err = np.array([[p["value"] - p["low"] for p in points], [p["high"] - p["value"] for p in points]])
@@ -388,14 +383,17 @@ def plot_training_curves(logs: dict[str, str], path: Path) -> Path:
     """Training curves per run, as the paper's Fig. 4: preference accuracies, reward margin, and the
     chosen and rejected log-probabilities per step. A metric a run does not log is left out."""
     runs = {name: read_training_log(log_path) for name, log_path in logs.items()}
-    fig = new_figure(figsize=(4 * len(CURVES), 3.4), layout="constrained")
-    for ax, (metric, title) in zip(fig.subplots(1, len(CURVES)), CURVES.items()):
-        for name, series in runs.items():
+    fig = new_figure(figsize=(12, 6.4), layout="constrained")
+    axes = fig.subplots(2, 3).flat
+    for ax, (metric, title) in zip(axes, CURVES.items()):
+        for k, (name, series) in enumerate(runs.items()):
             if metric in series:
-                ax.plot(*series[metric], label=name)
+                ax.plot(*series[metric], color=f"C{k}", label=name)  # one colour per run in every panel
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
-    fig.axes[0].legend(fontsize=8)
+    legend = fig.axes[-1]  # the sixth panel holds the legend
+    legend.axis("off")
+    legend.legend(*fig.axes[0].get_legend_handles_labels(), loc="center")
     fig.savefig(path, dpi=110)
     return path
 
@@ -543,7 +541,8 @@ def evaluate(
         writer.writerows(rows)
     names = list(policies)
     plots = {f"win_{j}": plot_win_matrix(rows, j, names, out_dir / f"win_rate_{j}.png") for j in judges}
-    plots["temperature"] = plot_reward_vs_temperature(rows, list(judges), names, temperatures, out_dir / "reward_vs_temperature.png")
+    plots["temperature"] = plot_reward_vs_temperature(rows, list(judges), names, temperatures,
+                                                      out_dir / "reward_vs_temperature.png")
     if logs:
         plots["training"] = plot_training_curves(logs, out_dir / "training_curves.png")
     settings = {"policies": names, "judges": list(judges), "prompts": prompts, "num_prompts": len(prompt_list),

@@ -94,10 +94,12 @@ class _Evaluator:
                 for judge, by_policy in scores.items()}
 
 
-def _run_cell(root: Path, train, evaluator: _Evaluator) -> dict[str, Any]:
-    """Train (``train(root) -> export dir``) and evaluate one cell; reuse ``root/scores.json`` if present.
+def _run_cell(root: Path, evaluator: _Evaluator, recipe: str | None, args: Sequence[str] = (),
+              policy: str | None = None) -> dict[str, Any]:
+    """Train ``recipe`` with ``args`` into ``root`` (or take ``policy`` as is) and evaluate the result.
 
-    An unfinished cell is wiped and redone, so a resumed sweep never mixes two runs' logs.
+    A finished cell (``root/scores.json``) is read back; an unfinished one is wiped and redone, so a
+    resumed sweep never mixes two runs' logs.
     """
     done = root / "scores.json"
     if done.is_file():
@@ -105,7 +107,7 @@ def _run_cell(root: Path, train, evaluator: _Evaluator) -> dict[str, Any]:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     start = time.perf_counter()
-    export = train(root)
+    export = fit_recipe(recipe, root, *args) if recipe is not None else Path(policy)
     trained = time.perf_counter()
     result = {"scores": evaluator(export), "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained}
     done.write_text(json.dumps(result, indent=1))
@@ -187,7 +189,7 @@ def robustness(
     policy: str = str(EMBEDDED / "sft_policy"),
     train_data: str = str(EMBEDDED / "data" / "train.jsonl"),
     val_data: str = str(EMBEDDED / "data" / "val.jsonl"),
-    eval: EvalSettings = EvalSettings(),
+    evaluation: EvalSettings = EvalSettings(),
     overrides: list[str] | None = None,
 ) -> str:
     """Train each method at each label-flip rate with each seed (same budget), judge, plot, tabulate.
@@ -201,7 +203,7 @@ def robustness(
     distillation losses are then blind to the flips (a flip negates both margins of a squared
     difference), which measures a clean-teacher upper bound, not robustness.
 
-    Every policy is judged by ``eval.judges`` (default: the gold VADER reward and the shipped,
+    Every policy is judged by ``evaluation.judges`` (default: the gold VADER reward and the shipped,
     clean-label Oracle: a fixed ruler across rates). Writes ``cells.csv`` (one row per rate,
     method, seed and judge), ``robustness.csv`` and ``robustness.md`` (means over seeds with 95%
     t-intervals) and ``robustness.png`` under ``out``.
@@ -213,17 +215,17 @@ def robustness(
         max_steps: Optimiser steps per student (the same budget for every method).
         retrain_judges: Retrain the Oracle and ensemble on the noisy labels at each rate.
         judge_steps: Optimiser steps of the Oracle and of each ensemble member when retrained.
-        members: e-DPO ensemble size when retrained.
+        members: e-DPO ensemble size when retrained (at least 2: e-DPO reads a list of scores per response).
         policy: Starting policy of every student and judge (the SFT policy).
         train_data, val_data: Preference pairs; without ``retrain_judges`` they must carry the
             Oracle and ensemble score columns the recipes read.
-        eval: Evaluation settings (prompts, judges, temperatures, ...).
+        evaluation: Evaluation settings (prompts, judges, temperatures, ...).
         overrides: Extra options for every training run (e.g. ``["--data.cache_dir", "/tmp/c"]``).
     """
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    evaluator = _Evaluator(eval)
-    start = _run_cell(root / "start", lambda _: Path(policy), evaluator)
+    evaluator = _Evaluator(evaluation)
+    start = _run_cell(root / "start", evaluator, recipe=None, policy=policy)
     cells, judge_accuracy = [], {}
     for rate in flip_rates:
         common = ["--model.model", policy, "--data.label_flip_rate", str(rate), "--data.seed", str(FLIP_SEED),
@@ -240,14 +242,14 @@ def robustness(
                         "--trainer.limit_val_batches", "0", *common]
                 if _uses_reference(method):  # same result as a live reference, one model in memory
                     args += ["--model.precompute_reference", "true"]
-                result = _run_cell(rate_dir / f"seed_{seed}" / method, lambda r: fit_recipe(method, r, *args), evaluator)
+                result = _run_cell(rate_dir / f"seed_{seed}" / method, evaluator, method, args)
                 cells += _cells(result, flip_rate=rate, method=method, seed=seed)
     _write_csv(cells, root / "cells.csv")
     summary = aggregate(cells, ("flip_rate", "method"))
     _write_csv(summary, root / "robustness.csv")
     reference = {judge: s["mean"] for judge, s in start["scores"].items()}
-    _plot_robustness(summary, methods, list(eval.judges), reference, root / "robustness.png")
-    table = _robustness_table(summary, methods, flip_rates, list(eval.judges), reference, judge_accuracy)
+    _plot_robustness(summary, methods, list(evaluation.judges), reference, root / "robustness.png")
+    table = _robustness_table(summary, methods, flip_rates, list(evaluation.judges), reference, judge_accuracy)
     (root / "robustness.md").write_text(table + "\n")
     print(table)
     return table
@@ -315,7 +317,7 @@ def ablations(
     variants: list[str] | None = None,
     seeds: list[int] = list(SEEDS),
     max_steps: int = 150,
-    eval: EvalSettings = EvalSettings(),
+    evaluation: EvalSettings = EvalSettings(),
     overrides: list[str] | None = None,
 ) -> str:
     """Train DRDO (paper settings, alpha 0.1, gamma 2) and each variant with each seed; judge; tabulate.
@@ -328,7 +330,7 @@ def ablations(
         variants: Names under ``configs/ablations/`` or YAML paths (default: all shipped ones).
         seeds: Training seeds per variant.
         max_steps: Optimiser steps per run.
-        eval: Evaluation settings.
+        evaluation: Evaluation settings.
         overrides: Extra options for every training run.
     """
     shipped = ablation_configs()
@@ -340,19 +342,19 @@ def ablations(
         chosen[path.stem] = path
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    evaluator = _Evaluator(eval)
+    evaluator = _Evaluator(evaluation)
     cells = []
     for name, config in chosen.items():
         layer = ["--config", str(config)] if config is not None else []
         for seed in seeds:
             args = [*layer, "--seed_everything", str(seed), "--trainer.max_steps", str(max_steps),
                     "--trainer.limit_val_batches", "0", *(overrides or [])]
-            result = _run_cell(root / name / f"seed_{seed}", lambda r: fit_recipe("drdo", r, *args), evaluator)
+            result = _run_cell(root / name / f"seed_{seed}", evaluator, "drdo", args)
             cells += _cells(result, variant=name, seed=seed)
     _write_csv(cells, root / "cells.csv")
     summary = aggregate(cells, ("variant",))
     _write_csv(summary, root / "ablations.csv")
-    judges = list(eval.judges)
+    judges = list(evaluation.judges)
     _plot_ablations(summary, list(chosen), judges, root / "ablations.png")
     lines = ["Mean reward over seeds (95% t-interval); `drdo` = paper settings (alpha 0.1, gamma 2).", "",
              "| variant | " + " | ".join(judges) + " |", "|---" * (len(judges) + 1) + "|"]

@@ -1,8 +1,9 @@
-"""The throughput benchmark (``benchmarks/train_throughput.py``) and the lean paths it measures.
+"""The throughput benchmark (``benchmarks/train_throughput.py``) and the performance paths it measures.
 
 The benchmark runs end to end at a tiny size and must produce every row with finite, positive
 numbers; timings are for the benchmark itself, never asserted here. The response-only log-prob
-path that our modules train with must compute what the plain full-logits path computes.
+path that our modules train with must compute what the plain full-logits path computes, and
+length-grouped batching must pad less while keeping every pair and resuming in place.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import logging
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from drdo_lightning import CausalLMWithRewardHead, losses
+from drdo_lightning import CausalLMWithRewardHead, PreferenceDataModule, losses
+from drdo_lightning.data import group_by_length, padding_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
@@ -90,3 +94,43 @@ def test_response_only_logps_match_the_full_logits_path(tiny_lm, side, average):
     torch.testing.assert_close(lean[1], plain[1])
     for got, want in zip(lean[2], plain[2]):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+# -- padding: length-grouped batches and the reported padding fraction -------------------
+
+
+def test_padding_fraction_hand_computed():
+    # Two batches of two pairs (prompt+chosen, prompt+rejected): each batch pads to its longest sequence.
+    lengths = [(4, 2), (3, 3), (1, 1), (2, 1)]
+    real = 4 + 2 + 3 + 3 + 1 + 1 + 2 + 1
+    built = 4 * 4 + 2 * 4  # batch 1 pads to 4, batch 2 to 2; four sequences each
+    assert padding_fraction(lengths, [0, 1, 2, 3], batch_size=2) == pytest.approx(1 - real / built)
+
+
+def test_group_by_length_batches_similar_lengths_and_keeps_every_index():
+    lengths = [(i * 7919) % 101 for i in range(203)]  # scrambled lengths
+    order = list(range(203))
+    random.Random(0).shuffle(order)
+    grouped = group_by_length(order, lengths, batch_size=8, seed=1, window=5)
+    assert sorted(grouped) == sorted(order)
+    assert grouped == group_by_length(order, lengths, batch_size=8, seed=1, window=5)  # seeded
+    assert grouped[-3:] == sorted(order[200:], key=lengths.__getitem__)  # the short batch stays last
+    pairs = [(n, n) for n in lengths]
+    assert padding_fraction(pairs, grouped, 8) < padding_fraction(pairs, order, 8) / 3
+
+
+def test_data_module_groups_training_batches_by_length(pair_files, tiny_model_dir, caplog):
+    fractions = {}
+    for grouped in (False, True):
+        data = PreferenceDataModule(str(pair_files["train"]), tokenizer=str(tiny_model_dir), batch_size=8,
+                                    cache_dir=None, group_by_length=grouped)
+        data.setup("fit")
+        with caplog.at_level(logging.INFO, logger="drdo_lightning.data"):
+            loader = data.train_dataloader()
+        fractions[grouped] = float(caplog.records[-1].getMessage().split("%")[0].split()[-1])
+        seen = [row for batch in loader for row in batch["chosen_input_ids"].tolist()]
+        assert len(seen) == len(data.train_dataset)  # every pair once per epoch
+        # A resumed pass starts inside the same grouped order.
+        loader.sampler.start = 8
+        assert list(loader.sampler) == loader.sampler.order()[8:]
+    assert fractions[True] < fractions[False]

@@ -15,7 +15,8 @@ from drdo_lightning import CausalLMWithRewardHead, demo
 from drdo_lightning.cli import main
 from drdo_lightning.data import load_tokenizer
 from drdo_lightning.evaluation import (
-    RewardModelJudge, bootstrap_mean, compare, generate, load_policy, plot_training_curves, read_training_log, summarize,
+    RewardModelJudge, bootstrap_mean, compare, generate, load_policy, plot_training_curves, read_prompts, read_training_log,
+    summarize,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -87,6 +88,14 @@ def test_summarize_reports_advantage_win_rates_and_pooled_temperatures():
 @pytest.fixture(scope="module")
 def eval_prompts(tiny_task) -> list[str]:
     return [row["prompt"] for row in tiny_task["eval"]]
+
+
+def test_prompts_are_read_in_order_up_to_a_limit_and_must_be_text(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": [{"role": "user", "content": "c"}]}\n')
+    assert read_prompts(str(path), limit=2) == ["a", "b"]
+    with pytest.raises(ValueError, match="row 3: 'prompt' must be a non-empty string"):
+        read_prompts(str(path))
 
 
 def test_generation_is_reproducible_for_a_seed_and_leaves_the_rng_alone(tiny_model_dir, eval_prompts):
@@ -213,3 +222,21 @@ def test_evaluate_config_parses():
     with pytest.raises(SystemExit) as exit_info:
         main(["evaluate", "--config", str(root / "configs" / "evaluate.yaml"), "--print_config"])
     assert exit_info.value.code in (0, None)
+
+
+def test_a_training_checkpoint_is_exported_and_evaluated_like_its_export(tmp_path, tiny_model_dir, pair_files, eval_prompts):
+    run = tmp_path / "run"
+    main(["fit", "--model", "SFT", "--model.model", str(tiny_model_dir), "--data.train_file", str(pair_files["sft"]),
+          "--data.rejected_column", "null", "--data.cache_dir", str(tmp_path / "cache"), "--model.learning_rate", "1e-2",
+          "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run),
+          "--trainer.logger", "false", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+          "--trainer.callbacks.dirpath", str(run / "checkpoints"), "--trainer.callbacks.save_last", "true",
+          "--trainer.callbacks+=drdo_lightning.ExportHuggingFace"])
+    prompts = tmp_path / "eval.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in eval_prompts[:3]))
+    policies = {"ckpt": str(run / "checkpoints" / "last.ckpt"), "export": str(run / "export")}
+    run_evaluate(tmp_path / "out", policies, {"gold": "vader"}, prompts)
+    assert (tmp_path / "out" / "policies" / "ckpt" / "model.safetensors").is_file()
+    records = [json.loads(line) for line in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
+    by_policy = {name: [r["response"] for r in records if r["policy"] == name] for name in policies}
+    assert by_policy["ckpt"] == by_policy["export"] and len(by_policy["ckpt"]) == 6  # same weights, same seeds

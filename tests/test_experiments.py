@@ -121,8 +121,8 @@ def test_robustness_sweep_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, e
         "robustness", "--out", str(out), "--flip_rates", "[0.25]", "--methods", "[drdo]", "--seeds", "[0]",
         "--max_steps", "2", "--judge_steps", "2", "--members", "1", "--policy", str(tiny_model_dir),
         "--train_data", str(pair_files["train"]), "--val_data", str(pair_files["val"]),
-        "--eval.prompts", str(eval_file), "--eval.num_prompts", "4", "--eval.temperatures", "[0.7]",
-        "--eval.max_new_tokens", "6", "--eval.judges", json.dumps({"gold": "vader"}),
+        "--evaluation.prompts", str(eval_file), "--evaluation.num_prompts", "4", "--evaluation.temperatures", "[0.7]",
+        "--evaluation.max_new_tokens", "6", "--evaluation.judges", json.dumps({"gold": "vader"}),
         "--overrides", json.dumps(["--data.cache_dir", str(tmp_path / "cache"), "--trainer.enable_progress_bar", "false"]),
     ]
     table = main(args)
@@ -150,3 +150,25 @@ def test_robustness_sweep_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, e
     monkeypatch.setattr(experiments, "fit_recipe", lambda *a, **k: pytest.fail("retrained a finished cell"))
     monkeypatch.setattr(experiments, "_train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
     assert main(args) == table
+
+
+def test_ablations_train_each_variant_and_tabulate(tmp_path, tiny_model_dir, pair_files, eval_file):
+    out = tmp_path / "ablations"
+    table = main([
+        "ablations", "--out", str(out), "--variants", "[gamma0, distill_only]", "--seeds", "[0, 1]", "--max_steps", "1",
+        "--evaluation.prompts", str(eval_file), "--evaluation.num_prompts", "3", "--evaluation.temperatures", "[0.7]",
+        "--evaluation.max_new_tokens", "4", "--evaluation.judges", json.dumps({"gold": "vader"}),
+        "--overrides", json.dumps(["--model.model", str(tiny_model_dir), "--data.train_file", str(pair_files["train"]),
+                                   "--data.val_file", str(pair_files["val"]), "--data.cache_dir", str(tmp_path / "cache"),
+                                   "--trainer.enable_progress_bar", "false"]),
+    ])
+    for variant in ("drdo", "gamma0", "distill_only"):
+        assert f"| {variant} |" in table
+        for seed in (0, 1):
+            assert (out / variant / f"seed_{seed}" / "scores.json").is_file()
+    config = next((out / "gamma0" / "seed_1").rglob("config.yaml")).read_text()
+    assert "gamma: 0.0" in config and "seed_everything: 1" in config
+    with (out / "ablations.csv").open() as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"drdo", "gamma0", "distill_only"} and all(r["seeds"] == "2" for r in rows.values())
+    assert (out / "ablations.png").read_bytes().startswith(b"\x89PNG")
