@@ -341,6 +341,18 @@ def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy since boot, over all cores (``/proc/stat``)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_busy_s() -> float:
+    """CPU seconds used by this process and its finished subprocesses (the configurations)."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
 def wait_for_quiet(threshold: float, timeout_s: float, poll_s: float = 30.0) -> None:
     """Block until the 1-minute load average is below ``threshold`` (timings on a busy machine lie)."""
     deadline = time.monotonic() + timeout_s
@@ -362,6 +374,23 @@ def run_worker(name: str, args, result_file: Path) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"configuration {name} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(result_file.read_text())
+
+
+def run_rounds(names: list[str], args) -> tuple[dict[str, list[dict]], tuple[float, float, float]]:
+    """Run every configuration once per round, in an order rotated by the round.
+
+    Returns each configuration's results and the machine's load: the 1-minute load average at
+    the start and the end (which counts this benchmark's own threads) and the average number of
+    cores that other processes kept busy meanwhile.
+    """
+    load_start, start = loadavg(), (time.monotonic(), machine_busy_s(), own_busy_s())
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            print(f"round {r + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
+            results[name].append(run_worker(name, args, args.workdir / f"{name}-{r}.json"))
+    wall, machine, own = (now - then for now, then in zip((time.monotonic(), machine_busy_s(), own_busy_s()), start))
+    return results, (load_start, loadavg(), max(0.0, machine - own) / wall)
 
 
 @dataclass
@@ -405,7 +434,7 @@ TARGETS = [
 ]
 
 
-def report(rows: list[Row], args, loads: tuple[float, float]) -> str:
+def report(rows: list[Row], args, loads: tuple[float, float, float]) -> str:
     p = PRESETS[args.preset]
     memory = "peak GPU MiB" if args.device == "cuda" else "peak RSS MiB"
     lines = [
@@ -414,7 +443,8 @@ def report(rows: list[Row], args, loads: tuple[float, float]) -> str:
         f"{p.prompt}+{p.response} tokens",
         f"device {args.device}, {args.dtype}, {args.threads} threads; {args.rounds} rounds x {args.windows} windows x "
         f"{args.steps_per_window} steps after {args.warmup_steps} warm-up steps; "
-        f"load average {loads[0]:.2f} at start, {loads[1]:.2f} at end",
+        f"load average {loads[0]:.2f} at start, {loads[1]:.2f} at end (with this benchmark's threads); "
+        f"other processes used {loads[2]:.2f} cores on average during the run",
         "",
         f"| configuration | step ms | pairs/s | tokens/s | {memory} | pairs/s vs TRL | memory vs TRL | step vs floor |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -470,19 +500,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="drdo-bench-") as tmp:
         args.workdir = Path(tmp)
         args.parameters = prepare(preset, preset.pairs * total_steps(args), args.workdir)
-        load_start = loadavg()
-        results: dict[str, list[dict]] = {n: [] for n in names}
-        for r in range(args.rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                print(f"round {r + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
-                results[name].append(run_worker(name, args, args.workdir / f"{name}-{r}.json"))
-        loads = (load_start, loadavg())
+        results, loads = run_rounds(names, args)
     rows = summarize(results, args)
     print(report(rows, args, loads))
     if args.json is not None:
         settings = {k: str(v) for k, v in vars(args).items() if k not in ("worker", "workdir", "result_file")}
-        args.json.write_text(json.dumps({"settings": settings, "load_average": loads, "rows": [asdict(r) for r in rows],
-                                         "raw": results}, indent=1))
+        load = dict(zip(("average_at_start", "average_at_end", "other_processes_cores"), loads))
+        summary = {"settings": settings, "load": load, "rows": [asdict(r) for r in rows], "raw": results}
+        args.json.write_text(json.dumps(summary, indent=1))
     return rows
 
 

@@ -449,20 +449,25 @@ class Distill(ReferenceModule):
         beta: Scale of the policy's implicit reward (paper: 0.1).
     """
 
+    score_dims = 1  # one Oracle score per response
+    score_shape_error = "Distill takes one Oracle score per response; use EDPO for an ensemble (list) column"
+
     def __init__(self, model: str, beta: float = 0.1, **kwargs) -> None:
         super().__init__(model, **kwargs)
         self.save_hyperparameters()
 
+    def distillation(self, out: PairOutputs, ref: tuple[Tensor, Tensor], oracle: tuple[Tensor, Tensor]) -> Tensor:
+        return losses.distill_loss(out.chosen_logps, out.rejected_logps, *ref, *oracle, beta=self.hparams.beta).mean()
+
     def objective(self, batch, out, stage):
-        oracle = _oracle_scores(batch, "Distill")
-        if oracle[0].dim() != 1:
-            raise ValueError("Distill takes one Oracle score per response; use EDPO for an ensemble (list) column")
+        oracle = _oracle_scores(batch, type(self).__name__)
+        if oracle[0].dim() != self.score_dims:
+            raise ValueError(self.score_shape_error)
         ref = self.reference_logps(batch)
-        loss = losses.distill_loss(out.chosen_logps, out.rejected_logps, *ref, *oracle, beta=self.hparams.beta).mean()
-        return loss, self.margin_metrics(out, ref, self.hparams.beta)
+        return self.distillation(out, ref, oracle), self.margin_metrics(out, ref, self.hparams.beta)
 
 
-class EDPO(ReferenceModule):
+class EDPO(Distill):
     """e-DPO: pessimistic distillation from an ensemble of reward models (Fisch et al. 2024).
 
     The Oracle score columns hold one list per response, one entry per ensemble member
@@ -472,14 +477,8 @@ class EDPO(ReferenceModule):
         beta: Scale of the policy's implicit reward (paper: 0.1).
     """
 
-    def __init__(self, model: str, beta: float = 0.1, **kwargs) -> None:
-        super().__init__(model, **kwargs)
-        self.save_hyperparameters()
+    score_dims = 2  # [B, K]: K ensemble members
+    score_shape_error = "EDPO needs ensemble scores: score columns holding one list of K numbers per response"
 
-    def objective(self, batch, out, stage):
-        oracle = _oracle_scores(batch, "EDPO")
-        if oracle[0].dim() != 2:
-            raise ValueError("EDPO needs ensemble scores: score columns holding one list of K numbers per response")
-        ref = self.reference_logps(batch)
-        loss = losses.edpo_loss(out.chosen_logps, out.rejected_logps, *ref, *oracle, beta=self.hparams.beta)
-        return loss, self.margin_metrics(out, ref, self.hparams.beta)
+    def distillation(self, out, ref, oracle):
+        return losses.edpo_loss(out.chosen_logps, out.rejected_logps, *ref, *oracle, beta=self.hparams.beta)
