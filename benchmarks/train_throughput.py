@@ -17,13 +17,14 @@ and gradient clipping (max norm 1.0, the default of TRL and of our recipes):
 - ``dpo_precomputed``: our DPO with reference log-probs precomputed before training.
 - ``dpo_live``: our DPO with a live frozen reference.
 - ``floor``: a plain PyTorch loop over the same padded ``[chosen; rejected]`` batches:
-  ``model(input_ids, labels=...).loss.backward()``, gradient clipping and the same AdamW step.
-  It is the physical minimum of a training step; ``step / floor`` shows each trainer's overhead.
+  ``model(input_ids, labels=...).loss.backward()``, gradient clipping and the same AdamW step:
+  the model's own cost with Hugging Face's loss; ``step / floor`` shows each trainer's overhead.
 
 Our trainers run through a real ``lightning.Trainer`` (logger, progress bar and checkpointing
 off, as in a quiet run) with the module's own ``training_step`` and ``configure_optimizers``,
 and the ``NonFiniteGuard`` callback that the CLI always adds: exactly what ``python -m
-drdo_lightning fit`` runs, minus I/O. TRL runs through ``DPOTrainer.train()``.
+drdo_lightning fit`` runs, minus I/O. TRL runs through ``DPOTrainer.train()`` (its default
+collator, subclassed only to note the first batch's shape for the same-work check).
 
 Each configuration runs in its own subprocess, so its peak resident memory (``ru_maxrss``:
 model, optimizer, activations, data) is its own; the subprocesses are interleaved in rounds
@@ -420,7 +421,8 @@ def summarize(results: dict[str, list[dict]], args) -> list[Row]:
     base = next(r for r in rows if r.name == BASELINE)
     floor = next(r for r in rows if r.name == "floor")
     for r in rows:
-        r.speedup, r.memory_ratio, r.vs_floor = r.pairs_per_s / base.pairs_per_s, r.peak_mb / base.peak_mb, r.step_s / floor.step_s
+        r.speedup, r.memory_ratio = r.pairs_per_s / base.pairs_per_s, r.peak_mb / base.peak_mb
+        r.vs_floor = r.step_s / floor.step_s
     return rows
 
 
@@ -464,7 +466,7 @@ def report(rows: list[Row], args, loads: tuple[float, float, float]) -> str:
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: mixed precision (autocast)")

@@ -396,7 +396,8 @@ def sequence_lengths(ds: datasets.Dataset) -> list[tuple[int, ...]]:
     """Per example, the token length of ``prompt + chosen`` (and of ``prompt + rejected``)."""
     table = ds.with_format("arrow")[:]
     prompt = pc.list_value_length(table["prompt_ids"])
-    sides = [pc.add(prompt, pc.list_value_length(table[k])).to_pylist() for k in ("chosen_ids", "rejected_ids") if k in table.column_names]
+    responses = [k for k in ("chosen_ids", "rejected_ids") if k in table.column_names]
+    sides = [pc.add(prompt, pc.list_value_length(table[k])).to_pylist() for k in responses]
     return list(zip(*sides))
 
 
