@@ -58,3 +58,9 @@ def tiny_model_dir(tmp_path_factory, tiny_lm, tiny_tokenizer) -> Path:
 def pair_files(tmp_path_factory, tiny_task) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
     return {split: write_jsonl(root / f"{split}.jsonl", tiny_task[split]) for split in ("sft", "train", "val")}
+
+
+@pytest.fixture(scope="session")
+def pairs16(tmp_path_factory, tiny_task) -> Path:
+    """The first 16 training pairs (with Oracle scores): small enough to overfit or shard in tests."""
+    return write_jsonl(tmp_path_factory.mktemp("pairs16") / "pairs.jsonl", tiny_task["train"][:16])

@@ -69,13 +69,6 @@ def cli(*args: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def pairs16(tmp_path_factory, tiny_task) -> Path:
-    path = tmp_path_factory.mktemp("ds_pairs") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in tiny_task["train"][:16]))
-    return path
-
-
-@pytest.fixture(scope="module")
 def single_process(tmp_path_factory, tiny_model_dir, pairs16):
     """The reference: one process, batches of 8, 8 steps; its per-step loss and final policy."""
     root = tmp_path_factory.mktemp("single_process")

@@ -7,7 +7,6 @@ in ``test_deepspeed.py``.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import pytest
@@ -55,13 +54,6 @@ def logged(root: Path, key: str, version: int = 0) -> dict[int, float]:
     """``{step: value}`` of one metric from a run's CSV log."""
     with (root / "lightning_logs" / f"version_{version}" / "metrics.csv").open() as f:
         return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
-
-
-@pytest.fixture(scope="module")
-def pairs16(tmp_path_factory, tiny_task) -> Path:
-    path = tmp_path_factory.mktemp("pairs16") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in tiny_task["train"][:16]))
-    return path
 
 
 @pytest.fixture(scope="module")
