@@ -191,6 +191,7 @@ def robustness(
     val_data: str = str(EMBEDDED / "data" / "val.jsonl"),
     evaluation: EvalSettings = EvalSettings(),
     overrides: list[str] | None = None,
+    judges_from: str | None = None,
 ) -> str:
     """Train each method at each label-flip rate with each seed (same budget), judge, plot, tabulate.
 
@@ -221,6 +222,9 @@ def robustness(
             Oracle and ensemble score columns the recipes read.
         evaluation: Evaluation settings (prompts, judges, temperatures, ...).
         overrides: Extra options for every training run (e.g. ``["--data.cache_dir", "/tmp/c"]``).
+        judges_from: Output directory of an earlier sweep whose retrained judges (and the data they
+            scored) to use at every rate instead of training new ones, so a variant (other
+            ``overrides``, other methods) is compared under the very same judges.
     """
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -232,9 +236,11 @@ def robustness(
                   *(overrides or [])]
         rate_dir = root / f"flip_{rate}"
         data = {"train": train_data, "val": val_data}
-        if retrain_judges:
+        if judges_from is not None:
+            data, judge_accuracy[rate] = _noisy_judges(Path(judges_from) / rate_dir.name / "judges")
+        elif retrain_judges:
             judge_args = ["--trainer.max_steps", str(judge_steps), "--trainer.limit_val_batches", "0", *common]
-            data, judge_accuracy[rate] = _noisy_judges(rate_dir / "judges", train_data, val_data, policy, members, judge_args)
+            data, judge_accuracy[rate] = _noisy_judges(rate_dir / "judges", (train_data, val_data, policy, members, judge_args))
         for seed in seeds:
             for method in methods:
                 args = ["--seed_everything", str(seed), "--data.train_file", str(data["train"]),
@@ -255,14 +261,19 @@ def robustness(
     return table
 
 
-def _noisy_judges(work: Path, train_data: str, val_data: str, policy: str, members: int,
-                  overrides: list[str]) -> tuple[dict[str, Path], float]:
-    """The Oracle and ensemble retrained on this rate's noisy labels; the data rescored by them.
+def _noisy_judges(work: Path, training: tuple | None = None) -> tuple[dict[str, Path], float]:
+    """The Oracle and ensemble retrained on a rate's noisy labels and the data they rescored, in ``work``.
 
-    Returns the scored files and the Oracle's preference accuracy on the (clean) validation pairs.
+    Trains them when missing, given ``training`` = (train_data, val_data, policy, members,
+    overrides); without it they must exist. Returns the scored files and the Oracle's preference
+    accuracy on the (clean) validation pairs.
     """
     scored = {split: work / "data" / f"{split}.scored.jsonl" for split in ("train", "val")}
     if not all(p.is_file() for p in scored.values()):
+        if training is None:
+            raise FileNotFoundError(f"no retrained judges in {work}: the sweep named by --judges_from has not "
+                                    "finished this flip rate's judges")
+        train_data, val_data, policy, members, overrides = training
         shutil.rmtree(work, ignore_errors=True)
         _train_judges_and_score(work, {"train": Path(train_data), "val": Path(val_data)}, Path(policy), FLIP_SEED,
                                 members, tuple(overrides))

@@ -99,13 +99,17 @@ ABLATIONS = sorted((ROOT / "configs" / "ablations").glob("*.yaml"))
 
 @pytest.mark.parametrize("config", ABLATIONS, ids=[c.stem for c in ABLATIONS])
 def test_each_ablation_layers_over_the_drdo_recipe(config, capsys):
-    (key, value), = yaml.safe_load(config.read_text())["model"]["init_args"].items()
+    layer = yaml.safe_load(config.read_text())
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(ROOT / "configs" / "drdo.yaml"), "--config", str(config), "--print_config"])
-    model = yaml.safe_load(capsys.readouterr().out)["model"]
-    assert model["class_path"] == "drdo_lightning.DRDO"
-    assert model["init_args"][key] == value and model["init_args"]["model"] == "embedded_default/sft_policy"
-    assert config.stem in experiments.ablation_configs()
+    printed = yaml.safe_load(capsys.readouterr().out)
+    model = printed["model"]
+    assert model["class_path"] == "drdo_lightning.DRDO" and model["init_args"]["model"] == "embedded_default/sft_policy"
+    for key, value in layer.get("model", {}).get("init_args", {}).items():
+        assert model["init_args"][key] == value
+    for key, value in layer.get("trainer", {}).items():
+        assert printed["trainer"][key] == value
+    assert layer.keys() <= {"model", "trainer"} and config.stem in experiments.ablation_configs()
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +154,16 @@ def test_robustness_sweep_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, e
     monkeypatch.setattr(experiments, "fit_recipe", lambda *a, **k: pytest.fail("retrained a finished cell"))
     monkeypatch.setattr(experiments, "_train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
     assert main(args) == table
+
+    # A variant sweep reuses these judges instead of training its own; a rate without judges is an error.
+    monkeypatch.undo()
+    monkeypatch.setattr(experiments, "_train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
+    variant = [*args[:2], str(tmp_path / "variant"), *args[3:], "--judges_from", str(out)]
+    assert "Retrained Oracle's accuracy" in main(variant)
+    variant_config = next((tmp_path / "variant" / "flip_0.25" / "seed_0" / "drdo").rglob("config.yaml")).read_text()
+    assert str(judges / "data" / "train.scored.jsonl") in variant_config
+    with pytest.raises(FileNotFoundError, match="flip_0.5"):
+        main([*variant, "--flip_rates", "[0.5]"])
 
 
 def test_ablations_train_each_variant_and_tabulate(tmp_path, tiny_model_dir, pair_files, eval_file):
