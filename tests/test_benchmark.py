@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
+def load_benchmark(script: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(script.stem, script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -134,3 +134,15 @@ def test_data_module_groups_training_batches_by_length(pair_files, tiny_model_di
         loader.sampler.start = 8
         assert list(loader.sampler) == loader.sampler.order()[8:]
     assert fractions[True] < fractions[False]
+
+
+def test_gradient_weights_script_reads_each_pairs_log_probs(tiny_model_dir, pair_files):
+    script = load_benchmark(ROOT / "benchmarks" / "drdo_gradient_weights.py")
+    zw, zl = script.response_logps(str(tiny_model_dir), str(pair_files["train"]), pairs=5, max_prompt_length=64,
+                                   max_length=128, batch_size=4)
+    assert zw.shape == zl.shape == (5,) and (zw < 0).all() and (zl < 0).all() and not torch.equal(zw, zl)
+    # Hand-computed: p_w = 1/2 at z_w = z_l = -20 gives push-down alpha (1/2)^2 * gamma * (1/2) * 20 = 0.5
+    # and push-up 0.5 + alpha/4; a pair already ranked right (p_w ~ 1) gets neither.
+    up, down = script.gradient_weights(torch.tensor([-20.0, -1.0]), torch.tensor([-20.0, -30.0]), alpha=0.1, gamma=2.0)
+    assert down[0].item() == pytest.approx(0.5, rel=1e-6) and up[0].item() == pytest.approx(0.525, rel=1e-6)
+    assert up[1].item() < 1e-20 and down[1].item() < 1e-20

@@ -175,6 +175,26 @@ def test_drdo_detach_focal_changes_gradient_not_value():
     assert not torch.allclose(g_kept, g_det)
 
 
+def test_drdo_preference_gradient_has_the_closed_form_of_appendix_a5():
+    # The README's explanation of DRDO's dynamics rests on these: with f = (1 - p)^gamma and
+    # u = z_w - log(1 - e^{z_l}), dL/dz_w = alpha f (gamma p u - 1) and
+    # dL/dz_l = -alpha f (gamma p u + e^{z_l} / (1 - e^{z_l})): the rejected response is pushed
+    # down mainly through the focal weight, in proportion to p and to |z_w|.
+    g = torch.Generator().manual_seed(0)
+    zw = (-30 * torch.rand(64, generator=g, dtype=torch.float64)).requires_grad_()
+    zl = (-30 * torch.rand(64, generator=g, dtype=torch.float64) - 1e-3).requires_grad_()
+    alpha, gamma = 0.1, 2.0
+    zeros = torch.zeros(64, dtype=torch.float64)
+    pref = losses.drdo_terms(zw, zl, zeros, zeros, zeros, zeros, alpha=alpha, gamma=gamma).preference
+    gw, gl = torch.autograd.grad(pref.sum(), (zw, zl))
+    with torch.no_grad():
+        p = torch.sigmoid(zw - zl)
+        f = (1 - p) ** gamma
+        u = zw - torch.log(-torch.expm1(zl))
+        torch.testing.assert_close(gw, alpha * f * (gamma * p * u - 1))
+        torch.testing.assert_close(gl, -alpha * f * (gamma * p * u + torch.exp(zl) / -torch.expm1(zl)))
+
+
 # -- Bradley–Terry (Eq. 2) and Oracle (Eq. 5) ----------------------------------------------
 
 
