@@ -328,6 +328,7 @@ def ablations(
     variants: list[str] | None = None,
     seeds: list[int] = list(SEEDS),
     max_steps: int = 150,
+    policy: str = str(EMBEDDED / "sft_policy"),
     evaluation: EvalSettings = EvalSettings(),
     overrides: list[str] | None = None,
 ) -> str:
@@ -335,12 +336,14 @@ def ablations(
 
     A variant is a partial config layered over ``configs/drdo.yaml`` (``fit --config
     configs/drdo.yaml --config configs/ablations/<name>.yaml`` trains one by hand). Writes
-    ``cells.csv``, ``ablations.csv``, ``ablations.md`` and ``ablations.png`` under ``out``.
+    ``cells.csv``, ``ablations.csv``, ``ablations.md`` and ``ablations.png`` under ``out``; the
+    starting policy is judged too, as the reference line.
 
     Args:
         variants: Names under ``configs/ablations/`` or YAML paths (default: all shipped ones).
         seeds: Training seeds per variant.
         max_steps: Optimiser steps per run.
+        policy: Starting policy of every run (the SFT policy).
         evaluation: Evaluation settings.
         overrides: Extra options for every training run.
     """
@@ -354,21 +357,24 @@ def ablations(
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     evaluator = _Evaluator(evaluation)
+    start = _run_cell(root / "start", evaluator, recipe=None, policy=policy)
     cells = []
     for name, config in chosen.items():
         layer = ["--config", str(config)] if config is not None else []
         for seed in seeds:
             args = [*layer, "--seed_everything", str(seed), "--trainer.max_steps", str(max_steps),
-                    "--trainer.limit_val_batches", "0", *(overrides or [])]
+                    "--trainer.limit_val_batches", "0", "--model.model", policy, *(overrides or [])]
             result = _run_cell(root / name / f"seed_{seed}", evaluator, "drdo", args)
             cells += _cells(result, variant=name, seed=seed)
     _write_csv(cells, root / "cells.csv")
     summary = aggregate(cells, ("variant",))
     _write_csv(summary, root / "ablations.csv")
     judges = list(evaluation.judges)
-    _plot_ablations(summary, list(chosen), judges, root / "ablations.png")
+    reference = {judge: s["mean"] for judge, s in start["scores"].items()}
+    _plot_ablations(summary, list(chosen), judges, reference, root / "ablations.png")
     lines = ["Mean reward over seeds (95% t-interval); `drdo` = paper settings (alpha 0.1, gamma 2).", "",
-             "| variant | " + " | ".join(judges) + " |", "|---" * (len(judges) + 1) + "|"]
+             "| variant | " + " | ".join(judges) + " |", "|---" * (len(judges) + 1) + "|",
+             "| start (SFT) | " + " | ".join(f"{reference[j]:+.3f}" for j in judges) + " |"]
     for name in chosen:
         row = [_cell_text(next((s for s in summary if s["variant"] == name and s["judge"] == j), None)) for j in judges]
         lines.append(f"| {name} | " + " | ".join(row) + " |")
@@ -378,15 +384,17 @@ def ablations(
     return table
 
 
-def _plot_ablations(summary, variants, judges, path: Path) -> None:
+def _plot_ablations(summary, variants, judges, reference, path: Path) -> None:
     fig = new_figure(figsize=(4.5 * len(judges), 0.9 + 0.45 * len(variants)), layout="constrained")
     for ax, judge in zip(fig.subplots(1, len(judges), squeeze=False)[0], judges):
         rows = [next(s for s in summary if s["variant"] == v and s["judge"] == judge) for v in variants]
         err = np.nan_to_num(np.array([[s["value"] - s["low"] for s in rows], [s["high"] - s["value"] for s in rows]]))
         ax.barh(range(len(rows)), [s["value"] for s in rows], xerr=err, capsize=3)
+        ax.axvline(reference[judge], color="gray", linestyle="--", label="start (SFT)")
         ax.set_yticks(range(len(rows)), variants)
         ax.invert_yaxis()
         ax.set_xlabel(f"mean {judge} reward (95% CI over seeds)")
+    fig.axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=110)
 
 

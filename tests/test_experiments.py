@@ -171,8 +171,8 @@ def test_ablations_train_each_variant_and_tabulate(tmp_path, tiny_model_dir, pai
     table = main([
         "ablations", "--out", str(out), "--variants", "[gamma0, distill_only]", "--seeds", "[0, 1]", "--max_steps", "1",
         "--evaluation.prompts", str(eval_file), "--evaluation.num_prompts", "3", "--evaluation.temperatures", "[0.7]",
-        "--evaluation.max_new_tokens", "4", "--evaluation.judges", json.dumps({"gold": "vader"}),
-        "--overrides", json.dumps(["--model.model", str(tiny_model_dir), "--data.train_file", str(pair_files["train"]),
+        "--evaluation.max_new_tokens", "4", "--evaluation.judges", json.dumps({"gold": "vader"}), "--policy", str(tiny_model_dir),
+        "--overrides", json.dumps(["--data.train_file", str(pair_files["train"]),
                                    "--data.val_file", str(pair_files["val"]), "--data.cache_dir", str(tmp_path / "cache"),
                                    "--trainer.enable_progress_bar", "false"]),
     ])
@@ -181,7 +181,10 @@ def test_ablations_train_each_variant_and_tabulate(tmp_path, tiny_model_dir, pai
         for seed in (0, 1):
             assert (out / variant / f"seed_{seed}" / "scores.json").is_file()
     config = next((out / "gamma0" / "seed_1").rglob("config.yaml")).read_text()
-    assert "gamma: 0.0" in config and "seed_everything: 1" in config
+    assert "gamma: 0.0" in config and "seed_everything: 1" in config and f"model: {tiny_model_dir}" in config
+    # The starting policy is judged once, as the table's reference row.
+    start = json.loads((out / "start" / "scores.json").read_text())["scores"]["gold"]["mean"]
+    assert f"| start (SFT) | {start:+.3f} |" in table
     with (out / "ablations.csv").open() as f:
         rows = {r["variant"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"drdo", "gamma0", "distill_only"} and all(r["seeds"] == "2" for r in rows.values())
