@@ -47,6 +47,30 @@ def tiny_lm(tiny_tokenizer) -> LlamaForCausalLM:
 
 
 @pytest.fixture(scope="session")
+def padded_responses(tiny_lm):
+    """``make(side)``: three random prompt+response rows of different lengths, padded on ``side``.
+
+    Returns ``(input_ids, attention_mask, labels)`` with labels ``-100`` outside the responses,
+    as the collator builds them; draws from torch's global RNG, so seed before calling.
+    """
+
+    def make(side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        prompt_lens, response_lens = [3, 5, 2], [4, 2, 6]
+        length = max(p + r for p, r in zip(prompt_lens, response_lens))
+        ids = torch.zeros(3, length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, -100)
+        for b, (p, r) in enumerate(zip(prompt_lens, response_lens)):
+            start = length - (p + r) if side == "left" else 0
+            ids[b, start : start + p + r] = torch.randint(1, tiny_lm.config.vocab_size, (p + r,))
+            mask[b, start : start + p + r] = 1
+            labels[b, start + p : start + p + r] = ids[b, start + p : start + p + r]
+        return ids, mask, labels
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_lm, tiny_tokenizer) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny-llama"
     tiny_lm.save_pretrained(path)

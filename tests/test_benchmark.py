@@ -64,19 +64,10 @@ def test_word_tokenizer_round_trips_the_ids_it_was_written_from():
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("average", [False, True])
-def test_response_only_logps_match_the_full_logits_path(tiny_lm, side, average):
+def test_response_only_logps_match_the_full_logits_path(tiny_lm, padded_responses, side, average):
     torch.manual_seed(0)
     model = CausalLMWithRewardHead(copy.deepcopy(tiny_lm), CausalLMWithRewardHead.new_reward_head(32)).train()
-    prompt_lens, response_lens = [3, 5, 2], [4, 2, 6]
-    length = max(p + r for p, r in zip(prompt_lens, response_lens))
-    ids = torch.zeros(3, length, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for b, (p, r) in enumerate(zip(prompt_lens, response_lens)):
-        start = length - (p + r) if side == "left" else 0
-        ids[b, start : start + p + r] = torch.randint(1, tiny_lm.config.vocab_size, (p + r,))
-        mask[b, start : start + p + r] = 1
-        labels[b, start + p : start + p + r] = ids[b, start + p : start + p + r]
+    ids, mask, labels = padded_responses(side)
 
     def outputs_and_grads(compute):
         model.zero_grad(set_to_none=True)

@@ -31,19 +31,9 @@ def naive_sequence_logps(logits, labels, average=False):
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("average", [False, True])
-def test_sequence_logps_matches_per_token_loop_on_a_model(tiny_lm, padding_side, average):
+def test_sequence_logps_matches_per_token_loop_on_a_model(tiny_lm, padded_responses, padding_side, average):
     torch.manual_seed(0)
-    prompt_lens, resp_lens = [3, 5, 2], [4, 2, 6]
-    length = max(p + r for p, r in zip(prompt_lens, resp_lens))
-    ids = torch.zeros(3, length, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for b, (p, r) in enumerate(zip(prompt_lens, resp_lens)):
-        seq = torch.randint(1, tiny_lm.config.vocab_size, (p + r,))
-        start = length - (p + r) if padding_side == "left" else 0
-        ids[b, start : start + p + r] = seq
-        mask[b, start : start + p + r] = 1
-        labels[b, start + p : start + p + r] = seq[p:]
+    ids, mask, labels = padded_responses(padding_side)
     logits = tiny_lm(input_ids=ids, attention_mask=mask).logits
     got = losses.sequence_logps(logits, labels, average=average)
     want = naive_sequence_logps(logits, labels, average=average)
