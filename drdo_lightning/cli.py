@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import sys
+from unittest import mock
 
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningCLI
@@ -47,6 +48,13 @@ class DRDOCLI(LightningCLI):
         # Always on: non-finite steps are skipped and counted; --non_finite.max_consecutive in a row stop the run.
         parser.add_lightning_class_args(NonFiniteGuard, "non_finite")
 
+    def parse_arguments(self, parser, args) -> None:
+        # main() hands over the whole command line as ``args``; LightningCLI would warn whenever
+        # sys.argv holds arguments too (a fit nested in a sweep, a notebook kernel, pytest). Only
+        # parsing sees the trimmed argv: launchers that re-run the script still read the real one.
+        with mock.patch.object(sys, "argv", sys.argv[:1]):
+            super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the model's hyperparameters from --ckpt_path (weights-only) before the
         # Trainer loads it: an unreadable file fails here first, so name it here too.
@@ -71,5 +79,5 @@ def main(args: list[str] | None = None):
             "plugins": [{"class_path": "drdo_lightning.safety.AtomicCheckpointIO"}],
             "callbacks": [CheckpointOnSigterm()],
         },
-        args=None if args is None else argv,  # None: LightningCLI reads sys.argv itself (and does not warn)
+        args=argv,
     )

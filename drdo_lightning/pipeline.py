@@ -13,9 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import sys
 from pathlib import Path
-from unittest import mock
 
 from drdo_lightning import demo
 from drdo_lightning.scoring import score
@@ -41,18 +39,16 @@ def fit_recipe(recipe: str | Path, root: Path, *overrides: str) -> Path:
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True}},
         {"class_path": "drdo_lightning.ExportHuggingFace", "init_args": {"dirpath": str(root / "export")}},
     ]
-    args = [
-        "fit",
-        "--config", str(_config(recipe)),
-        "--trainer.default_root_dir", str(root),
-        "--trainer.logger.init_args.save_dir", str(root),
-        "--trainer.callbacks", json.dumps(callbacks),
-        *overrides,
-    ]
-    # The nested fit is fully described by ``args``; the outer command's argv would only make
-    # LightningCLI warn about receiving both, once per trained model.
-    with mock.patch.object(sys, "argv", sys.argv[:1]):
-        main(args)
+    main(
+        [
+            "fit",
+            "--config", str(_config(recipe)),
+            "--trainer.default_root_dir", str(root),
+            "--trainer.logger.init_args.save_dir", str(root),
+            "--trainer.callbacks", json.dumps(callbacks),
+            *overrides,
+        ]
+    )
     return root / "export"
 
 
