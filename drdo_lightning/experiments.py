@@ -237,10 +237,12 @@ def robustness(
         rate_dir = root / f"flip_{rate}"
         data = {"train": train_data, "val": val_data}
         if judges_from is not None:
-            data, judge_accuracy[rate] = _noisy_judges(Path(judges_from) / rate_dir.name / "judges")
+            data = _finished_judges(Path(judges_from) / rate_dir.name / "judges")
         elif retrain_judges:
             judge_args = ["--trainer.max_steps", str(judge_steps), "--trainer.limit_val_batches", "0", *common]
-            data, judge_accuracy[rate] = _noisy_judges(rate_dir / "judges", (train_data, val_data, policy, members, judge_args))
+            data = _noisy_judges(rate_dir / "judges", train_data, val_data, policy, members, judge_args)
+        if judges_from is not None or retrain_judges:
+            judge_accuracy[rate] = _oracle_accuracy(data["val"])
         for seed in seeds:
             for method in methods:
                 args = ["--seed_everything", str(seed), "--data.train_file", str(data["train"]),
@@ -261,24 +263,34 @@ def robustness(
     return table
 
 
-def _noisy_judges(work: Path, training: tuple | None = None) -> tuple[dict[str, Path], float]:
-    """The Oracle and ensemble retrained on a rate's noisy labels and the data they rescored, in ``work``.
+def _scored_files(judges: Path) -> dict[str, Path]:
+    """Where the judges retrained at one flip rate (in ``judges``) write the data they rescore."""
+    return {split: judges / "data" / f"{split}.scored.jsonl" for split in ("train", "val")}
 
-    Trains them when missing, given ``training`` = (train_data, val_data, policy, members,
-    overrides); without it they must exist. Returns the scored files and the Oracle's preference
-    accuracy on the (clean) validation pairs.
-    """
-    scored = {split: work / "data" / f"{split}.scored.jsonl" for split in ("train", "val")}
+
+def _noisy_judges(work: Path, train_data: str, val_data: str, policy: str, members: int,
+                  overrides: list[str]) -> dict[str, Path]:
+    """The data rescored by the Oracle and ensemble retrained on this rate's noisy labels (trained if missing)."""
+    scored = _scored_files(work)
     if not all(p.is_file() for p in scored.values()):
-        if training is None:
-            raise FileNotFoundError(f"no retrained judges in {work}: the sweep named by --judges_from has not "
-                                    "finished this flip rate's judges")
-        train_data, val_data, policy, members, overrides = training
         shutil.rmtree(work, ignore_errors=True)
         _train_judges_and_score(work, {"train": Path(train_data), "val": Path(val_data)}, Path(policy), FLIP_SEED,
                                 members, tuple(overrides))
-    val = [row for _, row in read_rows(str(scored["val"]))]
-    return scored, statistics.fmean(row["oracle_chosen"] > row["oracle_rejected"] for row in val)
+    return scored
+
+
+def _finished_judges(work: Path) -> dict[str, Path]:
+    """The data rescored by judges another sweep retrained (``--judges_from``); they must exist."""
+    scored = _scored_files(work)
+    if not all(p.is_file() for p in scored.values()):
+        raise FileNotFoundError(f"no retrained judges in {work}: the sweep named by --judges_from has not "
+                                "finished this flip rate's judges")
+    return scored
+
+
+def _oracle_accuracy(scored_val: Path) -> float:
+    """The Oracle's preference accuracy on the (clean) validation pairs it rescored."""
+    return statistics.fmean(row["oracle_chosen"] > row["oracle_rejected"] for _, row in read_rows(str(scored_val)))
 
 
 def _robustness_table(summary, methods, flip_rates, judges, reference, judge_accuracy) -> str:
