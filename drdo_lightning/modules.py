@@ -271,7 +271,6 @@ class DRDO(PreferenceModule):
         }
 
 
-
 # ---------------------------------------------------------------------------------------
 # Baselines against a frozen reference policy
 
