@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from drdo_lightning.data import load_tokenizer
-from drdo_lightning.models import CausalLMWithRewardHead
+from drdo_lightning.models import CausalLMWithRewardHead, head_input_width
 
 POLICY_PREFIX = "policy."  # the LightningModule's attribute holding the CausalLMWithRewardHead
 
@@ -50,7 +50,7 @@ def policy_from_state_dict(
     lm = lm_class.from_pretrained(None, config=config, state_dict=lm_weights, dtype=dtype)
     head = None
     if head_weights:
-        head = nn.Linear(config.hidden_size, 1, dtype=head_weights["weight"].dtype)
+        head = nn.Linear(head_input_width(lm), 1, dtype=head_weights["weight"].dtype)
         head.load_state_dict(head_weights)
     return CausalLMWithRewardHead(lm, head).eval()
 

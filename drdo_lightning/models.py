@@ -11,6 +11,7 @@ for the head. Load both with :meth:`CausalLMWithRewardHead.from_pretrained`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import shutil
 import tempfile
@@ -36,6 +37,53 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
     """Index of the last attended position of each row; correct for left and right padding."""
     positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
     return (positions * attention_mask.bool()).argmax(-1)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that count attended tokens only, so a left-padded row sees the same positions as
+    its right-padded twin (models with absolute positions, e.g. GPT-2 and OPT, depend on this)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def head_input_width(lm: PreTrainedModel) -> int:
+    """Width of the hidden state the LM head reads, which the reward head reads too.
+
+    Not always ``config.hidden_size``: OPT-350M projects its 1024-wide states to 512 first.
+    """
+    head = lm.get_output_embeddings()
+    weight = head.weight
+    return int(getattr(weight, "ds_shape", weight.shape)[-1])  # ZeRO-3 keeps the real shape in ds_shape
+
+
+_DROPOUT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def remove_dropout(model: nn.Module) -> int:
+    """Set every dropout probability in ``model`` to 0; returns how many were non-zero.
+
+    Covers ``nn.Dropout`` modules, float attributes that architectures read at forward time
+    (``self.dropout``, ``self.attention_dropout``, OPT's ``layerdrop``...) and the configs they
+    may read them from, so nothing stays random in train mode whatever the architecture.
+    """
+    changed = 0
+
+    def zero_floats(obj) -> None:
+        nonlocal changed
+        for name, value in list(vars(obj).items()):
+            if "drop" in name and isinstance(value, float) and not isinstance(value, bool):
+                changed += value != 0.0
+                setattr(obj, name, 0.0)
+
+    for module in model.modules():
+        if isinstance(module, _DROPOUT_MODULES):
+            changed += module.p != 0.0
+            module.p = 0.0
+        zero_floats(module)
+        config = getattr(module, "config", None)
+        if config is not None:
+            for sub in {id(c): c for c in (config, config.get_text_config())}.values():
+                zero_floats(sub)
+    return changed
 
 
 def _gathered(module: nn.Module):
@@ -88,38 +136,74 @@ class CausalLMWithRewardHead(nn.Module):
         )
         head = None
         if reward_head:
-            head = cls.new_reward_head(lm.config.hidden_size)
+            head = cls.new_reward_head(head_input_width(lm))
             head_file = Path(path) / REWARD_HEAD_FILE
             if head_file.is_file():
                 with _gathered(head):
                     head.load_state_dict(load_file(head_file))
-            head.to(dtype=lm.dtype)
         return cls(lm, head)
 
-    def _last_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        # Positions count attended tokens only, so a left-padded row sees the same positions as
-        # its right-padded twin (models with absolute positions, e.g. GPT-2, depend on this).
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return self.lm.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).last_hidden_state
+    def _head_path(self, input_ids: Tensor, attention_mask: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The wrapped LM's own forward, projecting only the positions where ``keep`` ``[B, T]`` is True.
 
-    def _rewards(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token_index(attention_mask)]
-        return self.reward_head(last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
+        Returns ``(logits, head_inputs)`` at the kept positions, flattened row-major to ``[N, V]``
+        and ``[N, H]`` (``[B, T, V]``/``[B, T, H]`` with ``keep=None``). Going through the model's own
+        forward keeps whatever the architecture does after its head (Gemma-2's logit soft-capping,
+        Cohere's ``logit_scale``, Granite's ``logits_scaling``), and its ``logits_to_keep`` skips the
+        vocabulary projection of prompt and padding positions. The head's input, the final hidden
+        state the reward head reads, is taken on its way into the head.
+        """
+        captured: list[Tensor] = []
+        head = self.lm.get_output_embeddings()
+        hook = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+        kwargs = {"logits_to_keep": keep} if keep is not None and self._takes_logits_to_keep else {}
+        try:
+            logits = self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+                **kwargs,
+            ).logits
+        finally:
+            hook.remove()
+        (hidden,) = captured
+        if keep is not None and logits.dim() == 3:  # the model projected every position
+            logits, hidden = logits[keep], hidden[keep]
+        return logits, hidden
+
+    @property
+    def _takes_logits_to_keep(self) -> bool:
+        return "logits_to_keep" in inspect.signature(self.lm.forward).parameters
+
+    def _rewards(self, last_hidden: Tensor) -> Tensor:
+        """``r̂`` from the final hidden state at each sequence's last token, computed in float32
+        (also under bf16 autocast or bf16 weights: the reward is a regression target)."""
+        head = self.reward_head
+        with torch.autocast(last_hidden.device.type, enabled=False):
+            return nn.functional.linear(last_hidden.float(), head.weight.float(), head.bias.float()).squeeze(-1)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> LMOutput:
         """Logits ``[B, T, V]`` and rewards ``[B]`` from one pass of the backbone."""
-        hidden = self._last_hidden(input_ids, attention_mask)
-        logits = self.lm.get_output_embeddings()(hidden)
-        rewards = self._rewards(hidden, attention_mask) if self.reward_head is not None else None
+        logits, hidden = self._head_path(input_ids, attention_mask, keep=None)
+        rewards = None
+        if self.reward_head is not None:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            rewards = self._rewards(hidden[rows, last_token_index(attention_mask)])
         return LMOutput(logits, rewards)
 
     def rewards(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Rewards ``[B]`` only; skips the vocabulary projection (for scoring)."""
+        """Rewards ``[B]`` only; projects one position per row onto the vocabulary (for scoring)."""
         if self.reward_head is None:
             raise ValueError("this model has no reward head")
-        return self._rewards(self._last_hidden(input_ids, attention_mask), attention_mask)
+        _, hidden = self._head_path(input_ids, attention_mask, keep=self._last_token_mask(attention_mask))
+        return self._rewards(hidden)
+
+    @staticmethod
+    def _last_token_mask(attention_mask: Tensor) -> Tensor:
+        last = torch.zeros(attention_mask.shape, dtype=torch.bool, device=attention_mask.device)
+        last[torch.arange(last.shape[0], device=last.device), last_token_index(attention_mask)] = True
+        return last
 
     def sequence_logps(
         self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *, average: bool = False
@@ -128,20 +212,23 @@ class CausalLMWithRewardHead(nn.Module):
 
         The same values as ``losses.sequence_logps(self(input_ids, attention_mask).logits, labels)``
         (``labels`` unshifted, ``-100`` at prompt and padding positions), but only the positions
-        that predict a response token are projected onto the vocabulary: prompt and padding
-        positions never get logits. That saves their share of the largest matrix product and of
-        the largest activation (``[B, T, V]``); e.g. a quarter of both with 64-token prompts
-        before 192-token responses.
+        that predict a response token (and each row's last token, for the reward) go through the
+        LM head: prompt and padding positions never get logits. That saves their share of the
+        largest matrix product and of the largest activation (``[B, T, V]``); e.g. a quarter of
+        both with 64-token prompts before 192-token responses.
         """
-        hidden = self._last_hidden(input_ids, attention_mask)
-        rewards = self._rewards(hidden, attention_mask) if self.reward_head is not None else None
-        targets = labels[:, 1:]
-        scored = targets != -100  # position t predicts token t + 1
-        logits = self.lm.get_output_embeddings()(hidden[:, :-1][scored])  # [response tokens in the batch, V]
-        per_token = losses.token_logps(logits, targets[scored])
-        total = per_token.new_zeros(labels.shape[0]).index_add(0, scored.nonzero()[:, 0], per_token)
+        predicts = torch.zeros_like(attention_mask, dtype=torch.bool)
+        predicts[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
+        last = self._last_token_mask(attention_mask)
+        keep = predicts | last if self.reward_head is not None else predicts
+        logits, hidden = self._head_path(input_ids, attention_mask, keep=keep)
+        rewards = self._rewards(hidden[last[keep]]) if self.reward_head is not None else None
+        scored = predicts[keep]
+        per_token = losses.token_logps(logits[scored], labels.roll(-1, dims=1)[predicts])
+        rows = keep.nonzero()[:, 0][scored]
+        total = per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token)
         if average:
-            total = total / scored.sum(-1).clamp(min=1)
+            total = total / predicts.sum(-1).clamp(min=1)
         return total, rewards
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None, state_dict: dict[str, Tensor] | None = None) -> Path:

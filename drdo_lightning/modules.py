@@ -23,7 +23,7 @@ from torchmetrics import PearsonCorrCoef
 from transformers import get_cosine_schedule_with_warmup
 
 from drdo_lightning import losses
-from drdo_lightning.models import CausalLMWithRewardHead
+from drdo_lightning.models import CausalLMWithRewardHead, remove_dropout
 
 
 class PairOutputs(NamedTuple):
@@ -50,6 +50,9 @@ class PreferenceModule(L.LightningModule):
         reward_head_seed: Seed of a new reward head's initialisation (ensemble members differ
             only here); default: the global seed.
         trust_remote_code: Allow model code from the model directory/hub to run. Off by default.
+        disable_dropout: Set every dropout probability of the policy to 0, as TRL and the original
+            DPO code do: with dropout on, the log-probs and rewards a loss compares are noisy (DPO's
+            first loss is not log 2 against an identical reference). The reference never drops out.
     """
 
     uses_rejected: bool = True
@@ -66,6 +69,7 @@ class PreferenceModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         reward_head_seed: int | None = None,
         trust_remote_code: bool = False,
+        disable_dropout: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -83,6 +87,8 @@ class PreferenceModule(L.LightningModule):
                 reward_head=self.uses_reward_head,
                 trust_remote_code=self.hparams.trust_remote_code,
             ).train()  # from_pretrained returns eval mode; Lightning keeps whatever mode it finds
+        if self.hparams.disable_dropout:
+            remove_dropout(self.policy)
         if self.hparams.gradient_checkpointing:
             self.policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -187,10 +193,14 @@ class SFT(PreferenceModule):
     """Supervised fine-tuning on the chosen responses: ``-mean z_w``.
 
     With ``average_logps=True`` (the SFT recipe's setting) this is the mean token negative
-    log-likelihood of each response, averaged over responses.
+    log-likelihood of each response, averaged over responses. Dropout stays as the model's config
+    sets it, as in ordinary fine-tuning (``disable_dropout=False``).
     """
 
     uses_rejected = False
+
+    def __init__(self, model: str, disable_dropout: bool = False, **kwargs) -> None:
+        super().__init__(model, disable_dropout=disable_dropout, **kwargs)
 
     def objective(self, batch, out, stage):
         return -out.chosen_logps.mean(), {}
@@ -427,12 +437,21 @@ class DPO(ReferenceModule):
 class IPO(ReferenceModule):
     """Identity Preference Optimisation (Azar et al. 2023).
 
+    ``((z_w - z_w^ref) - (z_l - z_l^ref) - 1/(2 tau))^2``, where ``z`` is by default the *mean*
+    token log-prob of a response (``average_logps=True``), as in TRL's ``loss_type="ipo"``: the
+    IPO authors advised TRL that the log-likelihoods be averaged, so that the fixed target margin
+    ``1/(2 tau)`` means the same for a 10-token and a 300-token response. With summed log-probs
+    (``average_logps=False``, the paper's formula read literally) the log-ratio margin grows with
+    length and the same ``tau`` regularises long responses far less; keep that setting to compare
+    with implementations that sum.
+
     Args:
         tau: Regularisation strength; the target log-ratio margin is ``1 / (2 tau)``.
+        average_logps: Mean (default, TRL's convention) or sum of the response's token log-probs.
     """
 
-    def __init__(self, model: str, tau: float = 0.1, **kwargs) -> None:
-        super().__init__(model, **kwargs)
+    def __init__(self, model: str, tau: float = 0.1, average_logps: bool = True, **kwargs) -> None:
+        super().__init__(model, average_logps=average_logps, **kwargs)
         self.save_hyperparameters()
 
     def objective(self, batch, out, stage):
