@@ -6,6 +6,8 @@ row alone, without padding: what the model itself computes, post-processing incl
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from architectures import ARCHITECTURES, build
@@ -96,3 +98,21 @@ def test_trains_through_the_cli_and_exports_for_transformers(objective, arch, tm
     if objective == "DRDO":
         head = CausalLMWithRewardHead.from_pretrained(tmp_path / "export").reward_head
         torch.testing.assert_close(head.weight, cli.model.policy.reward_head.weight)
+
+
+@pytest.mark.parametrize("name", ["opt-125m-shape", "gpt2"])
+def test_dpo_starts_at_log_2_with_dropout_in_the_config_unless_asked_to_keep_it(name, tmp_path, tiny_tokenizer, pairs16):
+    lm = build(name, len(tiny_tokenizer))
+    assert remove_dropout(build(name, len(tiny_tokenizer))) > 0  # the config does have dropout
+    start = tmp_path / "start"
+    lm.save_pretrained(start)
+    tiny_tokenizer.save_pretrained(start)
+    first_loss = {}
+    for keep in ("false", "true"):
+        root = tmp_path / f"keep_dropout_{keep}"
+        main(fit_args(root, start, "DPO", pairs16, "--trainer.max_steps", "1",
+                      "--model.disable_dropout", "false" if keep == "true" else "true"))
+        (first_loss[keep],) = series(read_metrics(root), "train/loss")
+    # The policy equals its reference at the first step: every implicit reward is 0.
+    assert first_loss["false"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(first_loss["true"] - math.log(2)) > 1e-3

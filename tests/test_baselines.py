@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from drdo_lightning import DPO, CausalLMWithRewardHead
+from drdo_lightning import DPO, IPO, CausalLMWithRewardHead
 from drdo_lightning.cli import main
 from drdo_lightning.pipeline import train_ensemble, write_summary
 
@@ -180,3 +180,20 @@ def test_summary_table_reads_the_last_validation_metrics(tmp_path):
     table = write_summary({"drdo": tmp_path / "drdo", "dpo": tmp_path / "dpo"}, tmp_path)
     assert "| drdo | 1.500 | 0.700 |" in table and "| dpo | 1.500 | 0.600 |" in table
     assert (tmp_path / "summary.csv").read_text().splitlines()[1].startswith("drdo,1.5,0.7")
+
+
+def test_ipo_averages_token_logps_by_default_as_trl_does_and_sums_on_request(tiny_model_dir, padded_responses):
+    torch.manual_seed(0)
+    ids, mask, labels = padded_responses("right")
+    batch = {f"{side}_{key}": value for side in ("chosen", "rejected")
+             for key, value in (("input_ids", ids), ("attention_mask", mask), ("labels", labels))}
+    lengths = (labels != -100).sum(-1).float()
+
+    def chosen_logps(module):
+        module.configure_model()
+        with torch.no_grad():
+            return module.forward_pairs(batch).chosen_logps
+
+    summed = chosen_logps(IPO(str(tiny_model_dir), average_logps=False))
+    torch.testing.assert_close(chosen_logps(IPO(str(tiny_model_dir))), summed / lengths)
+    torch.testing.assert_close(chosen_logps(DPO(str(tiny_model_dir))), summed)
