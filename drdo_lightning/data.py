@@ -320,6 +320,13 @@ def tokenize_pairs(
     # A chat-templated prompt already carries its special tokens and its responses their
     # end-of-turn markers; plain text gets the tokenizer's BOS (if any) and an EOS.
     templated = [p.prompt_has_special_tokens for p in pairs]
+    trailing_space = sum(not t and p.prompt[-1:].isspace() for t, p in zip(templated, pairs))
+    if trailing_space:
+        log.warning(
+            "%d of %d prompts end in whitespace. Prompt and response are tokenized apart, so that space "
+            "becomes a token of its own instead of joining the response's first word as it does in "
+            "generation; strip it from the prompts (or begin the responses with it)", trailing_space, len(pairs),
+        )
     prompt_ids: list[list[int]] = [[] for _ in pairs]
     for flag in (False, True):
         idx = [i for i, t in enumerate(templated) if t == flag]

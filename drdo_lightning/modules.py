@@ -92,6 +92,15 @@ class PreferenceModule(L.LightningModule):
         if self.hparams.gradient_checkpointing:
             self.policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    def on_fit_start(self) -> None:
+        # "bf16-true" casts every parameter to bf16. The reward head is a few thousand numbers that
+        # regress real-valued targets, and bf16 would round its small updates away: keep it fp32
+        # (the optimizer's state for it follows, as it is created at the first step). DeepSpeed
+        # keeps fp32 master weights of its own and owns the parameters' storage.
+        head = self.policy.reward_head
+        if head is not None and self.trainer.precision.endswith("-true") and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            head.float()
+
     # -- forward ------------------------------------------------------------------------
 
     @property

@@ -187,3 +187,23 @@ def test_shipped_drdo_recipe_runs_on_the_embedded_default(tmp_path):
     assert cli.trainer.global_step == 3
     assert (tmp_path / "export" / "reward_head.safetensors").is_file()
     assert cli.trainer.callback_metrics["val/loss"].isfinite()
+
+
+@pytest.mark.parametrize("precision, state_bytes", [("bf16-mixed", 8), ("bf16-true", 4)])
+def test_bf16_precisions_train_with_a_float32_reward_head(precision, state_bytes, tmp_path, tiny_model_dir, overfit_file):
+    """bf16-mixed keeps fp32 weights (computes in bf16); bf16-true stores weights and AdamW state in bf16."""
+    cli = main(fit_args(tmp_path, tiny_model_dir, "DRDO", overfit_file, "--trainer.precision", precision,
+                        "--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected",
+                        "--data.batch_size", "16", "--model.learning_rate", "1e-2", "--trainer.max_steps", "6"))
+    loss = series(read_metrics(tmp_path), "train/loss")
+    assert len(loss) == 6 and torch.tensor(loss).isfinite().all() and loss[-1] < loss[0]
+    policy = cli.model.policy
+    lm_dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert {p.dtype for p in policy.lm.parameters()} == {lm_dtype}
+    assert {p.dtype for p in policy.reward_head.parameters()} == {torch.float32}
+    optimizer = cli.trainer.optimizers[0]
+    lm_params = list(policy.lm.parameters())
+    state = [t for p in lm_params for k, t in optimizer.state[p].items() if k in ("exp_avg", "exp_avg_sq")]
+    assert sum(t.numel() * t.element_size() for t in state) == state_bytes * sum(p.numel() for p in lm_params)
+    out = policy(*(torch.ones(1, 3, dtype=torch.long),) * 2)
+    assert out.rewards.dtype == torch.float32

@@ -677,3 +677,44 @@ def test_tokenizer_without_pad_token(pair_files, tiny_model_dir, tmp_path):
     lengths = mask.sum(1)
     for row in range(ids.shape[0]):
         assert labels[row, lengths[row] - 1].item() == eos
+
+
+# --- 11. tokenizers as they come --------------------------------------------------------------
+
+
+def test_tokenizer_without_bos_adds_no_prefix_and_truncates_from_the_left(pair_files, tiny_task, tiny_model_dir, tmp_path):
+    """Qwen's tokenizers have no BOS: nothing is prepended and truncation keeps the prompt's end."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    backend = tok.backend_tokenizer
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    no_bos = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tok.eos_token, pad_token=tok.pad_token)
+    no_bos.save_pretrained(tmp_path / "no_bos")
+    dm = setup_dm(pair_files["train"], tiny_model_dir, tokenizer=str(tmp_path / "no_bos"), max_prompt_length=4)
+    assert dm.tokenizer.bos_token_id is None
+    for ex, row in zip(dm.train_dataset, tiny_task["train"]):
+        full = no_bos(row["prompt"], add_special_tokens=True)["input_ids"]
+        assert ex["prompt_ids"] == full[-4:]
+        assert tok.bos_token_id not in ex["prompt_ids"]
+
+
+def test_chat_template_with_its_own_bos_gets_no_second_one(tmp_path, tiny_model_dir, tok):
+    rows = trl_rows()
+    dm = setup_dm(write_jsonl(tmp_path / "conv.jsonl", rows), tiny_model_dir, chat_template="{{ bos_token }}" + TEMPLATE)
+    for ex in dm.train_dataset:
+        assert ex["prompt_ids"][0] == tok.bos_token_id and ex["prompt_ids"].count(tok.bos_token_id) == 1
+        assert tok.bos_token_id not in ex["chosen_ids"] + ex["rejected_ids"]
+
+
+def test_prompts_ending_in_whitespace_are_counted_in_a_warning(rows, tmp_path, tiny_model_dir, caplog):
+    spaced = [dict(r, prompt=r["prompt"] + " ") if i < 3 else r for i, r in enumerate(rows)]
+    with caplog.at_level(logging.WARNING, logger="drdo_lightning.data"):
+        setup_dm(write_jsonl(tmp_path / "spaced.jsonl", spaced), tiny_model_dir)
+    (message,) = [r.getMessage() for r in caplog.records if "whitespace" in r.getMessage()]
+    assert message.startswith(f"3 of {len(rows)} prompts end in whitespace")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="drdo_lightning.data"):
+        setup_dm(write_jsonl(tmp_path / "clean.jsonl", rows), tiny_model_dir)
+    assert not [r for r in caplog.records if "whitespace" in r.getMessage()]
