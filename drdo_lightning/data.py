@@ -28,7 +28,7 @@ import os
 import random
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -233,6 +233,19 @@ def _render_conversation(prompt: Any, chosen: Any, rejected: Any, template: Any,
         return full[len(prompt_text):]
 
     return prompt_text, response(chosen_msgs), response(rejected_msgs) if rejected_msgs is not None else None
+
+
+def render_as_chat(pair: TextPair, template, cols: Columns) -> TextPair:
+    """A plain-text pair as a one-turn chat (the prompt from the user, each response from the
+    assistant) rendered with ``template``: how chat reward models read text. Rendered pairs pass."""
+    if pair.prompt_has_special_tokens:
+        return pair
+
+    def turn(text: str | None) -> list[dict] | None:
+        return None if text is None else [{"role": "assistant", "content": text}]
+
+    prompt, chosen, rejected = _render_conversation(pair.prompt, turn(pair.chosen), turn(pair.rejected), template, cols)
+    return replace(pair, prompt=prompt, chosen=chosen, rejected=rejected, prompt_has_special_tokens=True)
 
 
 def validate_row(row: dict, cols: Columns, template) -> TextPair:

@@ -30,9 +30,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from drdo_lightning import demo
-from drdo_lightning.data import TextPair, load_tokenizer, read_rows, tokenize_pairs
-from drdo_lightning.models import REWARD_HEAD_FILE, CausalLMWithRewardHead
-from drdo_lightning.scoring import reward_columns
+from drdo_lightning.data import Columns, TextPair, load_tokenizer, read_rows
+from drdo_lightning.scoring import load_scorer, reward_columns, tokenized_for
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +125,8 @@ def load_policy(path: str, *, device: str = "cpu", trust_remote_code: bool = Fal
 
 
 class RewardModelJudge:
-    """Rewards from a reward model's head, tokenized exactly as in training and in ``score``.
+    """Rewards from a reward model (an Oracle trained here or a one-label sequence classifier),
+    tokenized exactly as ``score`` tokenizes for it.
 
     Each distinct (prompt, response) is scored once, so identical responses get identical
     rewards (a tie), whatever batch they land in.
@@ -134,10 +134,7 @@ class RewardModelJudge:
 
     def __init__(self, path: str, *, batch_size: int = 32, max_prompt_length: int = 512, max_length: int = 1024,
                  device: str = "cpu", trust_remote_code: bool = False) -> None:
-        if not (Path(path) / REWARD_HEAD_FILE).is_file():
-            raise FileNotFoundError(f"judge {path} has no {REWARD_HEAD_FILE}: it is not a trained reward model")
-        self.model = CausalLMWithRewardHead.from_pretrained(path, trust_remote_code=trust_remote_code).to(device).eval()
-        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        self.model, self.tokenizer = load_scorer(path, device=device, trust_remote_code=trust_remote_code)
         self.batch_size, self.max_prompt_length, self.max_length = batch_size, max_prompt_length, max_length
         self.name = path
 
@@ -145,9 +142,8 @@ class RewardModelJudge:
         keys = list(zip(prompts, responses))
         unique = list(dict.fromkeys(keys))
         pairs = [TextPair(p, r, None, None, None, prompt_has_special_tokens=False) for p, r in unique]
-        columns, _ = tokenize_pairs(pairs, self.tokenizer, max_prompt_length=self.max_prompt_length,
-                                    max_length=self.max_length, drop_long=False)
-        examples = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        examples = tokenized_for(self.model, self.tokenizer, pairs, Columns("prompt", "response", None),
+                                 max_prompt_length=self.max_prompt_length, max_length=self.max_length)
         rewards = reward_columns(self.model, examples, self.tokenizer.pad_token_id, batch_size=self.batch_size,
                                  sides=("chosen",), desc=f"judge {self.name}")["chosen"]
         by_key = dict(zip(unique, rewards))

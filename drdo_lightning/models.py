@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from drdo_lightning import losses
 
@@ -263,3 +263,46 @@ class CausalLMWithRewardHead(nn.Module):
         else:
             staging.rename(path)
         return path
+
+
+class SequenceClassifierReward(nn.Module):
+    """An off-the-shelf reward model: ``AutoModelForSequenceClassification`` with one label.
+
+    The common format of public reward models. Its reward is its own forward's score at the
+    position it pools (the last token that is not padding), so it is read exactly as the model
+    was trained to be read.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def rewards(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Rewards ``[B]``, float32; rows may be left- or right-padded."""
+        position_ids = position_ids_from_mask(attention_mask)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, 0].float()
+
+
+RewardModel = CausalLMWithRewardHead | SequenceClassifierReward
+
+
+def load_reward_model(
+    path: str | os.PathLike, *, pad_token_id: int, trust_remote_code: bool = False
+) -> RewardModel:
+    """A reward model from a directory: one this package trained (a causal LM with
+    ``reward_head.safetensors``) or a sequence classifier with one label.
+
+    ``pad_token_id`` is the token the batches are padded with; a sequence classifier finds each
+    row's last token by it.
+    """
+    if (Path(path) / REWARD_HEAD_FILE).is_file():
+        return CausalLMWithRewardHead.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []) and config.num_labels == 1:
+        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model.config.pad_token_id = pad_token_id
+        return SequenceClassifierReward(model)
+    raise ValueError(
+        f"{path} is not a reward model: it has no {REWARD_HEAD_FILE} (an Oracle trained here) and is not a "
+        f"sequence classifier with one label (its architectures: {config.architectures}, num_labels: {config.num_labels})"
+    )

@@ -14,15 +14,17 @@ import datasets
 import torch
 from tqdm import tqdm
 
-from drdo_lightning.data import Columns, PairCollator, chat_renderer, load_pairs, load_tokenizer, read_rows, tokenize_pairs
-from drdo_lightning.models import REWARD_HEAD_FILE, CausalLMWithRewardHead
+from drdo_lightning.data import (
+    Columns, PairCollator, TextPair, chat_renderer, load_pairs, load_tokenizer, read_rows, render_as_chat, tokenize_pairs,
+)
+from drdo_lightning.models import RewardModel, SequenceClassifierReward, load_reward_model
 
 log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
 def reward_columns(
-    model: CausalLMWithRewardHead,
+    model: RewardModel,
     examples: list[dict],
     pad_token_id: int,
     *,
@@ -47,6 +49,30 @@ def reward_columns(
             for i, r in zip(idx, rewards.tolist()):
                 out[side][i] = r
     return out
+
+
+def load_scorer(path: str, *, device: str = "cpu", trust_remote_code: bool = False, chat_template: str | None = None):
+    """``(reward model, its tokenizer)`` from a directory (see :func:`models.load_reward_model`), on ``device``."""
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, chat_template=chat_template)
+    model = load_reward_model(path, pad_token_id=tokenizer.pad_token_id, trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), tokenizer
+
+
+def tokenized_for(
+    model: RewardModel, tokenizer, pairs: list[TextPair], cols: Columns, *, max_prompt_length: int, max_length: int
+) -> list[dict]:
+    """``pairs`` tokenized as ``model`` reads them, one example per pair, in order.
+
+    An Oracle trained here reads text as it was trained (the data module's rule); an off-the-shelf
+    sequence classifier whose tokenizer has a chat template reads a one-turn chat, as it was trained.
+    """
+    template = chat_renderer(tokenizer)
+    if isinstance(model, SequenceClassifierReward) and template is not None:
+        pairs = [render_as_chat(p, template, cols) for p in pairs]
+    columns, counts = tokenize_pairs(pairs, tokenizer, max_prompt_length=max_prompt_length, max_length=max_length, drop_long=False)
+    if counts:
+        log.info("truncated while scoring: %s", dict(counts))
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:
@@ -88,7 +114,9 @@ def score(
     training (see :mod:`drdo_lightning.data`).
 
     Args:
-        models: Reward-model directories (with ``reward_head.safetensors``); several for an ensemble.
+        models: Reward-model directories, several for an ensemble: Oracles trained here (with
+            ``reward_head.safetensors``) or sequence classifiers with one label (public reward
+            models), each with its own tokenizer.
         data: Input data (any format :class:`PreferenceDataModule` reads).
         output: Output ``.jsonl`` or ``.parquet`` file; must differ from the input.
         output_prefix: Prefix of the new column names.
@@ -102,20 +130,13 @@ def score(
         raise FileExistsError(f"{output} exists; pass --overwrite true to replace it")
     if not models:
         raise ValueError("give at least one reward model")
-    tokenizer = load_tokenizer(models[0], trust_remote_code=trust_remote_code, chat_template=chat_template)
     cols = Columns(prompt_column, chosen_column, rejected_column)
-    pairs = load_pairs(data, cols, chat_renderer(tokenizer), split=split, on_bad_row="error")
-    columns, counts = tokenize_pairs(pairs, tokenizer, max_prompt_length=max_prompt_length, max_length=max_length, drop_long=False)
-    if counts:
-        log.info("truncated while scoring: %s", dict(counts))
-    examples = [dict(zip(columns, values)) for values in zip(*columns.values())]
     sides = ("chosen", "rejected") if rejected_column else ("chosen",)
-    for path in models:
-        if not (Path(path) / REWARD_HEAD_FILE).is_file():
-            raise FileNotFoundError(f"{path} has no {REWARD_HEAD_FILE}: it is not a trained reward model")
     per_model = []
     for k, path in enumerate(models):
-        model = CausalLMWithRewardHead.from_pretrained(path, trust_remote_code=trust_remote_code).to(device).eval()
+        model, tokenizer = load_scorer(path, device=device, trust_remote_code=trust_remote_code, chat_template=chat_template)
+        pairs = load_pairs(data, cols, chat_renderer(tokenizer), split=split, on_bad_row="error")
+        examples = tokenized_for(model, tokenizer, pairs, cols, max_prompt_length=max_prompt_length, max_length=max_length)
         per_model.append(
             reward_columns(model, examples, tokenizer.pad_token_id, batch_size=batch_size, sides=sides, desc=f"model {k + 1}/{len(models)}")
         )
