@@ -465,7 +465,10 @@ class ResumableSampler(DistributedSampler):
 
     def order(self) -> list[int]:
         """This rank's items for the current epoch, in order."""
-        indices = list(super().__iter__())
+        # The shuffle draws from a CPU generator. Lightning's DeepSpeed set-up asks for the loader
+        # while the GPU is the default device, where randperm would refuse a CPU generator.
+        with torch.device("cpu"):
+            indices = list(super().__iter__())
         if self.lengths is None:
             return indices
         return group_by_length(indices, self.lengths, self.batch_size, seed=self.seed + self.epoch)

@@ -161,11 +161,12 @@ class PreferenceModule(L.LightningModule):
 
     def _fused_adamw(self) -> bool:
         """Fused AdamW: one kernel over all tensors instead of a loop of small ops (7x less optimizer time
-        on CPU; TRL's default too). Not under fp16 loss scaling, where Lightning cannot clip the gradients
-        of an optimizer that unscales them itself, nor under DeepSpeed, whose engine wraps the optimizer."""
+        on CPU; TRL's default too). Not under mixed precision (16 or bf16), where Lightning's AMP plugin
+        refuses to clip the gradients of an optimizer that could unscale them itself, nor under DeepSpeed,
+        whose engine wraps the optimizer."""
         return (
             self.device.type in ("cpu", "cuda")
-            and self.trainer.precision != "16-mixed"
+            and not self.trainer.precision.endswith("-mixed")
             and not isinstance(self.trainer.strategy, DeepSpeedStrategy)
         )
 

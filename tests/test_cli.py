@@ -194,7 +194,7 @@ def test_bf16_precisions_train_with_a_float32_reward_head(precision, state_bytes
     """bf16-mixed keeps fp32 weights (computes in bf16); bf16-true stores weights and AdamW state in bf16."""
     cli = main(fit_args(tmp_path, tiny_model_dir, "DRDO", overfit_file, "--trainer.precision", precision,
                         "--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected",
-                        "--data.batch_size", "16", "--model.learning_rate", "1e-2", "--trainer.max_steps", "6"))
+                        "--data.batch_size", "16", "--model.learning_rate", "1e-2", "--trainer.max_steps", "6", "--trainer.gradient_clip_val", "1.0"))
     loss = series(read_metrics(tmp_path), "train/loss")
     assert len(loss) == 6 and torch.tensor(loss).isfinite().all() and loss[-1] < loss[0]
     policy = cli.model.policy

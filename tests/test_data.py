@@ -718,3 +718,11 @@ def test_prompts_ending_in_whitespace_are_counted_in_a_warning(rows, tmp_path, t
     with caplog.at_level(logging.WARNING, logger="drdo_lightning.data"):
         setup_dm(write_jsonl(tmp_path / "clean.jsonl", rows), tiny_model_dir)
     assert not [r for r in caplog.records if "whitespace" in r.getMessage()]
+
+
+def test_shuffle_order_does_not_depend_on_the_default_device():
+    """Lightning's DeepSpeed set-up builds the loader while the GPU is the default device."""
+    sampler = data_mod.ResumableSampler(list(range(20)), num_replicas=1, rank=0, shuffle=True, seed=3)
+    expected = sampler.order()
+    with torch.device("meta"):  # stands in for CUDA on a machine without one: any non-CPU default
+        assert sampler.order() == expected
