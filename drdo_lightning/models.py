@@ -223,10 +223,11 @@ class CausalLMWithRewardHead(nn.Module):
         keep = predicts | last if self.reward_head is not None else predicts
         logits, hidden = self._head_path(input_ids, attention_mask, keep=keep)
         rewards = self._rewards(hidden[last[keep]]) if self.reward_head is not None else None
-        scored = predicts[keep]
-        per_token = losses.token_logps(logits[scored], labels.roll(-1, dims=1)[predicts])
-        rows = keep.nonzero()[:, 0][scored]
-        total = per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token)
+        # Every kept row gets a target (0 where it predicts nothing) and is then weighted by
+        # whether it predicts: selecting the predicting rows instead would copy the logits.
+        targets = labels.roll(-1, dims=1).clamp(min=0)[keep]
+        per_token = losses.token_logps(logits, targets) * predicts[keep]
+        total = per_token.new_zeros(labels.shape[0]).index_add(0, keep.nonzero()[:, 0], per_token)
         if average:
             total = total / predicts.sum(-1).clamp(min=1)
         return total, rewards
