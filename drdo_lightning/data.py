@@ -40,6 +40,8 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from drdo_lightning.errors import DataError
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -47,10 +49,6 @@ IGNORE_INDEX = -100
 # [B, K] for an ensemble) and precomputed reference log-probs.
 FLOAT_COLUMNS = ("chosen_score", "rejected_score", "ref_chosen_logps", "ref_rejected_logps")
 CACHE_FORMAT_VERSION = 1
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the source, the row and the field."""
 
 
 # ---------------------------------------------------------------------------------------

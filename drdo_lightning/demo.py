@@ -27,12 +27,11 @@ is the full text, and because the byte-level pre-tokenizer splits before
 spaces, ``tokenize(prompt + response) == tokenize(prompt) + tokenize(response)``
 (BOS aside). The tokenizer prepends BOS but never appends EOS by itself.
 
-CLI: ``python -m drdo_lightning.demo --out embedded_default --seed 0``.
+``python -m drdo_lightning build-embedded-default`` writes the task and trains on it.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -366,7 +365,7 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def _summary(out_dir: Path, paths: dict[str, Path]) -> str:
+def describe_task(out_dir: Path, paths: dict[str, Path]) -> str:
     """Row counts, gold reward statistics, label agreement and file sizes of a written task."""
     rows = {split: _read_jsonl(paths[split]) for split in ("sft", "train", "val", "eval")}
     lines = ["rows: " + ", ".join(f"{split}={len(r)}" for split, r in rows.items())]
@@ -387,19 +386,3 @@ def _summary(out_dir: Path, paths: dict[str, Path]) -> str:
         files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
         lines += [f"  {p.relative_to(out_dir)}: {p.stat().st_size / 1e6:.3f} MB" for p in files]
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: write the embedded default task and print a short summary."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="embedded_default", help="output directory")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--label-flip-rate", type=float, default=0.0, help="fraction of training labels to flip")
-    args = parser.parse_args(argv)
-    paths = write_task(args.out, seed=args.seed, label_flip_rate=args.label_flip_rate)
-    print(f"wrote {args.out} (seed={args.seed}, label_flip_rate={args.label_flip_rate})")
-    print(_summary(Path(args.out), paths))
-
-
-if __name__ == "__main__":
-    main()

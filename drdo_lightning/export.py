@@ -142,8 +142,12 @@ class ExportHuggingFace(L.Callback):
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
 
+    def directory(self, trainer: L.Trainer) -> Path:
+        """Where the export goes: ``dirpath``, or ``<trainer.default_root_dir>/export``."""
+        return Path(self.dirpath) if self.dirpath else default_export_dir(trainer)
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = Path(self.dirpath) if self.dirpath else default_export_dir(trainer)
+        path = self.directory(trainer)
         state_dict = None  # the policy's own weights
         if getattr(trainer.strategy, "zero_stage_3", False):
             # Collective: every rank sends its shards; rank 0 receives the full weights, on CPU.

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from drdo_lightning import DPO, CausalLMWithRewardHead
 from drdo_lightning.cli import main
 from drdo_lightning.pipeline import train_ensemble, write_summary
+from drdo_lightning.training import FitResult
 
 
 def args(root: Path, model_dir: Path, objective: str, train: Path, *extra: str) -> list[str]:
@@ -156,8 +157,7 @@ def test_ensemble_members_differ_only_in_the_reward_head_init(tmp_path, tiny_mod
         "model:\n  class_path: drdo_lightning.OracleRewardModel\n  init_args:\n"
         f"    model: {tiny_model_dir}\n    alpha: 0.0\n    learning_rate: 0.0\n"
         f"data:\n  train_file: {scored_pairs}\n  batch_size: 8\n  cache_dir: null\n"
-        "trainer:\n  max_steps: 1\n  enable_progress_bar: false\n  logger:\n"
-        "    class_path: lightning.pytorch.loggers.CSVLogger\n    init_args:\n      save_dir: unused\n"
+        "trainer:\n  max_steps: 1\n  enable_progress_bar: false\n"
     )
     exports = train_ensemble(str(config), members=2, out=str(tmp_path / "ens"))
     heads = [load_file(e / "reward_head.safetensors") for e in exports]
@@ -169,14 +169,10 @@ def test_ensemble_members_differ_only_in_the_reward_head_init(tmp_path, tiny_mod
     torch.testing.assert_close(load_file(again[0] / "reward_head.safetensors")["weight"], heads[0]["weight"])
 
 
-def test_summary_table_reads_the_last_validation_metrics(tmp_path):
-    for name, acc in (("drdo", 0.7), ("dpo", 0.6)):
-        log = tmp_path / name / "logs" / "version_0"
-        log.mkdir(parents=True)
-        log.joinpath("metrics.csv").write_text(
-            "epoch,step,train/loss,val/loss,val/implicit_accuracy\n"
-            f"0,9,1.0,,\n0,10,,2.0,0.5\n1,20,,1.5,{acc}\n"
-        )
-    table = write_summary({"drdo": tmp_path / "drdo", "dpo": tmp_path / "dpo"}, tmp_path)
+def test_summary_table_shows_the_final_validation_metrics(tmp_path):
+    runs = {name: FitResult(tmp_path / name, None, None, None, 20,
+                            {"train/loss": 1.0, "val/loss": 1.5, "val/implicit_accuracy": acc})
+            for name, acc in (("drdo", 0.7), ("dpo", 0.6))}
+    table = write_summary(runs, tmp_path)
     assert "| drdo | 1.500 | 0.700 |" in table and "| dpo | 1.500 | 0.600 |" in table
     assert (tmp_path / "summary.csv").read_text().splitlines()[1].startswith("drdo,1.5,0.7")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from drdo_lightning import CausalLMWithRewardHead, losses
-from drdo_lightning.cli import FUNCTION_COMMANDS, main
+from drdo_lightning.cli import COMMANDS, main
 from drdo_lightning.data import PairCollator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def command_for(config: Path) -> list[str]:
     rel = config.relative_to(ROOT / "configs")
     if rel.parts[0] in ("ablations", "strategies"):
         return ["fit", "--config", str(ROOT / "configs/drdo.yaml"), "--config", str(config)]
-    if rel.stem in FUNCTION_COMMANDS:
+    if rel.stem in COMMANDS:
         return [rel.stem, "--config", str(config)]
     return ["fit", "--config", str(config)]
 
@@ -179,9 +179,7 @@ def test_shipped_drdo_recipe_runs_on_the_embedded_default(tmp_path):
             "fit", "--config", str(ROOT / "configs/drdo.yaml"),
             "--trainer.max_steps", "3", "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "3",
             "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--trainer.callbacks", json.dumps([{"class_path": "drdo_lightning.ExportHuggingFace"}]),
-            "--data.cache_dir", str(tmp_path / "cache"),
+            "--trainer.default_root_dir", str(tmp_path), "--data.cache_dir", str(tmp_path / "cache"),
         ]
     )
     assert cli.trainer.global_step == 3
