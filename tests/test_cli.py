@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from drdo_lightning import CausalLMWithRewardHead, losses
 from drdo_lightning.cli import COMMANDS, main
@@ -185,3 +186,53 @@ def test_shipped_drdo_recipe_runs_on_the_embedded_default(tmp_path):
     assert cli.trainer.global_step == 3
     assert (tmp_path / "export" / "reward_head.safetensors").is_file()
     assert cli.trainer.callback_metrics["val/loss"].isfinite()
+
+
+HELP_GROUPS = {
+    "training": ["fit", "validate"],
+    "data and models": ["score", "export", "train-ensemble"],
+    "evaluation": ["evaluate"],
+    "experiments": ["robustness", "ablations", "splits", "paper-pipeline"],
+    "embedded default": ["build-embedded-default"],
+}
+
+
+def test_help_lists_every_command_by_group_with_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    listed: dict[str, list[str]] = {}
+    group = None
+    for line in capsys.readouterr().out.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            group = listed.setdefault(line[:-1], [])
+        elif line.startswith("  ") and group is not None:
+            name, summary = line.split(maxsplit=1)
+            assert summary.endswith(".") or summary.endswith(")"), line  # a whole sentence on one line
+            group.append(name)
+    assert listed == HELP_GROUPS and sorted(sum(HELP_GROUPS.values(), [])) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0 and "--config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["test", "predict"])
+def test_commands_without_a_use_are_not_offered(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--config", "drdo"])
+    assert exit_info.value.code == 2 and f"unknown command '{name}'" in capsys.readouterr().err
+
+
+def test_config_takes_a_recipe_name_or_a_path(capsys):
+    for config in ("drdo", str(ROOT / "configs" / "drdo.yaml")):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", config, "--config", "ablations/gamma0", "--print_config"])
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["init_args"]["gamma"] == 0.0 and printed["trainer"]["default_root_dir"] == "runs/drdo"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "drdoo"])
+    assert exit_info.value.code == 2 and "--config drdoo: no such file, nor a shipped recipe" in capsys.readouterr().err
