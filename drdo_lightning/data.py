@@ -30,7 +30,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import datasets
 import lightning as L
@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from drdo_lightning.errors import DataError
+from drdo_lightning.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +54,6 @@ CACHE_FORMAT_VERSION = 1
 
 # ---------------------------------------------------------------------------------------
 # Reading raw rows
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {line_no}: expected a JSON object, got {type(row).__name__}")
-            yield line_no, row
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
@@ -115,7 +102,7 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, dict]]:
                 raise DataError(f"{path}: no split {split!r}; it has {sorted(loaded)}")
             loaded = loaded[split]
         return _read_dataset(loaded)
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    readers = {".jsonl": read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     if path.suffix in readers:
         if not path.is_file():
             raise FileNotFoundError(f"data file not found: {path}")
@@ -278,20 +265,34 @@ def load_pairs(source: str, cols: Columns, template, *, split: str = "train", on
     return pairs
 
 
-def flip_labels(pairs: list[TextPair], rate: float, seed: int) -> int:
-    """Swap chosen/rejected (and their scores) in exactly ``round(rate * len(pairs))`` pairs."""
+def swap_pair(pair: TextPair) -> None:
+    """Swap chosen and rejected, and their scores, in place."""
+    pair.chosen, pair.rejected = pair.rejected, pair.chosen
+    pair.chosen_score, pair.rejected_score = pair.rejected_score, pair.chosen_score
+
+
+def flip_labels(pairs: list, rate: float, seed: int | random.Random, swap: Callable[[Any], None] = swap_pair) -> int:
+    """The label-noise rule: ``swap`` exactly ``round(rate * len(pairs))`` pairs, drawn without
+    replacement by ``random.Random(seed)`` (or by ``seed`` itself, a ``Random``); return how many."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"label_flip_rate must be in [0, 1], got {rate}")
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
     n_flip = round(rate * len(pairs))
-    for i in random.Random(seed).sample(range(len(pairs)), n_flip):
-        p = pairs[i]
-        p.chosen, p.rejected = p.rejected, p.chosen
-        p.chosen_score, p.rejected_score = p.rejected_score, p.chosen_score
+    for i in rng.sample(range(len(pairs)), n_flip):
+        swap(pairs[i])
     return n_flip
 
 
 # ---------------------------------------------------------------------------------------
 # Tokenization and truncation
+
+
+def truncate_prompt(ids: list[int], max_prompt_length: int, prefix: int) -> list[int]:
+    """Rule 1 of the truncation rule: keep the first ``prefix`` ids (the tokenizer's BOS) and the
+    last ``max_prompt_length - prefix`` of the rest."""
+    if len(ids) <= max_prompt_length:
+        return ids
+    return ids[:prefix] + ids[len(ids) - (max_prompt_length - prefix):]
 
 
 def tokenize_pairs(
@@ -333,10 +334,8 @@ def tokenize_pairs(
     for k in score_keys:
         out[k] = []
     for i, pair in enumerate(pairs):
-        prompt = prompt_ids[i]
-        prefix = n_prefix if not pair.prompt_has_special_tokens else 0
-        if len(prompt) > max_prompt_length:
-            prompt = prompt[:prefix] + prompt[len(prompt) - (max_prompt_length - prefix):]
+        prompt = truncate_prompt(prompt_ids[i], max_prompt_length, n_prefix if not pair.prompt_has_special_tokens else 0)
+        if len(prompt) < len(prompt_ids[i]):
             counts["prompt_truncated"] += 1
         budget = max_length - len(prompt)
         resp = {k: r[i] for k, r in responses.items()}

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from drdo_lightning import demo
-from drdo_lightning.data import TextPair, load_tokenizer, read_rows, tokenize_pairs
+from drdo_lightning.data import TextPair, load_tokenizer, read_rows, tokenize_pairs, truncate_prompt
+from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.models import REWARD_HEAD_FILE, CausalLMWithRewardHead
 from drdo_lightning.scoring import reward_columns
 
@@ -59,11 +60,8 @@ class Estimate(NamedTuple):
 
 def _encode_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int) -> list[int]:
     """Prompt ids as in training (:func:`data.tokenize_pairs`): the tokenizer's prefix (BOS) and the
-    text; an over-long prompt keeps its last tokens after the prefix."""
-    ids, prefix = tokenizer(prompt)["input_ids"], len(tokenizer("")["input_ids"])
-    if len(ids) > max_prompt_length:
-        ids = ids[:prefix] + ids[len(ids) - (max_prompt_length - prefix):]
-    return ids
+    text, truncated by :func:`data.truncate_prompt`."""
+    return truncate_prompt(tokenizer(prompt)["input_ids"], max_prompt_length, len(tokenizer("")["input_ids"]))
 
 
 @torch.inference_mode()
@@ -532,8 +530,7 @@ def evaluate(
         log.warning("baseline %r is not among the policies %s: no reward advantage reported", baseline, list(policies))
     rows = summarize(scores, temperatures, baseline=baseline, samples=bootstrap_samples, seed=seed)
 
-    with (out_dir / "generations.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    write_jsonl(out_dir / "generations.jsonl", records)
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
     with (out_dir / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

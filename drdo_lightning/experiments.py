@@ -33,6 +33,7 @@ from drdo_lightning.errors import DataError, MissingPathError, UserError
 from drdo_lightning.evaluation import (
     GOLD, PAPER_TEMPERATURES, Estimate, Judge, load_judge, new_figure, read_prompts, sample_and_score,
 )
+from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.modules import ReferenceModule
 from drdo_lightning.pipeline import EMBEDDED, STUDENTS, DataSpec, scored_files, train_judges_and_score
 from drdo_lightning.recipes import config_path, recipe_names, recipe_objective
@@ -527,8 +528,7 @@ def splits(
     report = {}
     for name, mask in members.items():
         chosen_rows = [r for r, keep in zip(rows, mask) if keep]
-        with (root / f"{name}.jsonl").open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen_rows)
+        write_jsonl(root / f"{name}.jsonl", chosen_rows)
         report[name] = {"size": len(chosen_rows),
                         "mean_confidence": float(confidence[mask].mean()) if mask.any() else math.nan,
                         "mean_edit_distance": float(distance[mask].mean()) if mask.any() else math.nan}

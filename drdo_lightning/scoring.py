@@ -6,7 +6,6 @@ The student never needs the Oracle in memory: score the dataset once, then train
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from drdo_lightning.data import Columns, PairCollator, chat_renderer, load_pairs, load_tokenizer, read_rows, tokenize_pairs
+from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.models import REWARD_HEAD_FILE, CausalLMWithRewardHead
 
 log = logging.getLogger(__name__)
@@ -50,17 +50,13 @@ def reward_columns(
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".jsonl":
-        with staging.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    elif path.suffix == ".parquet":
+        write_jsonl(path, rows)
+    else:  # .parquet, checked by score
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.tmp")
         datasets.Dataset.from_list(rows).to_parquet(str(staging))
-    else:
-        raise ValueError(f"output must end in .jsonl or .parquet, got {path}")
-    staging.replace(path)
+        staging.replace(path)
 
 
 def score(

@@ -6,7 +6,6 @@ from a config, then saved and loaded through the same path users take.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from drdo_lightning import demo
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+from drdo_lightning.jsonl import write_jsonl
 
 
 @pytest.fixture(scope="session")
