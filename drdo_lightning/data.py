@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from drdo_lightning.errors import DataError
+from drdo_lightning.errors import EMBEDDED_MADE_BY, DataError, MissingPathError, is_embedded, require_pretrained
 from drdo_lightning.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -105,10 +105,10 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, dict]]:
     readers = {".jsonl": read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     if path.suffix in readers:
         if not path.is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
+            raise MissingPathError(f"data file not found: {path}" + (f": {EMBEDDED_MADE_BY}" if is_embedded(path) else ""))
         return readers[path.suffix](path)
     if path.suffix or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"data source not found: {source} (expected an existing .jsonl/.json/.csv/.parquet file, "
             "a save_to_disk directory, or a hub dataset id 'owner/name')"
         )
@@ -207,7 +207,7 @@ def _render_conversation(prompt: Any, chosen: Any, rejected: Any, template: Any,
     if template is None:
         raise RowError(
             cols.chosen, "no_chat_template",
-            "conversational rows need a tokenizer with a chat template (set --data.chat_template)",
+            "conversational rows need a tokenizer with a chat template",
         )
     prompt_text = template(context, add_generation_prompt=True)
 
@@ -253,10 +253,10 @@ def load_pairs(source: str, cols: Columns, template, *, split: str = "train", on
             pairs.append(validate_row(row, cols, template))
         except RowError as e:
             if on_bad_row == "error":
-                raise DataError(
-                    f"{source}: row {row_number}: field {e.field!r}: {e} "
-                    "(use --data.on_bad_row skip to skip such rows)"
-                ) from None
+                message = f"{source}: row {row_number}: field {e.field!r}: {e}"
+                if e.reason == "no_chat_template":
+                    raise DataError(message, setting="chat_template", advice="give one with {option}") from None
+                raise DataError(message, setting="on_bad_row", advice="{option} skip skips such rows") from None
             skipped[e.reason] += 1
     if skipped:
         log.warning("%s: skipped %d bad rows: %s", source, sum(skipped.values()), dict(skipped))
@@ -487,6 +487,7 @@ class ResumableDataLoader(DataLoader):
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
     """Load a tokenizer; give it a pad token if it has none (padding is masked out anyway)."""
+    require_pretrained(name_or_path, "model")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token

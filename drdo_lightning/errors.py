@@ -67,8 +67,20 @@ EXPORT_MADE_BY = (
     "or write one from a checkpoint with `python -m drdo_lightning export`"
 )
 EMBEDDED_MADE_BY = "build the embedded default with `python -m drdo_lightning build-embedded-default`"
+REWARD_MODEL_MADE_BY = "train one with `python -m drdo_lightning fit --config oracle` (or `train-ensemble`)"
+
+
+def is_embedded(path: str | Path) -> bool:
+    """Whether ``path`` lies in the embedded default's folder, which ``build-embedded-default`` writes."""
+    return Path(path).parts[:1] == ("embedded_default",)
 
 
 def made_by(path: str | Path) -> str:
-    """What creates ``path``: the embedded default's build for its files, training otherwise."""
-    return EMBEDDED_MADE_BY if Path(path).parts[:1] == ("embedded_default",) else EXPORT_MADE_BY
+    """What creates ``path``: the embedded default's build for its files; for a recipe's own run
+    folder (``runs/drdo/export``) that recipe's ``fit``; training or ``export`` otherwise."""
+    parts = Path(path).parts
+    if is_embedded(path):
+        return EMBEDDED_MADE_BY
+    if len(parts) == 3 and parts[0] == "runs" and parts[2] == "export":
+        return f"train it with `python -m drdo_lightning fit --config {parts[1]}`"
+    return EXPORT_MADE_BY

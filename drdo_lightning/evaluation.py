@@ -31,9 +31,11 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from drdo_lightning import demo
 from drdo_lightning.data import TextPair, load_tokenizer, read_rows, tokenize_pairs, truncate_prompt
+from drdo_lightning.errors import DataError, require_pretrained
+from drdo_lightning.export import export
 from drdo_lightning.jsonl import write_jsonl
-from drdo_lightning.models import REWARD_HEAD_FILE, CausalLMWithRewardHead
-from drdo_lightning.scoring import reward_columns
+from drdo_lightning.models import CausalLMWithRewardHead
+from drdo_lightning.scoring import require_reward_model, reward_columns
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +134,7 @@ class RewardModelJudge:
 
     def __init__(self, path: str, *, batch_size: int = 32, max_prompt_length: int = 512, max_length: int = 1024,
                  device: str = "cpu", trust_remote_code: bool = False) -> None:
-        if not (Path(path) / REWARD_HEAD_FILE).is_file():
-            raise FileNotFoundError(f"judge {path} has no {REWARD_HEAD_FILE}: it is not a trained reward model")
+        require_reward_model(path, "judge")
         self.model = CausalLMWithRewardHead.from_pretrained(path, trust_remote_code=trust_remote_code).to(device).eval()
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         self.batch_size, self.max_prompt_length, self.max_length = batch_size, max_prompt_length, max_length
@@ -157,6 +158,12 @@ def gold_judge(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
     return demo.gold_reward(responses)
 
 
+def require_judge(name: str, spec: str) -> None:
+    """Raise a :class:`~drdo_lightning.errors.UserError` unless ``spec`` is ``vader`` or a trained reward model."""
+    if spec != GOLD:
+        require_reward_model(spec, f"judge {name!r}:")
+
+
 def load_judge(spec: str, **kwargs) -> Judge:
     """``vader`` (the gold reward) or a reward-model directory (``kwargs`` go to :class:`RewardModelJudge`)."""
     return gold_judge if spec == GOLD else RewardModelJudge(spec, **kwargs)
@@ -175,7 +182,8 @@ def read_prompts(path: str, column: str = "prompt", limit: int | None = None) ->
     for number, row in read_rows(path):
         value = row.get(column)
         if not (isinstance(value, str) and value.strip()):
-            raise ValueError(f"{path}: row {number}: {column!r} must be a non-empty string, got {value!r:.60}")
+            raise DataError(f"{path}: row {number}: {column!r} must be a non-empty string, got {value!r:.60}",
+                            setting="prompt_column", advice="name the prompt column with {option}")
         prompts.append(value)
         if limit is not None and len(prompts) == limit:
             break
@@ -462,9 +470,8 @@ def _policy_dir(name: str, path: str, out: Path) -> str:
     """An exported directory as is; a Lightning ``.ckpt`` or DeepSpeed checkpoint is exported first."""
     source = Path(path)
     if source.is_file() or (source / "latest").is_file():
-        from drdo_lightning.export import export
-
         return str(export(path, str(out / "policies" / name)))
+    require_pretrained(path, f"policy {name!r}:")
     return path
 
 
@@ -512,6 +519,8 @@ def evaluate(
         logs: Name -> run directory or ``metrics.csv`` of training runs, for the training curves.
         device: ``cpu`` or ``cuda``.
     """
+    for name, spec in judges.items():
+        require_judge(name, spec)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompt_list = read_prompts(prompts, prompt_column, num_prompts)

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from drdo_lightning.data import load_tokenizer, read_rows
-from drdo_lightning.errors import DataError, MissingPathError, UserError
+from drdo_lightning.errors import DataError, MissingPathError, UserError, require_pretrained
 from drdo_lightning.evaluation import (
     GOLD, PAPER_TEMPERATURES, Estimate, Judge, load_judge, new_figure, read_prompts, sample_and_score,
 )
@@ -226,6 +226,7 @@ def robustness(
             scored) to use at every rate instead of training new ones, so a variant (other
             ``overrides``, other methods) is compared under the very same judges.
     """
+    require_pretrained(policy, "policy")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     evaluator = _Evaluator(evaluation)
@@ -363,6 +364,7 @@ def ablations(
         if not path.is_file():
             raise UserError(f"--variants: unknown ablation {variant!r}: not one of {sorted(shipped)} nor a YAML file")
         chosen[path.stem] = path
+    require_pretrained(policy, "policy")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     evaluator = _Evaluator(evaluation)
@@ -474,7 +476,8 @@ def read_comparisons(
     if skipped:
         log.warning("%s: skipped %d rows without a confidence value", data, skipped)
     if not rows:
-        raise DataError(f"{data}: no rows with a confidence value")
+        raise DataError(f"{data}: no rows with a confidence value", setting="confidence_column",
+                        advice="name the confidence field with {option}")
     return rows
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from drdo_lightning import demo
+from drdo_lightning.errors import require_pretrained
 from drdo_lightning.scoring import score
 from drdo_lightning.training import FitResult, run_fit
 
@@ -192,6 +193,7 @@ def paper_pipeline(
         seed: Seed of every run.
         overrides: Dotted config keys for every student, e.g. ``{"trainer.max_steps": 50}``.
     """
+    require_pretrained(base_model, "base model")
     root = Path(out)
     spec = DataSpec(max_prompt_length, max_length, chat_template)
     data = {"train": Path(train_data), "val": Path(val_data)}

@@ -14,10 +14,19 @@ import torch
 from tqdm import tqdm
 
 from drdo_lightning.data import Columns, PairCollator, chat_renderer, load_pairs, load_tokenizer, read_rows, tokenize_pairs
+from drdo_lightning.errors import EMBEDDED_MADE_BY, REWARD_MODEL_MADE_BY, MissingPathError, UserError, is_embedded
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.models import REWARD_HEAD_FILE, CausalLMWithRewardHead
 
 log = logging.getLogger(__name__)
+
+
+def require_reward_model(path: str, what: str = "reward model") -> None:
+    """Raise a :class:`UserError` unless ``path`` is a trained reward model's directory."""
+    if not Path(path).is_dir():
+        raise MissingPathError(f"{what} {path} does not exist: {EMBEDDED_MADE_BY if is_embedded(path) else REWARD_MODEL_MADE_BY}")
+    if not (Path(path) / REWARD_HEAD_FILE).is_file():
+        raise UserError(f"{what} {path} has no {REWARD_HEAD_FILE}: it is not a trained reward model ({REWARD_MODEL_MADE_BY})")
 
 
 @torch.inference_mode()
@@ -93,11 +102,15 @@ def score(
     """
     out_path = Path(output)
     if out_path.resolve() == Path(data).expanduser().resolve():
-        raise ValueError(f"output {output} is the input file; scoring never overwrites its input")
+        raise UserError(f"output {output} is the input file; scoring never overwrites its input")
+    if out_path.suffix not in (".jsonl", ".parquet"):
+        raise UserError(f"output {output} must end in .jsonl or .parquet")
     if out_path.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite true to replace it")
+        raise UserError(f"output {output} exists; pass --overwrite true to replace it")
     if not models:
-        raise ValueError("give at least one reward model")
+        raise UserError("give at least one reward model")
+    for path in models:
+        require_reward_model(path)
     tokenizer = load_tokenizer(models[0], trust_remote_code=trust_remote_code, chat_template=chat_template)
     cols = Columns(prompt_column, chosen_column, rejected_column)
     pairs = load_pairs(data, cols, chat_renderer(tokenizer), split=split, on_bad_row="error")
@@ -106,9 +119,6 @@ def score(
         log.info("truncated while scoring: %s", dict(counts))
     examples = [dict(zip(columns, values)) for values in zip(*columns.values())]
     sides = ("chosen", "rejected") if rejected_column else ("chosen",)
-    for path in models:
-        if not (Path(path) / REWARD_HEAD_FILE).is_file():
-            raise FileNotFoundError(f"{path} has no {REWARD_HEAD_FILE}: it is not a trained reward model")
     per_model = []
     for k, path in enumerate(models):
         model = CausalLMWithRewardHead.from_pretrained(path, trust_remote_code=trust_remote_code).to(device).eval()

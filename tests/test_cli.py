@@ -14,6 +14,8 @@ import yaml
 from drdo_lightning import CausalLMWithRewardHead, losses
 from drdo_lightning.cli import COMMANDS, main
 from drdo_lightning.data import PairCollator
+from drdo_lightning.errors import UserError
+from drdo_lightning.scoring import score
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -163,8 +165,8 @@ def test_sft_then_oracle_then_score(tmp_path, tiny_model_dir, pair_files, overfi
                 want = model.rewards(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
             assert row[f"ensemble_{side}"] == pytest.approx([want, want], abs=1e-5)
 
-    with pytest.raises(ValueError, match="never overwrites"):
-        main(["score", "--models", json.dumps([str(oracle_dir)]), "--data", str(overfit_file), "--output", str(overfit_file)])
+    with pytest.raises(UserError, match="never overwrites"):
+        score([str(oracle_dir)], str(overfit_file), str(overfit_file))
 
 
 def model_tokenizer(path):
