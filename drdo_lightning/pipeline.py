@@ -191,15 +191,15 @@ def paper_pipeline(
         students: Recipes to train as students.
         members: Size of e-DPO's reward-model ensemble.
         seed: Seed of every run.
-        overrides: Dotted config keys for every student, e.g. ``{"trainer.max_steps": 50}``.
+        overrides: Dotted config keys for every training run, e.g. ``{"trainer.max_steps": 50}``.
     """
     require_pretrained(base_model, "base model")
     root = Path(out)
     spec = DataSpec(max_prompt_length, max_length, chat_template)
     data = {"train": Path(train_data), "val": Path(val_data)}
     sft = run_fit("sft", {"seed_everything": seed, "model.model": base_model, "data.train_file": sft_data,
-                          "data.val_file": val_data, **spec.fit_overrides()}, run_dir=root / "sft")
-    judges = train_judges_and_score(root, data, sft.export_dir, seed, members, spec)
+                          "data.val_file": val_data, **spec.fit_overrides(), **(overrides or {})}, run_dir=root / "sft")
+    judges = train_judges_and_score(root, data, sft.export_dir, seed, members, spec, overrides)
     runs = {
         name: run_fit(name, {"seed_everything": seed, "model.model": str(sft.export_dir),
                              "data.train_file": str(judges.scored["train"]), "data.val_file": str(judges.scored["val"]),
