@@ -16,6 +16,33 @@ from drdo_lightning import demo
 from drdo_lightning.jsonl import write_jsonl
 
 
+def fit_argv(root: Path, model_dir: Path, train: Path, *extra: str, objective: str = "DRDO",
+             checkpoints: bool = False, export: bool = False) -> list[str]:
+    """``fit`` arguments for a short CPU run of ``objective`` into ``root``, for ``cli.main``.
+
+    Batches of 8, seed 0, data cached under ``root/cache``, every step logged to
+    ``root/lightning_logs/version_N/metrics.csv``; ``checkpoints`` adds a ModelCheckpoint writing
+    ``root/checkpoints/last.ckpt`` (none otherwise), ``export`` the Hugging Face export to
+    ``root/export``. ``extra`` comes last, so it overrides any of these.
+    """
+    argv = [
+        "fit", "--model", objective, "--model.model", str(model_dir),
+        "--data.train_file", str(train), "--data.cache_dir", str(root / "cache"), "--data.batch_size", "8",
+        "--trainer.default_root_dir", str(root), "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(root),
+        "--seed_everything", "0",
+    ]
+    if checkpoints:
+        argv += ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                 "--trainer.callbacks.dirpath", str(root / "checkpoints"), "--trainer.callbacks.save_last", "true"]
+    else:
+        argv += ["--trainer.enable_checkpointing", "false"]
+    if export:
+        argv += ["--trainer.callbacks+=drdo_lightning.ExportHuggingFace"]
+    return [*argv, *extra]
+
+
 @pytest.fixture(scope="session")
 def tiny_task() -> dict[str, list[dict]]:
     task = demo.generate_task(seed=0, n_sft=64, n_train=96, n_val=24, n_eval=8)

@@ -3,7 +3,6 @@ precomputed reference log-probs, and the ensemble of reward models."""
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -11,22 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import fit_argv
+
 from drdo_lightning import DPO, CausalLMWithRewardHead
 from drdo_lightning.cli import main
+from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.pipeline import train_ensemble, write_summary
 from drdo_lightning.training import FitResult
 
 
 def args(root: Path, model_dir: Path, objective: str, train: Path, *extra: str) -> list[str]:
-    return [
-        "fit", "--model", objective, "--model.model", str(model_dir),
-        "--data.train_file", str(train), "--data.cache_dir", str(root / "cache"), "--data.batch_size", "4",
-        "--trainer.default_root_dir", str(root), "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(root),
-        "--trainer.enable_checkpointing", "false", "--seed_everything", "0", "--model.learning_rate", "1e-2",
-        *extra,
-    ]
+    return fit_argv(root, model_dir, train, "--data.batch_size", "4", "--model.learning_rate", "1e-2", *extra,
+                    objective=objective)
 
 
 def losses_of(cli) -> list[float]:
@@ -45,9 +40,7 @@ def scored_pairs(tmp_path_factory, tiny_task) -> Path:
         row["ensemble_chosen"] = [row["oracle_chosen"] + rng.gauss(0, 0.3) for _ in range(3)]
         row["ensemble_rejected"] = [row["oracle_rejected"] + rng.gauss(0, 0.3) for _ in range(3)]
         rows.append(row)
-    path = tmp_path_factory.mktemp("scored") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("scored") / "pairs.jsonl", rows)
 
 
 def test_dpo_live_reference_equals_precomputed_step_for_step(tmp_path, tiny_model_dir, scored_pairs):

@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 
+from conftest import fit_argv
+
 from drdo_lightning import CausalLMWithRewardHead, losses
 from drdo_lightning.cli import COMMANDS, main
 from drdo_lightning.data import PairCollator
@@ -22,26 +24,7 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
 def fit_args(tmp_path: Path, model_dir: Path, objective: str, train: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--model", objective,
-        "--model.model", str(model_dir),
-        "--data.train_file", str(train),
-        "--data.cache_dir", str(tmp_path / "cache"),
-        "--data.batch_size", "8",
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.log_every_n_steps", "1",
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.save_dir", str(tmp_path),
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        "--trainer.callbacks.dirpath", str(tmp_path / "checkpoints"),
-        "--trainer.callbacks.save_last", "true",
-        "--trainer.callbacks+=drdo_lightning.ExportHuggingFace",
-        "--seed_everything", "0",
-        *extra,
-    ]
+    return fit_argv(tmp_path, model_dir, train, *extra, objective=objective, checkpoints=True, export=True)
 
 
 def read_metrics(root: Path) -> list[dict]:
@@ -52,13 +35,6 @@ def read_metrics(root: Path) -> list[dict]:
 
 def series(rows: list[dict], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key)]
-
-
-@pytest.fixture(scope="module")
-def overfit_file(tmp_path_factory, tiny_task) -> Path:
-    path = tmp_path_factory.mktemp("overfit") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in tiny_task["train"][:16]))
-    return path
 
 
 def command_for(config: Path) -> list[str]:
@@ -97,10 +73,10 @@ def test_unknown_option_is_rejected(capsys):
     assert "alhpa" in capsys.readouterr().err
 
 
-def test_drdo_fit_overfits_checkpoints_and_exports(tmp_path, tiny_model_dir, overfit_file):
+def test_drdo_fit_overfits_checkpoints_and_exports(tmp_path, tiny_model_dir, pairs16):
     cli = main(
         fit_args(
-            tmp_path, tiny_model_dir, "DRDO", overfit_file,
+            tmp_path, tiny_model_dir, "DRDO", pairs16,
             "--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected",
             "--data.batch_size", "16", "--model.learning_rate", "1e-2", "--trainer.max_steps", "40",
         )
@@ -133,7 +109,7 @@ def test_drdo_fit_overfits_checkpoints_and_exports(tmp_path, tiny_model_dir, ove
     assert series(rows, "train/reward_accuracy")[-1] >= 0.75
 
 
-def test_sft_then_oracle_then_score(tmp_path, tiny_model_dir, pair_files, overfit_file):
+def test_sft_then_oracle_then_score(tmp_path, tiny_model_dir, pair_files, pairs16):
     sft_root, oracle_root = tmp_path / "sft", tmp_path / "oracle"
     main(fit_args(sft_root, tiny_model_dir, "SFT", pair_files["sft"], "--data.rejected_column", "null",
                   "--model.learning_rate", "3e-3", "--trainer.max_steps", "30"))
@@ -141,19 +117,19 @@ def test_sft_then_oracle_then_score(tmp_path, tiny_model_dir, pair_files, overfi
     assert sft_loss[-1] < sft_loss[0]
     assert not (sft_root / "export" / "reward_head.safetensors").exists()
 
-    main(fit_args(oracle_root, sft_root / "export", "OracleRewardModel", overfit_file,
+    main(fit_args(oracle_root, sft_root / "export", "OracleRewardModel", pairs16,
                   "--model.learning_rate", "3e-3", "--trainer.max_steps", "30"))
     oracle_rows = read_metrics(oracle_root)
     assert series(oracle_rows, "train/reward_accuracy")[-1] >= 0.75
     oracle_dir = oracle_root / "export"
 
-    before = hashlib.sha256(overfit_file.read_bytes()).hexdigest()
+    before = hashlib.sha256(pairs16.read_bytes()).hexdigest()
     out = tmp_path / "scored.jsonl"
-    main(["score", "--models", json.dumps([str(oracle_dir)] * 2), "--data", str(overfit_file), "--output", str(out), "--batch_size", "5",
+    main(["score", "--models", json.dumps([str(oracle_dir)] * 2), "--data", str(pairs16), "--output", str(out), "--batch_size", "5",
           "--output_prefix", "ensemble_"])
-    assert hashlib.sha256(overfit_file.read_bytes()).hexdigest() == before
+    assert hashlib.sha256(pairs16.read_bytes()).hexdigest() == before
     scored = [json.loads(line) for line in out.read_text().splitlines()]
-    original = [json.loads(line) for line in overfit_file.read_text().splitlines()]
+    original = [json.loads(line) for line in pairs16.read_text().splitlines()]
     assert [{k: r[k] for k in o} for r, o in zip(scored, original)] == original
 
     model = CausalLMWithRewardHead.from_pretrained(oracle_dir).eval()
@@ -166,7 +142,7 @@ def test_sft_then_oracle_then_score(tmp_path, tiny_model_dir, pair_files, overfi
             assert row[f"ensemble_{side}"] == pytest.approx([want, want], abs=1e-5)
 
     with pytest.raises(UserError, match="never overwrites"):
-        score([str(oracle_dir)], str(overfit_file), str(overfit_file))
+        score([str(oracle_dir)], str(pairs16), str(pairs16))
 
 
 def model_tokenizer(path):

@@ -14,6 +14,7 @@ import yaml
 
 from drdo_lightning import experiments
 from drdo_lightning.cli import main
+from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.experiments import edit_distance, normalized_edit_distance, seed_interval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,9 +115,7 @@ def test_each_ablation_layers_over_the_drdo_recipe(config, capsys):
 
 @pytest.fixture(scope="module")
 def eval_file(tmp_path_factory, tiny_task) -> Path:
-    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in tiny_task["eval"]))
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("eval") / "eval.jsonl", tiny_task["eval"])
 
 
 def test_robustness_sweep_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file, monkeypatch, capsys):
