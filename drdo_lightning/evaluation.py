@@ -1,7 +1,6 @@
 """``python -m drdo_lightning evaluate``: sample from policies, score with judges, compare with intervals.
 
-The protocol is the paper's (``shared/METHOD.md``, "Experimental protocol"), with the
-confidence intervals it lacks:
+The protocol is the paper's (``docs/evaluation.md``), with the confidence intervals it lacks:
 
 1. **Sample** one response per prompt from every policy with nucleus sampling (top-p 0.8) at
    each temperature (0.2, 0.5, 0.7, 0.9): seeded, batched with left padding.

@@ -3,7 +3,7 @@
 Every function takes per-sequence quantities (log-probabilities ``z = log pi(y|x)`` summed
 over response tokens, or scalar rewards) and returns an unreduced per-pair loss ``[B]``, so
 the caller chooses the reduction. Equation numbers follow Nath et al., "Simultaneous Reward
-Distillation and Preference Learning" (arXiv 2410.08458); see ``shared/METHOD.md``.
+Distillation and Preference Learning" (arXiv 2410.08458); ``docs/method.md`` derives them.
 """
 
 from __future__ import annotations
