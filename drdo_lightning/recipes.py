@@ -5,8 +5,9 @@ A recipe is a YAML file under ``configs/``: ``drdo`` names ``configs/drdo.yaml``
 read from the repository's ``configs/``; an installed wheel carries the same files inside the
 package (``drdo_lightning/configs``). ``--config`` takes a recipe name or a path to any YAML file.
 
-Training runs (``fit``, ``validate``) read ``configs/base.yaml`` under their first config: the
-trainer, logger and callbacks every recipe shares. Its directories are written in terms of
+Training runs (``fit``, ``validate``) given a recipe read ``configs/base.yaml`` first: the trainer,
+logger and callbacks every recipe shares. A layer alone (``strategies/*``, ``ablations/*``) brings
+no base, so it can be added to a run configured by options only. Its directories are written in terms of
 ``${trainer.default_root_dir}`` (:data:`RUN_DIR`), which :func:`resolve_run_dir` replaces by the
 run folder the recipe, or the command line, sets.
 """
@@ -67,9 +68,16 @@ def recipe_objective(config: str | Path) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def is_layer(path: Path) -> bool:
+    """Whether a config file is one of the shipped partial configs (``ablations/*``, ``strategies/*``)."""
+    return path.parent.name in LAYER_FOLDERS and path.parent.parent.resolve() == recipes_dir()
+
+
 def expand_config_args(argv: list[str], *, with_base: bool) -> list[str]:
-    """``argv`` with every ``--config NAME`` made a path, and the base config before the first one."""
+    """``argv`` (a command's arguments) with every ``--config NAME`` made a path and, ``with_base``,
+    the base config first when a config is a recipe, so that everything else overrides it."""
     out: list[str] = []
+    configs: list[Path] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -81,9 +89,10 @@ def expand_config_args(argv: list[str], *, with_base: bool) -> list[str]:
             out.append(arg)
             i += 1
             continue
-        if with_base and "--config" not in out:
-            out += ["--config", str(base_config())]
-        out += ["--config", str(config_path(value))]
+        configs.append(config_path(value))
+        out += ["--config", str(configs[-1])]
+    if with_base and any(not is_layer(c) for c in configs):
+        out = ["--config", str(base_config()), *out]
     return out
 
 

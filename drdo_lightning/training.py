@@ -74,7 +74,7 @@ def lightning_cli(argv: Sequence[str]) -> DRDOCLI:
             "plugins": [{"class_path": "drdo_lightning.safety.AtomicCheckpointIO"}],
             "callbacks": [CheckpointOnSigterm()],
         },
-        args=expand_config_args(list(argv), with_base=True),
+        args=[argv[0], *expand_config_args(list(argv[1:]), with_base=True)],
     )
 
 

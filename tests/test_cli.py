@@ -214,3 +214,11 @@ def test_config_takes_a_recipe_name_or_a_path(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", "drdoo"])
     assert exit_info.value.code == 2 and "--config drdoo: no such file, nor a shipped recipe" in capsys.readouterr().err
+
+
+def test_the_base_lies_under_recipes_not_under_a_layer_alone(capsys):
+    for configs, with_base in ((["strategies/deepspeed_zero2"], False), (["drdo", "strategies/deepspeed_zero2"], True)):
+        with pytest.raises(SystemExit):
+            main(["fit", *(a for c in configs for a in ("--config", c)), "--print_config"])
+        printed = capsys.readouterr().out
+        assert ("every_n_train_steps: 50" in printed) == with_base and "stage: 2" in printed
