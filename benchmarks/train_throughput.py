@@ -426,7 +426,7 @@ def summarize(results: dict[str, list[dict]], args) -> list[Row]:
     return rows
 
 
-# The targets on CPU: (row, quantity, comparison, bound).
+# Our throughput targets on CPU: (row, quantity, comparison, bound).
 TARGETS = [
     ("drdo", "speedup", ">=", 1.4),
     ("dpo_precomputed", "speedup", ">=", 1.3),

@@ -1,83 +1,102 @@
-"""Command line: ``python -m drdo_lightning <command> --config ...``.
+"""Command line: ``python -m drdo_lightning COMMAND [options]`` (or ``drdo-lightning COMMAND``).
 
-- ``fit``, ``validate``, ``test``, ``predict``: a LightningCLI. Every constructor argument of
-  the chosen objective (``model``), of :class:`PreferenceDataModule` (``data``) and of the
-  Trainer is an option and a YAML key.
-- ``score``: precompute reward-model scores as data columns (:func:`scoring.score`).
-- ``export``: a checkpoint (Lightning or DeepSpeed) as a Hugging Face directory (:func:`export.export`).
-- ``train-ensemble``, ``paper-pipeline``: multi-stage runs (:mod:`pipeline`).
-- ``build-embedded-default``: rebuild ``embedded_default/`` from scratch
-  (:func:`pipeline.build_embedded_default`).
+Every command is in :data:`COMMANDS`, which ``--help`` lists by group. ``fit`` and ``validate``
+are a LightningCLI (:mod:`training`): every constructor argument of the objective (``--model``),
+of :class:`PreferenceDataModule` (``--data``) and of the Trainer is an option and a YAML key. The
+other commands are typed functions: their signature is their command line. In every command
+``--config`` takes a shipped recipe name (``drdo``) or a YAML path.
+
+A :class:`~drdo_lightning.errors.UserError` (a missing path, bad data) ends the command with one
+line on stderr and exit status 2; a data error names the option of the running command that fixes it.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
-from unittest import mock
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from jsonargparse import CLI
-from lightning.pytorch.cli import LightningCLI
 
-from drdo_lightning.data import PreferenceDataModule
+from drdo_lightning.errors import DataError, UserError
 from drdo_lightning.evaluation import evaluate
 from drdo_lightning.experiments import ablations, robustness, splits
 from drdo_lightning.export import export
-from drdo_lightning.modules import PreferenceModule
 from drdo_lightning.pipeline import build_embedded_default, paper_pipeline, train_ensemble
-from drdo_lightning.safety import CheckpointOnSigterm, NonFiniteGuard, unreadable_checkpoint
+from drdo_lightning.recipes import expand_config_args, recipe_names
 from drdo_lightning.scoring import score
+from drdo_lightning.training import lightning_cli
 
-# Commands that are plain typed functions: their signature is their command line.
-FUNCTION_COMMANDS = {
-    "score": score,
-    "export": export,
-    "train-ensemble": train_ensemble,
-    "paper-pipeline": paper_pipeline,
-    "build-embedded-default": build_embedded_default,
-    "evaluate": evaluate,
-    "robustness": robustness,
-    "ablations": ablations,
-    "splits": splits,
+PROGRAM = "python -m drdo_lightning"
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command: its group in ``--help``, its one-line summary, and how it runs its arguments."""
+
+    name: str
+    group: str
+    summary: str
+    run: Callable[[list[str]], Any]
+    data_option: Callable[[str], str | None]  # a data setting -> this command's option for it, if any
+
+
+def _training(name: str, summary: str) -> Command:
+    return Command(name, "training", summary, lambda argv: lightning_cli([name, *argv]), lambda s: f"--data.{s}")
+
+
+def _function(name: str, group: str, fn: Callable) -> Command:
+    parameters = inspect.signature(fn).parameters
+    return Command(
+        name, group, inspect.getdoc(fn).splitlines()[0],
+        lambda argv: CLI(fn, args=expand_config_args(argv, with_base=False), as_positional=False),
+        lambda s: f"--{s}" if s in parameters else None,
+    )
+
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in (
+        _training("fit", "Train an objective (SFT, Oracle, DRDO, DPO, IPO, distillation, e-DPO) from a recipe."),
+        _training("validate", "Validation metrics of a trained checkpoint (--ckpt_path) on the validation pairs."),
+        _function("score", "data and models", score),
+        _function("export", "data and models", export),
+        _function("train-ensemble", "data and models", train_ensemble),
+        _function("evaluate", "evaluation", evaluate),
+        _function("robustness", "experiments", robustness),
+        _function("ablations", "experiments", ablations),
+        _function("splits", "experiments", splits),
+        _function("paper-pipeline", "experiments", paper_pipeline),
+        _function("build-embedded-default", "embedded default", build_embedded_default),
+    )
 }
 
 
-class DRDOCLI(LightningCLI):
-    def add_arguments_to_parser(self, parser) -> None:
-        # The data is tokenized with the model's own tokenizer.
-        parser.link_arguments("model.init_args.model", "data.tokenizer")
-        # Always on: non-finite steps are skipped and counted; --non_finite.max_consecutive in a row stop the run.
-        parser.add_lightning_class_args(NonFiniteGuard, "non_finite")
-
-    def parse_arguments(self, parser, args) -> None:
-        # main() hands over the whole command line as ``args``; LightningCLI would warn whenever
-        # sys.argv holds arguments too (a fit nested in a sweep, a notebook kernel, pytest). Only
-        # parsing sees the trimmed argv: launchers that re-run the script still read the real one.
-        with mock.patch.object(sys, "argv", sys.argv[:1]):
-            super().parse_arguments(parser, args)
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the model's hyperparameters from --ckpt_path (weights-only) before the
-        # Trainer loads it: an unreadable file fails here first, so name it here too.
-        try:
-            super()._parse_ckpt_path()
-        except Exception as e:
-            raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), e) from e
+def usage() -> str:
+    """The top-level help: every command by group with its summary, and the shipped recipes."""
+    lines = [f"usage: {PROGRAM} COMMAND [options]", "",
+             "DRDO and its baselines in PyTorch Lightning. `COMMAND --help` lists a command's options;",
+             "`--config` takes a shipped recipe name or a YAML file."]
+    for group in dict.fromkeys(c.group for c in COMMANDS.values()):
+        lines += ["", f"{group}:"]
+        lines += [f"  {c.name:<24}{c.summary}" for c in COMMANDS.values() if c.group == group]
+    return "\n".join([*lines, "", "recipes: " + ", ".join(recipe_names())])
 
 
-def main(args: list[str] | None = None):
-    """Run a command; returns the LightningCLI (its ``model``, ``datamodule``, ``trainer``) or the function's result."""
+def main(args: list[str] | None = None) -> Any:
+    """Run a command; returns the LightningCLI (``fit``, ``validate``) or the function's result."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] in FUNCTION_COMMANDS:
-        return CLI(FUNCTION_COMMANDS[argv[0]], args=argv[1:], as_positional=False)
-    return DRDOCLI(
-        PreferenceModule,
-        PreferenceDataModule,
-        subclass_mode_model=True,
-        save_config_kwargs={"overwrite": True},
-        # Checkpoints are written atomically and loaded weights-only; SIGTERM saves one (drdo_lightning.safety).
-        trainer_defaults={
-            "plugins": [{"class_path": "drdo_lightning.safety.AtomicCheckpointIO"}],
-            "callbacks": [CheckpointOnSigterm()],
-        },
-        args=argv,
-    )
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        raise SystemExit(0 if argv else 2)
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        return command.run(argv[1:])
+    except UserError as e:
+        message = e.for_option(command.data_option(e.setting)) if isinstance(e, DataError) and e.setting else str(e)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -30,7 +30,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import datasets
 import lightning as L
@@ -39,6 +39,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from drdo_lightning.errors import EMBEDDED_MADE_BY, DataError, MissingPathError, is_embedded, require_pretrained
+from drdo_lightning.jsonl import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +52,8 @@ FLOAT_COLUMNS = ("chosen_score", "rejected_score", "ref_chosen_logps", "ref_reje
 CACHE_FORMAT_VERSION = 1
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the source, the row and the field."""
-
-
 # ---------------------------------------------------------------------------------------
 # Reading raw rows
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {line_no}: expected a JSON object, got {type(row).__name__}")
-            yield line_no, row
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, dict]]:
@@ -117,13 +102,13 @@ def read_rows(source: str, split: str = "train") -> Iterator[tuple[int, dict]]:
                 raise DataError(f"{path}: no split {split!r}; it has {sorted(loaded)}")
             loaded = loaded[split]
         return _read_dataset(loaded)
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    readers = {".jsonl": read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     if path.suffix in readers:
         if not path.is_file():
-            raise FileNotFoundError(f"data file not found: {path}")
+            raise MissingPathError(f"data file not found: {path}" + (f": {EMBEDDED_MADE_BY}" if is_embedded(path) else ""))
         return readers[path.suffix](path)
     if path.suffix or source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"data source not found: {source} (expected an existing .jsonl/.json/.csv/.parquet file, "
             "a save_to_disk directory, or a hub dataset id 'owner/name')"
         )
@@ -222,7 +207,7 @@ def _render_conversation(prompt: Any, chosen: Any, rejected: Any, template: Any,
     if template is None:
         raise RowError(
             cols.chosen, "no_chat_template",
-            "conversational rows need a tokenizer with a chat template (set --data.chat_template)",
+            "conversational rows need a tokenizer with a chat template",
         )
     prompt_text = template(context, add_generation_prompt=True)
 
@@ -281,10 +266,10 @@ def load_pairs(source: str, cols: Columns, template, *, split: str = "train", on
             pairs.append(validate_row(row, cols, template))
         except RowError as e:
             if on_bad_row == "error":
-                raise DataError(
-                    f"{source}: row {row_number}: field {e.field!r}: {e} "
-                    "(use --data.on_bad_row skip to skip such rows)"
-                ) from None
+                message = f"{source}: row {row_number}: field {e.field!r}: {e}"
+                if e.reason == "no_chat_template":
+                    raise DataError(message, setting="chat_template", advice="give one with {option}") from None
+                raise DataError(message, setting="on_bad_row", advice="{option} skip skips such rows") from None
             skipped[e.reason] += 1
     if skipped:
         log.warning("%s: skipped %d bad rows: %s", source, sum(skipped.values()), dict(skipped))
@@ -293,20 +278,34 @@ def load_pairs(source: str, cols: Columns, template, *, split: str = "train", on
     return pairs
 
 
-def flip_labels(pairs: list[TextPair], rate: float, seed: int) -> int:
-    """Swap chosen/rejected (and their scores) in exactly ``round(rate * len(pairs))`` pairs."""
+def swap_pair(pair: TextPair) -> None:
+    """Swap chosen and rejected, and their scores, in place."""
+    pair.chosen, pair.rejected = pair.rejected, pair.chosen
+    pair.chosen_score, pair.rejected_score = pair.rejected_score, pair.chosen_score
+
+
+def flip_labels(pairs: list, rate: float, seed: int | random.Random, swap: Callable[[Any], None] = swap_pair) -> int:
+    """The label-noise rule: ``swap`` exactly ``round(rate * len(pairs))`` pairs, drawn without
+    replacement by ``random.Random(seed)`` (or by ``seed`` itself, a ``Random``); return how many."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"label_flip_rate must be in [0, 1], got {rate}")
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
     n_flip = round(rate * len(pairs))
-    for i in random.Random(seed).sample(range(len(pairs)), n_flip):
-        p = pairs[i]
-        p.chosen, p.rejected = p.rejected, p.chosen
-        p.chosen_score, p.rejected_score = p.rejected_score, p.chosen_score
+    for i in rng.sample(range(len(pairs)), n_flip):
+        swap(pairs[i])
     return n_flip
 
 
 # ---------------------------------------------------------------------------------------
 # Tokenization and truncation
+
+
+def truncate_prompt(ids: list[int], max_prompt_length: int, prefix: int) -> list[int]:
+    """Rule 1 of the truncation rule: keep the first ``prefix`` ids (the tokenizer's BOS) and the
+    last ``max_prompt_length - prefix`` of the rest."""
+    if len(ids) <= max_prompt_length:
+        return ids
+    return ids[:prefix] + ids[len(ids) - (max_prompt_length - prefix):]
 
 
 def tokenize_pairs(
@@ -355,10 +354,8 @@ def tokenize_pairs(
     for k in score_keys:
         out[k] = []
     for i, pair in enumerate(pairs):
-        prompt = prompt_ids[i]
-        prefix = n_prefix if not pair.prompt_has_special_tokens else 0
-        if len(prompt) > max_prompt_length:
-            prompt = prompt[:prefix] + prompt[len(prompt) - (max_prompt_length - prefix):]
+        prompt = truncate_prompt(prompt_ids[i], max_prompt_length, n_prefix if not pair.prompt_has_special_tokens else 0)
+        if len(prompt) < len(prompt_ids[i]):
             counts["prompt_truncated"] += 1
         budget = max_length - len(prompt)
         resp = {k: r[i] for k, r in responses.items()}
@@ -513,6 +510,7 @@ class ResumableDataLoader(DataLoader):
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
     """Load a tokenizer; give it a pad token if it has none (padding is masked out anyway)."""
+    require_pretrained(name_or_path, "model")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token

@@ -27,14 +27,12 @@ is the full text, and because the byte-level pre-tokenizer splits before
 spaces, ``tokenize(prompt + response) == tokenize(prompt) + tokenize(response)``
 (BOS aside). The tokenizer prepends BOS but never appends EOS by itself.
 
-CLI: ``python -m drdo_lightning.demo --out embedded_default --seed 0``.
+``python -m drdo_lightning build-embedded-default`` writes the task and trains on it.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import math
 import random
 import statistics
@@ -45,6 +43,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+from drdo_lightning.data import flip_labels
+from drdo_lightning.jsonl import read_jsonl, write_jsonl
 
 # --------------------------------------------------------------------------
 # Vocabulary. Every sentiment word has a nonzero VADER valence of the stated
@@ -235,15 +236,11 @@ def _sample_pairs(rng: random.Random, prompts: list[str], n: int, bt_scale: floa
     return rows
 
 
-def _flip_labels(rng: random.Random, rows: list[dict], rate: float) -> None:
-    """Swap chosen/rejected in exactly round(rate * len(rows)) rows, in place."""
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"label_flip_rate must be in [0, 1], got {rate}")
-    for i in rng.sample(range(len(rows)), round(rate * len(rows))):
-        row = rows[i]
-        row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
-        row["gold_chosen"], row["gold_rejected"] = row["gold_rejected"], row["gold_chosen"]
-        row["label_flipped"] = True
+def _swap_row(row: dict) -> None:
+    """Swap chosen and rejected, and their gold rewards, and mark the row flipped."""
+    row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+    row["gold_chosen"], row["gold_rejected"] = row["gold_rejected"], row["gold_chosen"]
+    row["label_flipped"] = True
 
 
 def generate_task(
@@ -272,7 +269,7 @@ def generate_task(
     sft_rng = stream("sft")
     sft = [{"prompt": sft_rng.choice(train_prompts), "chosen": _sample_response(sft_rng)} for _ in range(n_sft)]
     train = _sample_pairs(stream("train"), train_prompts, n_train, bt_scale)
-    _flip_labels(stream("flips"), train, label_flip_rate)
+    flip_labels(train, label_flip_rate, stream("flips"), swap=_swap_row)
     val = _sample_pairs(stream("val"), train_prompts, n_val, bt_scale)
     return {"sft": sft, "train": train, "val": val, "eval": [{"prompt": p} for p in eval_prompts]}
 
@@ -324,12 +321,6 @@ def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
     return LlamaConfig(**settings)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def write_task(out_dir, seed: int = 0, **kwargs) -> dict[str, Path]:
     """Write data/{sft,train,val,eval}.jsonl, tokenizer/ and base_model/ under ``out_dir``.
 
@@ -344,7 +335,7 @@ def write_task(out_dir, seed: int = 0, **kwargs) -> dict[str, Path]:
     (out_dir / "data").mkdir(parents=True, exist_ok=True)
     for split, rows in task.items():
         paths[split] = out_dir / "data" / f"{split}.jsonl"
-        _write_jsonl(paths[split], rows)
+        write_jsonl(paths[split], rows)
 
     texts = [row["prompt"] for rows in task.values() for row in rows]
     texts += [row[key] for split in ("sft", "train", "val") for row in task[split]
@@ -361,14 +352,9 @@ def write_task(out_dir, seed: int = 0, **kwargs) -> dict[str, Path]:
     return paths
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def _summary(out_dir: Path, paths: dict[str, Path]) -> str:
+def describe_task(out_dir: Path, paths: dict[str, Path]) -> str:
     """Row counts, gold reward statistics, label agreement and file sizes of a written task."""
-    rows = {split: _read_jsonl(paths[split]) for split in ("sft", "train", "val", "eval")}
+    rows = {split: [row for _, row in read_jsonl(paths[split])] for split in ("sft", "train", "val", "eval")}
     lines = ["rows: " + ", ".join(f"{split}={len(r)}" for split, r in rows.items())]
     for split in ("train", "val"):
         golds = [row[key] for row in rows[split] for key in ("gold_chosen", "gold_rejected")]
@@ -387,19 +373,3 @@ def _summary(out_dir: Path, paths: dict[str, Path]) -> str:
         files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
         lines += [f"  {p.relative_to(out_dir)}: {p.stat().st_size / 1e6:.3f} MB" for p in files]
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: write the embedded default task and print a short summary."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="embedded_default", help="output directory")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--label-flip-rate", type=float, default=0.0, help="fraction of training labels to flip")
-    args = parser.parse_args(argv)
-    paths = write_task(args.out, seed=args.seed, label_flip_rate=args.label_flip_rate)
-    print(f"wrote {args.out} (seed={args.seed}, label_flip_rate={args.label_flip_rate})")
-    print(_summary(Path(args.out), paths))
-
-
-if __name__ == "__main__":
-    main()

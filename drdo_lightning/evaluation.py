@@ -1,7 +1,6 @@
 """``python -m drdo_lightning evaluate``: sample from policies, score with judges, compare with intervals.
 
-The protocol is the paper's (``shared/METHOD.md``, "Experimental protocol"), with the
-confidence intervals it lacks:
+The protocol is the paper's (``docs/evaluation.md``), with the confidence intervals it lacks:
 
 1. **Sample** one response per prompt from every policy with nucleus sampling (top-p 0.8) at
    each temperature (0.2, 0.5, 0.7, 0.9): seeded, batched with left padding.
@@ -30,8 +29,11 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from drdo_lightning import demo
-from drdo_lightning.data import Columns, TextPair, load_tokenizer, read_rows
-from drdo_lightning.scoring import load_scorer, reward_columns, tokenized_for
+from drdo_lightning.data import Columns, TextPair, load_tokenizer, read_rows, truncate_prompt
+from drdo_lightning.errors import DataError, require_pretrained
+from drdo_lightning.export import export
+from drdo_lightning.jsonl import write_jsonl
+from drdo_lightning.scoring import load_scorer, require_reward_model, reward_columns, tokenized_for
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +60,8 @@ class Estimate(NamedTuple):
 
 def _encode_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int) -> list[int]:
     """Prompt ids as in training (:func:`data.tokenize_pairs`): the tokenizer's prefix (BOS) and the
-    text; an over-long prompt keeps its last tokens after the prefix."""
-    ids, prefix = tokenizer(prompt)["input_ids"], len(tokenizer("")["input_ids"])
-    if len(ids) > max_prompt_length:
-        ids = ids[:prefix] + ids[len(ids) - (max_prompt_length - prefix):]
-    return ids
+    text, truncated by :func:`data.truncate_prompt`."""
+    return truncate_prompt(tokenizer(prompt)["input_ids"], max_prompt_length, len(tokenizer("")["input_ids"]))
 
 
 @torch.inference_mode()
@@ -134,6 +133,7 @@ class RewardModelJudge:
 
     def __init__(self, path: str, *, batch_size: int = 32, max_prompt_length: int = 512, max_length: int = 1024,
                  device: str = "cpu", trust_remote_code: bool = False) -> None:
+        require_reward_model(path, "judge")
         self.model, self.tokenizer = load_scorer(path, device=device, trust_remote_code=trust_remote_code)
         self.batch_size, self.max_prompt_length, self.max_length = batch_size, max_prompt_length, max_length
         self.name = path
@@ -155,6 +155,12 @@ def gold_judge(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
     return demo.gold_reward(responses)
 
 
+def require_judge(name: str, spec: str) -> None:
+    """Raise a :class:`~drdo_lightning.errors.UserError` unless ``spec`` is ``vader`` or a trained reward model."""
+    if spec != GOLD:
+        require_reward_model(spec, f"judge {name!r}:")
+
+
 def load_judge(spec: str, **kwargs) -> Judge:
     """``vader`` (the gold reward) or a reward-model directory (``kwargs`` go to :class:`RewardModelJudge`)."""
     return gold_judge if spec == GOLD else RewardModelJudge(spec, **kwargs)
@@ -173,7 +179,8 @@ def read_prompts(path: str, column: str = "prompt", limit: int | None = None) ->
     for number, row in read_rows(path):
         value = row.get(column)
         if not (isinstance(value, str) and value.strip()):
-            raise ValueError(f"{path}: row {number}: {column!r} must be a non-empty string, got {value!r:.60}")
+            raise DataError(f"{path}: row {number}: {column!r} must be a non-empty string, got {value!r:.60}",
+                            setting="prompt_column", advice="name the prompt column with {option}")
         prompts.append(value)
         if limit is not None and len(prompts) == limit:
             break
@@ -460,9 +467,8 @@ def _policy_dir(name: str, path: str, out: Path) -> str:
     """An exported directory as is; a Lightning ``.ckpt`` or DeepSpeed checkpoint is exported first."""
     source = Path(path)
     if source.is_file() or (source / "latest").is_file():
-        from drdo_lightning.export import export
-
         return str(export(path, str(out / "policies" / name)))
+    require_pretrained(path, f"policy {name!r}:")
     return path
 
 
@@ -510,6 +516,8 @@ def evaluate(
         logs: Name -> run directory or ``metrics.csv`` of training runs, for the training curves.
         device: ``cpu`` or ``cuda``.
     """
+    for name, spec in judges.items():
+        require_judge(name, spec)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     prompt_list = read_prompts(prompts, prompt_column, num_prompts)
@@ -528,8 +536,7 @@ def evaluate(
         log.warning("baseline %r is not among the policies %s: no reward advantage reported", baseline, list(policies))
     rows = summarize(scores, temperatures, baseline=baseline, samples=bootstrap_samples, seed=seed)
 
-    with (out_dir / "generations.jsonl").open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    write_jsonl(out_dir / "generations.jsonl", records)
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
     with (out_dir / "results.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

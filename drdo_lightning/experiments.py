@@ -6,7 +6,7 @@
   length-normalised log-probs) against the paper's settings, same protocol.
 - ``splits``: the paper's D_hc,he / D_lc,le splits of a preference dataset (Table 5).
 
-Training goes through the recipes (:func:`pipeline.fit_recipe`), evaluation through
+Training goes through the recipes (:func:`training.run_fit`), evaluation through
 :mod:`evaluation`. Intervals across seeds are Student-t 95% intervals of the per-seed means.
 Sweeps resume: a finished cell (``scores.json``) or a finished set of judges is not redone.
 """
@@ -14,7 +14,6 @@ Sweeps resume: a finished cell (``scores.json``) or a finished set of judges is 
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import logging
 import math
@@ -27,19 +26,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import yaml
 from tqdm import tqdm
 
-from drdo_lightning.data import DataError, load_tokenizer, read_rows
+from drdo_lightning.data import load_tokenizer, read_rows
+from drdo_lightning.errors import DataError, MissingPathError, UserError, require_pretrained
 from drdo_lightning.evaluation import (
     GOLD, PAPER_TEMPERATURES, Estimate, Judge, load_judge, new_figure, read_prompts, sample_and_score,
 )
+from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.modules import ReferenceModule
-from drdo_lightning.pipeline import CONFIG_DIR, EMBEDDED, STUDENTS, _config, _train_judges_and_score, fit_recipe
+from drdo_lightning.pipeline import EMBEDDED, STUDENTS, DataSpec, scored_files, train_judges_and_score
+from drdo_lightning.recipes import config_path, recipe_names, recipe_objective
+from drdo_lightning.training import run_fit
 
 log = logging.getLogger(__name__)
 
-ABLATIONS = CONFIG_DIR / "ablations"
 FLIP_RATES = (0.0, 0.1, 0.2, 0.3, 0.4)
 SEEDS = (0, 1, 2)
 # The noisy subset is the same for every seed at a rate (``--data.seed``), so the judges retrained
@@ -56,6 +57,8 @@ class EvalSettings:
     """How every trained policy of a sweep is judged (see :func:`evaluation.sample_and_score`).
 
     The defaults fit the embedded default: its responses are at most ~35 tokens.
+    ``max_prompt_length`` and ``max_length`` are the token budgets of the whole sweep: training,
+    scoring and judging.
     """
 
     prompts: str = str(EMBEDDED / "data" / "eval.jsonl")
@@ -68,6 +71,9 @@ class EvalSettings:
     max_length: int = 128
     batch_size: int = 50
     seed: int = 0
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(max_prompt_length=self.max_prompt_length, max_length=self.max_length)
 
 
 class _Evaluator:
@@ -94,9 +100,9 @@ class _Evaluator:
                 for judge, by_policy in scores.items()}
 
 
-def _run_cell(root: Path, evaluator: _Evaluator, recipe: str | None, args: Sequence[str] = (),
+def _run_cell(root: Path, evaluator: _Evaluator, configs: list[str] | None, overrides: dict[str, Any] | None = None,
               policy: str | None = None) -> dict[str, Any]:
-    """Train ``recipe`` with ``args`` into ``root`` (or take ``policy`` as is) and evaluate the result.
+    """Train ``configs`` with ``overrides`` into ``root`` (or take ``policy`` as is) and evaluate the result.
 
     A finished cell (``root/scores.json``) is read back; an unfinished one is wiped and redone, so a
     resumed sweep never mixes two runs' logs.
@@ -107,7 +113,7 @@ def _run_cell(root: Path, evaluator: _Evaluator, recipe: str | None, args: Seque
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     start = time.perf_counter()
-    export = fit_recipe(recipe, root, *args) if recipe is not None else Path(policy)
+    export = run_fit(configs, overrides, run_dir=root).export_dir if configs is not None else Path(policy)
     trained = time.perf_counter()
     result = {"scores": evaluator(export), "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained}
     done.write_text(json.dumps(result, indent=1))
@@ -167,12 +173,6 @@ def _cell_text(row: dict | None) -> str:
     return f"{row['value']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
 
 
-def _uses_reference(recipe: str) -> bool:
-    """Whether a recipe's objective has a reference policy (DPO, IPO, distillation, e-DPO)."""
-    module, name = yaml.safe_load(_config(recipe).read_text())["model"]["class_path"].rsplit(".", 1)
-    return issubclass(getattr(importlib.import_module(module), name), ReferenceModule)
-
-
 # ---------------------------------------------------------------------------------------
 # Robustness to label noise
 
@@ -190,13 +190,13 @@ def robustness(
     train_data: str = str(EMBEDDED / "data" / "train.jsonl"),
     val_data: str = str(EMBEDDED / "data" / "val.jsonl"),
     evaluation: EvalSettings = EvalSettings(),
-    overrides: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
     judges_from: str | None = None,
 ) -> str:
     """Train each method at each label-flip rate with each seed (same budget), judge, plot, tabulate.
 
     At flip rate ``r`` exactly ``round(r * n)`` training pairs have chosen and rejected swapped
-    (``--data.label_flip_rate``; their Oracle scores move with them; validation pairs are never
+    (``data.label_flip_rate``; their Oracle scores move with them; validation pairs are never
     flipped). With ``retrain_judges`` (the default) the Oracle and the e-DPO ensemble are
     retrained on the same noisy labels at every rate and rescore the data, so DRDO and e-DPO
     distil from judges that saw the noise, as they would in practice. With
@@ -212,7 +212,7 @@ def robustness(
     Args:
         flip_rates: Fractions of training labels to flip.
         methods: Student recipes (``configs/<name>.yaml``).
-        seeds: Training seeds (``--seed_everything``) per method and rate.
+        seeds: Training seeds (``seed_everything``) per method and rate.
         max_steps: Optimiser steps per student (the same budget for every method).
         retrain_judges: Retrain the Oracle and ensemble on the noisy labels at each rate.
         judge_steps: Optimiser steps of the Oracle and of each ensemble member when retrained.
@@ -221,36 +221,38 @@ def robustness(
         train_data, val_data: Preference pairs; without ``retrain_judges`` they must carry the
             Oracle and ensemble score columns the recipes read.
         evaluation: Evaluation settings (prompts, judges, temperatures, ...).
-        overrides: Extra options for every training run (e.g. ``["--data.cache_dir", "/tmp/c"]``).
+        overrides: Dotted config keys for every training run, e.g. ``{"data.cache_dir": "/tmp/c"}``.
         judges_from: Output directory of an earlier sweep whose retrained judges (and the data they
             scored) to use at every rate instead of training new ones, so a variant (other
             ``overrides``, other methods) is compared under the very same judges.
     """
+    require_pretrained(policy, "policy")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     evaluator = _Evaluator(evaluation)
-    start = _run_cell(root / "start", evaluator, recipe=None, policy=policy)
+    start = _run_cell(root / "start", evaluator, configs=None, policy=policy)
+    spec = evaluation.data_spec()
     cells, judge_accuracy = [], {}
     for rate in flip_rates:
-        common = ["--model.model", policy, "--data.label_flip_rate", str(rate), "--data.seed", str(FLIP_SEED),
-                  *(overrides or [])]
+        common = {"model.model": policy, "data.label_flip_rate": rate, "data.seed": FLIP_SEED,
+                  **spec.fit_overrides(), **(overrides or {})}
         rate_dir = root / f"flip_{rate}"
         data = {"train": train_data, "val": val_data}
         if judges_from is not None:
             data = _finished_judges(Path(judges_from) / rate_dir.name / "judges")
         elif retrain_judges:
-            judge_args = ["--trainer.max_steps", str(judge_steps), "--trainer.limit_val_batches", "0", *common]
-            data = _noisy_judges(rate_dir / "judges", train_data, val_data, policy, members, judge_args)
+            judge_settings = {"trainer.max_steps": judge_steps, "trainer.limit_val_batches": 0, **common}
+            data = _noisy_judges(rate_dir / "judges", train_data, val_data, policy, members, spec, judge_settings)
         if judges_from is not None or retrain_judges:
             judge_accuracy[rate] = _oracle_accuracy(data["val"])
         for seed in seeds:
             for method in methods:
-                args = ["--seed_everything", str(seed), "--data.train_file", str(data["train"]),
-                        "--data.val_file", str(data["val"]), "--trainer.max_steps", str(max_steps),
-                        "--trainer.limit_val_batches", "0", *common]
-                if _uses_reference(method):  # same result as a live reference, one model in memory
-                    args += ["--model.precompute_reference", "true"]
-                result = _run_cell(rate_dir / f"seed_{seed}" / method, evaluator, method, args)
+                settings = {"seed_everything": seed, "data.train_file": str(data["train"]),
+                            "data.val_file": str(data["val"]), "trainer.max_steps": max_steps,
+                            "trainer.limit_val_batches": 0, **common}
+                if issubclass(recipe_objective(method), ReferenceModule):  # as a live reference, one model in memory
+                    settings["model.precompute_reference"] = True
+                result = _run_cell(rate_dir / f"seed_{seed}" / method, evaluator, [method], settings)
                 cells += _cells(result, flip_rate=rate, method=method, seed=seed)
     _write_csv(cells, root / "cells.csv")
     summary = aggregate(cells, ("flip_rate", "method"))
@@ -263,27 +265,22 @@ def robustness(
     return table
 
 
-def _scored_files(judges: Path) -> dict[str, Path]:
-    """Where the judges retrained at one flip rate (in ``judges``) write the data they rescore."""
-    return {split: judges / "data" / f"{split}.scored.jsonl" for split in ("train", "val")}
-
-
-def _noisy_judges(work: Path, train_data: str, val_data: str, policy: str, members: int,
-                  overrides: list[str]) -> dict[str, Path]:
+def _noisy_judges(work: Path, train_data: str, val_data: str, policy: str, members: int, spec: DataSpec,
+                  overrides: dict[str, Any]) -> dict[str, Path]:
     """The data rescored by the Oracle and ensemble retrained on this rate's noisy labels (trained if missing)."""
-    scored = _scored_files(work)
+    scored = scored_files(work)
     if not all(p.is_file() for p in scored.values()):
         shutil.rmtree(work, ignore_errors=True)
-        _train_judges_and_score(work, {"train": Path(train_data), "val": Path(val_data)}, Path(policy), FLIP_SEED,
-                                members, tuple(overrides))
+        train_judges_and_score(work, {"train": Path(train_data), "val": Path(val_data)}, Path(policy), FLIP_SEED,
+                               members, spec, overrides)
     return scored
 
 
 def _finished_judges(work: Path) -> dict[str, Path]:
     """The data rescored by judges another sweep retrained (``--judges_from``); they must exist."""
-    scored = _scored_files(work)
+    scored = scored_files(work)
     if not all(p.is_file() for p in scored.values()):
-        raise FileNotFoundError(f"no retrained judges in {work}: the sweep named by --judges_from has not "
+        raise MissingPathError(f"no retrained judges in {work}: the sweep named by --judges_from has not "
                                 "finished this flip rate's judges")
     return scored
 
@@ -332,7 +329,8 @@ def _plot_robustness(summary, methods, judges, reference, path: Path) -> None:
 
 def ablation_configs() -> dict[str, Path]:
     """The shipped variants: ``configs/ablations/<name>.yaml``, each a partial DRDO config."""
-    return {p.stem: p for p in sorted(ABLATIONS.glob("*.yaml"))}
+    folder = "ablations/"
+    return {name[len(folder):]: config_path(name) for name in recipe_names() if name.startswith(folder)}
 
 
 def ablations(
@@ -342,12 +340,12 @@ def ablations(
     max_steps: int = 150,
     policy: str = str(EMBEDDED / "sft_policy"),
     evaluation: EvalSettings = EvalSettings(),
-    overrides: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> str:
     """Train DRDO (paper settings, alpha 0.1, gamma 2) and each variant with each seed; judge; tabulate.
 
-    A variant is a partial config layered over ``configs/drdo.yaml`` (``fit --config
-    configs/drdo.yaml --config configs/ablations/<name>.yaml`` trains one by hand). Writes
+    A variant is a partial config layered over the ``drdo`` recipe (``fit --config drdo
+    --config ablations/<name>`` trains one by hand). Writes
     ``cells.csv``, ``ablations.csv``, ``ablations.md`` and ``ablations.png`` under ``out``; the
     starting policy is judged too, as the reference line.
 
@@ -357,26 +355,27 @@ def ablations(
         max_steps: Optimiser steps per run.
         policy: Starting policy of every run (the SFT policy).
         evaluation: Evaluation settings.
-        overrides: Extra options for every training run.
+        overrides: Dotted config keys for every training run.
     """
     shipped = ablation_configs()
     chosen: dict[str, Path | None] = {"drdo": None}
     for variant in variants or list(shipped):
         path = shipped.get(variant, Path(variant))
         if not path.is_file():
-            raise FileNotFoundError(f"unknown ablation {variant!r}: not one of {sorted(shipped)} nor a YAML file")
+            raise UserError(f"--variants: unknown ablation {variant!r}: not one of {sorted(shipped)} nor a YAML file")
         chosen[path.stem] = path
+    require_pretrained(policy, "policy")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     evaluator = _Evaluator(evaluation)
-    start = _run_cell(root / "start", evaluator, recipe=None, policy=policy)
+    start = _run_cell(root / "start", evaluator, configs=None, policy=policy)
     cells = []
     for name, config in chosen.items():
-        layer = ["--config", str(config)] if config is not None else []
+        configs = ["drdo"] + ([str(config)] if config is not None else [])
         for seed in seeds:
-            args = [*layer, "--seed_everything", str(seed), "--trainer.max_steps", str(max_steps),
-                    "--trainer.limit_val_batches", "0", "--model.model", policy, *(overrides or [])]
-            result = _run_cell(root / name / f"seed_{seed}", evaluator, "drdo", args)
+            settings = {"seed_everything": seed, "trainer.max_steps": max_steps, "trainer.limit_val_batches": 0,
+                        "model.model": policy, **evaluation.data_spec().fit_overrides(), **(overrides or {})}
+            result = _run_cell(root / name / f"seed_{seed}", evaluator, configs, settings)
             cells += _cells(result, variant=name, seed=seed)
     _write_csv(cells, root / "cells.csv")
     summary = aggregate(cells, ("variant",))
@@ -477,7 +476,8 @@ def read_comparisons(
     if skipped:
         log.warning("%s: skipped %d rows without a confidence value", data, skipped)
     if not rows:
-        raise DataError(f"{data}: no rows with a confidence value")
+        raise DataError(f"{data}: no rows with a confidence value", setting="confidence_column",
+                        advice="name the confidence field with {option}")
     return rows
 
 
@@ -491,8 +491,10 @@ def splits(
     confidence_column: str | None = None,
     tokenizer: str | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Build D_hc,he and D_lc,le (paper Table 5): split at the 50th percentiles of labeler
-    confidence and of the normalised token edit distance between chosen and rejected.
+    """Split preference pairs into D_hc,he (easy) and D_lc,le (hard), as the paper's Table 5.
+
+    The split is at the 50th percentiles of labeler confidence and of the normalised token edit
+    distance between chosen and rejected.
 
     A pair is *high* on a measure when it lies strictly above that measure's median and *low*
     when strictly below; pairs at a median belong to neither (with integer confidences many
@@ -529,8 +531,7 @@ def splits(
     report = {}
     for name, mask in members.items():
         chosen_rows = [r for r, keep in zip(rows, mask) if keep]
-        with (root / f"{name}.jsonl").open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen_rows)
+        write_jsonl(root / f"{name}.jsonl", chosen_rows)
         report[name] = {"size": len(chosen_rows),
                         "mean_confidence": float(confidence[mask].mean()) if mask.any() else math.nan,
                         "mean_edit_distance": float(distance[mask].mean()) if mask.any() else math.nan}

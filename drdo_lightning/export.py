@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from drdo_lightning.data import load_tokenizer
+from drdo_lightning.errors import MissingPathError
 from drdo_lightning.models import CausalLMWithRewardHead, head_input_width
 
 POLICY_PREFIX = "policy."  # the LightningModule's attribute holding the CausalLMWithRewardHead
@@ -104,6 +105,9 @@ def export(checkpoint: str, output: str, tokenizer: str | None = None, model: st
         model: Where to read the model's config; default: the run's starting ``model`` (set
             this when that path does not exist on this machine).
     """
+    if not Path(checkpoint).exists():
+        raise MissingPathError(f"checkpoint {checkpoint} does not exist: `python -m drdo_lightning fit` writes them "
+                               "to the run folder's checkpoints/ (last.ckpt)")
     weights, rest = read_checkpoint(checkpoint)
     hparams = rest.get("hyper_parameters", {})
     data_hparams = rest.get("datamodule_hyper_parameters", {})
@@ -142,8 +146,12 @@ class ExportHuggingFace(L.Callback):
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
 
+    def directory(self, trainer: L.Trainer) -> Path:
+        """Where the export goes: ``dirpath``, or ``<trainer.default_root_dir>/export``."""
+        return Path(self.dirpath) if self.dirpath else default_export_dir(trainer)
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = Path(self.dirpath) if self.dirpath else default_export_dir(trainer)
+        path = self.directory(trainer)
         state_dict = None  # the policy's own weights
         if getattr(trainer.strategy, "zero_stage_3", False):
             # Collective: every rank sends its shards; rank 0 receives the full weights, on CPU.

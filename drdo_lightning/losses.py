@@ -3,7 +3,7 @@
 Every function takes per-sequence quantities (log-probabilities ``z = log pi(y|x)`` summed
 over response tokens, or scalar rewards) and returns an unreduced per-pair loss ``[B]``, so
 the caller chooses the reduction. Equation numbers follow Nath et al., "Simultaneous Reward
-Distillation and Preference Learning" (arXiv 2410.08458); see ``shared/METHOD.md``.
+Distillation and Preference Learning" (arXiv 2410.08458); ``docs/method.md`` derives them.
 """
 
 from __future__ import annotations
@@ -99,11 +99,13 @@ def log1mexp(x: Tensor) -> Tensor:
 
 
 class DRDOTerms(NamedTuple):
-    """The two parts of paper Eq. 6, per pair, and the preference probability ``p_w``."""
+    """The two parts of paper Eq. 6, per pair, the preference probability ``p_w``, and the loss
+    ``distill_weight * distillation + preference``."""
 
     distillation: Tensor
     preference: Tensor
     p_chosen: Tensor
+    loss: Tensor
 
 
 def drdo_terms(
@@ -117,14 +119,16 @@ def drdo_terms(
     alpha: float = 0.1,
     gamma: float = 2.0,
     detach_focal: bool = False,
+    distill_weight: float = 1.0,
 ) -> DRDOTerms:
-    """Both terms of the DRDO loss (paper Eq. 6), unreduced.
+    """Both terms of the DRDO loss (paper Eq. 6) and their weighted sum, unreduced.
 
     distillation = (r*(x,y_w) - r*(x,y_l) - (r̂_w - r̂_l))^2
     preference   = -alpha * (1 - p_w)^gamma * (z_w - log(1 - exp(z_l))),  p_w = sigmoid(z_w - z_l)
 
     The focal weight ``(1 - p_w)^gamma`` is differentiated through, as in the paper's
     gradient analysis (Appendix A.5); ``detach_focal=True`` treats it as a constant weight.
+    ``distill_weight`` scales the distillation term (the paper's is 1; 0 for ablations).
     """
     oracle_margin = oracle_chosen_rewards - oracle_rejected_rewards
     student_margin = chosen_rewards - rejected_rewards
@@ -136,7 +140,7 @@ def drdo_terms(
         focal = focal.detach()
     log_unlikelihood = chosen_logps - log1mexp(rejected_logps)
     preference = -alpha * focal * log_unlikelihood
-    return DRDOTerms(distillation, preference, p_chosen)
+    return DRDOTerms(distillation, preference, p_chosen, distill_weight * distillation + preference)
 
 
 def drdo_loss(
@@ -149,10 +153,12 @@ def drdo_loss(
     *,
     alpha: float = 0.1,
     gamma: float = 2.0,
+    detach_focal: bool = False,
+    distill_weight: float = 1.0,
 ) -> Tensor:
     """DRDO loss per pair (paper Eq. 6): reward distillation + focal log-unlikelihood.
 
-    See :func:`drdo_terms` for the two terms; this is their sum, shape ``[B]``.
+    See :func:`drdo_terms` for the two terms and the weights; this is their weighted sum, ``[B]``.
     """
     terms = drdo_terms(
         chosen_logps,
@@ -163,8 +169,10 @@ def drdo_loss(
         oracle_rejected_rewards,
         alpha=alpha,
         gamma=gamma,
+        detach_focal=detach_focal,
+        distill_weight=distill_weight,
     )
-    return terms.distillation + terms.preference
+    return terms.loss
 
 
 def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from drdo_lightning import losses
+from drdo_lightning.errors import REWARD_MODEL_MADE_BY, UserError
 
 REWARD_HEAD_FILE = "reward_head.safetensors"
 
@@ -303,7 +304,8 @@ def load_reward_model(
         model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
         model.config.pad_token_id = pad_token_id
         return SequenceClassifierReward(model)
-    raise ValueError(
+    raise UserError(
         f"{path} is not a reward model: it has no {REWARD_HEAD_FILE} (an Oracle trained here) and is not a "
-        f"sequence classifier with one label (its architectures: {config.architectures}, num_labels: {config.num_labels})"
+        f"sequence classifier with one label (architectures {config.architectures}, num_labels {config.num_labels}); "
+        f"{REWARD_MODEL_MADE_BY}"
     )

@@ -278,11 +278,12 @@ class DRDO(PreferenceModule):
             alpha=self.hparams.alpha,
             gamma=self.hparams.gamma,
             detach_focal=self.hparams.detach_focal,
+            distill_weight=self.hparams.distill_weight,
         )
         student_margin = (out.chosen_rewards - out.rejected_rewards).detach()
         corr = getattr(self, f"{stage}_reward_corr")
         corr(student_margin, (oracle_chosen - oracle_rejected).float())  # forward: batch value + epoch state
-        return (self.hparams.distill_weight * terms.distillation + terms.preference).mean(), {
+        return terms.loss.mean(), {
             "distillation": terms.distillation.mean(),
             "preference": terms.preference.mean(),
             "p_chosen": terms.p_chosen.mean(),

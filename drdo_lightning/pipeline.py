@@ -1,75 +1,101 @@
-"""Multi-stage runs chained from the recipe configs: the same commands a user runs.
+"""Multi-stage runs built on :func:`training.run_fit`: the recipes, pointed at your data and folders.
 
 - ``train-ensemble``: K reward models that differ only in their reward head's initialisation.
 - ``paper-pipeline``: SFT -> Oracle (+ ensemble) -> score -> DRDO, DPO, IPO, e-DPO students ->
-  a summary table of their validation metrics, all under one output folder.
+  a summary table of their validation metrics, all under one output folder, on your data.
 - ``build-embedded-default``: regenerate ``embedded_default/`` from scratch.
-
-Run them from the repository root: the recipes' data paths are relative to it.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from drdo_lightning import demo
+from drdo_lightning.errors import require_pretrained
 from drdo_lightning.scoring import score
+from drdo_lightning.training import FitResult, run_fit
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 EMBEDDED = Path("embedded_default")
-EMBEDDED_LENGTHS = {"max_prompt_length": 64, "max_length": 128}
 STUDENTS = ("drdo", "dpo", "ipo", "edpo")
 SUMMARY_METRICS = ("loss", "implicit_accuracy", "reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps")
 
 
-def _config(recipe: str | Path) -> Path:
-    """A recipe name (``dpo``) or a path to a YAML file."""
-    path = Path(recipe)
-    return path if path.suffix in (".yaml", ".yml") else CONFIG_DIR / f"{recipe}.yaml"
+@dataclass(frozen=True)
+class DataSpec:
+    """How a pipeline reads its pairs: the same token budgets and chat template in every training
+    stage and in scoring, so the judges score exactly what the students train on."""
 
+    max_prompt_length: int = 512
+    max_length: int = 1024
+    chat_template: str | None = None
 
-def fit_recipe(recipe: str | Path, root: Path, *overrides: str) -> Path:
-    """Run ``fit`` on a recipe with every output under ``root``; return the export directory."""
-    from drdo_lightning.cli import main  # deferred: cli imports this module
+    def fit_overrides(self) -> dict[str, Any]:
+        return {f"data.{k}": v for k, v in vars(self).items()}
 
-    callbacks = [
-        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True}},
-        {"class_path": "drdo_lightning.ExportHuggingFace", "init_args": {"dirpath": str(root / "export")}},
-    ]
-    main(
-        [
-            "fit",
-            "--config", str(_config(recipe)),
-            "--trainer.default_root_dir", str(root),
-            "--trainer.logger.init_args.save_dir", str(root),
-            "--trainer.callbacks", json.dumps(callbacks),
-            *overrides,
-        ]
-    )
-    return root / "export"
+    def score_options(self) -> dict[str, Any]:
+        return dict(vars(self))
 
 
 def train_ensemble(
-    config: str = "reward_model", members: int = 3, out: str = "runs/reward_ensemble", overrides: list[str] | None = None
+    config: str = "reward_model", members: int = 3, out: str = "runs/reward_ensemble",
+    overrides: dict[str, Any] | None = None,
 ) -> list[Path]:
-    """Train ``members`` reward models (paper Eq. 2) that differ only in the reward head's init.
+    """Train reward models (paper Eq. 2) that differ only in the reward head's initialisation.
 
-    Member ``k`` runs the recipe with ``--model.reward_head_seed k``; data order and every
-    other setting are shared. Exports land in ``<out>/member_<k>/export``.
+    Member ``k`` runs the recipe with ``model.reward_head_seed = k``; data order and every other
+    setting are shared. Exports land in ``<out>/member_<k>/export``.
 
     Args:
-        config: Recipe name or YAML path (default: configs/reward_model.yaml).
+        config: Recipe name or YAML path.
         members: Ensemble size (paper: 3).
         out: Output folder.
-        overrides: Extra command-line options for every member (e.g. ``["--model.model", "path"]``).
+        overrides: Dotted config keys for every member, e.g. ``{"model.model": "path"}``.
     """
     return [
-        fit_recipe(config, Path(out) / f"member_{k}", "--model.reward_head_seed", str(k), *(overrides or []))
+        run_fit(config, {**(overrides or {}), "model.reward_head_seed": k}, run_dir=Path(out) / f"member_{k}").export_dir
         for k in range(members)
     ]
+
+
+@dataclass(frozen=True)
+class Judges:
+    """The Oracle, the reward-model ensemble, and the pairs they scored (``train``, ``val``)."""
+
+    oracle: Path
+    ensemble: list[Path]
+    scored: dict[str, Path]
+
+
+def scored_files(work: Path) -> dict[str, Path]:
+    """Where :func:`train_judges_and_score` into ``work`` writes the pairs it scored."""
+    return {split: work / "data" / f"{split}.scored.jsonl" for split in ("train", "val")}
+
+
+def train_judges_and_score(
+    work: Path, data: dict[str, Path], policy: Path, seed: int, members: int, spec: DataSpec,
+    overrides: dict[str, Any] | None = None,
+) -> Judges:
+    """Oracle (Eq. 5) and reward-model ensemble (Eq. 2) from ``policy``, then score train/val.
+
+    ``overrides`` are extra config keys for every judge's training run (e.g. a label-flip rate).
+    The scored files carry ``oracle_{chosen,rejected}`` (numbers) and
+    ``ensemble_{chosen,rejected}`` (lists, one number per member).
+    """
+    common = {"seed_everything": seed, "model.model": str(policy), "data.train_file": str(data["train"]),
+              "data.val_file": str(data["val"]), **spec.fit_overrides(), **(overrides or {})}
+    oracle = run_fit("oracle", common, run_dir=work / "oracle").export_dir
+    ensemble = train_ensemble(members=members, out=str(work / "ensemble"), overrides=common)
+    scored = scored_files(work)
+    for split, path in scored.items():
+        with_oracle = path.with_name(f"{split}.oracle.jsonl")
+        score([str(oracle)], str(data[split]), str(with_oracle), overwrite=True, **spec.score_options())
+        score([str(m) for m in ensemble], str(with_oracle), str(path), output_prefix="ensemble_", overwrite=True,
+              **spec.score_options())
+    return Judges(oracle, ensemble, scored)
 
 
 def _install(src: Path, dst: Path) -> None:
@@ -79,31 +105,12 @@ def _install(src: Path, dst: Path) -> None:
     (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
 
 
-def _train_judges_and_score(
-    work: Path, data: dict[str, Path], policy: Path, seed: int, members: int, overrides: tuple[str, ...] = ()
-) -> tuple[Path, list[Path], dict[str, Path]]:
-    """Oracle (Eq. 5) and reward-model ensemble (Eq. 2) from ``policy``, then score train/val.
-
-    ``overrides`` are extra options for every judge's training run (e.g. a label-flip rate).
-    Returns the Oracle, the ensemble members and the scored files, which carry
-    ``oracle_{chosen,rejected}`` (numbers) and ``ensemble_{chosen,rejected}`` (lists).
-    """
-    common = ("--seed_everything", str(seed), "--model.model", str(policy),
-              "--data.train_file", str(data["train"]), "--data.val_file", str(data["val"]), *overrides)
-    oracle = fit_recipe("oracle", work / "oracle", *common)
-    ensemble = train_ensemble(members=members, out=str(work / "ensemble"), overrides=list(common))
-    scored = {}
-    for split in ("train", "val"):
-        with_oracle = work / "data" / f"{split}.oracle.jsonl"
-        scored[split] = work / "data" / f"{split}.scored.jsonl"
-        score([str(oracle)], str(data[split]), str(with_oracle), overwrite=True, **EMBEDDED_LENGTHS)
-        score([str(m) for m in ensemble], str(with_oracle), str(scored[split]), output_prefix="ensemble_",
-              overwrite=True, **EMBEDDED_LENGTHS)
-    return oracle, ensemble, scored
+# The embedded default's responses are at most ~35 tokens: these budgets never truncate them.
+EMBEDDED_SPEC = DataSpec(max_prompt_length=64, max_length=128)
 
 
 def build_embedded_default(out: str = "embedded_default", work: str = "runs/embedded_default_build", seed: int = 0) -> Path:
-    """Rebuild the embedded default: data, base model, SFT policy, Oracle, scored pairs.
+    """Rebuild the embedded default (data, base model, SFT policy, Oracle, scored pairs) from scratch.
 
     Args:
         out: The shipped folder the recipe configs read from.
@@ -113,31 +120,23 @@ def build_embedded_default(out: str = "embedded_default", work: str = "runs/embe
     out_dir, work_dir = Path(out), Path(work)
     shutil.rmtree(work_dir, ignore_errors=True)
     raw = demo.write_task(work_dir, seed=seed)
+    print(demo.describe_task(work_dir, raw))
     _install(raw["base_model"], out_dir / "base_model")
     for split in ("sft", "eval"):
         _install(raw[split], out_dir / "data" / f"{split}.jsonl")
-    sft = fit_recipe("sft", work_dir / "sft", "--seed_everything", str(seed), "--data.val_file", str(raw["val"]))
-    _install(sft, out_dir / "sft_policy")
-    oracle, _, scored = _train_judges_and_score(work_dir, raw, out_dir / "sft_policy", seed, members=3)
-    _install(oracle, out_dir / "oracle")
-    for split, path in scored.items():
+    sft = run_fit("sft", {"seed_everything": seed, "data.val_file": str(raw["val"]), **EMBEDDED_SPEC.fit_overrides()},
+                  run_dir=work_dir / "sft")
+    _install(sft.export_dir, out_dir / "sft_policy")
+    judges = train_judges_and_score(work_dir, raw, out_dir / "sft_policy", seed, members=3, spec=EMBEDDED_SPEC)
+    _install(judges.oracle, out_dir / "oracle")
+    for split, path in judges.scored.items():
         _install(path, out_dir / "data" / f"{split}.jsonl")
     return out_dir
 
 
-def _final_val_metrics(root: Path) -> dict[str, float]:
-    """The last logged value of every ``val/`` metric of a run."""
-    (metrics_file,) = root.glob("logs/version_*/metrics.csv")
-    last: dict[str, float] = {}
-    with metrics_file.open() as f:
-        for row in csv.DictReader(f):
-            last.update({k[4:]: float(v) for k, v in row.items() if k.startswith("val/") and v})
-    return last
-
-
-def write_summary(runs: dict[str, Path], out: Path) -> str:
+def write_summary(runs: dict[str, FitResult], out: Path) -> str:
     """Write ``summary.csv`` and ``summary.md`` of the final validation metrics; return the table."""
-    rows = {name: _final_val_metrics(root) for name, root in runs.items()}
+    rows = {name: run.stage_metrics("val") for name, run in runs.items()}
     with (out / "summary.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", *SUMMARY_METRICS])
@@ -165,35 +164,48 @@ def paper_pipeline(
     train_data: str = str(EMBEDDED / "data" / "train.jsonl"),
     val_data: str = str(EMBEDDED / "data" / "val.jsonl"),
     base_model: str = str(EMBEDDED / "base_model"),
+    max_prompt_length: int = 512,
+    max_length: int = 1024,
+    chat_template: str | None = None,
     students: list[str] = list(STUDENTS),
     members: int = 3,
     seed: int = 0,
-    overrides: list[str] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> str:
-    """The paper's whole pipeline: SFT -> Oracle + ensemble -> score -> students -> summary.
+    """The paper's whole pipeline on your data: SFT -> Oracle + ensemble -> score -> students -> summary.
 
-    Every stage is a recipe under ``configs/`` with its paths pointed into ``out``; students
-    start from the SFT policy trained here. Writes ``<out>/summary.md`` and ``summary.csv``.
+    Every stage is a shipped recipe with its data, model, token budgets and folders set from here:
+    SFT trains ``base_model`` on ``sft_data`` (prompt and chosen response); the Oracle and the
+    ensemble train on ``train_data`` from the SFT policy and score ``train_data`` and ``val_data``;
+    the students start from the SFT policy and train on the scored pairs. Writes
+    ``<out>/summary.md`` and ``summary.csv``. Evaluate the students' exports
+    (``<out>/<student>/export``) with ``evaluate``.
 
     Args:
         out: Output folder for every stage.
-        sft_data, train_data, val_data: Data files (default: the embedded default's).
-        base_model: Model to fine-tune first.
+        sft_data, train_data, val_data: Data files in any format the data module reads,
+            conversations included (default: the embedded default's).
+        base_model: Model to fine-tune first (a local directory or hub id).
+        max_prompt_length, max_length: Token budgets of every stage, training and scoring alike.
+        chat_template: A chat template (text or file) for conversational data whose model has none.
         students: Recipes to train as students.
         members: Size of e-DPO's reward-model ensemble.
         seed: Seed of every run.
-        overrides: Extra options for every student (e.g. ``["--trainer.max_steps", "50"]``).
+        overrides: Dotted config keys for every training run, e.g. ``{"trainer.max_steps": 50}``.
     """
+    require_pretrained(base_model, "base model")
     root = Path(out)
+    spec = DataSpec(max_prompt_length, max_length, chat_template)
     data = {"train": Path(train_data), "val": Path(val_data)}
-    sft = fit_recipe("sft", root / "sft", "--seed_everything", str(seed), "--model.model", base_model,
-                     "--data.train_file", sft_data, "--data.val_file", val_data)
-    _, _, scored = _train_judges_and_score(root, data, sft, seed, members)
-    runs = {}
-    for name in students:
-        runs[name] = root / name
-        fit_recipe(name, runs[name], "--seed_everything", str(seed), "--model.model", str(sft),
-                   "--data.train_file", str(scored["train"]), "--data.val_file", str(scored["val"]), *(overrides or []))
+    sft = run_fit("sft", {"seed_everything": seed, "model.model": base_model, "data.train_file": sft_data,
+                          "data.val_file": val_data, **spec.fit_overrides(), **(overrides or {})}, run_dir=root / "sft")
+    judges = train_judges_and_score(root, data, sft.export_dir, seed, members, spec, overrides)
+    runs = {
+        name: run_fit(name, {"seed_everything": seed, "model.model": str(sft.export_dir),
+                             "data.train_file": str(judges.scored["train"]), "data.val_file": str(judges.scored["val"]),
+                             **spec.fit_overrides(), **(overrides or {})}, run_dir=root / name)
+        for name in students
+    }
     table = write_summary(runs, root)
     print(table)
     return table

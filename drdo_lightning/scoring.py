@@ -6,7 +6,6 @@ The student never needs the Oracle in memory: score the dataset once, then train
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -17,9 +16,18 @@ from tqdm import tqdm
 from drdo_lightning.data import (
     Columns, PairCollator, TextPair, chat_renderer, load_pairs, load_tokenizer, read_rows, render_as_chat, tokenize_pairs,
 )
+from drdo_lightning.errors import EMBEDDED_MADE_BY, REWARD_MODEL_MADE_BY, MissingPathError, UserError, is_embedded
+from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.models import RewardModel, SequenceClassifierReward, load_reward_model
 
 log = logging.getLogger(__name__)
+
+
+def require_reward_model(path: str, what: str = "reward model") -> None:
+    """Raise a :class:`MissingPathError` unless ``path`` is a directory; whether it holds a reward
+    model is checked when it loads (:func:`models.load_reward_model`)."""
+    if not Path(path).is_dir():
+        raise MissingPathError(f"{what} {path} does not exist: {EMBEDDED_MADE_BY if is_embedded(path) else REWARD_MODEL_MADE_BY}")
 
 
 @torch.inference_mode()
@@ -76,17 +84,13 @@ def tokenized_for(
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
     if path.suffix == ".jsonl":
-        with staging.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    elif path.suffix == ".parquet":
+        write_jsonl(path, rows)
+    else:  # .parquet, checked by score
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.tmp")
         datasets.Dataset.from_list(rows).to_parquet(str(staging))
-    else:
-        raise ValueError(f"output must end in .jsonl or .parquet, got {path}")
-    staging.replace(path)
+        staging.replace(path)
 
 
 def score(
@@ -125,11 +129,15 @@ def score(
     """
     out_path = Path(output)
     if out_path.resolve() == Path(data).expanduser().resolve():
-        raise ValueError(f"output {output} is the input file; scoring never overwrites its input")
+        raise UserError(f"output {output} is the input file; scoring never overwrites its input")
+    if out_path.suffix not in (".jsonl", ".parquet"):
+        raise UserError(f"output {output} must end in .jsonl or .parquet")
     if out_path.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass --overwrite true to replace it")
+        raise UserError(f"output {output} exists; pass --overwrite true to replace it")
     if not models:
-        raise ValueError("give at least one reward model")
+        raise UserError("give at least one reward model")
+    for path in models:
+        require_reward_model(path)
     cols = Columns(prompt_column, chosen_column, rejected_column)
     sides = ("chosen", "rejected") if rejected_column else ("chosen",)
     per_model = []

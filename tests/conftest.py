@@ -6,7 +6,6 @@ from a config, then saved and loaded through the same path users take.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,34 @@ import torch
 from transformers import LlamaForCausalLM
 
 from drdo_lightning import demo
+from drdo_lightning.jsonl import write_jsonl
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+def fit_argv(root: Path, model_dir: Path, train: Path, *extra: str, objective: str = "DRDO",
+             checkpoints: bool = False, export: bool = False) -> list[str]:
+    """``fit`` arguments for a short CPU run of ``objective`` into ``root``, for ``cli.main``.
+
+    Batches of 8, seed 0, data cached under ``root/cache``, every step logged to
+    ``root/lightning_logs/version_N/metrics.csv``; ``checkpoints`` adds a ModelCheckpoint writing
+    ``root/checkpoints/last.ckpt`` (none otherwise), ``export`` the Hugging Face export to
+    ``root/export``. ``extra`` comes last, so it overrides any of these.
+    """
+    argv = [
+        "fit", "--model", objective, "--model.model", str(model_dir),
+        "--data.train_file", str(train), "--data.cache_dir", str(root / "cache"), "--data.batch_size", "8",
+        "--trainer.default_root_dir", str(root), "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(root),
+        "--seed_everything", "0",
+    ]
+    if checkpoints:
+        argv += ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                 "--trainer.callbacks.dirpath", str(root / "checkpoints"), "--trainer.callbacks.save_last", "true"]
+    else:
+        argv += ["--trainer.enable_checkpointing", "false"]
+    if export:
+        argv += ["--trainer.callbacks+=drdo_lightning.ExportHuggingFace"]
+    return [*argv, *extra]
 
 
 @pytest.fixture(scope="session")

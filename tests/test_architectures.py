@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 from architectures import ARCHITECTURES, build
-from test_cli import fit_args, read_metrics, series
+from conftest import fit_argv
+from test_cli import read_metrics, series
 from transformers import AutoModelForCausalLM
 
 from drdo_lightning import CausalLMWithRewardHead
@@ -82,8 +83,8 @@ def test_trains_through_the_cli_and_exports_for_transformers(objective, arch, tm
     lm.save_pretrained(start)
     tiny_tokenizer.save_pretrained(start)
     scores = ["--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected"]
-    cli = main(fit_args(tmp_path, start, objective, pairs16, *(scores if objective == "DRDO" else []),
-                        "--model.learning_rate", "1e-3", "--trainer.max_steps", "2"))
+    cli = main(fit_argv(tmp_path, start, pairs16, *(scores if objective == "DRDO" else []),
+                        "--model.learning_rate", "1e-3", "--trainer.max_steps", "2", objective=objective, export=True))
     loss = series(read_metrics(tmp_path), "train/loss")
     assert len(loss) == 2 and torch.tensor(loss).isfinite().all(), (name, loss)
 
@@ -110,8 +111,8 @@ def test_dpo_starts_at_log_2_with_dropout_in_the_config_unless_asked_to_keep_it(
     first_loss = {}
     for keep in ("false", "true"):
         root = tmp_path / f"keep_dropout_{keep}"
-        main(fit_args(root, start, "DPO", pairs16, "--trainer.max_steps", "1",
-                      "--model.disable_dropout", "false" if keep == "true" else "true"))
+        main(fit_argv(root, start, pairs16, "--trainer.max_steps", "1",
+                      "--model.disable_dropout", "false" if keep == "true" else "true", objective="DPO"))
         (first_loss[keep],) = series(read_metrics(root), "train/loss")
     # The policy equals its reference at the first step: every implicit reward is 0.
     assert first_loss["false"] == pytest.approx(math.log(2), abs=1e-6)

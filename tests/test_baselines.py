@@ -3,7 +3,6 @@ precomputed reference log-probs, and the ensemble of reward models."""
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -11,21 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import fit_argv
+
 from drdo_lightning import DPO, IPO, CausalLMWithRewardHead
 from drdo_lightning.cli import main
+from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.pipeline import train_ensemble, write_summary
+from drdo_lightning.training import FitResult
 
 
 def args(root: Path, model_dir: Path, objective: str, train: Path, *extra: str) -> list[str]:
-    return [
-        "fit", "--model", objective, "--model.model", str(model_dir),
-        "--data.train_file", str(train), "--data.cache_dir", str(root / "cache"), "--data.batch_size", "4",
-        "--trainer.default_root_dir", str(root), "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(root),
-        "--trainer.enable_checkpointing", "false", "--seed_everything", "0", "--model.learning_rate", "1e-2",
-        *extra,
-    ]
+    return fit_argv(root, model_dir, train, "--data.batch_size", "4", "--model.learning_rate", "1e-2", *extra,
+                    objective=objective)
 
 
 def losses_of(cli) -> list[float]:
@@ -44,9 +40,7 @@ def scored_pairs(tmp_path_factory, tiny_task) -> Path:
         row["ensemble_chosen"] = [row["oracle_chosen"] + rng.gauss(0, 0.3) for _ in range(3)]
         row["ensemble_rejected"] = [row["oracle_rejected"] + rng.gauss(0, 0.3) for _ in range(3)]
         rows.append(row)
-    path = tmp_path_factory.mktemp("scored") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("scored") / "pairs.jsonl", rows)
 
 
 def test_dpo_live_reference_equals_precomputed_step_for_step(tmp_path, tiny_model_dir, scored_pairs):
@@ -156,8 +150,7 @@ def test_ensemble_members_differ_only_in_the_reward_head_init(tmp_path, tiny_mod
         "model:\n  class_path: drdo_lightning.OracleRewardModel\n  init_args:\n"
         f"    model: {tiny_model_dir}\n    alpha: 0.0\n    learning_rate: 0.0\n"
         f"data:\n  train_file: {scored_pairs}\n  batch_size: 8\n  cache_dir: null\n"
-        "trainer:\n  max_steps: 1\n  enable_progress_bar: false\n  logger:\n"
-        "    class_path: lightning.pytorch.loggers.CSVLogger\n    init_args:\n      save_dir: unused\n"
+        "trainer:\n  max_steps: 1\n  enable_progress_bar: false\n"
     )
     exports = train_ensemble(str(config), members=2, out=str(tmp_path / "ens"))
     heads = [load_file(e / "reward_head.safetensors") for e in exports]
@@ -169,15 +162,11 @@ def test_ensemble_members_differ_only_in_the_reward_head_init(tmp_path, tiny_mod
     torch.testing.assert_close(load_file(again[0] / "reward_head.safetensors")["weight"], heads[0]["weight"])
 
 
-def test_summary_table_reads_the_last_validation_metrics(tmp_path):
-    for name, acc in (("drdo", 0.7), ("dpo", 0.6)):
-        log = tmp_path / name / "logs" / "version_0"
-        log.mkdir(parents=True)
-        log.joinpath("metrics.csv").write_text(
-            "epoch,step,train/loss,val/loss,val/implicit_accuracy\n"
-            f"0,9,1.0,,\n0,10,,2.0,0.5\n1,20,,1.5,{acc}\n"
-        )
-    table = write_summary({"drdo": tmp_path / "drdo", "dpo": tmp_path / "dpo"}, tmp_path)
+def test_summary_table_shows_the_final_validation_metrics(tmp_path):
+    runs = {name: FitResult(tmp_path / name, None, None, None, 20,
+                            {"train/loss": 1.0, "val/loss": 1.5, "val/implicit_accuracy": acc})
+            for name, acc in (("drdo", 0.7), ("dpo", 0.6))}
+    table = write_summary(runs, tmp_path)
     assert "| drdo | 1.500 | 0.700 |" in table and "| dpo | 1.500 | 0.600 |" in table
     assert (tmp_path / "summary.csv").read_text().splitlines()[1].startswith("drdo,1.5,0.7")
 

@@ -9,36 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+
+from conftest import fit_argv
 
 from drdo_lightning import CausalLMWithRewardHead, losses
-from drdo_lightning.cli import FUNCTION_COMMANDS, main
+from drdo_lightning.cli import COMMANDS, main
 from drdo_lightning.data import PairCollator
+from drdo_lightning.errors import UserError
+from drdo_lightning.scoring import score
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
 def fit_args(tmp_path: Path, model_dir: Path, objective: str, train: Path, *extra: str) -> list[str]:
-    return [
-        "fit",
-        "--model", objective,
-        "--model.model", str(model_dir),
-        "--data.train_file", str(train),
-        "--data.cache_dir", str(tmp_path / "cache"),
-        "--data.batch_size", "8",
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.log_every_n_steps", "1",
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.save_dir", str(tmp_path),
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        "--trainer.callbacks.dirpath", str(tmp_path / "checkpoints"),
-        "--trainer.callbacks.save_last", "true",
-        "--trainer.callbacks+=drdo_lightning.ExportHuggingFace",
-        "--seed_everything", "0",
-        *extra,
-    ]
+    return fit_argv(tmp_path, model_dir, train, *extra, objective=objective, checkpoints=True, export=True)
 
 
 def read_metrics(root: Path) -> list[dict]:
@@ -51,19 +37,12 @@ def series(rows: list[dict], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key)]
 
 
-@pytest.fixture(scope="module")
-def overfit_file(tmp_path_factory, tiny_task) -> Path:
-    path = tmp_path_factory.mktemp("overfit") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in tiny_task["train"][:16]))
-    return path
-
-
 def command_for(config: Path) -> list[str]:
     """How a user runs this YAML: layered over the DRDO recipe, as a function command, or alone."""
     rel = config.relative_to(ROOT / "configs")
     if rel.parts[0] in ("ablations", "strategies"):
         return ["fit", "--config", str(ROOT / "configs/drdo.yaml"), "--config", str(config)]
-    if rel.stem in FUNCTION_COMMANDS:
+    if rel.stem in COMMANDS:
         return [rel.stem, "--config", str(config)]
     return ["fit", "--config", str(config)]
 
@@ -94,10 +73,10 @@ def test_unknown_option_is_rejected(capsys):
     assert "alhpa" in capsys.readouterr().err
 
 
-def test_drdo_fit_overfits_checkpoints_and_exports(tmp_path, tiny_model_dir, overfit_file):
+def test_drdo_fit_overfits_checkpoints_and_exports(tmp_path, tiny_model_dir, pairs16):
     cli = main(
         fit_args(
-            tmp_path, tiny_model_dir, "DRDO", overfit_file,
+            tmp_path, tiny_model_dir, "DRDO", pairs16,
             "--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected",
             "--data.batch_size", "16", "--model.learning_rate", "1e-2", "--trainer.max_steps", "40",
         )
@@ -130,7 +109,7 @@ def test_drdo_fit_overfits_checkpoints_and_exports(tmp_path, tiny_model_dir, ove
     assert series(rows, "train/reward_accuracy")[-1] >= 0.75
 
 
-def test_sft_then_oracle_then_score(tmp_path, tiny_model_dir, pair_files, overfit_file):
+def test_sft_then_oracle_then_score(tmp_path, tiny_model_dir, pair_files, pairs16):
     sft_root, oracle_root = tmp_path / "sft", tmp_path / "oracle"
     main(fit_args(sft_root, tiny_model_dir, "SFT", pair_files["sft"], "--data.rejected_column", "null",
                   "--model.learning_rate", "3e-3", "--trainer.max_steps", "30"))
@@ -138,19 +117,19 @@ def test_sft_then_oracle_then_score(tmp_path, tiny_model_dir, pair_files, overfi
     assert sft_loss[-1] < sft_loss[0]
     assert not (sft_root / "export" / "reward_head.safetensors").exists()
 
-    main(fit_args(oracle_root, sft_root / "export", "OracleRewardModel", overfit_file,
+    main(fit_args(oracle_root, sft_root / "export", "OracleRewardModel", pairs16,
                   "--model.learning_rate", "3e-3", "--trainer.max_steps", "30"))
     oracle_rows = read_metrics(oracle_root)
     assert series(oracle_rows, "train/reward_accuracy")[-1] >= 0.75
     oracle_dir = oracle_root / "export"
 
-    before = hashlib.sha256(overfit_file.read_bytes()).hexdigest()
+    before = hashlib.sha256(pairs16.read_bytes()).hexdigest()
     out = tmp_path / "scored.jsonl"
-    main(["score", "--models", json.dumps([str(oracle_dir)] * 2), "--data", str(overfit_file), "--output", str(out), "--batch_size", "5",
+    main(["score", "--models", json.dumps([str(oracle_dir)] * 2), "--data", str(pairs16), "--output", str(out), "--batch_size", "5",
           "--output_prefix", "ensemble_"])
-    assert hashlib.sha256(overfit_file.read_bytes()).hexdigest() == before
+    assert hashlib.sha256(pairs16.read_bytes()).hexdigest() == before
     scored = [json.loads(line) for line in out.read_text().splitlines()]
-    original = [json.loads(line) for line in overfit_file.read_text().splitlines()]
+    original = [json.loads(line) for line in pairs16.read_text().splitlines()]
     assert [{k: r[k] for k in o} for r, o in zip(scored, original)] == original
 
     model = CausalLMWithRewardHead.from_pretrained(oracle_dir).eval()
@@ -162,8 +141,8 @@ def test_sft_then_oracle_then_score(tmp_path, tiny_model_dir, pair_files, overfi
                 want = model.rewards(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
             assert row[f"ensemble_{side}"] == pytest.approx([want, want], abs=1e-5)
 
-    with pytest.raises(ValueError, match="never overwrites"):
-        main(["score", "--models", json.dumps([str(oracle_dir)]), "--data", str(overfit_file), "--output", str(overfit_file)])
+    with pytest.raises(UserError, match="never overwrites"):
+        score([str(oracle_dir)], str(pairs16), str(pairs16))
 
 
 def model_tokenizer(path):
@@ -179,9 +158,7 @@ def test_shipped_drdo_recipe_runs_on_the_embedded_default(tmp_path):
             "fit", "--config", str(ROOT / "configs/drdo.yaml"),
             "--trainer.max_steps", "3", "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "3",
             "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--trainer.callbacks", json.dumps([{"class_path": "drdo_lightning.ExportHuggingFace"}]),
-            "--data.cache_dir", str(tmp_path / "cache"),
+            "--trainer.default_root_dir", str(tmp_path), "--data.cache_dir", str(tmp_path / "cache"),
         ]
     )
     assert cli.trainer.global_step == 3
@@ -190,9 +167,9 @@ def test_shipped_drdo_recipe_runs_on_the_embedded_default(tmp_path):
 
 
 @pytest.mark.parametrize("precision, state_bytes", [("bf16-mixed", 8), ("bf16-true", 4)])
-def test_bf16_precisions_train_with_a_float32_reward_head(precision, state_bytes, tmp_path, tiny_model_dir, overfit_file):
+def test_bf16_precisions_train_with_a_float32_reward_head(precision, state_bytes, tmp_path, tiny_model_dir, pairs16):
     """bf16-mixed keeps fp32 weights (computes in bf16); bf16-true stores weights and AdamW state in bf16."""
-    cli = main(fit_args(tmp_path, tiny_model_dir, "DRDO", overfit_file, "--trainer.precision", precision,
+    cli = main(fit_args(tmp_path, tiny_model_dir, "DRDO", pairs16, "--trainer.precision", precision,
                         "--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected",
                         "--data.batch_size", "16", "--model.learning_rate", "1e-2", "--trainer.max_steps", "6", "--trainer.gradient_clip_val", "1.0"))
     loss = series(read_metrics(tmp_path), "train/loss")
@@ -207,3 +184,61 @@ def test_bf16_precisions_train_with_a_float32_reward_head(precision, state_bytes
     assert sum(t.numel() * t.element_size() for t in state) == state_bytes * sum(p.numel() for p in lm_params)
     out = policy(*(torch.ones(1, 3, dtype=torch.long),) * 2)
     assert out.rewards.dtype == torch.float32
+
+
+HELP_GROUPS = {
+    "training": ["fit", "validate"],
+    "data and models": ["score", "export", "train-ensemble"],
+    "evaluation": ["evaluate"],
+    "experiments": ["robustness", "ablations", "splits", "paper-pipeline"],
+    "embedded default": ["build-embedded-default"],
+}
+
+
+def test_help_lists_every_command_by_group_with_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    listed: dict[str, list[str]] = {}
+    group = None
+    for line in capsys.readouterr().out.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            group = listed.setdefault(line[:-1], [])
+        elif line.startswith("  ") and group is not None:
+            name, summary = line.split(maxsplit=1)
+            assert summary.endswith(".") or summary.endswith(")"), line  # a whole sentence on one line
+            group.append(name)
+    assert listed == HELP_GROUPS and sorted(sum(HELP_GROUPS.values(), [])) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0 and "--config" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["test", "predict"])
+def test_commands_without_a_use_are_not_offered(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--config", "drdo"])
+    assert exit_info.value.code == 2 and f"unknown command '{name}'" in capsys.readouterr().err
+
+
+def test_config_takes_a_recipe_name_or_a_path(capsys):
+    for config in ("drdo", str(ROOT / "configs" / "drdo.yaml")):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", config, "--config", "ablations/gamma0", "--print_config"])
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["init_args"]["gamma"] == 0.0 and printed["trainer"]["default_root_dir"] == "runs/drdo"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "drdoo"])
+    assert exit_info.value.code == 2 and "--config drdoo: no such file, nor a shipped recipe" in capsys.readouterr().err
+
+
+def test_the_base_lies_under_recipes_not_under_a_layer_alone(capsys):
+    for configs, with_base in ((["strategies/deepspeed_zero2"], False), (["drdo", "strategies/deepspeed_zero2"], True)):
+        with pytest.raises(SystemExit):
+            main(["fit", *(a for c in configs for a in ("--config", c)), "--print_config"])
+        printed = capsys.readouterr().out
+        assert ("every_n_train_steps: 50" in printed) == with_base and "stage: 2" in printed

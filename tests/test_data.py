@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 import drdo_lightning.data as data_mod
 from drdo_lightning.data import IGNORE_INDEX, DataError, PairCollator, PreferenceDataModule
+from drdo_lightning.jsonl import write_jsonl
 
 SCORES = dict(chosen_score_column="oracle_chosen", rejected_score_column="oracle_rejected")
 TEMPLATE = (
@@ -26,11 +27,6 @@ KEYS = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_score", "rejected_sc
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:

@@ -1,6 +1,5 @@
 """Tests for the embedded default task (drdo_lightning.demo)."""
 
-import functools
 import json
 import re
 import statistics
@@ -187,9 +186,8 @@ def test_write_task_outputs_load(written):
     assert logits.shape == (1, ids.shape[1], len(tokenizer)) and torch.isfinite(logits).all()
 
 
-def test_main_prints_summary(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "write_task", functools.partial(demo.write_task, **SMALL))
-    demo.main(["--out", str(tmp_path / "out"), "--seed", "1", "--label-flip-rate", "0.1"])
-    printed = capsys.readouterr().out
-    assert "rows: sft=200, train=300, val=50, eval=200" in printed
-    assert "flipped=30" in printed and "model.safetensors" in printed
+def test_describe_task_summarises_a_written_task(tmp_path):
+    paths = demo.write_task(tmp_path, seed=1, label_flip_rate=0.1, **SMALL)
+    described = demo.describe_task(tmp_path, paths)
+    assert "rows: sft=200, train=300, val=50, eval=200" in described
+    assert "flipped=30" in described and "model.safetensors" in described

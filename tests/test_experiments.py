@@ -14,6 +14,7 @@ import yaml
 
 from drdo_lightning import experiments
 from drdo_lightning.cli import main
+from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.experiments import edit_distance, normalized_edit_distance, seed_interval
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,12 +115,10 @@ def test_each_ablation_layers_over_the_drdo_recipe(config, capsys):
 
 @pytest.fixture(scope="module")
 def eval_file(tmp_path_factory, tiny_task) -> Path:
-    path = tmp_path_factory.mktemp("eval") / "eval.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in tiny_task["eval"]))
-    return path
+    return write_jsonl(tmp_path_factory.mktemp("eval") / "eval.jsonl", tiny_task["eval"])
 
 
-def test_robustness_sweep_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file, monkeypatch):
+def test_robustness_sweep_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file, monkeypatch, capsys):
     out = tmp_path / "sweep"
     args = [
         "robustness", "--out", str(out), "--flip_rates", "[0.25]", "--methods", "[drdo]", "--seeds", "[0]",
@@ -127,7 +126,7 @@ def test_robustness_sweep_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, e
         "--train_data", str(pair_files["train"]), "--val_data", str(pair_files["val"]),
         "--evaluation.prompts", str(eval_file), "--evaluation.num_prompts", "4", "--evaluation.temperatures", "[0.7]",
         "--evaluation.max_new_tokens", "6", "--evaluation.judges", json.dumps({"gold": "vader"}),
-        "--overrides", json.dumps(["--data.cache_dir", str(tmp_path / "cache"), "--trainer.enable_progress_bar", "false"]),
+        "--overrides", json.dumps({"data.cache_dir": str(tmp_path / "cache"), "trainer.enable_progress_bar": False}),
     ]
     table = main(args)
     assert "flip 0.25" in table and "| drdo |" in table and "Retrained Oracle's accuracy" in table
@@ -151,19 +150,20 @@ def test_robustness_sweep_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, e
     assert (out / "robustness.png").read_bytes().startswith(b"\x89PNG")
 
     # Resuming redoes nothing: finished cells and judges are read back.
-    monkeypatch.setattr(experiments, "fit_recipe", lambda *a, **k: pytest.fail("retrained a finished cell"))
-    monkeypatch.setattr(experiments, "_train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
+    monkeypatch.setattr(experiments, "run_fit", lambda *a, **k: pytest.fail("retrained a finished cell"))
+    monkeypatch.setattr(experiments, "train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
     assert main(args) == table
 
     # A variant sweep reuses these judges instead of training its own; a rate without judges is an error.
     monkeypatch.undo()
-    monkeypatch.setattr(experiments, "_train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
+    monkeypatch.setattr(experiments, "train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
     variant = [*args[:2], str(tmp_path / "variant"), *args[3:], "--judges_from", str(out)]
     assert "Retrained Oracle's accuracy" in main(variant)
     variant_config = next((tmp_path / "variant" / "flip_0.25" / "seed_0" / "drdo").rglob("config.yaml")).read_text()
     assert str(judges / "data" / "train.scored.jsonl") in variant_config
-    with pytest.raises(FileNotFoundError, match="flip_0.5"):
+    with pytest.raises(SystemExit) as exit_info:
         main([*variant, "--flip_rates", "[0.5]"])
+    assert exit_info.value.code == 2 and "flip_0.5" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_ablations_train_each_variant_and_tabulate(tmp_path, tiny_model_dir, pair_files, eval_file):
@@ -172,9 +172,8 @@ def test_ablations_train_each_variant_and_tabulate(tmp_path, tiny_model_dir, pai
         "ablations", "--out", str(out), "--variants", "[gamma0, distill_only]", "--seeds", "[0, 1]", "--max_steps", "1",
         "--evaluation.prompts", str(eval_file), "--evaluation.num_prompts", "3", "--evaluation.temperatures", "[0.7]",
         "--evaluation.max_new_tokens", "4", "--evaluation.judges", json.dumps({"gold": "vader"}), "--policy", str(tiny_model_dir),
-        "--overrides", json.dumps(["--data.train_file", str(pair_files["train"]),
-                                   "--data.val_file", str(pair_files["val"]), "--data.cache_dir", str(tmp_path / "cache"),
-                                   "--trainer.enable_progress_bar", "false"]),
+        "--overrides", json.dumps({"data.train_file": str(pair_files["train"]), "data.val_file": str(pair_files["val"]),
+                                   "data.cache_dir": str(tmp_path / "cache"), "trainer.enable_progress_bar": False}),
     ])
     for variant in ("drdo", "gamma0", "distill_only"):
         assert f"| {variant} |" in table

@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import fit_argv
+
 from drdo_lightning import CausalLMWithRewardHead, losses
 from drdo_lightning.cli import main
 from drdo_lightning.data import PairCollator
@@ -24,30 +26,13 @@ STOP = 4  # the interrupted run stops here, at an epoch boundary
 
 def fit_args(root: Path, model_dir: Path, train: Path, *extra: str) -> list[str]:
     """A DRDO fit of the tiny model on ``train`` that logs every step to CSV and checkpoints ``last``."""
-    return [
-        "fit",
-        "--model", "DRDO",
-        "--model.model", str(model_dir),
+    return fit_argv(
+        root, model_dir, train,
         "--model.learning_rate", "1e-2",  # large enough that every step visibly moves the loss
-        "--data.train_file", str(train),
-        "--data.chosen_score_column", "oracle_chosen",
-        "--data.rejected_score_column", "oracle_rejected",
-        "--data.cache_dir", str(root / "cache"),
-        "--data.batch_size", "8",
-        "--trainer.default_root_dir", str(root),
-        "--trainer.accelerator", "cpu",
-        "--trainer.max_epochs", str(STEPS // 2),
-        "--trainer.gradient_clip_val", "1.0",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.log_every_n_steps", "1",
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.save_dir", str(root),
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        "--trainer.callbacks.dirpath", str(root / "checkpoints"),
-        "--trainer.callbacks.save_last", "true",
-        "--seed_everything", "0",
-        *extra,
-    ]
+        "--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected",
+        "--trainer.max_epochs", str(STEPS // 2), "--trainer.gradient_clip_val", "1.0",
+        *extra, checkpoints=True,
+    )
 
 
 def logged(root: Path, key: str, version: int = 0) -> dict[int, float]:

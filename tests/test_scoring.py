@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from test_cli import fit_args, read_metrics, series
+from conftest import fit_argv
+from test_cli import read_metrics, series
 from transformers import AutoModelForSequenceClassification, GPTNeoXConfig, Qwen2Config
 
 from drdo_lightning.cli import main
@@ -73,12 +74,7 @@ def test_score_and_judge_read_a_public_reward_model_and_drdo_trains_on_its_score
     judged = judge([r["prompt"] for r in rows[:6]], [r["chosen"] for r in rows[:6]])
     assert judged == pytest.approx([r["rm_chosen"] for r in rows[:6]], abs=1e-5)
 
-    main(fit_args(tmp_path / "drdo", tiny_model_dir, "DRDO", scored, "--data.chosen_score_column", "rm_chosen",
+    main(fit_argv(tmp_path / "drdo", tiny_model_dir, scored, "--data.chosen_score_column", "rm_chosen",
                   "--data.rejected_score_column", "rm_rejected", "--trainer.max_steps", "2"))
     assert len(series(read_metrics(tmp_path / "drdo"), "train/distillation")) == 2
 
-
-def test_a_directory_that_is_no_reward_model_is_named(tmp_path, tiny_model_dir, pairs16):
-    with pytest.raises(ValueError, match=f"{tiny_model_dir} is not a reward model"):
-        main(["score", "--models", json.dumps([str(tiny_model_dir)]), "--data", str(pairs16),
-              "--output", str(tmp_path / "out.jsonl")])

@@ -1,0 +1,86 @@
+"""Errors a user fixes, and the checks that raise them before a library would fail less clearly.
+
+The command line prints a :class:`UserError` as one line, without a traceback, and exits with
+status 2 (see :mod:`drdo_lightning.cli`); in a script it is an ordinary exception.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem in what the user gave: a missing path, bad data, a wrong option."""
+
+
+class DataError(UserError, ValueError):
+    """Bad input data; the message names the source, the row and the field.
+
+    ``setting`` names the data setting that would fix it (``chat_template``, ``on_bad_row``) and
+    ``advice`` says how, with ``{option}`` standing for that setting as the running command spells
+    it (``--data.chat_template`` in ``fit``, ``--chat_template`` in ``score``).
+    """
+
+    def __init__(self, message: str, *, setting: str | None = None, advice: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.setting, self.advice = message, setting, advice
+
+    def for_option(self, option: str | None) -> str:
+        """The message with the advice naming ``option`` (none when the command has no such option)."""
+        if self.advice is None or option is None:
+            return self.message
+        return f"{self.message} ({self.advice.format(option=option)})"
+
+    def __str__(self) -> str:
+        return self.for_option(self.setting)
+
+
+class MissingPathError(UserError, FileNotFoundError):
+    """A path the run needs does not exist; the message says what would create it."""
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """``owner/name`` or ``name``: what the Hugging Face hub accepts as a repository id."""
+    parts = name.split("/")
+    return len(parts) <= 2 and all(parts) and not name.startswith((".", "~")) and not name.endswith((".json", ".yaml"))
+
+
+def require_pretrained(name_or_path: str | Path, what: str, creator: str | None = None) -> None:
+    """Raise :class:`MissingPathError` unless ``name_or_path`` is a local directory or can be a hub id.
+
+    A name whose first folder exists here (``runs/drdo/export``, ``embedded_default/oracle``) is
+    taken for a local path even when it has the form of a hub id, so a model that was never trained
+    is reported as missing instead of looked up on the hub. ``creator`` says what creates it
+    (default: :func:`made_by`).
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return
+    text = str(name_or_path)
+    if _looks_like_hub_id(text) and not (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
+        return
+    raise MissingPathError(f"{what} {text} does not exist: {creator or made_by(text)}")
+
+
+EXPORT_MADE_BY = (
+    "train it with `python -m drdo_lightning fit --config RECIPE` (the run's export/ folder) "
+    "or write one from a checkpoint with `python -m drdo_lightning export`"
+)
+EMBEDDED_MADE_BY = "build the embedded default with `python -m drdo_lightning build-embedded-default`"
+REWARD_MODEL_MADE_BY = "train one with `python -m drdo_lightning fit --config oracle` (or `train-ensemble`)"
+
+
+def is_embedded(path: str | Path) -> bool:
+    """Whether ``path`` lies in the embedded default's folder, which ``build-embedded-default`` writes."""
+    return Path(path).parts[:1] == ("embedded_default",)
+
+
+def made_by(path: str | Path) -> str:
+    """What creates ``path``: the embedded default's build for its files; for a recipe's own run
+    folder (``runs/drdo/export``) that recipe's ``fit``; training or ``export`` otherwise."""
+    parts = Path(path).parts
+    if is_embedded(path):
+        return EMBEDDED_MADE_BY
+    if len(parts) == 3 and parts[0] == "runs" and parts[2] == "export":
+        return f"train it with `python -m drdo_lightning fit --config {parts[1]}`"
+    return EXPORT_MADE_BY

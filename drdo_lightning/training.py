@@ -1,0 +1,148 @@
+"""Training in process: the LightningCLI behind ``fit`` and ``validate``, and :func:`run_fit`.
+
+:func:`run_fit` is what the experiments, the notebook and your scripts call: a recipe (or several
+configs layered in order) plus overrides, and back comes a :class:`FitResult` read from the
+trainer itself. Overrides are dotted keys (``{"model.model": path, "trainer.max_steps": 50}``)
+merged into the recipe: they change those keys only, never the recipe's callbacks or logger
+unless they name them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+from unittest import mock
+
+from lightning.pytorch.cli import LightningCLI
+
+from drdo_lightning.data import PreferenceDataModule
+from drdo_lightning.export import ExportHuggingFace
+from drdo_lightning.modules import PreferenceModule
+from drdo_lightning.recipes import expand_config_args, resolve_run_dir
+from drdo_lightning.safety import CheckpointOnSigterm, NonFiniteGuard, unreadable_checkpoint
+
+TRAINING_COMMANDS = ("fit", "validate")
+
+
+class DRDOCLI(LightningCLI):
+    """LightningCLI over every objective (``--model``) and :class:`PreferenceDataModule` (``--data``)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # test and predict are left out: no module has a test_step or predict_step.
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in TRAINING_COMMANDS}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # The data is tokenized with the model's own tokenizer.
+        parser.link_arguments("model.init_args.model", "data.tokenizer")
+        # Always on: non-finite steps are skipped and counted; --non_finite.max_consecutive in a row stop the run.
+        parser.add_lightning_class_args(NonFiniteGuard, "non_finite")
+
+    def parse_arguments(self, parser, args) -> None:
+        # The whole command line comes in ``args``; LightningCLI would warn whenever sys.argv holds
+        # arguments too (a fit nested in a sweep, a notebook kernel, pytest). Only parsing sees the
+        # trimmed argv: launchers that re-run the script still read the real one.
+        with mock.patch.object(sys, "argv", sys.argv[:1]):
+            super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        # The base config writes the run's folders as ${trainer.default_root_dir} (recipes.RUN_DIR).
+        config = self.config[self.subcommand]
+        resolve_run_dir(config, str(config.trainer.default_root_dir or "."))
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the model's hyperparameters from --ckpt_path (weights-only) before the
+        # Trainer loads it: an unreadable file fails here first, so name it here too.
+        try:
+            super()._parse_ckpt_path()
+        except Exception as e:
+            raise unreadable_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), e) from e
+
+
+def lightning_cli(argv: Sequence[str]) -> DRDOCLI:
+    """Run ``fit`` or ``validate`` from command-line arguments; ``--config`` takes recipe names too."""
+    return DRDOCLI(
+        PreferenceModule,
+        PreferenceDataModule,
+        subclass_mode_model=True,
+        save_config_kwargs={"overwrite": True},
+        # Checkpoints are written atomically and loaded weights-only; SIGTERM saves one (drdo_lightning.safety).
+        trainer_defaults={
+            "plugins": [{"class_path": "drdo_lightning.safety.AtomicCheckpointIO"}],
+            "callbacks": [CheckpointOnSigterm()],
+        },
+        args=[argv[0], *expand_config_args(list(argv[1:]), with_base=True)],
+    )
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a finished ``fit`` left behind, read from its trainer.
+
+    Attributes:
+        run_dir: The run folder (``trainer.default_root_dir``).
+        export_dir: The Hugging Face export (None without an :class:`ExportHuggingFace` callback).
+        checkpoint_dir: Where checkpoints went (None without checkpointing).
+        log_dir: The logger's folder of this run (None without a logger).
+        global_step: Optimizer steps taken.
+        metrics: The last value of every logged metric (``train/loss``, ``val/loss``, ...).
+    """
+
+    run_dir: Path
+    export_dir: Path | None
+    checkpoint_dir: Path | None
+    log_dir: Path | None
+    global_step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def stage_metrics(self, stage: str = "val") -> dict[str, float]:
+        """The metrics of one stage without its prefix: ``{"loss": ...}`` for ``val/loss``."""
+        prefix = f"{stage}/"
+        return {k[len(prefix):]: v for k, v in self.metrics.items() if k.startswith(prefix)}
+
+
+def _option(key: str, value: Any) -> str:
+    """``--key=value`` as LightningCLI parses it: strings as they are, anything else as JSON (valid YAML)."""
+    return f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def run_fit(
+    configs: str | Path | Sequence[str | Path],
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    run_dir: str | Path | None = None,
+) -> FitResult:
+    """Train a recipe in this process and return what it produced.
+
+    Args:
+        configs: A recipe name (``drdo``), a YAML path, or several of them layered in order
+            (``["drdo", "ablations/gamma0"]``); the base config lies under them.
+        overrides: Dotted keys merged over the configs, e.g. ``{"model.model": "path",
+            "data.max_length": 256, "trainer.max_steps": 50}``.
+        run_dir: The run folder (``trainer.default_root_dir``): logs, checkpoints and the export go
+            under it. Default: the recipe's.
+    """
+    layers = [configs] if isinstance(configs, (str, Path)) else list(configs)
+    settings = dict(overrides or {})
+    if run_dir is not None:
+        settings["trainer.default_root_dir"] = str(run_dir)
+    argv = ["fit", *(arg for c in layers for arg in ("--config", str(c)))]
+    cli = lightning_cli(argv + [_option(k, v) for k, v in settings.items()])
+    return fit_result(cli.trainer)
+
+
+def fit_result(trainer) -> FitResult:
+    """A :class:`FitResult` from a trainer that has finished ``fit``."""
+    exports = [cb.directory(trainer) for cb in trainer.callbacks if isinstance(cb, ExportHuggingFace)]
+    checkpoint = trainer.checkpoint_callback
+    return FitResult(
+        run_dir=Path(trainer.default_root_dir),
+        export_dir=exports[-1] if exports else None,
+        checkpoint_dir=Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else None,
+        log_dir=Path(trainer.log_dir) if trainer.logger is not None else None,
+        global_step=trainer.global_step,
+        metrics={k: float(v) for k, v in trainer.callback_metrics.items()},
+    )

@@ -1,0 +1,100 @@
+"""User errors end every command in one line: the path or data at fault, what fixes it, in the
+option of the running command, exit status 2 and no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from drdo_lightning import CausalLMWithRewardHead
+from drdo_lightning.cli import main
+from drdo_lightning.data import load_tokenizer
+from drdo_lightning.jsonl import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def user_error(argv: list[str], capsys) -> str:
+    """The one line a command failing on a user error prints."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ")
+    return line
+
+
+@pytest.fixture(scope="module")
+def conversations(tmp_path_factory, tiny_task) -> Path:
+    """Pairs in the conversational (TRL) layout."""
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in tiny_task["train"][:8]]
+    return write_jsonl(tmp_path_factory.mktemp("conversations") / "pairs.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory, tiny_model_dir) -> Path:
+    path = tmp_path_factory.mktemp("reward") / "model"
+    CausalLMWithRewardHead.from_pretrained(tiny_model_dir).save_pretrained(path, tokenizer=load_tokenizer(str(tiny_model_dir)))
+    return path
+
+
+def test_score_names_its_own_chat_template_option(tmp_path, reward_model, conversations, capsys):
+    line = user_error(["score", "--models", json.dumps([str(reward_model)]), "--data", str(conversations),
+                       "--output", str(tmp_path / "out.jsonl")], capsys)
+    assert f"{conversations}: row 1: field 'chosen': conversational rows need a tokenizer with a chat template" in line
+    assert line.endswith("(give one with --chat_template)")
+
+
+def test_fit_names_the_data_modules_chat_template_option(tmp_path, tiny_model_dir, conversations, capsys):
+    line = user_error(["fit", "--model", "DPO", "--model.model", str(tiny_model_dir), "--data.train_file", str(conversations),
+                       "--data.cache_dir", str(tmp_path / "cache"), "--trainer.default_root_dir", str(tmp_path),
+                       "--trainer.logger", "false", "--trainer.max_steps", "1"], capsys)
+    assert "row 1: field 'chosen'" in line and line.endswith("(give one with --data.chat_template)")
+
+
+def test_a_bad_row_names_the_skip_option_only_where_the_command_has_it(tmp_path, tiny_model_dir, reward_model, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "same", "rejected": "same"}])
+    fit = user_error(["fit", "--model", "DPO", "--model.model", str(tiny_model_dir), "--data.train_file", str(bad),
+                      "--data.cache_dir", "null", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"],
+                     capsys)
+    assert fit.endswith("identical (--data.on_bad_row skip skips such rows)")
+    scored = user_error(["score", "--models", json.dumps([str(reward_model)]), "--data", str(bad),
+                         "--output", str(tmp_path / "out.jsonl")], capsys)
+    assert scored.endswith("chosen and rejected responses are identical")  # score has no on_bad_row
+
+
+def test_evaluate_before_training_names_the_missing_policy_and_its_command(tmp_path, monkeypatch, capsys):
+    os.symlink(ROOT / "embedded_default", tmp_path / "embedded_default")
+    monkeypatch.chdir(tmp_path)
+    line = user_error(["evaluate", "--config", "evaluate"], capsys)
+    assert line == ("error: policy 'drdo': runs/drdo/export does not exist: "
+                    "train it with `python -m drdo_lightning fit --config drdo`")
+
+
+def test_missing_models_name_the_path_and_what_makes_it(tmp_path, tiny_model_dir, pair_files, capsys):
+    missing = tmp_path / "nothing" / "here"
+    line = user_error(["fit", "--model", "SFT", "--model.model", str(missing), "--data.train_file", str(pair_files["sft"]),
+                       "--data.rejected_column", "null"], capsys)
+    assert line.startswith(f"error: model {missing} does not exist: train it with")
+    line = user_error(["score", "--models", json.dumps([str(missing)]), "--data", str(pair_files["val"]),
+                       "--output", str(tmp_path / "out.jsonl")], capsys)
+    assert line.startswith(f"error: reward model {missing} does not exist: train one with")
+    line = user_error(["score", "--models", json.dumps([str(tiny_model_dir)]), "--data", str(pair_files["val"]),
+                       "--output", str(tmp_path / "out.jsonl")], capsys)
+    assert line.startswith(f"error: {tiny_model_dir} is not a reward model: it has no reward_head.safetensors")
+    assert "not a sequence classifier with one label" in line and "train one with" in line
+    line = user_error(["export", "--checkpoint", str(missing / "last.ckpt"), "--output", str(tmp_path / "x")], capsys)
+    assert line.startswith(f"error: checkpoint {missing / 'last.ckpt'} does not exist")
+
+
+def test_experiments_print_data_errors_with_their_own_options(tmp_path, pair_files, capsys):
+    line = user_error(["splits", "--data", str(pair_files["val"]), "--out", str(tmp_path)], capsys)
+    assert line == f"error: {pair_files['val']}: no rows with a confidence value (name the confidence field with --confidence_column)"
+    line = user_error(["splits", "--data", str(tmp_path / "absent.jsonl")], capsys)
+    assert line == f"error: data file not found: {tmp_path / 'absent.jsonl'}"

@@ -1,0 +1,53 @@
+"""The package as users install it: a wheel in a fresh virtual environment, run from an empty folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd: Path, env: dict | None = None) -> str:
+    done = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_wheel_carries_the_recipes_and_runs_from_an_empty_folder(tmp_path):
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
+    for folder in ("drdo_lightning", "configs"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", source,
+        cwd=tmp_path)
+    (wheel,) = (tmp_path / "dist").glob("drdo_lightning-*.whl")
+
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path)
+    python = venv / "bin" / "python"
+    site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=tmp_path).strip())
+    # The dependencies (torch, lightning, ...) come from this environment, behind the venv's own packages.
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    run(sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", wheel, cwd=tmp_path)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = run(python, "-c", "import drdo_lightning.recipes as r; print(r.__file__); print(r.recipes_dir())", cwd=empty, env=env)
+    assert where.splitlines() == [str(site / "drdo_lightning" / "recipes.py"), str(site / "drdo_lightning" / "configs")]
+
+    listed = run(venv / "bin" / "drdo-lightning", "--help", cwd=empty, env=env)
+    assert all(f"  {name} " in listed for name in ("fit", "evaluate", "paper-pipeline", "build-embedded-default"))
+    printed = run(python, "-m", "drdo_lightning", "fit", "--config", "drdo", "--print_config", cwd=empty, env=env)
+    assert "class_path: drdo_lightning.DRDO" in printed and "every_n_train_steps: 50" in printed
+    assert "--policies" in run(python, "-m", "drdo_lightning", "evaluate", "--help", cwd=empty, env=env)
+    assert list(empty.iterdir()) == []
