@@ -152,7 +152,8 @@ class RowError(Exception):
         self.field, self.reason = field, reason
 
 
-def _check_messages(value: Any, field: str) -> list[dict]:
+def check_messages(value: Any, field: str) -> list[dict]:
+    """A conversation: a non-empty list of ``{'role': str, 'content': str}``; raises :class:`RowError`."""
     if not value or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
     ):
@@ -189,8 +190,8 @@ def _check_score(value: Any, field: str) -> float | list[float]:
 
 def _render_conversation(prompt: Any, chosen: Any, rejected: Any, template: Any, cols: Columns):
     """Split conversations into (prompt text, chosen text, rejected text) via the chat template."""
-    chosen_msgs = _check_messages(chosen, cols.chosen)
-    rejected_msgs = _check_messages(rejected, cols.rejected) if cols.rejected is not None else None
+    chosen_msgs = check_messages(chosen, cols.chosen)
+    rejected_msgs = check_messages(rejected, cols.rejected) if cols.rejected is not None else None
     for msgs, field in ((chosen_msgs, cols.chosen), (rejected_msgs, cols.rejected)):
         if msgs is not None and msgs[-1]["role"] != "assistant":
             raise RowError(field, "bad_roles", f"the last message must have role 'assistant', got {msgs[-1]['role']!r}")
@@ -201,7 +202,7 @@ def _render_conversation(prompt: Any, chosen: Any, rejected: Any, template: Any,
         if isinstance(prompt, str):
             context = [{"role": "user", "content": _check_text(prompt, cols.prompt)}]
         else:
-            context = _check_messages(prompt, cols.prompt)
+            context = check_messages(prompt, cols.prompt)
     if context[-1]["role"] == "assistant":
         raise RowError(cols.prompt, "bad_roles", "the prompt conversation must not end with an assistant turn")
     if template is None:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from drdo_lightning import demo
-from drdo_lightning.data import Columns, TextPair, load_tokenizer, read_rows, truncate_prompt
+from drdo_lightning.data import Columns, RowError, TextPair, check_messages, load_tokenizer, read_rows, truncate_prompt
 from drdo_lightning.errors import DataError, require_pretrained
 from drdo_lightning.export import export
 from drdo_lightning.jsonl import write_jsonl
@@ -42,8 +42,9 @@ PAPER_TEMPERATURES = (0.2, 0.5, 0.7, 0.9)
 DEFAULT_JUDGES = {"oracle": "embedded_default/oracle", "gold": GOLD}
 ALL = "all"  # the "temperature" of estimates pooled over every temperature
 
+Prompt = str | list[dict]  # text, or a conversation that the policy's chat template renders
 # Judge: (prompts, responses) -> one reward per pair.
-Judge = Callable[[Sequence[str], Sequence[str]], list[float]]
+Judge = Callable[[Sequence[Prompt], Sequence[str]], list[float]]
 # judge name -> policy name -> rewards [prompts, temperatures]
 Scores = dict[str, dict[str, np.ndarray]]
 
@@ -58,17 +59,23 @@ class Estimate(NamedTuple):
 # Sampling
 
 
-def _encode_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int) -> list[int]:
-    """Prompt ids as in training (:func:`data.tokenize_pairs`): the tokenizer's prefix (BOS) and the
-    text, truncated by :func:`data.truncate_prompt`."""
-    return truncate_prompt(tokenizer(prompt)["input_ids"], max_prompt_length, len(tokenizer("")["input_ids"]))
+def _encode_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int) -> list[int]:
+    """Prompt ids as in training (:func:`data.tokenize_pairs`), truncated by :func:`data.truncate_prompt`:
+    text gets the tokenizer's prefix (BOS); a conversation is rendered with the chat template and
+    its generation prompt, which writes its own special tokens."""
+    if isinstance(prompt, str):
+        return truncate_prompt(tokenizer(prompt)["input_ids"], max_prompt_length, len(tokenizer("")["input_ids"]))
+    if not tokenizer.chat_template:
+        raise DataError(f"a prompt is a conversation, and the policy {tokenizer.name_or_path} has no chat template to render it")
+    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return truncate_prompt(tokenizer(text, add_special_tokens=False)["input_ids"], max_prompt_length, 0)
 
 
 @torch.inference_mode()
 def generate(
     model,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     *,
     temperature: float,
     top_p: float = 0.8,
@@ -138,10 +145,10 @@ class RewardModelJudge:
         self.batch_size, self.max_prompt_length, self.max_length = batch_size, max_prompt_length, max_length
         self.name = path
 
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        keys = list(zip(prompts, responses))
+    def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        keys = [(json.dumps(p), r) for p, r in zip(prompts, responses)]  # conversations are lists: not hashable
         unique = list(dict.fromkeys(keys))
-        pairs = [TextPair(p, r, None, None, None, prompt_has_special_tokens=False) for p, r in unique]
+        pairs = [TextPair(json.loads(p), r, None, None, None, prompt_has_special_tokens=False) for p, r in unique]
         examples = tokenized_for(self.model, self.tokenizer, pairs, Columns("prompt", "response", None),
                                  max_prompt_length=self.max_prompt_length, max_length=self.max_length)
         rewards = reward_columns(self.model, examples, self.tokenizer.pad_token_id, batch_size=self.batch_size,
@@ -150,7 +157,7 @@ class RewardModelJudge:
         return [by_key[k] for k in keys]
 
 
-def gold_judge(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+def gold_judge(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
     """The embedded default's gold reward: VADER compound sentiment of the response alone."""
     return demo.gold_reward(responses)
 
@@ -170,18 +177,25 @@ def load_judge(spec: str, **kwargs) -> Judge:
 # Sampling and scoring every policy
 
 
-def read_prompts(path: str, column: str = "prompt", limit: int | None = None) -> list[str]:
-    """Text prompts from any file :func:`data.read_rows` reads; the first ``limit``.
-
-    Conversations must be rendered to text first (e.g. with the policy's chat template).
-    """
-    prompts = []
+def read_prompts(path: str, column: str = "prompt", limit: int | None = None, *, as_chat: bool = False) -> list[Prompt]:
+    """Prompts from any file :func:`data.read_rows` reads, the first ``limit``: text, or conversations
+    (lists of messages, ending in a turn the policy answers) that the policy's chat template renders.
+    ``as_chat`` reads a text prompt as a conversation of one user turn (for chat-trained policies)."""
+    prompts: list[Prompt] = []
     for number, row in read_rows(path):
         value = row.get(column)
-        if not (isinstance(value, str) and value.strip()):
-            raise DataError(f"{path}: row {number}: {column!r} must be a non-empty string, got {value!r:.60}",
-                            setting="prompt_column", advice="name the prompt column with {option}")
-        prompts.append(value)
+        try:
+            if isinstance(value, list):
+                prompts.append(check_messages(value, column))
+                if value[-1]["role"] == "assistant":
+                    raise RowError(column, "bad_roles", "a conversation to answer must not end with an assistant turn")
+            elif isinstance(value, str) and value.strip():
+                prompts.append([{"role": "user", "content": value}] if as_chat else value)
+            else:
+                raise RowError(column, "bad_prompt", f"expected a non-empty string or a list of messages, got {value!r:.60}")
+        except RowError as e:
+            missing = {"setting": "prompt_column", "advice": "name the prompt column with {option}"} if value is None else {}
+            raise DataError(f"{path}: row {number}: {column!r}: {e}", **missing) from None
         if limit is not None and len(prompts) == limit:
             break
     return prompts
@@ -189,7 +203,7 @@ def read_prompts(path: str, column: str = "prompt", limit: int | None = None) ->
 
 def sample_and_score(
     policies: dict[str, str],
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     judges: dict[str, Judge],
     *,
     temperatures: Sequence[float] = PAPER_TEMPERATURES,
@@ -479,6 +493,7 @@ def evaluate(
     out: str = "runs/evaluate",
     prompt_column: str = "prompt",
     num_prompts: int | None = None,
+    chat_prompts: bool = False,
     temperatures: list[float] = list(PAPER_TEMPERATURES),
     top_p: float = 0.8,
     max_new_tokens: int = 256,
@@ -503,8 +518,11 @@ def evaluate(
         policies: Name -> exported directory (or hub id, or a training checkpoint, exported first).
         judges: Name -> reward-model directory (with ``reward_head.safetensors``), or ``vader``
             for the embedded default's gold reward.
-        prompts: Evaluation prompts: any file the data module reads, one prompt per row.
+        prompts: Evaluation prompts: any file the data module reads, one prompt per row, as text
+            or as a conversation (a list of messages), which each policy's chat template renders.
         num_prompts: Use the first ``num_prompts`` prompts (default: all).
+        chat_prompts: Read text prompts as one user turn of a conversation (policies trained on
+            conversations expect their chat template).
         temperatures: Sampling temperatures (paper: 0.2, 0.5, 0.7, 0.9); 0 decodes greedily.
         top_p: Nucleus sampling threshold (paper: 0.8).
         max_new_tokens: Response length cap (paper: 256).
@@ -520,7 +538,7 @@ def evaluate(
         require_judge(name, spec)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    prompt_list = read_prompts(prompts, prompt_column, num_prompts)
+    prompt_list = read_prompts(prompts, prompt_column, num_prompts, as_chat=chat_prompts)
     policy_dirs = {name: _policy_dir(name, path, out_dir) for name, path in policies.items()}
     judge_fns = {
         name: load_judge(spec, batch_size=batch_size, max_prompt_length=max_prompt_length, max_length=max_length,

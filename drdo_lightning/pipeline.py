@@ -2,7 +2,8 @@
 
 - ``train-ensemble``: K reward models that differ only in their reward head's initialisation.
 - ``paper-pipeline``: SFT -> Oracle (+ ensemble) -> score -> DRDO, DPO, IPO, e-DPO students ->
-  a summary table of their validation metrics, all under one output folder, on your data.
+  a summary table of their validation metrics -> ``evaluate``'s report (win rates and rewards
+  under the Oracle), all under one output folder, on your data.
 - ``build-embedded-default``: regenerate ``embedded_default/`` from scratch.
 """
 
@@ -15,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from drdo_lightning import demo
+from drdo_lightning.data import read_rows
 from drdo_lightning.errors import require_pretrained
+from drdo_lightning.evaluation import evaluate
 from drdo_lightning.scoring import score
 from drdo_lightning.training import FitResult, run_fit
 
@@ -171,27 +174,40 @@ def paper_pipeline(
     members: int = 3,
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
+    eval_data: str | None = None,
+    eval_prompts: int | None = None,
+    judges: dict[str, str] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> str:
-    """The paper's whole pipeline on your data: SFT -> Oracle + ensemble -> score -> students -> summary.
+    """The paper's whole pipeline on your data: SFT -> Oracle + ensemble -> score -> students ->
+    summary -> evaluation report.
 
     Every stage is a shipped recipe with its data, model, token budgets and folders set from here:
     SFT trains ``base_model`` on ``sft_data`` (prompt and chosen response); the Oracle and the
     ensemble train on ``train_data`` from the SFT policy and score ``train_data`` and ``val_data``;
     the students start from the SFT policy and train on the scored pairs. Writes
-    ``<out>/summary.md`` and ``summary.csv``. Evaluate the students' exports
-    (``<out>/<student>/export``) with ``evaluate``.
+    ``<out>/summary.md`` and ``summary.csv``, then samples the SFT policy and every student on the
+    evaluation prompts and judges them with the Oracle (and ``judges``): ``<out>/evaluation/``
+    holds ``evaluate``'s report, tables and plots. Conversational data is evaluated as
+    conversations, through each policy's chat template.
 
     Args:
         out: Output folder for every stage.
         sft_data, train_data, val_data: Data files in any format the data module reads,
             conversations included (default: the embedded default's).
         base_model: Model to fine-tune first (a local directory or hub id).
-        max_prompt_length, max_length: Token budgets of every stage, training and scoring alike.
+        max_prompt_length, max_length: Token budgets of every stage, training, scoring and
+            evaluation alike.
         chat_template: A chat template (text or file) for conversational data whose model has none.
         students: Recipes to train as students.
         members: Size of e-DPO's reward-model ensemble.
-        seed: Seed of every run.
+        seed: Seed of every run and of sampling.
         overrides: Dotted config keys for every training run, e.g. ``{"trainer.max_steps": 50}``.
+        eval_data: Prompts to evaluate on (its ``prompt`` column); default: ``val_data``'s.
+        eval_prompts: Evaluate on the first ``eval_prompts`` prompts (default: all).
+        judges: More judges besides the Oracle: name -> reward-model directory, or ``vader``.
+        evaluation: More :func:`evaluation.evaluate` options, e.g. ``{"temperatures": [0.7],
+            "max_new_tokens": 128}``.
     """
     require_pretrained(base_model, "base model")
     root = Path(out)
@@ -199,13 +215,28 @@ def paper_pipeline(
     data = {"train": Path(train_data), "val": Path(val_data)}
     sft = run_fit("sft", {"seed_everything": seed, "model.model": base_model, "data.train_file": sft_data,
                           "data.val_file": val_data, **spec.fit_overrides(), **(overrides or {})}, run_dir=root / "sft")
-    judges = train_judges_and_score(root, data, sft.export_dir, seed, members, spec, overrides)
+    trained_judges = train_judges_and_score(root, data, sft.export_dir, seed, members, spec, overrides)
     runs = {
         name: run_fit(name, {"seed_everything": seed, "model.model": str(sft.export_dir),
-                             "data.train_file": str(judges.scored["train"]), "data.val_file": str(judges.scored["val"]),
+                             "data.train_file": str(trained_judges.scored["train"]),
+                             "data.val_file": str(trained_judges.scored["val"]),
                              **spec.fit_overrides(), **(overrides or {})}, run_dir=root / name)
         for name in students
     }
     table = write_summary(runs, root)
     print(table)
+    evaluate(
+        policies={"sft": str(sft.export_dir), **{name: str(run.export_dir) for name, run in runs.items()}},
+        judges={"oracle": str(trained_judges.oracle), **(judges or {})},
+        prompts=eval_data or val_data, out=str(root / "evaluation"), num_prompts=eval_prompts,
+        chat_prompts=_is_conversational(train_data), max_prompt_length=max_prompt_length, max_length=max_length,
+        seed=seed, logs={name: str(run.log_dir) for name, run in runs.items() if run.log_dir is not None},
+        **(evaluation or {}),
+    )
     return table
+
+
+def _is_conversational(path: str) -> bool:
+    """Whether the pairs in ``path`` hold conversations (so its policies expect their chat template)."""
+    _, first = next(read_rows(path))
+    return isinstance(first.get("chosen"), list)

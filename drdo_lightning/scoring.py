@@ -16,7 +16,7 @@ from tqdm import tqdm
 from drdo_lightning.data import (
     Columns, PairCollator, TextPair, chat_renderer, load_pairs, load_tokenizer, read_rows, render_as_chat, tokenize_pairs,
 )
-from drdo_lightning.errors import EMBEDDED_MADE_BY, REWARD_MODEL_MADE_BY, MissingPathError, UserError, is_embedded
+from drdo_lightning.errors import EMBEDDED_MADE_BY, DataError, REWARD_MODEL_MADE_BY, MissingPathError, UserError, is_embedded
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.models import RewardModel, SequenceClassifierReward, load_reward_model
 
@@ -73,10 +73,16 @@ def tokenized_for(
 
     An Oracle trained here reads text as it was trained (the data module's rule); an off-the-shelf
     sequence classifier whose tokenizer has a chat template reads a one-turn chat, as it was trained.
+    A pair whose prompt is a conversation (a list of messages, as ``evaluate`` reads them) is
+    rendered with the chat template, its response as the assistant's reply.
     """
     template = chat_renderer(tokenizer)
-    if isinstance(model, SequenceClassifierReward) and template is not None:
-        pairs = [render_as_chat(p, template, cols) for p in pairs]
+    reads_chat = isinstance(model, SequenceClassifierReward) and template is not None
+    conversations = [not isinstance(p.prompt, str) for p in pairs]
+    if any(conversations) and template is None:
+        raise DataError(f"{sum(conversations)} prompts are conversations, and the reward model's tokenizer has no chat "
+                        "template to render them", setting="chat_template", advice="give one with {option}")
+    pairs = [render_as_chat(p, template, cols) if reads_chat or chat else p for p, chat in zip(pairs, conversations)]
     columns, counts = tokenize_pairs(pairs, tokenizer, max_prompt_length=max_prompt_length, max_length=max_length, drop_long=False)
     if counts:
         log.info("truncated while scoring: %s", dict(counts))

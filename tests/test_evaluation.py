@@ -13,7 +13,9 @@ import torch
 
 from drdo_lightning import CausalLMWithRewardHead, demo
 from drdo_lightning.cli import main
-from drdo_lightning.data import load_tokenizer
+from drdo_lightning.data import PreferenceDataModule, load_tokenizer
+from drdo_lightning.errors import DataError
+from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.evaluation import (
     RewardModelJudge, bootstrap_mean, compare, generate, load_policy, plot_training_curves, read_prompts, read_training_log,
     summarize,
@@ -90,12 +92,51 @@ def eval_prompts(tiny_task) -> list[str]:
     return [row["prompt"] for row in tiny_task["eval"]]
 
 
-def test_prompts_are_read_in_order_up_to_a_limit_and_must_be_text(tmp_path):
+def test_prompts_are_read_in_order_up_to_a_limit_as_text_or_conversations(tmp_path):
     path = tmp_path / "prompts.jsonl"
     path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": [{"role": "user", "content": "c"}]}\n')
     assert read_prompts(str(path), limit=2) == ["a", "b"]
-    with pytest.raises(ValueError, match="row 3: 'prompt' must be a non-empty string"):
-        read_prompts(str(path))
+    assert read_prompts(str(path))[2] == [{"role": "user", "content": "c"}]
+    for number, bad, reason in ((2, '""', "expected a non-empty string or a list of messages"),
+                                (1, '[{"role": "assistant", "content": "x"}]', "a conversation to answer must not end with an assistant turn")):
+        lines = path.read_text().splitlines()
+        lines[number - 1] = f'{{"prompt": {bad}}}'
+        path.write_text("\n".join(lines) + "\n")
+        with pytest.raises(DataError, match=f"row {number}: 'prompt': {reason}"):
+            read_prompts(str(path))
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_conversations_are_sampled_and_judged_through_the_chat_template(tmp_path, tiny_model_dir, eval_prompts):
+    """What a policy and an Oracle trained on conversational data see: the template's rendering."""
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(str(tiny_model_dir), chat_template=CHAT_TEMPLATE)
+    judge_dir = CausalLMWithRewardHead.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "rm", tokenizer=tokenizer)
+    conversations = [[{"role": "user", "content": p}] for p in eval_prompts[:3]]
+    model, policy_tokenizer = load_policy(str(judge_dir))
+    for conversation in conversations:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        want = tokenizer(text, add_special_tokens=False)["input_ids"]
+        greedy = generate(model, policy_tokenizer, [conversation], temperature=0, max_new_tokens=4)
+        alone = model.generate(torch.tensor([want]), max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert greedy == tokenizer.batch_decode(alone[:, len(want):], skip_special_tokens=True)
+    judge = RewardModelJudge(str(judge_dir), batch_size=2)
+    responses = [" the plot was great.", " dull.", " fine."]
+    rewards = judge(conversations, responses)
+    pairs = [{"prompt": c, "chosen": [{"role": "assistant", "content": r}]} for c, r in zip(conversations, responses)]
+    dm = PreferenceDataModule(train_file=str(write_jsonl(tmp_path / "conv.jsonl", pairs)), tokenizer=str(judge_dir),
+                              rejected_column=None, cache_dir=None)
+    dm.setup("fit")
+    for example, reward in zip(dm.train_dataset, rewards):  # tokenized as the Oracle trained
+        ids = example["prompt_ids"] + example["chosen_ids"]
+        with torch.no_grad():
+            want = judge.model.rewards(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
+        assert reward == pytest.approx(want, abs=1e-5)
+    with pytest.raises(DataError, match="no chat template"):
+        generate(*load_policy(str(tiny_model_dir)), conversations[:1], temperature=0, max_new_tokens=2)
 
 
 def test_generation_is_reproducible_for_a_seed_and_leaves_the_rng_alone(tiny_model_dir, eval_prompts):
