@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -259,6 +260,39 @@ def test_sigkill_then_resume_continues_a_shipped_recipe(recipe, extra, tmp_path,
     assert before_kill == {step: expected[step] for step in range(1, KILL_STEP + 1)}
     assert step_losses(interrupted / "losses") == {step: expected[step] for step in range(RECIPE_CADENCE + 1, steps + 1)}
     assert_same_exports(interrupted / "runs" / recipe / "export", uninterrupted / "runs" / recipe / "export")
+
+
+def test_epoch_end_checkpoint_resumes_exactly_by_max_epochs_and_warns_by_max_steps(
+    tmp_path, tiny_model_dir, recipe_data, monkeypatch
+):
+    """The oracle recipe checkpoints as each epoch ends; Lightning 2.6 resumes that exactly only
+    without ``max_steps`` (see ``PreferenceModule.on_train_start``)."""
+
+    def run(root: Path, *more: str):
+        root.mkdir(exist_ok=True)
+        monkeypatch.chdir(root)
+        return main(recipe_args("oracle", tiny_model_dir, recipe_data, root / "losses", "--trainer.max_epochs", "2", *more))
+
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    steps = run(uninterrupted).trainer.global_step
+    per_epoch = steps // 2
+    run(interrupted, "--trainer.callbacks+=probes.StopAfterSteps", "--trainer.callbacks.steps", str(per_epoch))
+    epoch_end = tmp_path / "epoch_end.ckpt"
+    shutil.copy(interrupted / "runs" / "oracle" / "checkpoints" / "last.ckpt", epoch_end)
+    assert torch.load(epoch_end, weights_only=True)["global_step"] == per_epoch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = run(interrupted, "--ckpt_path", "last")
+    assert not [w for w in caught if "counts that epoch twice" in str(w.message)]
+    assert resumed.trainer.global_step == steps
+    assert step_losses(interrupted / "losses") == step_losses(uninterrupted / "losses")
+    assert_same_exports(interrupted / "runs" / "oracle" / "export", uninterrupted / "runs" / "oracle" / "export")
+
+    # The same learning-rate schedule (max_steps is the run's length), bounded by max_steps.
+    with pytest.warns(UserWarning, match=r"--trainer.max_steps .* from a checkpoint written as epoch 0 ended"):
+        cut_short = run(tmp_path / "by_steps", "--trainer.max_steps", str(steps), "--ckpt_path", str(epoch_end))
+    assert cut_short.trainer.global_step < steps
 
 
 def test_train_loader_resumes_where_training_was_with_workers(pair_files, tiny_model_dir):
