@@ -226,17 +226,21 @@ def test_no_pad_token_and_no_remote_code_end_to_end(tmp_path, tiny_model_dir, pa
     "recipe,extra",
     [
         pytest.param("drdo", [], id="drdo-max_epochs"),
-        pytest.param("dpo", ["--trainer.max_steps", "60"], id="dpo-max_steps"),
-        pytest.param("dpo", ["--model.precompute_reference", "true"], id="dpo-precomputed-max_epochs"),
+        pytest.param("dpo", ["--trainer.max_steps", "60"], id="dpo-max_steps", marks=pytest.mark.slow),
+        pytest.param("dpo", ["--model.precompute_reference", "true"], id="dpo-precomputed-max_epochs",
+                     marks=pytest.mark.slow),
     ],
 )
 def test_sigkill_then_resume_continues_a_shipped_recipe(recipe, extra, tmp_path, tiny_model_dir, recipe_data, monkeypatch):
+    """A recipe killed between two checkpoints and resumed goes on as if never interrupted."""
+
     def args(run: Path, *more: str) -> list[str]:
         return recipe_args(recipe, tiny_model_dir, recipe_data, run / "losses", "--trainer.max_epochs", str(RECIPE_EPOCHS),
                            *extra, *more)
 
     uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
-    uninterrupted.mkdir(), interrupted.mkdir()
+    for run in (uninterrupted, interrupted):
+        run.mkdir()
     monkeypatch.chdir(uninterrupted)
     reference = main(args(uninterrupted))
     steps, per_epoch = reference.trainer.global_step, reference.trainer.num_training_batches
@@ -289,7 +293,7 @@ def test_epoch_end_checkpoint_resumes_exactly_by_max_epochs_and_warns_by_max_ste
     assert step_losses(interrupted / "losses") == step_losses(uninterrupted / "losses")
     assert_same_exports(interrupted / "runs" / "oracle" / "export", uninterrupted / "runs" / "oracle" / "export")
 
-    # The same learning-rate schedule (max_steps is the run's length), bounded by max_steps.
+    # Bounded by max_steps instead, at the same length (so the same learning-rate schedule).
     with pytest.warns(UserWarning, match=r"--trainer.max_steps .* from a checkpoint written as epoch 0 ended"):
         cut_short = run(tmp_path / "by_steps", "--trainer.max_steps", str(steps), "--ckpt_path", str(epoch_end))
     assert cut_short.trainer.global_step < steps
