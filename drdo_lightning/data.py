@@ -480,10 +480,11 @@ class ResumableSampler(DistributedSampler):
 class ResumableDataLoader(DataLoader):
     """A DataLoader (with a :class:`ResumableSampler`) whose place in the epoch survives a restart.
 
-    Lightning saves ``state_dict()`` of a training loader that has one in each checkpoint and
-    calls ``load_state_dict()`` before iterating again, so a run resumed mid-epoch sees the same
-    remaining batches as an uninterrupted one. Batches are counted here, as the training loop
-    takes them, not in the sampler, which workers read ahead of training.
+    Lightning saves ``state_dict()`` of a training loader that has one in each checkpoint, and
+    :class:`PreferenceDataModule` saves it too; ``load_state_dict()`` before iterating again makes a
+    run resumed mid-epoch see the same remaining batches as an uninterrupted one. Batches are
+    counted here, as the training loop takes them, not in the sampler, which workers read ahead of
+    training.
     """
 
     _batches = 0  # batches of the current epoch handed out so far
@@ -623,6 +624,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code, chat_template=chat_template)
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
+        self._train_loader: ResumableDataLoader | None = None
+        self._resume_position: dict[str, int] | None = None  # from a checkpoint, for the next training loader
 
     @property
     def has_scores(self) -> bool:
@@ -728,7 +731,31 @@ class PreferenceDataModule(L.LightningDataModule):
         return ResumableDataLoader(ds, sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
+        self._train_loader = self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
+        if self._resume_position is not None:
+            self._train_loader.load_state_dict(self._resume_position)
+            self._resume_position = None
+        return self._train_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training loader's place in its epoch, saved in every checkpoint.
+
+        Lightning saves it with its loop state as well, but hands it back only to a loader made
+        after it restores the loops: a loader made earlier, as when ``max_epochs`` is set and the
+        learning-rate schedule asks for ``estimated_stepping_batches``, would start its epoch over.
+        The data module's state comes back with the model's, and :meth:`load_state_dict` gives it
+        to the training loader whether that is made before or after.
+        """
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        position = state.get("train_loader")
+        if position is None:
+            return
+        if self._train_loader is None:
+            self._resume_position = position
+        else:  # strategies that restore after setting up (DeepSpeed, FSDP) have made the loader by then
+            self._train_loader.load_state_dict(position)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torchmetrics import PearsonCorrCoef
 from transformers import get_cosine_schedule_with_warmup
@@ -156,6 +157,20 @@ class PreferenceModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
+
+    def on_train_start(self) -> None:
+        # Lightning 2.6 restarts a max_steps-bounded run from a checkpoint written as an epoch ended
+        # (ModelCheckpoint's per-epoch saving) by ending that epoch a second time: the epoch count
+        # runs one ahead, so the sampler draws the following epoch's order and max_epochs comes early.
+        trainer = self.trainer
+        if trainer.fit_loop.restarted_on_epoch_end and trainer.max_steps != -1:
+            rank_zero_warn(
+                f"resuming with --trainer.max_steps {trainer.max_steps} from a checkpoint written as epoch "
+                f"{trainer.current_epoch} ended: Lightning counts that epoch twice, so this run goes on with the "
+                "data order of the epoch after next and reaches max_epochs one epoch early; it will not match an "
+                "uninterrupted run. Runs bounded by max_epochs alone, and checkpoints saved by step "
+                "(ModelCheckpoint every_n_train_steps), resume exactly."
+            )
 
     # -- optimisation -------------------------------------------------------------------
 

@@ -17,12 +17,13 @@ from drdo_lightning.jsonl import write_jsonl
 
 
 def fit_argv(root: Path, model_dir: Path, train: Path, *extra: str, objective: str = "DRDO",
-             checkpoints: bool = False, export: bool = False) -> list[str]:
+             checkpoints: bool | int = False, export: bool = False) -> list[str]:
     """``fit`` arguments for a short CPU run of ``objective`` into ``root``, for ``cli.main``.
 
     Batches of 8, seed 0, data cached under ``root/cache``, every step logged to
     ``root/lightning_logs/version_N/metrics.csv``; ``checkpoints`` adds a ModelCheckpoint writing
-    ``root/checkpoints/last.ckpt`` (none otherwise), ``export`` the Hugging Face export to
+    ``root/checkpoints/last.ckpt`` (none otherwise; a number also saves every that many steps, 0 only
+    on SIGTERM), ``export`` the Hugging Face export to
     ``root/export``. ``extra`` comes last, so it overrides any of these.
     """
     argv = [
@@ -33,9 +34,11 @@ def fit_argv(root: Path, model_dir: Path, train: Path, *extra: str, objective: s
         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(root),
         "--seed_everything", "0",
     ]
-    if checkpoints:
+    if checkpoints is not False:
         argv += ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
                  "--trainer.callbacks.dirpath", str(root / "checkpoints"), "--trainer.callbacks.save_last", "true"]
+        if checkpoints is not True:
+            argv += ["--trainer.callbacks.every_n_train_steps", str(checkpoints)]
     else:
         argv += ["--trainer.enable_checkpointing", "false"]
     if export:

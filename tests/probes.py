@@ -8,6 +8,8 @@ tests put ``tests/`` on ``PYTHONPATH`` of their ``python -m drdo_lightning fit``
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -41,6 +43,34 @@ class StopAfterSteps(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.steps:
             trainer.should_stop = True
+
+
+class StepLosses(L.Callback):
+    """Append ``<global step> <training loss>`` to ``path`` after every optimizer step.
+
+    Written line by line, so a killed run leaves every step it finished; ``repr`` of the float
+    reads back bitwise.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with self.path.open("a") as f:
+            f.write(f"{trainer.global_step} {outputs['loss'].item()!r}\n")
+
+
+class SigkillAtStep(L.Callback):
+    """Kill this process with SIGKILL once ``step`` optimizer steps are done, as a lost machine would:
+    no handler runs and nothing more is saved. Checkpoint callbacks run after this one, so a step
+    checkpoint due at ``step`` is not written either."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class ShardProbeDRDO(DRDO):

@@ -1,24 +1,29 @@
-"""Reliability and safety (issue 7): bad input, interrupted runs, numerical faults, untrusted files.
+"""Reliability and safety: bad input, interrupted runs, numerical faults, untrusted files.
 
 Bad rows, missing files and the truncation rules are covered in test_data.py; this file adds
-what only shows end to end through the CLI. Three tests start ``python -m drdo_lightning`` as a
+what only shows end to end through the CLI. Some tests start ``python -m drdo_lightning`` as a
 subprocess (a config error, SIGKILL, SIGTERM); everything else runs in-process on tiny models.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import fit_argv
 
 from drdo_lightning import SFT
 from drdo_lightning.cli import main
@@ -27,44 +32,28 @@ from drdo_lightning.safety import AtomicCheckpointIO, CheckpointError, NonFinite
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORES = ["--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected"]
-# 96 training pairs in batches of 8: 12 steps an epoch. Checkpoints every 5 steps never fall on
-# an epoch boundary before step 60, so a resume starts mid-epoch; the run ends on a checkpoint
-# (step 15) so that last.ckpt holds the final weights.
+# A short DRDO run whose checkpoint files the tests below read: a checkpoint every 5 steps, the
+# last one at the final step (15) so that last.ckpt holds the final weights.
 RESUME_STEPS, CADENCE = 15, 5
+# The shipped recipes, shortened: a tiny model and the first 416 pairs of their training data, 13
+# batches of 32 an epoch; everything else is theirs (a checkpoint every 50 steps and last.ckpt,
+# validation twice an epoch, the tokenized-data cache). Killed after step 57, a run resumes from its
+# checkpoint at step 50 (epoch 3, 11 batches in) and repeats steps 51-57 across the epoch boundary
+# at step 52 and a validation.
+RECIPE_PAIRS, RECIPE_EPOCHS, RECIPE_CADENCE, KILL_STEP = 416, 5, 50, 57
 
 
-def fit_args(root: Path, model_dir: Path, train: Path, *extra: str, objective: str = "DRDO") -> list[str]:
-    return [
-        "fit",
-        "--model", objective,
-        "--model.model", str(model_dir),
-        "--data.train_file", str(train),
-        "--data.cache_dir", str(root / "cache"),
-        "--data.batch_size", "8",
-        "--model.learning_rate", "1e-2",
-        "--trainer.default_root_dir", str(root),
-        "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--trainer.logger", "false",
-        "--seed_everything", "0",
-        *extra,
-    ]
-
-
-def checkpoint_args(dirpath: Path, every_n_train_steps: int) -> list[str]:
-    return [
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        "--trainer.callbacks.dirpath", str(dirpath),
-        "--trainer.callbacks.every_n_train_steps", str(every_n_train_steps),
-        "--trainer.callbacks.save_last", "true",
-    ]
+def fit_args(root: Path, model_dir: Path, train: Path, *extra: str, objective: str = "DRDO",
+             checkpoints: bool | int = False, export: bool = False) -> list[str]:
+    return fit_argv(root, model_dir, train, "--model.learning_rate", "1e-2", "--trainer.enable_model_summary", "false",
+                    *extra, objective=objective, checkpoints=checkpoints, export=export)
 
 
 def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    path = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))  # for `probes`
     return subprocess.Popen(
         [sys.executable, "-m", "drdo_lightning", *args],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=cwd, env={**os.environ, "PYTHONPATH": path}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
 
@@ -81,10 +70,8 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
 
 
 def resume_run_args(root: Path, tiny_model_dir: Path, pair_files) -> list[str]:
-    return fit_args(
-        root, tiny_model_dir, pair_files["train"], *SCORES, "--trainer.max_steps", str(RESUME_STEPS),
-        *checkpoint_args(root / "checkpoints", CADENCE), "--trainer.callbacks+=drdo_lightning.ExportHuggingFace",
-    )
+    return fit_args(root, tiny_model_dir, pair_files["train"], *SCORES, "--trainer.max_steps", str(RESUME_STEPS),
+                    checkpoints=CADENCE, export=True)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +81,50 @@ def reference_run(tmp_path_factory, tiny_model_dir, pair_files) -> Path:
     cli = main(resume_run_args(root, tiny_model_dir, pair_files))
     assert cli.trainer.global_step == RESUME_STEPS
     return root
+
+
+@pytest.fixture(scope="module")
+def recipe_data(tmp_path_factory) -> dict[str, Path]:
+    """The first RECIPE_PAIRS training pairs and one batch of validation pairs of the embedded default."""
+    root = tmp_path_factory.mktemp("recipe_data")
+    files = {}
+    for split, rows in (("train", RECIPE_PAIRS), ("val", 32)):
+        lines = (ROOT / "embedded_default" / "data" / f"{split}.jsonl").read_text().splitlines(keepends=True)
+        files[split] = root / f"{split}.jsonl"
+        files[split].write_text("".join(lines[:rows]))
+    return files
+
+
+def recipe_args(recipe: str, model_dir: Path, data: dict[str, Path], losses: Path, *extra: str) -> list[str]:
+    """``fit`` with ``configs/<recipe>.yaml`` shortened, writing every step's loss to ``losses``.
+
+    Run it from the run's own directory: the recipes write under ``runs/`` and cache under ``cache/``.
+    """
+    return [
+        "fit", "--config", str(ROOT / "configs" / f"{recipe}.yaml"),
+        "--model.model", str(model_dir),
+        "--data.train_file", str(data["train"]),
+        "--data.val_file", str(data["val"]),
+        "--data.cache_dir", "cache",
+        "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.callbacks+=probes.StepLosses", "--trainer.callbacks.path", str(losses),
+        *extra,
+    ]
+
+
+def step_losses(path: Path) -> dict[int, float]:
+    return {int(step): float(loss) for step, loss in (line.split() for line in path.read_text().splitlines())}
+
+
+def assert_same_exports(run: Path, reference: Path) -> None:
+    """Every tensor of the two Hugging Face exports is bitwise equal."""
+    names = sorted(p.name for p in reference.glob("*.safetensors"))
+    assert names and names == sorted(p.name for p in run.glob("*.safetensors"))
+    for name in names:
+        got, want = load_file(run / name), load_file(reference / name)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), name
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -169,27 +200,85 @@ def test_no_pad_token_and_no_remote_code_end_to_end(tmp_path, tiny_model_dir, pa
 # --- interrupted runs ----------------------------------------------------------------------------
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(reference_run, tmp_path, tiny_model_dir, pair_files):
-    args = resume_run_args(tmp_path, tiny_model_dir, pair_files)
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    proc = start_cli(args, tmp_path)
-    wait_for(last, proc)
-    proc.kill()  # SIGKILL: no handler runs, nothing is flushed
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    killed_at = torch.load(last, weights_only=True)["global_step"]
-    assert killed_at < RESUME_STEPS and killed_at % 12 != 0  # killed mid-run, mid-epoch
+@pytest.mark.parametrize(
+    "recipe,extra",
+    [
+        pytest.param("drdo", [], id="drdo-max_epochs"),
+        pytest.param("dpo", ["--trainer.max_steps", "60"], id="dpo-max_steps", marks=pytest.mark.slow),
+        pytest.param("dpo", ["--model.precompute_reference", "true"], id="dpo-precomputed-max_epochs",
+                     marks=pytest.mark.slow),
+    ],
+)
+def test_sigkill_then_resume_continues_a_shipped_recipe(recipe, extra, tmp_path, tiny_model_dir, recipe_data, monkeypatch):
+    """A recipe killed between two checkpoints and resumed goes on as if never interrupted."""
 
-    cli = main(args + ["--ckpt_path", "last"])
-    assert cli.trainer.global_step == RESUME_STEPS
-    resumed = torch.load(last, weights_only=True)
-    reference = torch.load(reference_run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert resumed["global_step"] == reference["global_step"] == RESUME_STEPS
-    assert resumed["state_dict"].keys() == reference["state_dict"].keys()
-    # Same ops on the same data in the same order: bitwise equal on one machine (measured: 0).
-    # 1e-6 leaves room for threaded reductions elsewhere; a wrong data order is off by ~1e-2.
-    for name, weight in reference["state_dict"].items():
-        torch.testing.assert_close(resumed["state_dict"][name], weight, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    def args(run: Path, *more: str) -> list[str]:
+        return recipe_args(recipe, tiny_model_dir, recipe_data, run / "losses", "--trainer.max_epochs", str(RECIPE_EPOCHS),
+                           *extra, *more)
+
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    for run in (uninterrupted, interrupted):
+        run.mkdir()
+    monkeypatch.chdir(uninterrupted)
+    reference = main(args(uninterrupted))
+    steps, per_epoch = reference.trainer.global_step, reference.trainer.num_training_batches
+    assert RECIPE_CADENCE < KILL_STEP // per_epoch * per_epoch < KILL_STEP < steps  # an epoch ends between
+
+    killed = start_cli(args(interrupted, "--trainer.callbacks+=probes.SigkillAtStep", "--trainer.callbacks.step",
+                            str(KILL_STEP)), interrupted)
+    output, _ = killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL, output[-4000:]
+    last = interrupted / "runs" / recipe / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == RECIPE_CADENCE  # older than the kill
+    before_kill = step_losses(interrupted / "losses")
+    (interrupted / "losses").unlink()
+
+    monkeypatch.chdir(interrupted)
+    resumed = main(args(interrupted, "--ckpt_path", "last"))
+    assert resumed.trainer.global_step == steps
+    # Step for step the same losses (bitwise): up to the kill, then again from the checkpoint on.
+    expected = step_losses(uninterrupted / "losses")
+    assert list(expected) == list(range(1, steps + 1))
+    assert before_kill == {step: expected[step] for step in range(1, KILL_STEP + 1)}
+    assert step_losses(interrupted / "losses") == {step: expected[step] for step in range(RECIPE_CADENCE + 1, steps + 1)}
+    assert_same_exports(interrupted / "runs" / recipe / "export", uninterrupted / "runs" / recipe / "export")
+
+
+def test_epoch_end_checkpoint_resumes_exactly_by_max_epochs_and_warns_by_max_steps(
+    tmp_path, tiny_model_dir, recipe_data, monkeypatch
+):
+    """A checkpoint written as an epoch ends (a user's per-epoch ModelCheckpoint beside the recipe's
+    step one); Lightning 2.6 resumes it exactly only without ``max_steps`` (see
+    ``PreferenceModule.on_train_start``)."""
+
+    def run(root: Path, *more: str):
+        root.mkdir(exist_ok=True)
+        monkeypatch.chdir(root)
+        per_epoch_checkpoints = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                                 "--trainer.callbacks.dirpath", "epoch_checkpoints", "--trainer.callbacks.save_last", "true"]
+        return main(recipe_args("oracle", tiny_model_dir, recipe_data, root / "losses", "--trainer.max_epochs", "2",
+                                *per_epoch_checkpoints, *more))
+
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    steps = run(uninterrupted).trainer.global_step
+    per_epoch = steps // 2
+    run(interrupted, "--trainer.callbacks+=probes.StopAfterSteps", "--trainer.callbacks.steps", str(per_epoch))
+    epoch_end = tmp_path / "epoch_end.ckpt"
+    shutil.copy(interrupted / "epoch_checkpoints" / "last.ckpt", epoch_end)
+    assert torch.load(epoch_end, weights_only=True)["global_step"] == per_epoch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = run(interrupted, "--ckpt_path", str(epoch_end))
+    assert not [w for w in caught if "counts that epoch twice" in str(w.message)]
+    assert resumed.trainer.global_step == steps
+    assert step_losses(interrupted / "losses") == step_losses(uninterrupted / "losses")
+    assert_same_exports(interrupted / "runs" / "oracle" / "export", uninterrupted / "runs" / "oracle" / "export")
+
+    # Bounded by max_steps instead, at the same length (so the same learning-rate schedule).
+    with pytest.warns(UserWarning, match=r"--trainer.max_steps .* from a checkpoint written as epoch 0 ended"):
+        cut_short = run(tmp_path / "by_steps", "--trainer.max_steps", str(steps), "--ckpt_path", str(epoch_end))
+    assert cut_short.trainer.global_step < steps
 
 
 def test_train_loader_resumes_where_training_was_with_workers(pair_files, tiny_model_dir):
@@ -214,13 +303,37 @@ def test_train_loader_resumes_where_training_was_with_workers(pair_files, tiny_m
     assert fresh.sampler.epoch == 2 and len(list(fresh)) == len(loader)
 
 
+def test_data_module_gives_the_saved_position_to_a_training_loader_made_before_or_after(pair_files, tiny_model_dir):
+    def data_module() -> PreferenceDataModule:
+        dm = PreferenceDataModule(train_file=str(pair_files["train"]), tokenizer=str(tiny_model_dir), cache_dir=None,
+                                  batch_size=8)
+        dm.setup("fit")
+        return dm
+
+    trained = data_module()
+    batches = iter(trained.train_dataloader())
+    for _ in range(5):
+        next(batches)
+    state = trained.state_dict()
+    assert state == {"train_loader": {"epoch": 0, "batches": 5}}
+    rest = [b["chosen_input_ids"] for b in batches]
+
+    before = data_module()
+    loader = before.train_dataloader()  # as when the strategy restores the checkpoint after setting up
+    before.load_state_dict(state)
+    after = data_module()
+    after.load_state_dict(state)  # as when the data module is restored first
+    for resumed in (loader, after.train_dataloader()):
+        got = [b["chosen_input_ids"] for b in resumed]
+        assert len(got) == len(rest) > 0 and all(torch.equal(a, b) for a, b in zip(got, rest))
+    assert len(list(after.train_dataloader())) == len(loader)  # a later loader (next epoch) starts at 0
+
+
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, tiny_model_dir, pair_files):
     args = fit_args(
         tmp_path, tiny_model_dir, pair_files["sft"], "--data.rejected_column", "null", "--trainer.max_steps", "100000",
-        *checkpoint_args(tmp_path / "checkpoints", 0), "--trainer.callbacks.every_n_epochs", "0",  # no regular saves
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
-        "--trainer.logger.flush_logs_every_n_steps", "1", "--trainer.log_every_n_steps", "1",
-        objective="SFT",
+        "--trainer.callbacks.every_n_epochs", "0",  # no regular saves
+        "--trainer.logger.flush_logs_every_n_steps", "1", objective="SFT", checkpoints=0,
     )
     proc = start_cli(args, tmp_path)
     wait_for(tmp_path / "lightning_logs" / "version_0" / "metrics.csv", proc)  # a step has run
