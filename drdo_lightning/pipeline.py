@@ -179,8 +179,7 @@ def paper_pipeline(
     judges: dict[str, str] | None = None,
     evaluation: dict[str, Any] | None = None,
 ) -> str:
-    """The paper's whole pipeline on your data: SFT -> Oracle + ensemble -> score -> students ->
-    summary -> evaluation report.
+    """The paper's whole pipeline on your data: SFT -> Oracle + ensemble -> score -> students -> report.
 
     Every stage is a shipped recipe with its data, model, token budgets and folders set from here:
     SFT trains ``base_model`` on ``sft_data`` (prompt and chosen response); the Oracle and the
