@@ -98,6 +98,40 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(near_zero, from_expm1, from_log1p)
 
 
+PREFERENCE_FORMS = ("paper", "corrected", "token_unlikelihood")
+
+
+def preference_log_term(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    form: str = "paper",
+    rejected_token_unlikelihood: Tensor | None = None,
+) -> Tensor:
+    """The log-likelihood inside DRDO's preference term, ``u`` in ``-alpha * (1 - p_w)^gamma * u``.
+
+    - ``"paper"``, paper Eq. 6 as printed: ``u = log(pi(y_w|x) / (1 - pi(y_l|x))) = z_w - log(1 - exp(z_l))``.
+      With the focal weight held fixed, ``dL/dz_l = -alpha f exp(z_l) / (1 - exp(z_l)) < 0``: this part
+      *raises* ``pi(y_l|x)``, the opposite of what the paper's gradient analysis says it does.
+    - ``"corrected"``, the unlikelihood term with the sign of Welleck et al. (2020), which maximise
+      ``log(1 - pi)`` of what is to be unlearnt: ``u = z_w + log(1 - exp(z_l))``, so
+      ``dL/dz_l = +alpha f exp(z_l) / (1 - exp(z_l)) > 0``: minimising lowers ``pi(y_l|x)``.
+    - ``"token_unlikelihood"``, the same at token level: ``u = z_w + sum_t log(1 - p(y_l,t))``, with
+      ``rejected_token_unlikelihood`` the sum (or mean, with length-normalised log-probs) over the
+      rejected response's tokens. A sequence probability is tiny for any real response, so
+      ``log(1 - pi(y_l|x))`` is ~0 in both sequence forms; a token's probability is not, so this
+      form pushes every likely token of ``y_l`` down.
+    """
+    if form == "paper":
+        return chosen_logps - log1mexp(rejected_logps)
+    if form == "corrected":
+        return chosen_logps + log1mexp(rejected_logps)
+    if form == "token_unlikelihood":
+        if rejected_token_unlikelihood is None:
+            raise ValueError("the token_unlikelihood form needs rejected_token_unlikelihood, sum_t log(1 - p(y_l,t))")
+        return chosen_logps + rejected_token_unlikelihood
+    raise ValueError(f"unknown preference form {form!r}; one of {PREFERENCE_FORMS}")
+
+
 class DRDOTerms(NamedTuple):
     """The two parts of paper Eq. 6, per pair, the preference probability ``p_w``, and the loss
     ``distill_weight * distillation + preference``."""
@@ -120,14 +154,18 @@ def drdo_terms(
     gamma: float = 2.0,
     detach_focal: bool = False,
     distill_weight: float = 1.0,
+    preference_form: str = "paper",
+    rejected_token_unlikelihood: Tensor | None = None,
 ) -> DRDOTerms:
     """Both terms of the DRDO loss (paper Eq. 6) and their weighted sum, unreduced.
 
     distillation = (r*(x,y_w) - r*(x,y_l) - (r̂_w - r̂_l))^2
-    preference   = -alpha * (1 - p_w)^gamma * (z_w - log(1 - exp(z_l))),  p_w = sigmoid(z_w - z_l)
+    preference   = -alpha * (1 - p_w)^gamma * u,  p_w = sigmoid(z_w - z_l)
 
-    The focal weight ``(1 - p_w)^gamma`` is differentiated through, as in the paper's
-    gradient analysis (Appendix A.5); ``detach_focal=True`` treats it as a constant weight.
+    ``u`` is :func:`preference_log_term` of ``preference_form``; the default, ``"paper"``, is Eq. 6
+    as printed, ``u = z_w - log(1 - exp(z_l))``. The focal weight ``(1 - p_w)^gamma`` is
+    differentiated through, as in the paper's gradient analysis (Appendix A.5), and in every form
+    its derivative lowers ``z_l``; ``detach_focal=True`` treats it as a constant weight.
     ``distill_weight`` scales the distillation term (the paper's is 1; 0 for ablations).
     """
     oracle_margin = oracle_chosen_rewards - oracle_rejected_rewards
@@ -138,41 +176,31 @@ def drdo_terms(
     focal = (1.0 - p_chosen).pow(gamma)
     if detach_focal:
         focal = focal.detach()
-    log_unlikelihood = chosen_logps - log1mexp(rejected_logps)
-    preference = -alpha * focal * log_unlikelihood
+    log_term = preference_log_term(chosen_logps, rejected_logps, preference_form, rejected_token_unlikelihood)
+    preference = -alpha * focal * log_term
     return DRDOTerms(distillation, preference, p_chosen, distill_weight * distillation + preference)
 
 
-def drdo_loss(
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    chosen_rewards: Tensor,
-    rejected_rewards: Tensor,
-    oracle_chosen_rewards: Tensor,
-    oracle_rejected_rewards: Tensor,
-    *,
-    alpha: float = 0.1,
-    gamma: float = 2.0,
-    detach_focal: bool = False,
-    distill_weight: float = 1.0,
-) -> Tensor:
-    """DRDO loss per pair (paper Eq. 6): reward distillation + focal log-unlikelihood.
+def drdo_loss(*args: Tensor, **weights) -> Tensor:
+    """DRDO loss per pair (paper Eq. 6): reward distillation + focal log-unlikelihood, ``[B]``.
 
-    See :func:`drdo_terms` for the two terms and the weights; this is their weighted sum, ``[B]``.
+    Takes :func:`drdo_terms`' arguments and returns their weighted sum (see there for the terms,
+    the weights and the preference forms).
     """
-    terms = drdo_terms(
-        chosen_logps,
-        rejected_logps,
-        chosen_rewards,
-        rejected_rewards,
-        oracle_chosen_rewards,
-        oracle_rejected_rewards,
-        alpha=alpha,
-        gamma=gamma,
-        detach_focal=detach_focal,
-        distill_weight=distill_weight,
-    )
-    return terms.loss
+    return drdo_terms(*args, **weights).loss
+
+
+def balance_weights(distill_grad_norm: Tensor, preference_grad_norm: Tensor) -> tuple[Tensor, Tensor]:
+    """Weights ``(w_d, w_p)`` that give two loss terms gradients of equal norm.
+
+    With ``g_d``, ``g_p`` (running estimates of) the norms of the terms' gradients on the shared
+    parameters, ``w_d = 2 g_p / (g_d + g_p)`` and ``w_p = 2 g_d / (g_d + g_p)``: each weight is
+    inversely proportional to its term's gradient norm, so ``w_d g_d = w_p g_p``, and they sum to 2,
+    the number of terms, as in GradNorm (Chen et al. 2018), so the step size keeps its meaning
+    (both weighted terms get the harmonic mean of the two norms). Returns detached weights.
+    """
+    total = (distill_grad_norm + preference_grad_norm).clamp(min=torch.finfo(torch.float32).tiny)
+    return (2 * preference_grad_norm / total).detach(), (2 * distill_grad_norm / total).detach()
 
 
 def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:

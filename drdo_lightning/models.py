@@ -207,8 +207,14 @@ class CausalLMWithRewardHead(nn.Module):
         return last
 
     def sequence_logps(
-        self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, *, average: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        *,
+        average: bool = False,
+        token_unlikelihood: bool = False,
+    ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
         """Response log-probs ``z = log pi(y|x)`` ``[B]`` and rewards ``[B]`` (None without a head), one backbone pass.
 
         The same values as ``losses.sequence_logps(self(input_ids, attention_mask).logits, labels)``
@@ -217,6 +223,10 @@ class CausalLMWithRewardHead(nn.Module):
         LM head: prompt and padding positions never get logits. That saves their share of the
         largest matrix product and of the largest activation (``[B, T, V]``); e.g. a quarter of
         both with 64-token prompts before 192-token responses.
+
+        With ``token_unlikelihood=True`` a third value follows: ``sum_t log(1 - p(y_t))`` ``[B]``
+        over the same response tokens (their mean with ``average``), from the same token log-probs
+        (the token-level unlikelihood of DRDO's ``token_unlikelihood`` preference form).
         """
         predicts = torch.zeros_like(attention_mask, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
@@ -227,11 +237,17 @@ class CausalLMWithRewardHead(nn.Module):
         # Every kept row gets a target (0 where it predicts nothing) and is then weighted by
         # whether it predicts: selecting the predicting rows instead would copy the logits.
         targets = labels.roll(-1, dims=1).clamp(min=0)[keep]
-        per_token = losses.token_logps(logits, targets) * predicts[keep]
-        total = per_token.new_zeros(labels.shape[0]).index_add(0, keep.nonzero()[:, 0], per_token)
-        if average:
-            total = total / predicts.sum(-1).clamp(min=1)
-        return total, rewards
+        token = losses.token_logps(logits, targets)
+        rows, weight = keep.nonzero()[:, 0], predicts[keep]
+        count = predicts.sum(-1).clamp(min=1) if average else None
+
+        def per_row(values: Tensor) -> Tensor:
+            total = values.new_zeros(labels.shape[0]).index_add(0, rows, values * weight)
+            return total / count if average else total
+
+        if token_unlikelihood:
+            return per_row(token), rewards, per_row(losses.log1mexp(token))
+        return per_row(token), rewards
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write the model (and tokenizer) to ``path`` atomically: a temp dir, then a rename.

@@ -13,7 +13,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -34,6 +34,8 @@ class PairOutputs(NamedTuple):
     rejected_logps: Tensor | None
     chosen_rewards: Tensor | None  # r̂(x, y_w) from the reward head
     rejected_rewards: Tensor | None
+    # sum_t log(1 - p(y_l,t)) (mean with average_logps), only for objectives that ask for it
+    rejected_token_unlikelihood: Tensor | None = None
 
 
 class PreferenceModule(L.LightningModule):
@@ -58,6 +60,7 @@ class PreferenceModule(L.LightningModule):
 
     uses_rejected: bool = True
     uses_reward_head: bool = False
+    uses_token_unlikelihood: bool = False
 
     def __init__(
         self,
@@ -116,13 +119,17 @@ class PreferenceModule(L.LightningModule):
         attention_mask = torch.cat([batch[f"{s}_attention_mask"] for s in self.sides])
         labels = torch.cat([batch[f"{s}_labels"] for s in self.sides])
         # Logits only at response positions (models.CausalLMWithRewardHead.sequence_logps).
-        logps, rewards = model.sequence_logps(input_ids, attention_mask, labels, average=self.hparams.average_logps)
+        logps, rewards, *unlikelihood = model.sequence_logps(
+            input_ids, attention_mask, labels, average=self.hparams.average_logps,
+            token_unlikelihood=self.uses_token_unlikelihood,
+        )
         n = batch["chosen_input_ids"].shape[0]
         return PairOutputs(
             chosen_logps=logps[:n],
             rejected_logps=logps[n:] if self.uses_rejected else None,
             chosen_rewards=rewards[:n] if rewards is not None else None,
             rejected_rewards=rewards[n:] if rewards is not None and self.uses_rejected else None,
+            rejected_token_unlikelihood=unlikelihood[0][n:] if unlikelihood else None,
         )
 
     def objective(self, batch: dict[str, Tensor], out: PairOutputs, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
@@ -263,6 +270,18 @@ class DRDO(PreferenceModule):
             differentiates through it).
         distill_weight: Weight of the distillation term (paper: 1, unweighted); 0 leaves the
             preference term alone, for ablations.
+        preference_form: The preference term's log-likelihood (:func:`losses.preference_log_term`):
+            ``paper``, Eq. 6 as printed, ``-alpha f log(pi_w / (1 - pi_l))``, whose unlikelihood part
+            raises ``pi(y_l|x)``; ``corrected``, ``-alpha f [log pi_w + log(1 - pi_l)]``, which lowers
+            it; ``token_unlikelihood``, ``-alpha f [log pi_w + sum_t log(1 - p(y_l,t))]``, the same per
+            token of the rejected response.
+        balance_terms: Weight the two terms so that their gradients on the language model have the
+            same norm (:func:`losses.balance_weights`): at the start the distillation gradient is
+            an order of magnitude larger and sets the direction of every step. Each training step
+            measures both norms (two extra backward passes; one process or DDP, not sharded
+            strategies) and keeps a running mean of each; the weights are logged as
+            ``distill_balance_weight`` and ``preference_balance_weight``.
+        balance_momentum: Momentum of the running means of the gradient norms.
     """
 
     uses_reward_head = True
@@ -274,12 +293,39 @@ class DRDO(PreferenceModule):
         gamma: float = 2.0,
         detach_focal: bool = False,
         distill_weight: float = 1.0,
+        preference_form: Literal["paper", "corrected", "token_unlikelihood"] = "paper",
+        balance_terms: bool = False,
+        balance_momentum: float = 0.9,
         **kwargs,
     ) -> None:
         super().__init__(model, **kwargs)
         self.save_hyperparameters()
+        if preference_form not in losses.PREFERENCE_FORMS:
+            raise ValueError(f"preference_form must be one of {losses.PREFERENCE_FORMS}, not {preference_form!r}")
+        if balance_terms and (alpha == 0 or distill_weight == 0):
+            raise ValueError("balance_terms needs both terms: alpha and distill_weight must be non-zero")
+        if balance_terms:
+            # Running means of the distillation's and the preference's gradient norms (0: none yet);
+            # buffers, so a resumed run continues with them.
+            self.register_buffer("term_grad_norms", torch.zeros(2))
         # Epoch-level correlation of student and Oracle reward margins, one state per stage.
         self.train_reward_corr, self.val_reward_corr = PearsonCorrCoef(), PearsonCorrCoef()
+
+    @property
+    def uses_token_unlikelihood(self) -> bool:
+        return self.hparams.preference_form == "token_unlikelihood"
+
+    def _balance_weights(self, distillation: Tensor, preference: Tensor, stage: str) -> tuple[Tensor, Tensor]:
+        """``(w_d, w_p)`` from the running gradient norms, updated first at a training step."""
+        if stage == "train":
+            params = [p for p in self.policy.lm.parameters() if p.requires_grad]
+            measured = torch.stack([_grad_norm(term, params) for term in (distillation, preference)])
+            seen = self.term_grad_norms.gt(0).all()
+            momentum = self.hparams.balance_momentum if seen else 0.0
+            self.term_grad_norms.mul_(momentum).add_((1 - momentum) * measured)
+        if not self.term_grad_norms.gt(0).all():  # nothing measured yet: the terms as they are
+            return torch.ones((), device=self.device), torch.ones((), device=self.device)
+        return losses.balance_weights(*self.term_grad_norms)
 
     def objective(self, batch, out, stage):
         oracle_chosen, oracle_rejected = _oracle_scores(batch, "DRDO")
@@ -294,17 +340,36 @@ class DRDO(PreferenceModule):
             gamma=self.hparams.gamma,
             detach_focal=self.hparams.detach_focal,
             distill_weight=self.hparams.distill_weight,
+            preference_form=self.hparams.preference_form,
+            rejected_token_unlikelihood=out.rejected_token_unlikelihood,
         )
         student_margin = (out.chosen_rewards - out.rejected_rewards).detach()
         corr = getattr(self, f"{stage}_reward_corr")
         corr(student_margin, (oracle_chosen - oracle_rejected).float())  # forward: batch value + epoch state
-        return terms.loss.mean(), {
+        metrics = {
             "distillation": terms.distillation.mean(),
             "preference": terms.preference.mean(),
             "p_chosen": terms.p_chosen.mean(),
             "reward_accuracy": (student_margin > 0).float().mean(),
             "reward_corr": corr,
         }
+        if not self.hparams.balance_terms:
+            return terms.loss.mean(), metrics
+        distillation = self.hparams.distill_weight * terms.distillation.mean()
+        w_distill, w_preference = self._balance_weights(distillation, metrics["preference"], stage)
+        metrics.update(
+            distill_balance_weight=w_distill,
+            preference_balance_weight=w_preference,
+            distill_grad_norm=self.term_grad_norms[0],
+            preference_grad_norm=self.term_grad_norms[1],
+        )
+        return w_distill * distillation + w_preference * metrics["preference"], metrics
+
+
+def _grad_norm(term: Tensor, params: list[Tensor]) -> Tensor:
+    """Norm of ``term``'s gradient over ``params``, detached; the graph is kept for the step's own backward."""
+    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+    return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads if g is not None]))
 
 
 # ---------------------------------------------------------------------------------------

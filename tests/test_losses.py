@@ -185,6 +185,89 @@ def test_drdo_preference_gradient_has_the_closed_form_of_appendix_a5():
         torch.testing.assert_close(gl, -alpha * f * (gamma * p * u + torch.exp(zl) / -torch.expm1(zl)))
 
 
+# The preference forms' gradient on the rejected response, in closed form. With f = (1 - p)^gamma,
+# p = sigmoid(z_w - z_l) and u the form's log term, dL/dz_l = -alpha (gamma p f u [focal kept] + f du/dz_l),
+# dL/dz_w = -alpha (-gamma p f u [focal kept] + f). u = z_w + s log(1 - pi_l), s the sign below (per
+# token in the token form), so du/dz_l = -s e with e = exp(z) / (1 - exp(z)). Gradient descent lowers
+# pi(y_l|x) where dL/dz_l > 0.
+FORM_SIGN = {"paper": -1.0, "corrected": 1.0, "token_unlikelihood": 1.0}
+
+
+def odds(z):
+    return torch.exp(z) / -torch.expm1(z)
+
+
+def preference_and_grads(form, zw, rejected_tokens, detach_focal, alpha=0.1, gamma=2.0):
+    """The preference term at ``z_l = sum(rejected_tokens)`` (one token per row for the sequence forms)
+    and its autograd gradients on ``z_w`` and on every rejected token log-prob."""
+    zw = zw.clone().requires_grad_()
+    tokens = rejected_tokens.clone().requires_grad_()
+    zl = tokens.sum(-1)
+    unlikelihood = losses.log1mexp(tokens).sum(-1) if form == "token_unlikelihood" else None
+    zeros = torch.zeros_like(zw)
+    pref = losses.drdo_terms(zw, zl, zeros, zeros, zeros, zeros, alpha=alpha, gamma=gamma, detach_focal=detach_focal,
+                             preference_form=form, rejected_token_unlikelihood=unlikelihood).preference
+    return (pref,) + torch.autograd.grad(pref.sum(), (zw, tokens))
+
+
+@pytest.mark.parametrize("detach_focal", [True, False], ids=["focal-detached", "focal-differentiated"])
+@pytest.mark.parametrize("form", losses.PREFERENCE_FORMS)
+def test_preference_forms_gradient_closed_form_and_sign(form, detach_focal):
+    alpha, gamma = 0.1, 2.0
+    zw = torch.tensor([-2.0, -2.0, -0.3, -8.0, -1.0], dtype=torch.float64)
+    if form == "token_unlikelihood":  # three tokens per rejected response, z_l their sum
+        tokens = torch.tensor([[-0.1, -0.15, -0.25], [-2.0, -0.05, -1.0], [-0.01, -0.9, -0.2],
+                               [-3.0, -0.5, -0.02], [-0.3, -0.3, -0.3]], dtype=torch.float64)
+    else:
+        tokens = torch.tensor([[-0.5], [-3.0], [-1.2], [-0.01], [-20.0]], dtype=torch.float64)
+    pref, gw, gl = preference_and_grads(form, zw, tokens, detach_focal, alpha, gamma)
+    zl = tokens.sum(-1)
+    p = torch.sigmoid(zw - zl)
+    f = (1 - p) ** gamma
+    sign = FORM_SIGN[form]
+    u = zw + sign * losses.log1mexp(tokens).sum(-1)
+    focal_slope = torch.zeros_like(u) if detach_focal else gamma * p * f * u
+    torch.testing.assert_close(pref, -alpha * f * u)
+    torch.testing.assert_close(gw, -alpha * (f - focal_slope))
+    torch.testing.assert_close(gl, -alpha * (focal_slope.unsqueeze(-1) - sign * f.unsqueeze(-1) * odds(tokens)))
+    if form == "paper":
+        # As printed, Eq. 6's unlikelihood part raises pi(y_l|x): with the focal weight held fixed,
+        # gradient descent moves z_l up at every point.
+        assert (gl < 0).all() if detach_focal else (gl[0] < 0).all()
+    else:
+        # Corrected, it lowers pi(y_l|x) (every rejected token, in the token form), with or without
+        # the focal weight's derivative, which lowers it too.
+        assert (gl > 0).all()
+
+
+def test_paper_form_at_the_point_quoted_in_the_method_notes():
+    # z_w = -2, z_l = -0.5: dL/dz_l = -0.103 with the focal weight detached, -0.077 differentiated.
+    zw, zl = torch.tensor([-2.0], dtype=torch.float64), torch.tensor([[-0.5]], dtype=torch.float64)
+    assert preference_and_grads("paper", zw, zl, True)[2].item() == pytest.approx(-0.1031, abs=1e-4)
+    assert preference_and_grads("paper", zw, zl, False)[2].item() == pytest.approx(-0.0770, abs=1e-4)
+    assert preference_and_grads("corrected", zw, zl, True)[2].item() == pytest.approx(0.1031, abs=1e-4)
+
+
+def test_sequence_forms_agree_where_the_unlikelihood_vanishes_and_need_their_inputs():
+    # With summed log-probs of real responses log(1 - pi_l) ~ -pi_l ~ 0: the forms differ by ~1e-9.
+    zw, zl, zeros = torch.tensor([-40.0]), torch.tensor([-25.0]), torch.zeros(1)
+    paper = losses.drdo_terms(zw, zl, zeros, zeros, zeros, zeros).preference
+    corrected = losses.drdo_terms(zw, zl, zeros, zeros, zeros, zeros, preference_form="corrected").preference
+    torch.testing.assert_close(paper, corrected)
+    with pytest.raises(ValueError, match="rejected_token_unlikelihood"):
+        losses.drdo_terms(zw, zl, zeros, zeros, zeros, zeros, preference_form="token_unlikelihood")
+    with pytest.raises(ValueError, match="unknown preference form"):
+        losses.drdo_terms(zw, zl, zeros, zeros, zeros, zeros, preference_form="ratio")
+
+
+def test_balance_weights_equalise_the_weighted_norms_and_sum_to_two():
+    distill, preference = torch.tensor([18.6, 1.0, 0.5]), torch.tensor([1.3, 1.0, 4.0])
+    w_distill, w_preference = losses.balance_weights(distill, preference)
+    torch.testing.assert_close(w_distill * distill, w_preference * preference)
+    torch.testing.assert_close(w_distill + w_preference, torch.full((3,), 2.0))
+    torch.testing.assert_close(w_distill * distill, 2 * distill * preference / (distill + preference))
+
+
 # -- Bradley–Terry (Eq. 2) and Oracle (Eq. 5) ----------------------------------------------
 
 

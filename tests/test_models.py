@@ -93,3 +93,18 @@ def test_loading_a_plain_lm_adds_a_fresh_head_only_when_asked(tiny_model_dir):
         CausalLMWithRewardHead.from_pretrained(tiny_model_dir, reward_head=False).rewards(
             torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.long)
         )
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logps_returns_the_token_unlikelihood_from_the_same_forward_when_asked(model, padded_responses, average):
+    torch.manual_seed(0)
+    ids, mask, labels = padded_responses("left")
+    logps, rewards, unlikelihood = model.sequence_logps(ids, mask, labels, average=average, token_unlikelihood=True)
+    assert [torch.equal(a, b) for a, b in zip((logps, rewards), model.sequence_logps(ids, mask, labels, average=average))] == [True, True]
+    token = torch.log_softmax(model(ids, mask).logits[:, :-1].double(), -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1))[..., 0]
+    response = labels[:, 1:] != -100
+    want = (torch.log(-torch.expm1(token)) * response).sum(-1)
+    if average:
+        want = want / response.sum(-1)
+    torch.testing.assert_close(unlikelihood.double(), want, atol=1e-5, rtol=1e-5)
+    assert (unlikelihood < 0).all()

@@ -9,20 +9,71 @@ from drdo_lightning import DRDO, losses
 from drdo_lightning.data import PairCollator, TextPair, tokenize_pairs
 
 
-@pytest.mark.parametrize("weights", [dict(alpha=0.3, gamma=1.0, distill_weight=0.5, detach_focal=True),
-                                     dict(alpha=0.1, gamma=2.0, distill_weight=0.0, detach_focal=False)])
-def test_drdo_module_loss_is_the_public_drdo_loss_with_every_weight(tiny_model_dir, tiny_tokenizer, tiny_task, weights):
-    rows = tiny_task["train"][:4]
+def pair_batch(tokenizer, rows):
     pairs = [TextPair(r["prompt"], r["chosen"], r["rejected"], r["oracle_chosen"], r["oracle_rejected"], False)
              for r in rows]
-    columns, _ = tokenize_pairs(pairs, tiny_tokenizer, max_prompt_length=32, max_length=96, drop_long=False)
-    batch = PairCollator(tiny_tokenizer.pad_token_id)([dict(zip(columns, v)) for v in zip(*columns.values())])
+    columns, _ = tokenize_pairs(pairs, tokenizer, max_prompt_length=32, max_length=96, drop_long=False)
+    return PairCollator(tokenizer.pad_token_id)([dict(zip(columns, v)) for v in zip(*columns.values())])
+
+
+@pytest.mark.parametrize("weights", [dict(alpha=0.3, gamma=1.0, distill_weight=0.5, detach_focal=True),
+                                     dict(alpha=0.1, gamma=2.0, distill_weight=0.0, detach_focal=False),
+                                     dict(alpha=0.1, gamma=2.0, distill_weight=1.0, preference_form="corrected"),
+                                     dict(alpha=0.5, gamma=1.0, distill_weight=1.0, preference_form="token_unlikelihood",
+                                          average_logps=True)])
+def test_drdo_module_loss_is_the_public_drdo_loss_with_every_weight(tiny_model_dir, tiny_tokenizer, tiny_task, weights):
+    batch = pair_batch(tiny_tokenizer, tiny_task["train"][:4])
     module = DRDO(str(tiny_model_dir), **weights)
     module.configure_model()
     out = module.forward_pairs(batch)
+    assert (out.rejected_token_unlikelihood is not None) == (weights.get("preference_form") == "token_unlikelihood")
     loss, metrics = module.objective(batch, out, "val")
+    loss_weights = {k: v for k, v in weights.items() if k != "average_logps"}
     expected = losses.drdo_loss(out.chosen_logps, out.rejected_logps, out.chosen_rewards, out.rejected_rewards,
-                                batch["chosen_score"], batch["rejected_score"], **weights).mean()
+                                batch["chosen_score"], batch["rejected_score"], **loss_weights,
+                                rejected_token_unlikelihood=out.rejected_token_unlikelihood).mean()
     torch.testing.assert_close(loss, expected, rtol=0, atol=0)
     weighted = weights["distill_weight"] * metrics["distillation"] + metrics["preference"]
     assert metrics["distillation"].item() > 0 and weighted.item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def backbone_grad_norm(module, term):
+    params = [p for p in module.policy.lm.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+    return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads if g is not None])).item()
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_balanced_drdo_gives_both_terms_the_same_backbone_gradient_norm(tiny_model_dir, tiny_tokenizer, tiny_task, momentum):
+    module = DRDO(str(tiny_model_dir), balance_terms=True, balance_momentum=momentum)
+    module.configure_model()
+    optimizer = torch.optim.SGD(module.policy.parameters(), lr=0.05)
+    for step in range(3):
+        batch = pair_batch(tiny_tokenizer, tiny_task["train"][4 * step:4 * step + 4])
+        out = module.forward_pairs(batch)
+        before = module.term_grad_norms.clone()
+        loss, metrics = module.objective(batch, out, "train")
+        w_distill, w_preference = metrics["distill_balance_weight"], metrics["preference_balance_weight"]
+        distill, preference = (backbone_grad_norm(module, metrics[t]) for t in ("distillation", "preference"))
+        # The running means follow this step's norms (the first step sets them).
+        measured = torch.tensor([distill, preference])
+        want = measured if step == 0 else momentum * before + (1 - momentum) * measured
+        torch.testing.assert_close(module.term_grad_norms, want, rtol=1e-4, atol=0)
+        if momentum == 0.0:  # weighted by this step's norms, the terms pull the backbone equally hard
+            assert (w_distill * distill) / (w_preference * preference) == pytest.approx(1.0, rel=1e-3)
+        assert (w_distill + w_preference).item() == pytest.approx(2.0)
+        assert loss.item() == pytest.approx((w_distill * metrics["distillation"] + w_preference * metrics["preference"]).item())
+        if step == 0:  # unweighted, distillation dominates at the start
+            assert distill > 3 * preference and w_preference > 1.5
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert module.state_dict()["term_grad_norms"].gt(0).all()
+
+
+def test_balancing_is_off_by_default_and_needs_both_terms(tiny_model_dir):
+    assert "term_grad_norms" not in dict(DRDO(str(tiny_model_dir)).named_buffers())
+    with pytest.raises(ValueError, match="both terms"):
+        DRDO(str(tiny_model_dir), balance_terms=True, alpha=0.0)
+    with pytest.raises(ValueError, match="preference_form"):
+        DRDO(str(tiny_model_dir), preference_form="ratio")
