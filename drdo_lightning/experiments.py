@@ -3,7 +3,8 @@
 - ``robustness``: train every method at every label-flip rate with several seeds and the same
   budget; judge each policy by the gold reward and the (clean) Oracle; plot reward vs flip rate.
 - ``ablations``: DRDO variants (``configs/ablations/*.yaml``: gamma, alpha, one loss term only,
-  length-normalised log-probs) against the paper's settings, same protocol.
+  length-normalised log-probs, the preference term's form, balanced terms) against the paper's
+  settings, same protocol.
 - ``splits``: the paper's D_hc,he / D_lc,le splits of a preference dataset (Table 5).
 
 Training goes through the recipes (:func:`training.run_fit`), evaluation through
