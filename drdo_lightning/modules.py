@@ -17,7 +17,7 @@ from typing import Literal, NamedTuple
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torchmetrics import PearsonCorrCoef
@@ -278,9 +278,10 @@ class DRDO(PreferenceModule):
         balance_terms: Weight the two terms so that their gradients on the language model have the
             same norm (:func:`losses.balance_weights`): at the start the distillation gradient is
             an order of magnitude larger and sets the direction of every step. Each training step
-            measures both norms (two extra backward passes; one process or DDP, not sharded
-            strategies) and keeps a running mean of each; the weights are logged as
-            ``distill_balance_weight`` and ``preference_balance_weight``.
+            measures both norms (two extra backward passes; one device or DDP, not DeepSpeed or
+            FSDP) and keeps a running mean of each; the weights are logged as
+            ``distill_balance_weight`` and ``preference_balance_weight``. ``alpha`` and
+            ``distill_weight`` then cancel out (each term is linear in its weight).
         balance_momentum: Momentum of the running means of the gradient norms.
     """
 
@@ -315,11 +316,19 @@ class DRDO(PreferenceModule):
     def uses_token_unlikelihood(self) -> bool:
         return self.hparams.preference_form == "token_unlikelihood"
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # The norms come from autograd on whole parameters, which sharded strategies do not hold.
+        if self.hparams.balance_terms and isinstance(self.trainer.strategy, (DeepSpeedStrategy, FSDPStrategy)):
+            raise ValueError("balance_terms needs whole parameters on each process: train on one device or with DDP")
+
     def _balance_weights(self, distillation: Tensor, preference: Tensor, stage: str) -> tuple[Tensor, Tensor]:
         """``(w_d, w_p)`` from the running gradient norms, updated first at a training step."""
         if stage == "train":
             params = [p for p in self.policy.lm.parameters() if p.requires_grad]
             measured = torch.stack([_grad_norm(term, params) for term in (distillation, preference)])
+            if self._trainer is not None:  # every process weights its terms alike, as DDP averages their gradients
+                measured = self.trainer.strategy.reduce(measured, reduce_op="mean")
             seen = self.term_grad_norms.gt(0).all()
             momentum = self.hparams.balance_momentum if seen else 0.0
             self.term_grad_norms.mul_(momentum).add_((1 - momentum) * measured)
