@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from drdo_lightning import DRDO, losses
 from drdo_lightning.data import PairCollator, TextPair, tokenize_pairs
@@ -77,3 +80,11 @@ def test_balancing_is_off_by_default_and_needs_both_terms(tiny_model_dir):
         DRDO(str(tiny_model_dir), balance_terms=True, alpha=0.0)
     with pytest.raises(ValueError, match="preference_form"):
         DRDO(str(tiny_model_dir), preference_form="ratio")
+
+
+def test_balancing_refuses_sharded_parameters(tiny_model_dir):
+    module = DRDO(str(tiny_model_dir), balance_terms=True)
+    module.configure_model()
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), precision="32-true")
+    with pytest.raises(ValueError, match="one device or with DDP"):
+        module.on_fit_start()
