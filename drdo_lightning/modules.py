@@ -366,12 +366,13 @@ class DRDO(PreferenceModule):
             return terms.loss.mean(), metrics
         distillation = self.hparams.distill_weight * terms.distillation.mean()
         w_distill, w_preference = self._balance_weights(distillation, metrics["preference"], stage)
-        metrics.update(
-            distill_balance_weight=w_distill,
-            preference_balance_weight=w_preference,
-            distill_grad_norm=self.term_grad_norms[0],
-            preference_grad_norm=self.term_grad_norms[1],
-        )
+        if stage == "train":  # validation only reuses the weights training set
+            metrics.update(
+                distill_balance_weight=w_distill,
+                preference_balance_weight=w_preference,
+                distill_grad_norm=self.term_grad_norms[0],
+                preference_grad_norm=self.term_grad_norms[1],
+            )
         return w_distill * distillation + w_preference * metrics["preference"], metrics
 
 

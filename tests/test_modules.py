@@ -88,3 +88,17 @@ def test_balancing_refuses_sharded_parameters(tiny_model_dir):
     module._trainer = SimpleNamespace(strategy=FSDPStrategy(), precision="32-true")
     with pytest.raises(ValueError, match="one device or with DDP"):
         module.on_fit_start()
+
+
+def test_balanced_validation_uses_the_weights_training_set_and_logs_none(tiny_model_dir, tiny_tokenizer, tiny_task):
+    module = DRDO(str(tiny_model_dir), balance_terms=True)
+    module.configure_model()
+    batch = pair_batch(tiny_tokenizer, tiny_task["train"][:4])
+    with torch.no_grad():
+        loss, metrics = module.objective(batch, module.forward_pairs(batch), "val")
+    assert "distill_balance_weight" not in metrics  # nothing measured yet: the terms unweighted
+    assert loss.item() == pytest.approx((metrics["distillation"] + metrics["preference"]).item())
+    module.term_grad_norms.copy_(torch.tensor([3.0, 1.0]))
+    with torch.no_grad():
+        loss, metrics = module.objective(batch, module.forward_pairs(batch), "val")
+    assert loss.item() == pytest.approx((0.5 * metrics["distillation"] + 1.5 * metrics["preference"]).item())
