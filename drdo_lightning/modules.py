@@ -367,11 +367,12 @@ class DRDO(PreferenceModule):
         distillation = self.hparams.distill_weight * terms.distillation.mean()
         w_distill, w_preference = self._balance_weights(distillation, metrics["preference"], stage)
         if stage == "train":  # validation only reuses the weights training set
+            distill_norm, preference_norm = self.term_grad_norms.clone()  # the buffer moves on next step
             metrics.update(
                 distill_balance_weight=w_distill,
                 preference_balance_weight=w_preference,
-                distill_grad_norm=self.term_grad_norms[0],
-                preference_grad_norm=self.term_grad_norms[1],
+                distill_grad_norm=distill_norm,
+                preference_grad_norm=preference_norm,
             )
         return w_distill * distillation + w_preference * metrics["preference"], metrics
 
