@@ -164,8 +164,9 @@ def drdo_terms(
 
     ``u`` is :func:`preference_log_term` of ``preference_form``; the default, ``"paper"``, is Eq. 6
     as printed, ``u = z_w - log(1 - exp(z_l))``. The focal weight ``(1 - p_w)^gamma`` is
-    differentiated through, as in the paper's gradient analysis (Appendix A.5), and in every form
-    its derivative lowers ``z_l``; ``detach_focal=True`` treats it as a constant weight.
+    differentiated through, as in the paper's gradient analysis (Appendix A.5); its derivative
+    lowers ``z_l`` wherever ``u < 0``: always in the corrected forms, and in the printed one unless
+    ``pi(y_w|x) > 1 - pi(y_l|x)``. ``detach_focal=True`` treats it as a constant weight.
     ``distill_weight`` scales the distillation term (the paper's is 1; 0 for ablations).
     """
     oracle_margin = oracle_chosen_rewards - oracle_rejected_rewards
