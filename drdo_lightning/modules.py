@@ -277,7 +277,7 @@ class DRDO(PreferenceModule):
             token of the rejected response.
         balance_terms: Weight the two terms so that their gradients on the language model have the
             same norm (:func:`losses.balance_weights`): at the start the distillation gradient is
-            an order of magnitude larger and sets the direction of every step. Each training step
+            several times larger and sets the direction of the early steps. Each training step
             measures both norms (two extra backward passes; one device or DDP, not DeepSpeed or
             FSDP) and keeps a running mean of each; the weights are logged as
             ``distill_balance_weight`` and ``preference_balance_weight``. ``alpha`` and
