@@ -8,7 +8,11 @@
 
 Either way the directory holds ``config.json``, ``model.safetensors``, the tokenizer and
 ``reward_head.safetensors``: ``transformers.AutoModelForCausalLM`` alone loads it for
-generation, :meth:`CausalLMWithRewardHead.from_pretrained` with the reward head.
+generation, :meth:`CausalLMWithRewardHead.from_pretrained` with the reward head. A LoRA run is
+written with its adapters merged into the weights, the same kind of directory; with
+``adapter=True`` it is written as the adapter alone (``adapter_config.json``,
+``adapter_model.safetensors``, which ``peft`` loads onto the base model), with the reward head and
+tokenizer beside it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from drdo_lightning import lora
 from drdo_lightning.data import load_tokenizer
 from drdo_lightning.models import CausalLMWithRewardHead, head_input_width
 
@@ -34,14 +39,25 @@ def default_export_dir(trainer: L.Trainer) -> Path:
 
 
 def policy_from_state_dict(
-    config: PretrainedConfig, state_dict: dict[str, Tensor], *, trust_remote_code: bool = False
+    config: PretrainedConfig,
+    state_dict: dict[str, Tensor],
+    *,
+    trust_remote_code: bool = False,
+    lora_spec: dict[str, Any] | None = None,
 ) -> CausalLMWithRewardHead:
     """A :class:`CausalLMWithRewardHead` with ``config``'s architecture and ``state_dict``'s weights.
 
     ``state_dict`` has the keys of ``CausalLMWithRewardHead.state_dict()`` (``lm.*``, and
     ``reward_head.*`` when there is a head). The model keeps the weights' dtype and is built
     without a random initialisation first, so this also serves models that barely fit in memory.
+    With ``lora_spec`` (the module's ``lora`` option) the state dict is a LoRA policy's: the base
+    model is built from its frozen weights, then wrapped with adapters that receive the trained ones.
     """
+    if lora_spec is not None:
+        policy = policy_from_state_dict(config, lora.base_weights(state_dict), trust_remote_code=trust_remote_code)
+        policy.lm = lora.add_adapters(policy.lm, lora_spec)
+        policy.load_state_dict(state_dict)
+        return policy.eval()
     lm_weights = {k.removeprefix("lm."): v for k, v in state_dict.items() if k.startswith("lm.")}
     head_weights = {k.removeprefix("reward_head."): v for k, v in state_dict.items() if k.startswith("reward_head.")}
     with torch.device("meta"):  # only to learn the concrete class: Auto* classes cannot load a state dict
@@ -93,7 +109,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     return weights, rest
 
 
-def export(checkpoint: str, output: str, tokenizer: str | None = None, model: str | None = None) -> Path:
+def export(
+    checkpoint: str, output: str, tokenizer: str | None = None, model: str | None = None, adapter: bool = False
+) -> Path:
     """Write a training checkpoint as a Hugging Face directory (safetensors, tokenizer, reward head).
 
     Args:
@@ -103,6 +121,8 @@ def export(checkpoint: str, output: str, tokenizer: str | None = None, model: st
         tokenizer: Tokenizer path or hub id; default: the tokenizer the run trained with.
         model: Where to read the model's config; default: the run's starting ``model`` (set
             this when that path does not exist on this machine).
+        adapter: For a LoRA run: write the adapter (loaded by ``peft`` onto the base model) instead
+            of merged weights.
     """
     weights, rest = read_checkpoint(checkpoint)
     hparams = rest.get("hyper_parameters", {})
@@ -112,7 +132,12 @@ def export(checkpoint: str, output: str, tokenizer: str | None = None, model: st
         raise ValueError(f"{checkpoint}: the checkpoint does not record its starting model; pass --model")
     trust_remote_code = bool(hparams.get("trust_remote_code", False))
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    policy = policy_from_state_dict(config, weights, trust_remote_code=trust_remote_code)
+    lora_spec = hparams.get("lora")
+    if adapter and lora_spec is None:
+        raise ValueError(f"{checkpoint}: --adapter true needs a LoRA run; this one trained the full model")
+    policy = policy_from_state_dict(config, weights, trust_remote_code=trust_remote_code, lora_spec=lora_spec)
+    if lora_spec is not None:
+        policy = _lora_export(policy, source, adapter)
     if tokenizer is None:  # rebuild the training tokenizer: same source, same chat template
         tok = load_tokenizer(
             data_hparams.get("tokenizer") or source,
@@ -126,6 +151,15 @@ def export(checkpoint: str, output: str, tokenizer: str | None = None, model: st
     return path
 
 
+def _lora_export(policy: CausalLMWithRewardHead, base_model: str, adapter: bool) -> CausalLMWithRewardHead:
+    """What a LoRA policy exports as: its adapter (which names ``base_model`` as the model it
+    applies to), or the LM with the adapter merged in."""
+    if adapter:
+        policy.lm.peft_config["default"].base_model_name_or_path = str(base_model)
+        return policy
+    return lora.merged(policy)
+
+
 class ExportHuggingFace(L.Callback):
     """Write ``save_pretrained`` output (config, safetensors, tokenizer, reward head) on fit end.
 
@@ -135,12 +169,17 @@ class ExportHuggingFace(L.Callback):
     weights are gathered one layer at a time onto rank 0's CPU (every rank takes part), so no
     device ever holds the whole model.
 
+    A LoRA policy is written with its adapters merged into the weights, from a CPU copy (the
+    trained module keeps its adapters), or as the adapter alone with ``adapter=True``.
+
     Args:
         dirpath: Output directory; default ``<trainer.default_root_dir>/export``.
+        adapter: For LoRA training: write the adapter instead of merged weights.
     """
 
-    def __init__(self, dirpath: str | None = None) -> None:
+    def __init__(self, dirpath: str | None = None, adapter: bool = False) -> None:
         self.dirpath = dirpath
+        self.adapter = adapter
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = Path(self.dirpath) if self.dirpath else default_export_dir(trainer)
@@ -152,6 +191,15 @@ class ExportHuggingFace(L.Callback):
             state_dict = _policy_weights(state_dict) if trainer.is_global_zero else None
         if trainer.is_global_zero:
             tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-            pl_module.policy.save_pretrained(path, tokenizer=tokenizer, state_dict=state_dict)
+            policy = pl_module.policy
+            lora_spec = pl_module.hparams.get("lora")
+            if lora_spec is not None:
+                if state_dict is None:  # a copy: merging writes into the weights it is built from
+                    state_dict = {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()}
+                config = lora.backbone(policy.lm).config
+                policy = policy_from_state_dict(config, state_dict, lora_spec=lora_spec)
+                policy = _lora_export(policy, pl_module.hparams.model, self.adapter)
+                state_dict = None  # the rebuilt policy holds the weights
+            policy.save_pretrained(path, tokenizer=tokenizer, state_dict=state_dict)
             rank_zero_info(f"Exported the trained model to {path}")
         trainer.strategy.barrier("export")
