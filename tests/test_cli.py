@@ -61,7 +61,7 @@ def overfit_file(tmp_path_factory, tiny_task) -> Path:
 def command_for(config: Path) -> list[str]:
     """How a user runs this YAML: layered over the DRDO recipe, as a function command, or alone."""
     rel = config.relative_to(ROOT / "configs")
-    if rel.parts[0] in ("ablations", "strategies"):
+    if rel.parts[0] in ("ablations", "strategies", "loggers"):
         return ["fit", "--config", str(ROOT / "configs/drdo.yaml"), "--config", str(config)]
     if rel.stem in FUNCTION_COMMANDS:
         return [rel.stem, "--config", str(config)]
