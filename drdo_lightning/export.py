@@ -1,10 +1,10 @@
 """Hugging Face directories from training: at the end of ``fit``, and from any checkpoint.
 
 - :class:`ExportHuggingFace` (a callback) writes the trained policy when ``fit`` ends, also
-  under DeepSpeed ZeRO-3, where it first gathers the partitioned weights.
+  under DeepSpeed ZeRO-3 and FSDP, where it first gathers the sharded weights.
 - ``python -m drdo_lightning export --checkpoint PATH --output DIR`` (:func:`export`) does the
   same from a checkpoint: a Lightning ``.ckpt`` file, or the directory DeepSpeed writes in its
-  place (sharded ZeRO-1/2/3 states, consolidated here to fp32).
+  place (sharded ZeRO-1/2/3 states, consolidated here to fp32), or FSDP's sharded directory.
 
 Either way the directory holds ``config.json``, ``model.safetensors``, the tokenizer and
 ``reward_head.safetensors``: ``transformers.AutoModelForCausalLM`` alone loads it for
@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from drdo_lightning import lora
 from drdo_lightning.data import load_tokenizer
+from drdo_lightning.fsdp import FSDPStrategy, is_sharded_checkpoint, read_sharded_checkpoint
 from drdo_lightning.models import CausalLMWithRewardHead, head_input_width
 
 POLICY_PREFIX = "policy."  # the LightningModule's attribute holding the CausalLMWithRewardHead
@@ -95,7 +96,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     only export checkpoints you trust.
     """
     path = Path(path)
-    if path.is_dir():
+    if is_sharded_checkpoint(path):
+        state_dict, rest = read_sharded_checkpoint(path)
+    elif path.is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path))
@@ -115,8 +118,8 @@ def export(
     """Write a training checkpoint as a Hugging Face directory (safetensors, tokenizer, reward head).
 
     Args:
-        checkpoint: A Lightning ``.ckpt`` file, or a DeepSpeed checkpoint directory (what
-            DeepSpeed writes as ``last.ckpt``, ``epoch=...ckpt``).
+        checkpoint: A Lightning ``.ckpt`` file, or the directory DeepSpeed or FSDP (sharded) write
+            in its place (``last.ckpt``, ``epoch=...ckpt``).
         output: Directory to write; an existing one is replaced once the new one is complete.
         tokenizer: Tokenizer path or hub id; default: the tokenizer the run trained with.
         model: Where to read the model's config; default: the run's starting ``model`` (set
@@ -189,6 +192,8 @@ class ExportHuggingFace(L.Callback):
             # (DeepSpeed's own gatherer, the one transformers' Trainer uses for ZeRO-3 saves.)
             state_dict = trainer.strategy.deepspeed_engine._zero3_consolidated_16bit_state_dict()
             state_dict = _policy_weights(state_dict) if trainer.is_global_zero else None
+        elif isinstance(trainer.strategy, FSDPStrategy):  # collective too: rank 0 receives the full weights
+            state_dict = _policy_weights(trainer.strategy.full_state_dict())
         if trainer.is_global_zero:
             tokenizer = getattr(trainer.datamodule, "tokenizer", None)
             policy = pl_module.policy

@@ -98,6 +98,9 @@ class PreferenceModule(L.LightningModule):
             self.policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.hparams.lora is not None:  # after remove_dropout: the adapters' dropout is as asked
             self.policy.lm = lora.add_adapters(self.policy.lm, self.hparams.lora)
+        # Matrices get weight decay. Told apart now, by shape: FSDP later flattens every parameter
+        # into a 1-D shard (ZeRO-3 already has, but keeps the real shape in ds_shape).
+        self._matrices = {id(p) for p in self.policy.parameters() if len(getattr(p, "ds_shape", p.shape)) >= 2}
 
     def on_fit_start(self) -> None:
         # "bf16-true" casts every parameter to bf16. The reward head is a few thousand numbers that
@@ -181,8 +184,7 @@ class PreferenceModule(L.LightningModule):
         decay, no_decay = [], []
         for param in self.policy.parameters():
             if param.requires_grad:
-                # ZeRO-3 flattens parameters to 1-D partitions; ds_shape keeps the real shape.
-                (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
+                (decay if id(param) in self._matrices else no_decay).append(param)
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": self.hparams.weight_decay},
