@@ -17,6 +17,8 @@ tokenizer beside it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,23 @@ def export(
     return path
 
 
+@contextmanager
+def _whole_models() -> Iterator[None]:
+    """Models built in here are whole tensors on this rank alone, also in a ZeRO-3 run.
+
+    There the strategy has told transformers to create every model partitioned across ranks, a
+    collective that the other ranks, not exporting, would never join.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps only this reference to the config
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = live
+
+
 def _lora_export(policy: CausalLMWithRewardHead, base_model: str, adapter: bool) -> CausalLMWithRewardHead:
     """What a LoRA policy exports as: its adapter (which names ``base_model`` as the model it
     applies to), or the LM with the adapter merged in."""
@@ -202,7 +221,8 @@ class ExportHuggingFace(L.Callback):
                 if state_dict is None:  # a copy: merging writes into the weights it is built from
                     state_dict = {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()}
                 config = lora.backbone(policy.lm).config
-                policy = policy_from_state_dict(config, state_dict, lora_spec=lora_spec)
+                with _whole_models():
+                    policy = policy_from_state_dict(config, state_dict, lora_spec=lora_spec)
                 policy = _lora_export(policy, pl_module.hparams.model, self.adapter)
                 state_dict = None  # the rebuilt policy holds the weights
             policy.save_pretrained(path, tokenizer=tokenizer, state_dict=state_dict)

@@ -15,6 +15,7 @@ adapter is asked for.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -50,7 +51,28 @@ def add_adapters(lm: nn.Module, spec: Mapping[str, Any]) -> nn.Module:
     """
     from peft import get_peft_model
 
-    return get_peft_model(lm, lora_config(spec))
+    with _whole_tensors():
+        return get_peft_model(lm, lora_config(spec))
+
+
+@contextmanager
+def _whole_tensors() -> Iterator[None]:
+    """Create parameters as whole tensors, also inside DeepSpeed's ``zero.Init`` (ZeRO-3).
+
+    There a new parameter is partitioned as soon as its module exists, and peft's initialisation
+    of the adapters (``B = 0``) would write into an empty shard and be lost. Whole, the adapters
+    start as on one process; the engine partitions them when it starts.
+    """
+    if "deepspeed" not in sys.modules:  # no DeepSpeed in use, so no zero.Init either
+        yield
+        return
+    from deepspeed.runtime.zero.partition_parameters import restore_init_context, shutdown_init_context
+
+    shutdown_init_context()
+    try:
+        yield
+    finally:
+        restore_init_context()
 
 
 def has_adapters(lm: nn.Module) -> bool:

@@ -1,7 +1,7 @@
 """LoRA adapters (peft) for every objective: what trains, the reference, export and resume.
 
-Single process, in-process CLI runs on the tiny model. LoRA under sharded strategies is in
-``test_deepspeed.py`` and ``test_fsdp.py``.
+Single process, in-process CLI runs on the tiny model; then LoRA under DeepSpeed ZeRO-2/3 and
+FSDP on 2 CPU processes, compared with one process as in ``test_deepspeed.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from drdo_lightning import DRDO, CausalLMWithRewardHead, lora
 from drdo_lightning.cli import main
 from drdo_lightning.data import PairCollator
 from test_baselines import args, losses_of, scored_pairs  # noqa: F401 (a fixture)
+from test_deepspeed import assert_same_losses, assert_trained_alike, cli, run, sequence_outputs, strategy_args, training_pairs
 from test_export import STEPS, STOP, fit_args, logged
 
 LORA = "{r: 4, alpha: 8, dropout: 0.0, target_modules: all-linear}"
@@ -188,3 +189,22 @@ def test_resume_from_a_lora_checkpoint_continues_with_the_same_losses(tmp_path, 
     assert min(logged(tmp_path, "train/loss", 1)) == STOP
     assert trajectory == pytest.approx(logged(reference_root, "train/loss"), rel=1e-6)
     torch.testing.assert_close(resumed.model.policy.state_dict(), reference.model.policy.state_dict())
+
+
+@pytest.mark.parametrize("preset", ["deepspeed_zero2", "deepspeed_zero3", "fsdp"])
+def test_lora_on_two_processes_matches_one(preset, tmp_path, tiny_model_dir, pairs16, lora_run):
+    """Sharded LoRA training: each step's loss over 2 CPU ranks x 4 pairs is the single process's on 8."""
+    reference, reference_root = lora_run
+    args = strategy_args(tmp_path, tiny_model_dir, pairs16, preset, "--model.lora", LORA,
+                         "--trainer.callbacks+=drdo_lightning.ExportHuggingFace")
+    run(cli(*args), tmp_path)
+    assert_same_losses(logged(tmp_path, "probe/loss"), logged(reference_root, "train/loss"))
+    # The merged export, gathered from the shards at the end of fit, is what one process trains,
+    # and `export` of the sharded checkpoint writes the same.
+    exported = CausalLMWithRewardHead.from_pretrained(tmp_path / "export").eval()
+    pairs = training_pairs(reference.datamodule)
+    assert_trained_alike(exported, reference.model.policy.eval(), pairs)
+    main(["export", "--checkpoint", str(tmp_path / "checkpoints" / "last.ckpt"), "--output", str(tmp_path / "hf")])
+    from_checkpoint = CausalLMWithRewardHead.from_pretrained(tmp_path / "hf").eval()
+    for got, want in zip(sequence_outputs(from_checkpoint, pairs), sequence_outputs(exported, pairs), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
