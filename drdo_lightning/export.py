@@ -203,6 +203,10 @@ class ExportHuggingFace(L.Callback):
         self.dirpath = dirpath
         self.adapter = adapter
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.adapter and pl_module.hparams.get("lora") is None:  # say so before training, not after
+            raise ValueError("ExportHuggingFace(adapter=True) needs LoRA training (--model.lora); this run trains the full model")
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = Path(self.dirpath) if self.dirpath else default_export_dir(trainer)
         state_dict = None  # the policy's own weights

@@ -309,10 +309,10 @@ class ReferenceModule(PreferenceModule):
 
     The reference is a frozen copy of the starting policy (no second download), or the model
     at ``reference_model``. With LoRA (``lora``) it is the policy itself with its adapters switched
-    off, which computes the starting policy: no copy at all. With ``precompute_reference=True`` its log-probs are computed once
-    before training, attached to the data as ``ref_chosen_logps``/``ref_rejected_logps``, and
-    cached beside the tokenized data (keyed by data, tokenizer, truncation and reference
-    weights), so training holds one model in memory.
+    off, which computes the starting policy: no copy at all. With ``precompute_reference=True``
+    its log-probs are computed once before training, attached to the data as
+    ``ref_chosen_logps``/``ref_rejected_logps``, and cached beside the tokenized data (keyed by
+    data, tokenizer, truncation and reference weights), so training holds one model in memory.
 
     Args:
         reference_model: Path or hub id of the reference; default: the starting ``model``.

@@ -172,11 +172,14 @@ def test_export_command_writes_what_the_callback_wrote(lora_run, tmp_path):
             torch.testing.assert_close(load_file(tmp_path / kind / name), load_file(root / kind / name), rtol=0, atol=0)
 
 
-def test_adapter_export_of_a_full_fine_tuning_checkpoint_is_refused(tmp_path, tiny_model_dir):
+def test_adapter_export_of_full_fine_tuning_is_refused(tmp_path, tiny_model_dir, scored_pairs):
     checkpoint = tmp_path / "full.ckpt"
     torch.save({"state_dict": {"policy.lm.w": torch.zeros(1)}, "hyper_parameters": {"model": str(tiny_model_dir)}}, checkpoint)
     with pytest.raises(ValueError, match="needs a LoRA run"):
         main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--adapter", "true"])
+    with pytest.raises(ValueError, match="needs LoRA training"):  # before any step
+        main(args(tmp_path, tiny_model_dir, "SFT", scored_pairs, "--trainer.callbacks+=drdo_lightning.ExportHuggingFace",
+                  "--trainer.callbacks.adapter", "true"))
 
 
 def test_resume_from_a_lora_checkpoint_continues_with_the_same_losses(tmp_path, tiny_model_dir, pairs16, lora_run):
