@@ -496,6 +496,8 @@ def report(rows: list[Row], args, loads: tuple[float, float, float]) -> str:
     lines.append("")
     by_name = {r.name: r for r in rows}
     for name, quantity, op, bound in TARGETS:
+        if name not in by_name:  # not run (--only)
+            continue
         value = getattr(by_name[name], quantity)
         met = value >= bound if op == ">=" else value <= bound
         lines.append(f"target {CONFIGS[name]}: {quantity} {value:.2f} {op} {bound}: {'met' if met else 'MISSED'}")

@@ -78,11 +78,12 @@ def test_every_objective_trains_the_adapters_and_reward_head_only(tmp_path, tiny
     assert getattr(module, "reference", None) is None  # reference-based objectives hold no copy
 
 
-def test_lora_config_fields_in_yaml_choose_the_adapted_layers(tmp_path, tiny_model_dir):
+def test_lora_config_fields_in_yaml_choose_the_adapted_layers(tmp_path, tiny_model_dir, capsys):
     config = tmp_path / "lora.yaml"
     config.write_text("model:\n  lora: {r: 2, lora_alpha: 4, target_modules: [q_proj, v_proj]}\n")
     with pytest.raises(SystemExit):
         main(["fit", "--model", "DRDO", "--model.model", str(tiny_model_dir), "--config", str(config), "--print_config"])
+    assert "lora_alpha: 4" in capsys.readouterr().out
     module = DRDO(str(tiny_model_dir), lora={"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]})
     module.configure_model()
     adapted = {n.split(".")[-4] for n, _ in module.policy.named_parameters() if ".lora_A." in n}
