@@ -185,11 +185,11 @@ class PreferenceModule(L.LightningModule):
         for param in self.policy.parameters():
             if param.requires_grad:
                 (decay if id(param) in self._matrices else no_decay).append(param)
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
+            # No empty group (LoRA without a reward head trains matrices only): DeepSpeed drops empty
+            # groups, and the schedule, built on the groups given here, would no longer match.
+            [group for group in groups if group["params"]],
             lr=self.hparams.learning_rate,
             betas=self.hparams.adam_betas,
             fused=self._fused_adamw(),

@@ -212,3 +212,15 @@ def test_lora_on_two_processes_matches_one(preset, tmp_path, tiny_model_dir, pai
     from_checkpoint = CausalLMWithRewardHead.from_pretrained(tmp_path / "hf").eval()
     for got, want in zip(sequence_outputs(from_checkpoint, pairs), sequence_outputs(exported, pairs), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_reference_with_adapters_off_under_zero3_matches_one_process(tmp_path, tiny_model_dir, pairs16):
+    """DPO with LoRA under ZeRO-3, where a frozen copy of the policy is refused: the base model with
+    its adapters off is the reference, run through the same sharded weights."""
+    dpo = ("--model", "DPO", "--model.lora", LORA)
+    one = main(fit_args(tmp_path / "one", tiny_model_dir, pairs16, *dpo))
+    assert one.model.reference is None
+    want = logged(tmp_path / "one", "train/loss")
+    assert want[0] == pytest.approx(math.log(2), abs=1e-4)
+    run(cli(*strategy_args(tmp_path, tiny_model_dir, pairs16, "deepspeed_zero3", *dpo)), tmp_path)
+    assert_same_losses(logged(tmp_path, "probe/loss"), want)
