@@ -205,7 +205,9 @@ class ExportHuggingFace(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.adapter and pl_module.hparams.get("lora") is None:  # say so before training, not after
-            raise ValueError("ExportHuggingFace(adapter=True) needs LoRA training (--model.lora); this run trains the full model")
+            raise ValueError(
+                "ExportHuggingFace(adapter=True) needs LoRA training (--model.lora); this run trains the full model"
+            )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = Path(self.dirpath) if self.dirpath else default_export_dir(trainer)

@@ -130,6 +130,7 @@ def read_sharded_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, An
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    reader, planner = FileSystemReader(path), _EmptyStateDictLoadPlanner(keys={"model"})
+    _load_state_dict(state, storage_reader=reader, planner=planner, no_dist=True)
     rest = torch.load(path / METADATA_FILE, map_location="cpu", weights_only=True)
     return state["model"], rest
