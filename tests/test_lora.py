@@ -84,10 +84,13 @@ def test_lora_config_fields_in_yaml_choose_the_adapted_layers(tmp_path, tiny_mod
     with pytest.raises(SystemExit):
         main(["fit", "--model", "DRDO", "--model.model", str(tiny_model_dir), "--config", str(config), "--print_config"])
     assert "lora_alpha: 4" in capsys.readouterr().out
-    module = DRDO(str(tiny_model_dir), lora={"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]})
+    module = DRDO(str(tiny_model_dir), lora={"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"], "dropout": 0.1})
     module.configure_model()
     adapted = {n.split(".")[-4] for n, _ in module.policy.named_parameters() if ".lora_A." in n}
     assert adapted == {"q_proj", "v_proj"}
+    # disable_dropout zeroes the model's dropout, not the adapters' own.
+    dropouts = {n.split(".")[-2]: m.p for n, m in module.policy.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert dropouts == {"lora_dropout": 0.1}
 
 
 def test_reference_is_the_base_model_with_adapters_off_live_or_precomputed(tmp_path, tiny_model_dir, scored_pairs):
