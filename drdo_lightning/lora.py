@@ -121,8 +121,3 @@ def merged(policy: nn.Module) -> nn.Module:
     """
     policy.lm = policy.lm.merge_and_unload()
     return policy
-
-
-def trainable_parameters(model: nn.Module) -> int:
-    """Number of parameters that receive gradients (adapters and reward head under LoRA)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
