@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test,deepspeed,bench]"
+	$(BIN)/pip install --quiet -e ".[test,deepspeed,bench,peft,trackers]"
 	touch $@
 
 setup: $(BIN)/.installed

@@ -1,13 +1,15 @@
-"""DRDO with real CUDA DeepSpeed ZeRO-2 and ZeRO-3 in bf16: tokens/s and peak GPU memory.
+"""DRDO with real CUDA DeepSpeed ZeRO-2 and ZeRO-3 (or FSDP) in bf16: tokens/s and peak GPU memory.
 
     python benchmarks/gpu_deepspeed.py                 # every GPU of the machine, 30 steps per stage
     python benchmarks/gpu_deepspeed.py --steps 60 --batch-size 8
+    python benchmarks/gpu_deepspeed.py --presets deepspeed_zero2 deepspeed_zero3 fsdp --lora   # LoRA adapters
 
 Needs a CUDA GPU (CI never runs it). It builds a ~134M-parameter Llama from a config (random
 init, 12 layers, hidden 768, vocabulary 32,000) with the embedded default's tokenizer, then
 trains the DRDO recipe (``configs/drdo.yaml``: the embedded default's Oracle-scored pairs) with
-``configs/strategies/deepspeed_zero{2,3}.yaml`` and ``--trainer.precision bf16-mixed``, each
-stage in its own ``python -m drdo_lightning fit`` process, and prints one line per stage.
+each strategy preset of ``--presets`` (default ``configs/strategies/deepspeed_zero{2,3}.yaml``)
+and ``--trainer.precision bf16-mixed``, with ``--lora`` as LoRA training (rank 16 on every linear
+layer), each in its own ``python -m drdo_lightning fit`` process, and prints one line per preset.
 
 tokens/s: non-padding tokens of chosen and rejected responses and prompts, summed over ranks,
 per second of training after ``--warmup`` steps (the first steps include DeepSpeed's and CUDA's
@@ -85,13 +87,16 @@ def build_model(path: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_stage(stage: int, model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
-    out = work / f"zero{stage}.json"
+LORA = "{r: 16, alpha: 32, dropout: 0.0, target_modules: all-linear}"
+
+
+def run_stage(preset: str, model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
+    out = work / f"{preset}.json"
     callbacks = [{"class_path": "gpu_deepspeed.Throughput", "init_args": {"out": str(out), "warmup": args.warmup}}]
     command = [
         sys.executable, "-m", "drdo_lightning", "fit",
         "--config", str(ROOT / "configs" / "drdo.yaml"),
-        "--config", str(ROOT / "configs" / "strategies" / f"deepspeed_zero{stage}.yaml"),
+        "--config", str(ROOT / "configs" / "strategies" / f"{preset}.yaml"),
         "--model.model", str(model_dir),
         "--trainer.precision", "bf16-mixed",
         "--trainer.max_steps", str(args.warmup + args.steps),
@@ -100,9 +105,10 @@ def run_stage(stage: int, model_dir: Path, work: Path, args: argparse.Namespace)
         "--trainer.enable_checkpointing", "false",
         "--trainer.enable_progress_bar", "false",
         "--trainer.callbacks", json.dumps(callbacks),
-        "--trainer.default_root_dir", str(work / f"zero{stage}"),
+        "--trainer.default_root_dir", str(work / preset),
         "--data.batch_size", str(args.batch_size),
         "--data.cache_dir", str(work / "cache"),
+        *(["--model.lora", LORA] if args.lora else []),
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))}
     subprocess.run(command, cwd=ROOT, env=env, check=True)
@@ -114,6 +120,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per stage")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per GPU")
+    parser.add_argument("--presets", nargs="+", default=["deepspeed_zero2", "deepspeed_zero3"],
+                        help="strategy presets of configs/strategies/, one run each")
+    parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the whole model")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -121,10 +130,10 @@ def main() -> None:
         work = Path(tmp)
         n_params = build_model(work / "model")
         print(f"Llama {n_params / 1e6:.0f}M parameters, {torch.cuda.get_device_name()}, batch {args.batch_size} pairs per GPU")
-        for stage in (2, 3):
-            r = run_stage(stage, work / "model", work, args)
-            print(f"ZeRO-{stage} bf16: {r['tokens_per_s']:,.0f} tokens/s on {r['world_size']} GPU(s) over "
-                  f"{r['steps']} steps, peak memory {r['peak_memory_gib']:.2f} GiB (rank 0)")
+        for preset in args.presets:
+            r = run_stage(preset, work / "model", work, args)
+            print(f"{preset}{' + LoRA' if args.lora else ''} bf16: {r['tokens_per_s']:,.0f} tokens/s on "
+                  f"{r['world_size']} GPU(s) over {r['steps']} steps, peak memory {r['peak_memory_gib']:.2f} GiB (rank 0)")
 
 
 if __name__ == "__main__":

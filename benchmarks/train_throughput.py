@@ -19,6 +19,13 @@ and gradient clipping (max norm 1.0, the default of TRL and of our recipes):
 - ``floor``: a plain PyTorch loop over the same padded ``[chosen; rejected]`` batches:
   ``model(input_ids, labels=...).loss.backward()``, gradient clipping and the same AdamW step:
   the model's own cost with Hugging Face's loss; ``step / floor`` shows each trainer's overhead.
+- with ``--lora``, also each of the above but the floor with LoRA adapters (``LORA``: rank 16 on
+  every linear layer), full fine-tuning's peers: TRL with ``peft_config``, whose reference is the
+  base model with the adapters off, as is ours (``dpo_live_lora``).
+
+Besides time and peak memory, every row reports what it trains: parameters that get gradients
+and the bytes of optimizer state (AdamW's two moments per trained parameter), read from the
+optimizer after training.
 
 Our trainers run through a real ``lightning.Trainer`` (logger, progress bar and checkpointing
 off, as in a quiet run) with the module's own ``training_step`` and ``configure_optimizers``,
@@ -61,6 +68,16 @@ CONFIGS = {
     "dpo_live": "DPO, live ref (ours)",
     "floor": "floor: fwd+bwd+AdamW",
 }
+# With --lora: the same trainers with LoRA adapters (the floor has no LoRA twin). With adapters,
+# TRL's reference and our live one are the base model with the adapters switched off.
+LORA_CONFIGS = {
+    "trl_dpo_lora": "TRL DPOTrainer + LoRA (ref: adapters off)",
+    "drdo_lora": "DRDO + LoRA (ours)",
+    "dpo_precomputed_lora": "DPO, precomputed ref + LoRA (ours)",
+    "dpo_live_lora": "DPO + LoRA, ref: adapters off (ours)",
+}
+ALL_CONFIGS = {**CONFIGS, **LORA_CONFIGS}
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 BASELINE = "trl_dpo"
 LEARNING_RATE = 1e-5
 WEIGHT_DECAY = 0.05
@@ -194,8 +211,10 @@ class StepClock:
         return [self.times[i + steps_per_window] - self.times[i] for i in starts]
 
 
-def _lightning_run(objective: str, args, clock: StepClock) -> None:
-    """Our real training path: the objective's LightningModule and the data module in a Trainer."""
+def _lightning_run(name: str, args, clock: StepClock):
+    """Our real training path: the objective's LightningModule and the data module in a Trainer.
+
+    Returns the trained policy and its optimizer."""
     import lightning as L
     import torch
 
@@ -203,7 +222,8 @@ def _lightning_run(objective: str, args, clock: StepClock) -> None:
     from drdo_lightning.safety import NonFiniteGuard
 
     preset, path = PRESETS[args.preset], str(args.workdir / "model")
-    optim = dict(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    objective = name.removesuffix("_lora")
+    optim = dict(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, lora=LORA if name != objective else None)
     if objective == "drdo":
         module = DRDO(path, **optim)
     else:
@@ -231,14 +251,18 @@ def _lightning_run(objective: str, args, clock: StepClock) -> None:
         num_sanity_val_steps=0, limit_val_batches=0,
     )
     trainer.fit(module, datamodule=data)
+    return module.policy, trainer.optimizers[0]
 
 
-def _trl_run(args, clock: StepClock) -> None:
-    """``trl.DPOTrainer`` with its defaults (live reference built from the model path)."""
+def _trl_run(args, clock: StepClock, lora: bool = False):
+    """``trl.DPOTrainer`` with its defaults (live reference built from the model path; with ``lora``,
+    adapters through ``peft_config`` and the base model as the reference). Returns the model and optimizer."""
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from drdo_lightning.lora import lora_config
 
     preset, path = PRESETS[args.preset], str(args.workdir / "model")
     rows = [json.loads(line) for line in (args.workdir / "pairs.jsonl").open()]
@@ -268,12 +292,14 @@ def _trl_run(args, clock: StepClock) -> None:
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
     collator = Batches(pad_token_id=tokenizer.pad_token_id, max_length=config.max_length)  # TRL's default settings
+    peft_config = lora_config(LORA) if lora else None
     trainer = DPOTrainer(path, args=config, data_collator=collator, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[Clock()])
+                         callbacks=[Clock()], peft_config=peft_config)
     trainer.train()
+    return trainer.model, getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
 
 
-def _floor_run(args, clock: StepClock) -> None:
+def _floor_run(args, clock: StepClock):
     """A hand-written loop: HF loss forward + backward, clipping, AdamW, on our collated batches."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -302,11 +328,13 @@ def _floor_run(args, clock: StepClock) -> None:
         optimizer.zero_grad()
         clock.tick()
         clock.record_batch(labels)
+    return model, optimizer
 
 
 RUNNERS: dict[str, Callable] = {
     "trl_dpo": _trl_run,
-    **{name: functools.partial(_lightning_run, name) for name in ("drdo", "dpo_precomputed", "dpo_live")},
+    "trl_dpo_lora": functools.partial(_trl_run, lora=True),
+    **{name: functools.partial(_lightning_run, name) for name in ALL_CONFIGS if name.startswith(("drdo", "dpo"))},
     "floor": _floor_run,
 }
 
@@ -321,7 +349,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     clock = StepClock(args.device)
-    RUNNERS[args.worker](args, clock)
+    model, optimizer = RUNNERS[args.worker](args, clock)
     windows = clock.windows(args.warmup_steps, args.steps_per_window)
     if len(windows) != args.windows:
         raise RuntimeError(f"{args.worker}: measured {len(windows)} windows, expected {args.windows}")
@@ -330,6 +358,10 @@ def worker(args) -> None:
         "batch_shape": clock.batch_shape,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "optimizer_state_mb": sum(
+            t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+        ) / 2**20,
     }
     Path(args.result_file).write_text(json.dumps(result))
 
@@ -401,6 +433,8 @@ class Row:
     pairs_per_s: float
     tokens_per_s: float
     peak_mb: float  # peak RSS, or peak GPU memory allocated on CUDA
+    trainable_params: int  # parameters that get gradients (LoRA: adapters and reward head)
+    optimizer_state_mb: float  # AdamW's moments (and step counters) after training
     speedup: float = math.nan  # pairs/s relative to TRL DPO
     memory_ratio: float = math.nan  # peak memory relative to TRL DPO
     vs_floor: float = math.nan  # step time relative to the floor
@@ -417,7 +451,8 @@ def summarize(results: dict[str, list[dict]], args) -> list[Row]:
     for name, runs in results.items():
         step = statistics.median(w for run in runs for w in run["windows_s"]) / args.steps_per_window
         peak = max(run["peak_gpu_mb"] if args.device == "cuda" else run["peak_rss_mb"] for run in runs)
-        rows.append(Row(name, step, preset.pairs / step, tokens_per_step / step, peak))
+        rows.append(Row(name, step, preset.pairs / step, tokens_per_step / step, peak, runs[0]["trainable_params"],
+                        runs[0]["optimizer_state_mb"]))
     base = next(r for r in rows if r.name == BASELINE)
     floor = next(r for r in rows if r.name == "floor")
     for r in rows:
@@ -448,17 +483,21 @@ def report(rows: list[Row], args, loads: tuple[float, float, float]) -> str:
         f"load average {loads[0]:.2f} at start, {loads[1]:.2f} at end (with this benchmark's threads); "
         f"other processes used {loads[2]:.2f} cores on average during the run",
         "",
-        f"| configuration | step ms | pairs/s | tokens/s | {memory} | pairs/s vs TRL | memory vs TRL | step vs floor |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| configuration | step ms | pairs/s | tokens/s | {memory} | pairs/s vs TRL | memory vs TRL | step vs floor "
+        "| trained parameters | optimizer state MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
-        lines.append(f"| {CONFIGS[r.name]} | {r.step_s * 1e3:.0f} | {r.pairs_per_s:.2f} | {r.tokens_per_s:.0f} | "
-                     f"{r.peak_mb:.0f} | {r.speedup:.2f}x | {r.memory_ratio:.2f}x | {r.vs_floor:.2f}x |")
+        lines.append(f"| {ALL_CONFIGS[r.name]} | {r.step_s * 1e3:.0f} | {r.pairs_per_s:.2f} | {r.tokens_per_s:.0f} | "
+                     f"{r.peak_mb:.0f} | {r.speedup:.2f}x | {r.memory_ratio:.2f}x | {r.vs_floor:.2f}x | "
+                     f"{r.trainable_params:,} | {r.optimizer_state_mb:.1f} |")
     if args.device != "cpu":
         return "\n".join(lines)  # the targets are for the CPU comparison
     lines.append("")
     by_name = {r.name: r for r in rows}
     for name, quantity, op, bound in TARGETS:
+        if name not in by_name:  # not run (--only)
+            continue
         value = getattr(by_name[name], quantity)
         met = value >= bound if op == ">=" else value <= bound
         lines.append(f"target {CONFIGS[name]}: {quantity} {value:.2f} {op} {bound}: {'met' if met else 'MISSED'}")
@@ -477,12 +516,13 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
                         help="run a subset (the baseline and the floor are always included)")
+    parser.add_argument("--lora", action="store_true", help="also run each chosen trainer with LoRA adapters (LORA)")
     parser.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
                         help="first wait (up to --wait-timeout s) until the 1-minute load average is below LOAD")
     parser.add_argument("--wait-timeout", type=float, default=2400.0)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and settings here")
     # Internal: run one configuration (the orchestrator starts these).
-    parser.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=list(ALL_CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -496,6 +536,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.dtype == "bf16" and args.device == "cpu":
         raise SystemExit("--dtype bf16 is for --device cuda; the CPU comparison is fp32")
     names = [n for n in CONFIGS if n in {*args.only, BASELINE, "floor"}]
+    if args.lora:
+        names += [f"{n}_lora" for n in names if f"{n}_lora" in LORA_CONFIGS]
     if args.wait_for_load is not None:
         wait_for_quiet(args.wait_for_load, args.wait_timeout)
     preset = PRESETS[args.preset]

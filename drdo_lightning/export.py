@@ -1,18 +1,24 @@
 """Hugging Face directories from training: at the end of ``fit``, and from any checkpoint.
 
 - :class:`ExportHuggingFace` (a callback) writes the trained policy when ``fit`` ends, also
-  under DeepSpeed ZeRO-3, where it first gathers the partitioned weights.
+  under DeepSpeed ZeRO-3 and FSDP, where it first gathers the sharded weights.
 - ``python -m drdo_lightning export --checkpoint PATH --output DIR`` (:func:`export`) does the
   same from a checkpoint: a Lightning ``.ckpt`` file, or the directory DeepSpeed writes in its
-  place (sharded ZeRO-1/2/3 states, consolidated here to fp32).
+  place (sharded ZeRO-1/2/3 states, consolidated here to fp32), or FSDP's sharded directory.
 
 Either way the directory holds ``config.json``, ``model.safetensors``, the tokenizer and
 ``reward_head.safetensors``: ``transformers.AutoModelForCausalLM`` alone loads it for
-generation, :meth:`CausalLMWithRewardHead.from_pretrained` with the reward head.
+generation, :meth:`CausalLMWithRewardHead.from_pretrained` with the reward head. A LoRA run is
+written with its adapters merged into the weights, the same kind of directory; with
+``adapter=True`` it is written as the adapter alone (``adapter_config.json``,
+``adapter_model.safetensors``, which ``peft`` loads onto the base model), with the reward head and
+tokenizer beside it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +28,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from drdo_lightning import lora
 from drdo_lightning.data import load_tokenizer
 from drdo_lightning.errors import MissingPathError
+from drdo_lightning.fsdp import FSDPStrategy, is_sharded_checkpoint, read_sharded_checkpoint
 from drdo_lightning.models import CausalLMWithRewardHead, head_input_width
 
 POLICY_PREFIX = "policy."  # the LightningModule's attribute holding the CausalLMWithRewardHead
@@ -35,14 +43,25 @@ def default_export_dir(trainer: L.Trainer) -> Path:
 
 
 def policy_from_state_dict(
-    config: PretrainedConfig, state_dict: dict[str, Tensor], *, trust_remote_code: bool = False
+    config: PretrainedConfig,
+    state_dict: dict[str, Tensor],
+    *,
+    trust_remote_code: bool = False,
+    lora_spec: dict[str, Any] | None = None,
 ) -> CausalLMWithRewardHead:
     """A :class:`CausalLMWithRewardHead` with ``config``'s architecture and ``state_dict``'s weights.
 
     ``state_dict`` has the keys of ``CausalLMWithRewardHead.state_dict()`` (``lm.*``, and
     ``reward_head.*`` when there is a head). The model keeps the weights' dtype and is built
     without a random initialisation first, so this also serves models that barely fit in memory.
+    With ``lora_spec`` (the module's ``lora`` option) the state dict is a LoRA policy's: the base
+    model is built from its frozen weights, then wrapped with adapters that receive the trained ones.
     """
+    if lora_spec is not None:
+        policy = policy_from_state_dict(config, lora.base_weights(state_dict), trust_remote_code=trust_remote_code)
+        policy.lm = lora.add_adapters(policy.lm, lora_spec)
+        policy.load_state_dict(state_dict)
+        return policy.eval()
     lm_weights = {k.removeprefix("lm."): v for k, v in state_dict.items() if k.startswith("lm.")}
     head_weights = {k.removeprefix("reward_head."): v for k, v in state_dict.items() if k.startswith("reward_head.")}
     with torch.device("meta"):  # only to learn the concrete class: Auto* classes cannot load a state dict
@@ -80,7 +99,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     only export checkpoints you trust.
     """
     path = Path(path)
-    if path.is_dir():
+    if is_sharded_checkpoint(path):
+        state_dict, rest = read_sharded_checkpoint(path)
+    elif path.is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state_dict = get_fp32_state_dict_from_zero_checkpoint(str(path))
@@ -94,16 +115,20 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     return weights, rest
 
 
-def export(checkpoint: str, output: str, tokenizer: str | None = None, model: str | None = None) -> Path:
+def export(
+    checkpoint: str, output: str, tokenizer: str | None = None, model: str | None = None, adapter: bool = False
+) -> Path:
     """Write a training checkpoint as a Hugging Face directory (safetensors, tokenizer, reward head).
 
     Args:
-        checkpoint: A Lightning ``.ckpt`` file, or a DeepSpeed checkpoint directory (what
-            DeepSpeed writes as ``last.ckpt``, ``epoch=...ckpt``).
+        checkpoint: A Lightning ``.ckpt`` file, or the directory DeepSpeed or FSDP (sharded) write
+            in its place (``last.ckpt``, ``epoch=...ckpt``).
         output: Directory to write; an existing one is replaced once the new one is complete.
         tokenizer: Tokenizer path or hub id; default: the tokenizer the run trained with.
         model: Where to read the model's config; default: the run's starting ``model`` (set
             this when that path does not exist on this machine).
+        adapter: For a LoRA run: write the adapter (loaded by ``peft`` onto the base model) instead
+            of merged weights.
     """
     if not Path(checkpoint).exists():
         raise MissingPathError(f"checkpoint {checkpoint} does not exist: `python -m drdo_lightning fit` writes them "
@@ -116,7 +141,12 @@ def export(checkpoint: str, output: str, tokenizer: str | None = None, model: st
         raise ValueError(f"{checkpoint}: the checkpoint does not record its starting model; pass --model")
     trust_remote_code = bool(hparams.get("trust_remote_code", False))
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    policy = policy_from_state_dict(config, weights, trust_remote_code=trust_remote_code)
+    lora_spec = hparams.get("lora")
+    if adapter and lora_spec is None:
+        raise ValueError(f"{checkpoint}: --adapter true needs a LoRA run; this one trained the full model")
+    policy = policy_from_state_dict(config, weights, trust_remote_code=trust_remote_code, lora_spec=lora_spec)
+    if lora_spec is not None:
+        policy = _lora_export(policy, source, adapter)
     if tokenizer is None:  # rebuild the training tokenizer: same source, same chat template
         tok = load_tokenizer(
             data_hparams.get("tokenizer") or source,
@@ -130,6 +160,32 @@ def export(checkpoint: str, output: str, tokenizer: str | None = None, model: st
     return path
 
 
+@contextmanager
+def _whole_models() -> Iterator[None]:
+    """Models built in here are whole tensors on this rank alone, also in a ZeRO-3 run.
+
+    There the strategy has told transformers to create every model partitioned across ranks, a
+    collective that the other ranks, not exporting, would never join.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps only this reference to the config
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = live
+
+
+def _lora_export(policy: CausalLMWithRewardHead, base_model: str, adapter: bool) -> CausalLMWithRewardHead:
+    """What a LoRA policy exports as: its adapter (which names ``base_model`` as the model it
+    applies to), or the LM with the adapter merged in."""
+    if adapter:
+        policy.lm.peft_config["default"].base_model_name_or_path = str(base_model)
+        return policy
+    return lora.merged(policy)
+
+
 class ExportHuggingFace(L.Callback):
     """Write ``save_pretrained`` output (config, safetensors, tokenizer, reward head) on fit end.
 
@@ -139,12 +195,23 @@ class ExportHuggingFace(L.Callback):
     weights are gathered one layer at a time onto rank 0's CPU (every rank takes part), so no
     device ever holds the whole model.
 
+    A LoRA policy is written with its adapters merged into the weights, from a CPU copy (the
+    trained module keeps its adapters), or as the adapter alone with ``adapter=True``.
+
     Args:
         dirpath: Output directory; default ``<trainer.default_root_dir>/export``.
+        adapter: For LoRA training: write the adapter instead of merged weights.
     """
 
-    def __init__(self, dirpath: str | None = None) -> None:
+    def __init__(self, dirpath: str | None = None, adapter: bool = False) -> None:
         self.dirpath = dirpath
+        self.adapter = adapter
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.adapter and pl_module.hparams.get("lora") is None:  # say so before training, not after
+            raise ValueError(
+                "ExportHuggingFace(adapter=True) needs LoRA training (--model.lora); this run trains the full model"
+            )
 
     def directory(self, trainer: L.Trainer) -> Path:
         """Where the export goes: ``dirpath``, or ``<trainer.default_root_dir>/export``."""
@@ -158,8 +225,20 @@ class ExportHuggingFace(L.Callback):
             # (DeepSpeed's own gatherer, the one transformers' Trainer uses for ZeRO-3 saves.)
             state_dict = trainer.strategy.deepspeed_engine._zero3_consolidated_16bit_state_dict()
             state_dict = _policy_weights(state_dict) if trainer.is_global_zero else None
+        elif isinstance(trainer.strategy, FSDPStrategy):  # collective too: rank 0 receives the full weights
+            state_dict = _policy_weights(trainer.strategy.full_state_dict())
         if trainer.is_global_zero:
             tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-            pl_module.policy.save_pretrained(path, tokenizer=tokenizer, state_dict=state_dict)
+            policy = pl_module.policy
+            lora_spec = pl_module.hparams.get("lora")
+            if lora_spec is not None:
+                if state_dict is None:  # a copy: merging writes into the weights it is built from
+                    state_dict = {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()}
+                config = lora.backbone(policy.lm).config
+                with _whole_models():
+                    policy = policy_from_state_dict(config, state_dict, lora_spec=lora_spec)
+                policy = _lora_export(policy, pl_module.hparams.model, self.adapter)
+                state_dict = None  # the rebuilt policy holds the weights
+            policy.save_pretrained(path, tokenizer=tokenizer, state_dict=state_dict)
             rank_zero_info(f"Exported the trained model to {path}")
         trainer.strategy.barrier("export")

@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from drdo_lightning import losses
 from drdo_lightning.errors import REWARD_MODEL_MADE_BY, UserError
+from drdo_lightning.lora import backbone
 
 REWARD_HEAD_FILE = "reward_head.safetensors"
 
@@ -175,7 +176,8 @@ class CausalLMWithRewardHead(nn.Module):
 
     @property
     def _takes_logits_to_keep(self) -> bool:
-        return "logits_to_keep" in inspect.signature(self.lm.forward).parameters
+        # A peft wrapper's forward takes **kwargs and passes them on: ask the model inside.
+        return "logits_to_keep" in inspect.signature(backbone(self.lm).forward).parameters
 
     def _rewards(self, last_hidden: Tensor) -> Tensor:
         """``r̂`` from the final hidden state at each sequence's last token, computed in float32

@@ -13,7 +13,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -23,7 +23,7 @@ from torch import Tensor
 from torchmetrics import PearsonCorrCoef
 from transformers import get_cosine_schedule_with_warmup
 
-from drdo_lightning import losses
+from drdo_lightning import lora, losses
 from drdo_lightning.models import CausalLMWithRewardHead, remove_dropout
 
 
@@ -56,6 +56,10 @@ class PreferenceModule(L.LightningModule):
         disable_dropout: Set every dropout probability of the policy to 0, as TRL and the original
             DPO code do: with dropout on, the log-probs and rewards a loss compares are noisy (DPO's
             first loss is not log 2 against an identical reference). The reference never drops out.
+        lora: Train LoRA adapters (``peft``) instead of the LM's weights, e.g. ``{r: 16, alpha: 32,
+            dropout: 0.0, target_modules: all-linear}``; keys are ``peft.LoraConfig``'s fields or the
+            short ``alpha``/``dropout`` (:mod:`drdo_lightning.lora`). The reward head stays fully
+            trainable; a reference-based objective's reference is the base model (adapters off).
     """
 
     uses_rejected: bool = True
@@ -74,6 +78,7 @@ class PreferenceModule(L.LightningModule):
         reward_head_seed: int | None = None,
         trust_remote_code: bool = False,
         disable_dropout: bool = True,
+        lora: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -95,6 +100,11 @@ class PreferenceModule(L.LightningModule):
             remove_dropout(self.policy)
         if self.hparams.gradient_checkpointing:
             self.policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.hparams.lora is not None:  # after remove_dropout: the adapters' dropout is as asked
+            self.policy.lm = lora.add_adapters(self.policy.lm, self.hparams.lora)
+        # Matrices get weight decay. Told apart now, by shape: FSDP later flattens every parameter
+        # into a 1-D shard (ZeRO-3 already has, but keeps the real shape in ds_shape).
+        self._matrices = {id(p) for p in self.policy.parameters() if len(getattr(p, "ds_shape", p.shape)) >= 2}
 
     def on_fit_start(self) -> None:
         # "bf16-true" casts every parameter to bf16. The reward head is a few thousand numbers that
@@ -196,13 +206,12 @@ class PreferenceModule(L.LightningModule):
         decay, no_decay = [], []
         for param in self.policy.parameters():
             if param.requires_grad:
-                # ZeRO-3 flattens parameters to 1-D partitions; ds_shape keeps the real shape.
-                (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
+                (decay if id(param) in self._matrices else no_decay).append(param)
+        groups = [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
+            # No empty group (LoRA without a reward head trains matrices only): DeepSpeed drops empty
+            # groups, and the schedule, built on the groups given here, would no longer match.
+            [group for group in groups if group["params"]],
             lr=self.hparams.learning_rate,
             betas=self.hparams.adam_betas,
             fused=self._fused_adamw(),
@@ -391,10 +400,11 @@ class ReferenceModule(PreferenceModule):
     """Shared base of DPO, IPO, distillation and e-DPO: adds a frozen reference policy.
 
     The reference is a frozen copy of the starting policy (no second download), or the model
-    at ``reference_model``. With ``precompute_reference=True`` its log-probs are computed once
-    before training, attached to the data as ``ref_chosen_logps``/``ref_rejected_logps``, and
-    cached beside the tokenized data (keyed by data, tokenizer, truncation and reference
-    weights), so training holds one model in memory.
+    at ``reference_model``. With LoRA (``lora``) it is the policy itself with its adapters switched
+    off, which computes the starting policy: no copy at all. With ``precompute_reference=True``
+    its log-probs are computed once before training, attached to the data as
+    ``ref_chosen_logps``/``ref_rejected_logps``, and cached beside the tokenized data (keyed by
+    data, tokenizer, truncation and reference weights), so training holds one model in memory.
 
     Args:
         reference_model: Path or hub id of the reference; default: the starting ``model``.
@@ -424,7 +434,7 @@ class ReferenceModule(PreferenceModule):
 
     def configure_model(self) -> None:
         super().configure_model()
-        if self.reference is not None or self.hparams.precompute_reference:
+        if self.reference is not None or self.hparams.precompute_reference or self._reference_is_base:
             return
         if hasattr(next(self.policy.parameters()), "ds_shape"):
             raise ValueError(
@@ -435,6 +445,11 @@ class ReferenceModule(PreferenceModule):
             self.reference = self._freeze(CausalLMWithRewardHead(copy.deepcopy(self.policy.lm)))
         else:
             self.reference = self._load_reference()
+
+    @property
+    def _reference_is_base(self) -> bool:
+        """The reference is the policy's base model, run with its adapters off."""
+        return self.hparams.lora is not None and self.hparams.reference_model is None
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.precompute_reference:
@@ -492,10 +507,14 @@ class ReferenceModule(PreferenceModule):
         """``(z_w^ref, z_l^ref)``: precomputed columns when present, else a no-grad reference forward."""
         if "ref_chosen_logps" in batch:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        if self.reference is None:
-            raise RuntimeError("precompute_reference=True but the batch has no reference log-probs")
         with torch.no_grad():
-            out = self.forward_pairs(batch, model=self.reference)
+            if self.reference is not None:
+                out = self.forward_pairs(batch, model=self.reference)
+            elif self._reference_is_base:
+                with lora.adapters_disabled(self.policy) as base:
+                    out = self.forward_pairs(batch, model=base)
+            else:
+                raise RuntimeError("precompute_reference=True but the batch has no reference log-probs")
         return out.chosen_logps, out.rejected_logps
 
     # The reference is frozen and rebuilt from disk at start: keep it out of checkpoints.

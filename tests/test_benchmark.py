@@ -40,17 +40,26 @@ def load_benchmark(script: Path = SCRIPT):
 def test_smoke_run_produces_every_row(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, str(SCRIPT), "--preset", "tiny", "--rounds", "1", "--windows", "2",
-               "--steps-per-window", "1", "--warmup-steps", "1", "--json", str(out)]
+               "--steps-per-window", "1", "--warmup-steps", "1", "--lora", "--json", str(out)]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    configs = load_benchmark().CONFIGS
+    bench = load_benchmark()
+    configs = bench.ALL_CONFIGS
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
-    assert list(rows) == list(configs)  # TRL DPO, DRDO, DPO precomputed, DPO live, floor
+    # TRL DPO, DRDO, DPO precomputed, DPO live, floor; then the four trainers with LoRA.
+    assert list(rows) == [*bench.CONFIGS, *bench.LORA_CONFIGS]
     for name, row in rows.items():
-        for key in ("step_s", "pairs_per_s", "tokens_per_s", "peak_mb", "speedup", "memory_ratio", "vs_floor"):
+        for key in ("step_s", "pairs_per_s", "tokens_per_s", "peak_mb", "speedup", "memory_ratio", "vs_floor",
+                    "trainable_params", "optimizer_state_mb"):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
+        # AdamW keeps two float32 moments per trained parameter (and a step count per tensor).
+        assert row["optimizer_state_mb"] * 2**20 >= 8 * row["trainable_params"], name
         assert f"| {configs[name]} |" in proc.stdout
+    for name in bench.LORA_CONFIGS:  # LoRA trains, and keeps optimizer state for, a fraction of the model
+        full = rows[name.removesuffix("_lora")]
+        assert rows[name]["trainable_params"] < full["trainable_params"] / 2, name
+        assert rows[name]["optimizer_state_mb"] < full["optimizer_state_mb"] / 2, name
     assert "load average" in proc.stdout
 
 

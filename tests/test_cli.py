@@ -40,7 +40,7 @@ def series(rows: list[dict], key: str) -> list[float]:
 def command_for(config: Path) -> list[str]:
     """How a user runs this YAML: layered over the DRDO recipe, as a function command, or alone."""
     rel = config.relative_to(ROOT / "configs")
-    if rel.parts[0] in ("ablations", "strategies"):
+    if rel.parts[0] in ("ablations", "strategies", "loggers"):
         return ["fit", "--config", str(ROOT / "configs/drdo.yaml"), "--config", str(config)]
     if rel.stem in COMMANDS:
         return [rel.stem, "--config", str(config)]

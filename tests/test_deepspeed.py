@@ -36,12 +36,12 @@ from drdo_lightning.export import policy_from_state_dict, read_checkpoint
 from test_export import STEPS, STOP, fit_args, logged
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = sorted((ROOT / "configs" / "strategies").glob("*.yaml"))
+PRESETS = sorted((ROOT / "configs" / "strategies").glob("deepspeed_*.yaml"))
 LOSS_RTOL = 1e-4
 TIMEOUT = 300  # seconds for one multi-process run; a hang (e.g. a collective on one rank) fails
 
 
-def ds_args(root: Path, model_dir: Path, train: Path, preset: str, *extra: str) -> list[str]:
+def strategy_args(root: Path, model_dir: Path, train: Path, preset: str, *extra: str) -> list[str]:
     """``fit_args`` on 2 CPU processes with 4 pairs each, a strategy preset and the loss probe."""
     return [
         *fit_args(root, model_dir, train),
@@ -81,6 +81,12 @@ def assert_same_losses(got: dict[int, float], want: dict[int, float]) -> None:
     assert got == pytest.approx(want, rel=LOSS_RTOL)
 
 
+def training_pairs(datamodule) -> list[torch.Tensor]:
+    """The 16 training pairs as ``[ids, mask, labels]`` of the chosen, then of the rejected responses."""
+    batch = PairCollator(datamodule.tokenizer.pad_token_id)([datamodule.train_dataset[i] for i in range(16)])
+    return [batch[f"{side}_{key}"] for side in ("chosen", "rejected") for key in ("input_ids", "attention_mask", "labels")]
+
+
 def sequence_outputs(model: CausalLMWithRewardHead, pairs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Response log-probs of chosen and rejected, and the reward margins r̂_w - r̂_l."""
     chosen_ids, chosen_mask, chosen_labels, rejected_ids, rejected_mask, rejected_labels = pairs
@@ -105,7 +111,7 @@ def test_strategy_presets_compose_with_a_recipe(preset, capsys):
 @pytest.mark.slow
 def test_zero2_two_processes_match_one_resume_from_last_and_validate(tmp_path, tiny_model_dir, pairs16, single_process):
     want, _, _ = single_process
-    args = ds_args(tmp_path, tiny_model_dir, pairs16, "deepspeed_zero2", "--data.val_file", str(pairs16))
+    args = strategy_args(tmp_path, tiny_model_dir, pairs16, "deepspeed_zero2", "--data.val_file", str(pairs16))
     run(cli(*args, "--trainer.callbacks+=probes.StopAfterSteps", "--trainer.callbacks.steps", str(STOP)), tmp_path)
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert (last / "checkpoint").is_dir()  # DeepSpeed's sharded layout, not a file
@@ -129,7 +135,7 @@ def test_zero2_two_processes_match_one_resume_from_last_and_validate(tmp_path, t
 def test_zero3_shards_the_model_at_creation_matches_one_process_and_exports(tmp_path, tiny_model_dir, pairs16, single_process):
     want, reference, datamodule = single_process
     probe_dir = tmp_path / "shards"
-    args = ds_args(
+    args = strategy_args(
         tmp_path, tiny_model_dir, pairs16, "deepspeed_zero3",
         "--model", "probes.ShardProbeDRDO", "--model.probe_dir", str(probe_dir),
         "--trainer.callbacks+=drdo_lightning.ExportHuggingFace",
@@ -148,16 +154,22 @@ def test_zero3_shards_the_model_at_creation_matches_one_process_and_exports(tmp_
     weights, _ = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     consolidated = policy_from_state_dict(reference.lm.config, weights)
     exported = CausalLMWithRewardHead.from_pretrained(tmp_path / "export").eval()
-    batch = PairCollator(datamodule.tokenizer.pad_token_id)([datamodule.train_dataset[i] for i in range(16)])
-    pairs = [batch[f"{side}_{key}"] for side in ("chosen", "rejected") for key in ("input_ids", "attention_mask", "labels")]
+    pairs = training_pairs(datamodule)
     for got, expected in zip(sequence_outputs(exported, pairs), sequence_outputs(consolidated, pairs)):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
-    # And they are what single-process training reaches. The reward head's bias is left out: the
-    # loss depends on reward differences only, its gradient is zero up to rounding, which Adam
-    # scales up to learning-rate-sized steps in whichever direction rounding points.
-    logps, margins = sequence_outputs(exported, pairs)
-    want_logps, want_margins = sequence_outputs(reference, pairs)
+    assert_trained_alike(exported, reference, pairs)
+
+
+def assert_trained_alike(got: CausalLMWithRewardHead, want: CausalLMWithRewardHead, pairs: list[torch.Tensor]) -> None:
+    """``got`` computes ``want``'s log-probs and reward margins on ``pairs``, as sharded training should.
+
+    Margins, not rewards: the reward head's bias is left out, the loss depends on reward
+    differences only, its gradient is zero up to rounding, which Adam scales up to
+    learning-rate-sized steps in whichever direction rounding points.
+    """
+    logps, margins = sequence_outputs(got, pairs)
+    want_logps, want_margins = sequence_outputs(want, pairs)
     torch.testing.assert_close(logps, want_logps, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(margins, want_margins, rtol=1e-3, atol=1e-3)
 
@@ -172,7 +184,7 @@ def free_port() -> int:
 def test_two_nodes_with_torchrun_train_zero3_offload(tmp_path, tiny_model_dir, pairs16, single_process):
     """2 "nodes" x 1 process on localhost through launch/torchrun_drdo.sh, rendezvous on 127.0.0.1."""
     want, _, _ = single_process
-    _, *args = ds_args(tmp_path, tiny_model_dir, pairs16, "deepspeed_zero3_offload",
+    _, *args = strategy_args(tmp_path, tiny_model_dir, pairs16, "deepspeed_zero3_offload",
                        "--trainer.callbacks+=probes.StopAfterSteps", "--trainer.callbacks.steps", str(STOP))
     launcher = {"NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                 "PYTHON": sys.executable}
