@@ -59,12 +59,12 @@ class Estimate(NamedTuple):
 # Sampling
 
 
-def _encode_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int) -> list[int]:
+def _encode_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int, prefix: int) -> list[int]:
     """Prompt ids as in training (:func:`data.tokenize_pairs`), truncated by :func:`data.truncate_prompt`:
-    text gets the tokenizer's prefix (BOS); a conversation is rendered with the chat template and
-    its generation prompt, which writes its own special tokens."""
+    text gets the tokenizer's ``prefix`` special tokens (BOS); a conversation is rendered with the chat
+    template and its generation prompt, which writes its own special tokens."""
     if isinstance(prompt, str):
-        return truncate_prompt(tokenizer(prompt)["input_ids"], max_prompt_length, len(tokenizer("")["input_ids"]))
+        return truncate_prompt(tokenizer(prompt)["input_ids"], max_prompt_length, prefix)
     if not tokenizer.chat_template:
         raise DataError(f"a prompt is a conversation, and the policy {tokenizer.name_or_path} has no chat template to render it")
     text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
@@ -93,7 +93,8 @@ def generate(
     state is untouched. ``temperature=0`` decodes greedily.
     """
     device = next(model.parameters()).device
-    encoded = [_encode_prompt(p, tokenizer, max_prompt_length) for p in prompts]
+    prefix = len(tokenizer("")["input_ids"])
+    encoded = [_encode_prompt(p, tokenizer, max_prompt_length, prefix) for p in prompts]
     # Nucleus sampling only, as in the paper: top_k=0 switches off a top-k cut a model's generation config may carry.
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     if temperature == 0:
@@ -147,8 +148,8 @@ class RewardModelJudge:
 
     def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         keys = [(json.dumps(p), r) for p, r in zip(prompts, responses)]  # conversations are lists: not hashable
-        unique = list(dict.fromkeys(keys))
-        pairs = [TextPair(json.loads(p), r, None, None, None, prompt_has_special_tokens=False) for p, r in unique]
+        unique = dict(zip(keys, zip(prompts, responses)))
+        pairs = [TextPair(p, r, None, None, None, prompt_has_special_tokens=False) for p, r in unique.values()]
         examples = tokenized_for(self.model, self.tokenizer, pairs, Columns("prompt", "response", None),
                                  max_prompt_length=self.max_prompt_length, max_length=self.max_length)
         rewards = reward_columns(self.model, examples, self.tokenizer.pad_token_id, batch_size=self.batch_size,

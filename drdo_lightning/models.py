@@ -11,6 +11,7 @@ for the head. Load both with :meth:`CausalLMWithRewardHead.from_pretrained`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import shutil
@@ -72,7 +73,7 @@ def remove_dropout(model: nn.Module) -> int:
     def zero_floats(obj) -> None:
         nonlocal changed
         for name, value in list(vars(obj).items()):
-            if "drop" in name and isinstance(value, float) and not isinstance(value, bool):
+            if "drop" in name and isinstance(value, float):
                 changed += value != 0.0
                 setattr(obj, name, 0.0)
 
@@ -174,7 +175,7 @@ class CausalLMWithRewardHead(nn.Module):
             logits, hidden = logits[keep], hidden[keep]
         return logits, hidden
 
-    @property
+    @functools.cached_property
     def _takes_logits_to_keep(self) -> bool:
         # A peft wrapper's forward takes **kwargs and passes them on: ask the model inside.
         return "logits_to_keep" in inspect.signature(backbone(self.lm).forward).parameters
@@ -189,10 +190,7 @@ class CausalLMWithRewardHead(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> LMOutput:
         """Logits ``[B, T, V]`` and rewards ``[B]`` from one pass of the backbone."""
         logits, hidden = self._head_path(input_ids, attention_mask, keep=None)
-        rewards = None
-        if self.reward_head is not None:
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            rewards = self._rewards(hidden[rows, last_token_index(attention_mask)])
+        rewards = self._rewards(hidden[self._last_token_mask(attention_mask)]) if self.reward_head is not None else None
         return LMOutput(logits, rewards)
 
     def rewards(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
