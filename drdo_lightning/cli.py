@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from jsonargparse import CLI
 
+from drdo_lightning.comparison import compare
 from drdo_lightning.errors import DataError, UserError
 from drdo_lightning.evaluation import evaluate
 from drdo_lightning.experiments import ablations, robustness, splits
@@ -64,6 +65,7 @@ COMMANDS: dict[str, Command] = {
         _function("export", "data and models", export),
         _function("train-ensemble", "data and models", train_ensemble),
         _function("evaluate", "evaluation", evaluate),
+        _function("compare", "experiments", compare),
         _function("robustness", "experiments", robustness),
         _function("ablations", "experiments", ablations),
         _function("splits", "experiments", splits),

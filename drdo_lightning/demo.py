@@ -321,13 +321,31 @@ def tiny_llama_config(vocab_size: int, **overrides) -> LlamaConfig:
     return LlamaConfig(**settings)
 
 
+# The Oracle's shape: the paper's Oracle is as large as its students or larger (Phi-3 or
+# OPT-1.3B for 125M-2.7B students). This one has about 5.5x the student's parameters
+# (5.0M against 0.91M; the same tokenizer and embedding tying).
+ORACLE_SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=6, num_attention_heads=8,
+                    num_key_value_heads=8)
+
+
+def write_base_model(out_dir, tokenizer: PreTrainedTokenizerFast, seed: int = 0, **shape) -> Path:
+    """A randomly initialised tiny Llama (``torch.manual_seed(seed)``; ``shape`` overrides
+    :func:`tiny_llama_config`) saved with ``tokenizer`` in ``out_dir``."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), **shape))
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 def write_task(out_dir, seed: int = 0, **kwargs) -> dict[str, Path]:
-    """Write data/{sft,train,val,eval}.jsonl, tokenizer/ and base_model/ under ``out_dir``.
+    """Write data/{sft,train,val,eval}.jsonl, tokenizer/, base_model/ and oracle_base_model/ under ``out_dir``.
 
     ``kwargs`` go to :func:`generate_task`. The tokenizer is trained on every
-    prompt and response of the task; the base model is a randomly initialised
-    tiny Llama (``torch.manual_seed(seed)``) saved with the tokenizer.
-    Returns the paths keyed "sft", "train", "val", "eval", "tokenizer", "base_model".
+    prompt and response of the task; the base models are randomly initialised
+    tiny Llamas saved with the tokenizer: the students' and the larger Oracle's
+    (:data:`ORACLE_SHAPE`).
+    Returns the paths keyed "sft", "train", "val", "eval", "tokenizer", "base_model", "oracle_base_model".
     """
     out_dir = Path(out_dir)
     task = generate_task(seed, **kwargs)
@@ -344,11 +362,8 @@ def write_task(out_dir, seed: int = 0, **kwargs) -> dict[str, Path]:
     paths["tokenizer"] = out_dir / "tokenizer"
     tokenizer.save_pretrained(paths["tokenizer"])
 
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
-    paths["base_model"] = out_dir / "base_model"
-    model.save_pretrained(paths["base_model"])
-    tokenizer.save_pretrained(paths["base_model"])
+    paths["base_model"] = write_base_model(out_dir / "base_model", tokenizer, seed)
+    paths["oracle_base_model"] = write_base_model(out_dir / "oracle_base_model", tokenizer, seed, **ORACLE_SHAPE)
     return paths
 
 

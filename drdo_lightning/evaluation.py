@@ -20,6 +20,7 @@ import csv
 import itertools
 import json
 import logging
+from collections import defaultdict
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
@@ -308,6 +309,33 @@ def summarize(scores: Scores, temperatures: Sequence[float], *, baseline: str | 
     return rows
 
 
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Distinct-n (Li et al., 2016): distinct word n-grams over all word n-grams of ``texts``, pooled.
+
+    1.0 when no n-gram repeats; a policy that answers every prompt with the same sentence scores
+    near 1/len(texts). Texts shorter than ``n`` words add nothing; with no n-gram at all it is 0.
+    """
+    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def diversity(records: list[dict], temperatures: Sequence[float]) -> list[dict]:
+    """Distinct-2 of each policy's generations per temperature, and its mean over temperatures (``all``).
+
+    Rows have :func:`summarize`'s columns with ``statistic="distinct_2"``, no judge and no interval.
+    """
+    texts: dict[tuple[str, float], list[str]] = defaultdict(list)
+    for r in records:
+        texts[r["policy"], r["temperature"]].append(r["response"])
+    rows = []
+    for policy in dict.fromkeys(r["policy"] for r in records):
+        values = [distinct_n(texts[policy, t]) for t in temperatures]
+        for temperature, value in [*zip(map(str, temperatures), values), (ALL, float(np.mean(values)))]:
+            rows.append({"judge": "", "policy": policy, "opponent": "", "temperature": temperature,
+                         "statistic": "distinct_2", "value": value, "low": None, "high": None})
+    return rows
+
+
 def _lookup(rows: list[dict], **where) -> dict | None:
     return next((r for r in rows if all(r[k] == v for k, v in where.items())), None)
 
@@ -470,6 +498,10 @@ def write_report(rows: list[dict], settings: dict, plots: dict[str, Path], out: 
             others = [p for p in policies if p != baseline]
             lines += ["", f"Reward advantage over `{baseline}` (same prompts):", "",
                       _by_temperature(rows, judge, others, "advantage", columns)]
+    lines += ["", "## Diversity", "", "Distinct-2 of the generations (distinct word bigrams / all word bigrams; "
+              "1 = no bigram repeats), by temperature:", "",
+              _table(["policy", *columns], [[p] + [f"{_lookup(rows, policy=p, temperature=t, statistic='distinct_2')['value']:.3f}"
+                                                   for t in columns] for p in policies])]
     lines += ["", "## Mean reward vs temperature", "", f"![reward vs temperature]({plots['temperature'].name})"]
     if "training" in plots:
         lines += ["", "## Training curves", "", f"![training curves]({plots['training'].name})"]
@@ -554,6 +586,7 @@ def evaluate(
     if baseline is not None and baseline not in policies:
         log.warning("baseline %r is not among the policies %s: no reward advantage reported", baseline, list(policies))
     rows = summarize(scores, temperatures, baseline=baseline, samples=bootstrap_samples, seed=seed)
+    rows += diversity(records, temperatures)
 
     write_jsonl(out_dir / "generations.jsonl", records)
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))

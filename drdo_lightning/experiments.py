@@ -32,7 +32,7 @@ from tqdm import tqdm
 from drdo_lightning.data import load_tokenizer, read_rows
 from drdo_lightning.errors import DataError, MissingPathError, UserError, require_pretrained
 from drdo_lightning.evaluation import (
-    GOLD, PAPER_TEMPERATURES, Estimate, Judge, load_judge, new_figure, read_prompts, sample_and_score,
+    GOLD, PAPER_TEMPERATURES, Estimate, Judge, distinct_n, load_judge, new_figure, read_prompts, sample_and_score,
 )
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.modules import ReferenceModule
@@ -47,6 +47,7 @@ SEEDS = (0, 1, 2)
 # The noisy subset is the same for every seed at a rate (``--data.seed``), so the judges retrained
 # on it serve all seeds; seeds vary the training itself (data order, reward-head init).
 FLIP_SEED = 0
+DISTINCT = "distinct_2"  # reported next to the judges' rewards: the diversity of the generations
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ class EvalSettings:
         return DataSpec(max_prompt_length=self.max_prompt_length, max_length=self.max_length)
 
 
-class _Evaluator:
+class Evaluator:
     """Loads the prompts and judges of :class:`EvalSettings` once and scores policies with them."""
 
     def __init__(self, settings: EvalSettings) -> None:
@@ -90,18 +91,22 @@ class _Evaluator:
         }
 
     def __call__(self, policy: Path) -> dict[str, dict[str, Any]]:
-        """Mean reward per judge, over all prompts and temperatures and per temperature."""
+        """Mean reward per judge, over all prompts and temperatures and per temperature; and the
+        generations' diversity (``distinct_2``, :func:`evaluation.distinct_n`), per temperature and its mean."""
         s = self.settings
-        _, scores = sample_and_score(
+        records, scores = sample_and_score(
             {"policy": str(policy)}, self.prompts, self.judges, temperatures=s.temperatures, top_p=s.top_p,
             max_new_tokens=s.max_new_tokens, max_prompt_length=s.max_prompt_length, batch_size=s.batch_size, seed=s.seed,
         )
-        return {judge: {"mean": float(by_policy["policy"].mean()),
-                        "by_temperature": by_policy["policy"].mean(axis=0).tolist()}
-                for judge, by_policy in scores.items()}
+        measures = {judge: {"mean": float(by_policy["policy"].mean()),
+                            "by_temperature": by_policy["policy"].mean(axis=0).tolist()}
+                    for judge, by_policy in scores.items()}
+        distinct = [distinct_n([r["response"] for r in records if r["temperature"] == t]) for t in s.temperatures]
+        measures[DISTINCT] = {"mean": statistics.fmean(distinct), "by_temperature": distinct}
+        return measures
 
 
-def _run_cell(root: Path, evaluator: _Evaluator, configs: list[str] | None, overrides: dict[str, Any] | None = None,
+def run_cell(root: Path, evaluator: Evaluator, configs: list[str] | None, overrides: dict[str, Any] | None = None,
               policy: str | None = None) -> dict[str, Any]:
     """Train ``configs`` with ``overrides`` into ``root`` (or take ``policy`` as is) and evaluate the result.
 
@@ -155,18 +160,23 @@ def aggregate(cells: list[dict], group: Sequence[str]) -> list[dict]:
             for key, rewards in by_key.items()]
 
 
+def measure_label(name: str) -> str:
+    """What a column of a sweep's tables measures: a judge's reward, or the generations' diversity."""
+    return "distinct-2 of the generations" if name == DISTINCT else f"{name} reward"
+
+
 def _cells(result: dict, **labels) -> list[dict]:
     return [{**labels, "judge": judge, "reward": s["mean"]} for judge, s in result["scores"].items()]
 
 
-def _write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
 
 
-def _cell_text(row: dict | None) -> str:
+def cell_text(row: dict | None) -> str:
     if row is None:
         return "-"
     if math.isnan(row["low"]):
@@ -193,6 +203,7 @@ def robustness(
     evaluation: EvalSettings = EvalSettings(),
     overrides: dict[str, Any] | None = None,
     judges_from: str | None = None,
+    oracle_policy: str | None = None,
 ) -> str:
     """Train each method at each label-flip rate with each seed (same budget), judge, plot, tabulate.
 
@@ -226,12 +237,14 @@ def robustness(
         judges_from: Output directory of an earlier sweep whose retrained judges (and the data they
             scored) to use at every rate instead of training new ones, so a variant (other
             ``overrides``, other methods) is compared under the very same judges.
+        oracle_policy: The SFT policy the retrained Oracle starts from (default: ``policy``), e.g.
+            the larger one ``compare`` trains (``<its out>/oracle_policy/sft/export``).
     """
     require_pretrained(policy, "policy")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    evaluator = _Evaluator(evaluation)
-    start = _run_cell(root / "start", evaluator, configs=None, policy=policy)
+    evaluator = Evaluator(evaluation)
+    start = run_cell(root / "start", evaluator, configs=None, policy=policy)
     spec = evaluation.data_spec()
     cells, judge_accuracy = [], {}
     for rate in flip_rates:
@@ -243,9 +256,10 @@ def robustness(
             data = _finished_judges(Path(judges_from) / rate_dir.name / "judges")
         elif retrain_judges:
             judge_settings = {"trainer.max_steps": judge_steps, "trainer.limit_val_batches": 0, **common}
-            data = _noisy_judges(rate_dir / "judges", train_data, val_data, policy, members, spec, judge_settings)
+            data = noisy_judges(rate_dir / "judges", train_data, val_data, policy, members, spec, judge_settings,
+                                oracle_policy=oracle_policy)
         if judges_from is not None or retrain_judges:
-            judge_accuracy[rate] = _oracle_accuracy(data["val"])
+            judge_accuracy[rate] = oracle_accuracy(data["val"])
         for seed in seeds:
             for method in methods:
                 settings = {"seed_everything": seed, "data.train_file": str(data["train"]),
@@ -253,27 +267,31 @@ def robustness(
                             "trainer.limit_val_batches": 0, **common}
                 if issubclass(recipe_objective(method), ReferenceModule):  # as a live reference, one model in memory
                     settings["model.precompute_reference"] = True
-                result = _run_cell(rate_dir / f"seed_{seed}" / method, evaluator, [method], settings)
+                result = run_cell(rate_dir / f"seed_{seed}" / method, evaluator, [method], settings)
                 cells += _cells(result, flip_rate=rate, method=method, seed=seed)
-    _write_csv(cells, root / "cells.csv")
+    write_csv(cells, root / "cells.csv")
     summary = aggregate(cells, ("flip_rate", "method"))
-    _write_csv(summary, root / "robustness.csv")
+    write_csv(summary, root / "robustness.csv")
     reference = {judge: s["mean"] for judge, s in start["scores"].items()}
-    _plot_robustness(summary, methods, list(evaluation.judges), reference, root / "robustness.png")
-    table = _robustness_table(summary, methods, flip_rates, list(evaluation.judges), reference, judge_accuracy)
+    measures = [*evaluation.judges, DISTINCT]
+    _plot_robustness(summary, methods, measures, reference, root / "robustness.png")
+    table = _robustness_table(summary, methods, flip_rates, measures, reference, judge_accuracy)
     (root / "robustness.md").write_text(table + "\n")
     print(table)
     return table
 
 
-def _noisy_judges(work: Path, train_data: str, val_data: str, policy: str, members: int, spec: DataSpec,
-                  overrides: dict[str, Any]) -> dict[str, Path]:
-    """The data rescored by the Oracle and ensemble retrained on this rate's noisy labels (trained if missing)."""
+def noisy_judges(work: Path, train_data: str, val_data: str, policy: str, members: int, spec: DataSpec,
+                 overrides: dict[str, Any], oracle_policy: str | None = None) -> dict[str, Path]:
+    """The data rescored by the Oracle and ensemble retrained on this rate's noisy labels (trained if missing).
+
+    The Oracle starts from ``oracle_policy`` (default: ``policy``, where the ensemble starts).
+    """
     scored = scored_files(work)
     if not all(p.is_file() for p in scored.values()):
         shutil.rmtree(work, ignore_errors=True)
         train_judges_and_score(work, {"train": Path(train_data), "val": Path(val_data)}, Path(policy), FLIP_SEED,
-                               members, spec, overrides)
+                               members, spec, overrides, oracle_policy=Path(oracle_policy) if oracle_policy else None)
     return scored
 
 
@@ -286,7 +304,7 @@ def _finished_judges(work: Path) -> dict[str, Path]:
     return scored
 
 
-def _oracle_accuracy(scored_val: Path) -> float:
+def oracle_accuracy(scored_val: Path) -> float:
     """The Oracle's preference accuracy on the (clean) validation pairs it rescored."""
     return statistics.fmean(row["oracle_chosen"] > row["oracle_rejected"] for _, row in read_rows(str(scored_val)))
 
@@ -294,10 +312,10 @@ def _oracle_accuracy(scored_val: Path) -> float:
 def _robustness_table(summary, methods, flip_rates, judges, reference, judge_accuracy) -> str:
     lines = []
     for judge in judges:
-        lines += [f"Mean {judge} reward (over seeds; 95% t-interval); starting policy: {reference[judge]:+.3f}", "",
+        lines += [f"Mean {measure_label(judge)} (over seeds; 95% t-interval); starting policy: {reference[judge]:+.3f}", "",
                   "| method | " + " | ".join(f"flip {r:g}" for r in flip_rates) + " |", "|---" * (len(flip_rates) + 1) + "|"]
         for method in methods:
-            row = [_cell_text(next((s for s in summary if s["method"] == method and s["flip_rate"] == r
+            row = [cell_text(next((s for s in summary if s["method"] == method and s["flip_rate"] == r
                                     and s["judge"] == judge), None)) for r in flip_rates]
             lines.append(f"| {method} | " + " | ".join(row) + " |")
         lines.append("")
@@ -318,8 +336,8 @@ def _plot_robustness(summary, methods, judges, reference, path: Path) -> None:
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
         ax.axhline(reference[judge], color="gray", linestyle="--", label="start (SFT)")
         ax.set_xlabel("label flip rate")
-        ax.set_ylabel(f"mean {judge} reward")
-        ax.set_title(f"{judge} reward vs label noise (95% CI over seeds)", fontsize=9)
+        ax.set_ylabel(f"mean {measure_label(judge)}")
+        ax.set_title(f"{measure_label(judge)} vs label noise (95% CI over seeds)", fontsize=9)
     fig.axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=110)
 
@@ -368,27 +386,27 @@ def ablations(
     require_pretrained(policy, "policy")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    evaluator = _Evaluator(evaluation)
-    start = _run_cell(root / "start", evaluator, configs=None, policy=policy)
+    evaluator = Evaluator(evaluation)
+    start = run_cell(root / "start", evaluator, configs=None, policy=policy)
     cells = []
     for name, config in chosen.items():
         configs = ["drdo"] + ([str(config)] if config is not None else [])
         for seed in seeds:
             settings = {"seed_everything": seed, "trainer.max_steps": max_steps, "trainer.limit_val_batches": 0,
                         "model.model": policy, **evaluation.data_spec().fit_overrides(), **(overrides or {})}
-            result = _run_cell(root / name / f"seed_{seed}", evaluator, configs, settings)
+            result = run_cell(root / name / f"seed_{seed}", evaluator, configs, settings)
             cells += _cells(result, variant=name, seed=seed)
-    _write_csv(cells, root / "cells.csv")
+    write_csv(cells, root / "cells.csv")
     summary = aggregate(cells, ("variant",))
-    _write_csv(summary, root / "ablations.csv")
-    judges = list(evaluation.judges)
+    write_csv(summary, root / "ablations.csv")
+    judges = [*evaluation.judges, DISTINCT]
     reference = {judge: s["mean"] for judge, s in start["scores"].items()}
     _plot_ablations(summary, list(chosen), judges, reference, root / "ablations.png")
     lines = ["Mean reward over seeds (95% t-interval); `drdo` = paper settings (alpha 0.1, gamma 2).", "",
              "| variant | " + " | ".join(judges) + " |", "|---" * (len(judges) + 1) + "|",
              "| start (SFT) | " + " | ".join(f"{reference[j]:+.3f}" for j in judges) + " |"]
     for name in chosen:
-        row = [_cell_text(next((s for s in summary if s["variant"] == name and s["judge"] == j), None)) for j in judges]
+        row = [cell_text(next((s for s in summary if s["variant"] == name and s["judge"] == j), None)) for j in judges]
         lines.append(f"| {name} | " + " | ".join(row) + " |")
     table = "\n".join(lines)
     (root / "ablations.md").write_text(table + "\n")
@@ -405,7 +423,7 @@ def _plot_ablations(summary, variants, judges, reference, path: Path) -> None:
         ax.axvline(reference[judge], color="gray", linestyle="--", label="start (SFT)")
         ax.set_yticks(range(len(rows)), variants)
         ax.invert_yaxis()
-        ax.set_xlabel(f"mean {judge} reward (95% CI over seeds)")
+        ax.set_xlabel(f"mean {measure_label(judge)} (95% CI over seeds)")
     fig.axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=110)
 

@@ -10,10 +10,14 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from drdo_lightning import demo
 from drdo_lightning.data import read_rows
@@ -78,19 +82,38 @@ def scored_files(work: Path) -> dict[str, Path]:
     return {split: work / "data" / f"{split}.scored.jsonl" for split in ("train", "val")}
 
 
+def store_in_bf16(model_dir: Path) -> None:
+    """Rewrite an exported model's floating-point weights in bfloat16, in place (half the bytes).
+
+    Loading keeps bfloat16 (transformers reads ``dtype`` from the config); :func:`scoring.load_scorer`
+    computes in float32 on CPU.
+    """
+    for weights in model_dir.glob("*.safetensors"):
+        tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(weights).items()}
+        save_file(tensors, weights, metadata={"format": "pt"})
+    config_file = model_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = "bfloat16"
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def train_judges_and_score(
     work: Path, data: dict[str, Path], policy: Path, seed: int, members: int, spec: DataSpec,
-    overrides: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None, oracle_policy: Path | None = None, oracle_in_bf16: bool = False,
 ) -> Judges:
     """Oracle (Eq. 5) and reward-model ensemble (Eq. 2) from ``policy``, then score train/val.
 
     ``overrides`` are extra config keys for every judge's training run (e.g. a label-flip rate).
+    ``oracle_policy`` starts the Oracle from another (e.g. larger) SFT policy than the ensemble's;
+    ``oracle_in_bf16`` stores it in bfloat16 before it scores, so the scores are the stored model's.
     The scored files carry ``oracle_{chosen,rejected}`` (numbers) and
     ``ensemble_{chosen,rejected}`` (lists, one number per member).
     """
     common = {"seed_everything": seed, "model.model": str(policy), "data.train_file": str(data["train"]),
               "data.val_file": str(data["val"]), **spec.fit_overrides(), **(overrides or {})}
-    oracle = run_fit("oracle", common, run_dir=work / "oracle").export_dir
+    oracle = run_fit("oracle", {**common, "model.model": str(oracle_policy or policy)}, run_dir=work / "oracle").export_dir
+    if oracle_in_bf16:
+        store_in_bf16(oracle)
     ensemble = train_ensemble(members=members, out=str(work / "ensemble"), overrides=common)
     scored = scored_files(work)
     for split, path in scored.items():
@@ -112,8 +135,22 @@ def _install(src: Path, dst: Path) -> None:
 EMBEDDED_SPEC = DataSpec(max_prompt_length=64, max_length=128)
 
 
+def train_sft(run_dir: Path, base_model: Path, sft_data: Path, val_data: Path, seed: int, spec: DataSpec,
+              overrides: dict[str, Any] | None = None) -> Path:
+    """The ``sft`` recipe from ``base_model`` on ``sft_data``; returns the export (reused when it exists)."""
+    export_dir = run_dir / "export"
+    if (export_dir / "config.json").is_file():
+        return export_dir
+    settings = {"seed_everything": seed, "model.model": str(base_model), "data.train_file": str(sft_data),
+                "data.val_file": str(val_data), **spec.fit_overrides(), **(overrides or {})}
+    return run_fit("sft", settings, run_dir=run_dir).export_dir
+
+
 def build_embedded_default(out: str = "embedded_default", work: str = "runs/embedded_default_build", seed: int = 0) -> Path:
     """Rebuild the embedded default (data, base model, SFT policy, Oracle, scored pairs) from scratch.
+
+    The Oracle starts from its own SFT policy, 5.5x the student's size (:data:`demo.ORACLE_SHAPE`),
+    and is shipped in bfloat16; the e-DPO ensemble starts from the student's SFT policy.
 
     Args:
         out: The shipped folder the recipe configs read from.
@@ -127,10 +164,11 @@ def build_embedded_default(out: str = "embedded_default", work: str = "runs/embe
     _install(raw["base_model"], out_dir / "base_model")
     for split in ("sft", "eval"):
         _install(raw[split], out_dir / "data" / f"{split}.jsonl")
-    sft = run_fit("sft", {"seed_everything": seed, "data.val_file": str(raw["val"]), **EMBEDDED_SPEC.fit_overrides()},
-                  run_dir=work_dir / "sft")
-    _install(sft.export_dir, out_dir / "sft_policy")
-    judges = train_judges_and_score(work_dir, raw, out_dir / "sft_policy", seed, members=3, spec=EMBEDDED_SPEC)
+    sft = train_sft(work_dir / "sft", raw["base_model"], raw["sft"], raw["val"], seed, EMBEDDED_SPEC)
+    _install(sft, out_dir / "sft_policy")
+    oracle_sft = train_sft(work_dir / "oracle_sft", raw["oracle_base_model"], raw["sft"], raw["val"], seed, EMBEDDED_SPEC)
+    judges = train_judges_and_score(work_dir, raw, out_dir / "sft_policy", seed, members=3, spec=EMBEDDED_SPEC,
+                                    oracle_policy=oracle_sft, oracle_in_bf16=True)
     _install(judges.oracle, out_dir / "oracle")
     for split, path in judges.scored.items():
         _install(path, out_dir / "data" / f"{split}.jsonl")

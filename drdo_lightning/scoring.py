@@ -60,10 +60,16 @@ def reward_columns(
 
 
 def load_scorer(path: str, *, device: str = "cpu", trust_remote_code: bool = False, chat_template: str | None = None):
-    """``(reward model, its tokenizer)`` from a directory (see :func:`models.load_reward_model`), on ``device``."""
+    """``(reward model, its tokenizer)`` from a directory (see :func:`models.load_reward_model`), on ``device``.
+
+    On CPU the model computes in float32 whatever dtype it is stored in: CPUs without bfloat16
+    matrix units run it slower than float32, and rewards rounded to 8 mantissa bits would blur
+    the margins the students distil.
+    """
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, chat_template=chat_template)
     model = load_reward_model(path, pad_token_id=tokenizer.pad_token_id, trust_remote_code=trust_remote_code)
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    return (model.float() if device == "cpu" else model), tokenizer
 
 
 def tokenized_for(

@@ -190,7 +190,7 @@ HELP_GROUPS = {
     "training": ["fit", "validate"],
     "data and models": ["score", "export", "train-ensemble"],
     "evaluation": ["evaluate"],
-    "experiments": ["robustness", "ablations", "splits", "paper-pipeline"],
+    "experiments": ["compare", "robustness", "ablations", "splits", "paper-pipeline"],
     "embedded default": ["build-embedded-default"],
 }
 

@@ -18,7 +18,7 @@ from drdo_lightning.errors import DataError
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.evaluation import (
     RewardModelJudge, bootstrap_mean, compare, generate, load_policy, plot_training_curves, read_prompts, read_training_log,
-    summarize,
+    distinct_n, summarize,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -240,6 +240,11 @@ def test_evaluate_writes_generations_estimates_plots_and_report(
         assert get[(judge, "twin", "sft", "all", "advantage")]["value"] == 0.0
         a, b = get[(judge, "sft", "other", "all", "win_rate")], get[(judge, "other", "sft", "all", "win_rate")]
         assert a["value"] + b["value"] == pytest.approx(1.0) and a["low"] <= a["value"] <= a["high"]
+    # Twins sample the same responses, so the same diversity; the figure is the generations' own.
+    for t in ("all", "0.5", "1.0"):
+        assert get[("", "sft", "", t, "distinct_2")]["value"] == get[("", "twin", "", t, "distinct_2")]["value"]
+    t0 = [r["response"] for r in records if r["policy"] == "other" and r["temperature"] == records[0]["temperature"]]
+    assert get[("", "other", "", str(records[0]["temperature"]), "distinct_2")]["value"] == distinct_n(t0)
     with (tmp_path / "a" / "results.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(rows)
 
@@ -248,6 +253,7 @@ def test_evaluate_writes_generations_estimates_plots_and_report(
         assert f"]({png})" in report
         assert (tmp_path / "a" / png).read_bytes().startswith(PNG_MAGIC)
     assert "Reward advantage over `sft`" in report
+    assert "## Diversity" in report
 
     # Same seed, same generations; another seed, other generations.
     run_evaluate(tmp_path / "b", {"sft": str(tiny_model_dir)}, {"gold": "vader"}, prompts)
@@ -281,3 +287,10 @@ def test_a_training_checkpoint_is_exported_and_evaluated_like_its_export(tmp_pat
     records = [json.loads(line) for line in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
     by_policy = {name: [r["response"] for r in records if r["policy"] == name] for name in policies}
     assert by_policy["ckpt"] == by_policy["export"] and len(by_policy["ckpt"]) == 6  # same weights, same seeds
+
+
+def test_distinct_2_counts_distinct_word_bigrams_over_all_of_them():
+    assert distinct_n(["a b c", "a b d"]) == 3 / 4  # (a b) twice, (b c), (b d)
+    assert distinct_n(["the plot was great"] * 10) == pytest.approx(3 / 30)
+    assert distinct_n(["one", ""]) == 0.0
+    assert distinct_n(["a b a b"]) == 2 / 3

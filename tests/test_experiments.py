@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from drdo_lightning import experiments
+from drdo_lightning import comparison, experiments, pipeline
 from drdo_lightning.cli import main
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.experiments import edit_distance, normalized_edit_distance, seed_interval
@@ -143,7 +143,7 @@ def test_robustness_sweep_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, e
     assert "label_flip_rate: 0.25" in student_config and str(judges / "data" / "train.scored.jsonl") in student_config
 
     with (out / "cells.csv").open() as f:
-        (cell,) = list(csv.DictReader(f))
+        (cell,) = [c for c in csv.DictReader(f) if c["judge"] == "gold"]
     assert (cell["flip_rate"], cell["method"], cell["seed"], cell["judge"]) == ("0.25", "drdo", "0", "gold")
     result = json.loads((student / "scores.json").read_text())
     assert float(cell["reward"]) == pytest.approx(result["scores"]["gold"]["mean"])
@@ -188,3 +188,79 @@ def test_ablations_train_each_variant_and_tabulate(tmp_path, tiny_model_dir, pai
         rows = {r["variant"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"drdo", "gamma0", "distill_only"} and all(r["seeds"] == "2" for r in rows.values())
     assert (out / "ablations.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_choose_takes_the_best_gold_but_drdo_only_among_settings_that_still_distil():
+    entry = lambda lr, variant, gold, corr: {"setting": {"model.learning_rate": lr, "variant": variant}, "gold": gold,
+                                            "reward_corr": corr}
+    tuned = [entry(1e-4, "paper", 0.1, 0.90), entry(1e-4, "token_unlikelihood", 0.5, 0.70),
+             entry(1e-4, "corrected", 0.3, 0.85), entry(1e-3, "paper", 0.2, 0.50), entry(1e-3, "corrected", 0.4, 0.45)]
+    # 0.5 does not distil (0.70 < 0.90 - 0.1); 0.4 does, against the paper form at its own learning rate.
+    assert comparison.choose("drdo", tuned, 0.1) is tuned[4]
+    assert comparison.choose("drdo", tuned, 0.3) is tuned[1]
+    assert comparison.choose("dpo", [{"setting": {}, "gold": g} for g in (0.1, 0.3, 0.2)], 0.1)["gold"] == 0.3
+
+
+def test_compare_tunes_on_held_out_prompts_then_runs_flips_and_seeds(tmp_path, tiny_model_dir, pair_files, eval_file,
+                                                                    monkeypatch):
+    out = tmp_path / "compare"
+    args = [
+        "compare", "--out", str(out), "--methods", "[drdo, dpo]", "--learning_rates", "[1e-3]",
+        "--grid", json.dumps({"drdo": {"variant": ["paper", "corrected"]}, "dpo": {"model.beta": [0.1, 0.5]}}),
+        "--flip_rates", "[0.0, 0.25]", "--seeds", "[0, 1]", "--max_steps", "2", "--judge_steps", "2", "--members", "1",
+        "--num_tuning_prompts", "5", "--policy", str(tiny_model_dir), "--sft_data", str(pair_files["sft"]),
+        "--train_data", str(pair_files["train"]), "--val_data", str(pair_files["val"]),
+        "--oracle_shape", json.dumps({"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+                                      "num_attention_heads": 2, "num_key_value_heads": 2}),
+        "--evaluation.prompts", str(eval_file), "--evaluation.temperatures", "[0.7, 1.0]", "--evaluation.max_new_tokens",
+        "6", "--evaluation.judges", json.dumps({"gold": "vader"}), "--jobs", "2",
+        "--overrides", json.dumps({"data.cache_dir": str(tmp_path / "cache"), "trainer.max_steps": 2,
+                                   "trainer.enable_progress_bar": False}),
+    ]
+    table = main(args)
+
+    # Tuning prompts: prompts of the validation pairs, none of them an evaluation prompt.
+    tuning = [json.loads(line)["prompt"] for line in (out / "tuning_prompts.jsonl").read_text().splitlines()]
+    evaluation = {json.loads(line)["prompt"] for line in eval_file.read_text().splitlines()}
+    assert len(tuning) == 5 and not set(tuning) & evaluation
+    assert {json.loads(line)["prompt"] for line in pair_files["val"].read_text().splitlines()} >= set(tuning)
+
+    # The Oracle starts from its own, larger SFT policy; the ensemble from the students' policy.
+    oracle_config = next((out / "flip_0.25" / "judges" / "oracle").rglob("config.yaml")).read_text()
+    assert str(out / "oracle_policy" / "sft" / "export") in oracle_config and "label_flip_rate: 0.25" in oracle_config
+    assert json.loads((out / "oracle_policy" / "sft" / "export" / "config.json").read_text())["hidden_size"] == 48
+    member_config = next((out / "flip_0.25" / "judges" / "ensemble").rglob("config.yaml")).read_text()
+    assert f"model: {tiny_model_dir}" in member_config
+
+    # Every tuning cell was judged on the tuning prompts; DRDO's also measured how it distils.
+    tuned = list(csv.DictReader((out / "tuning.csv").open()))
+    assert sorted(t["setting"] for t in tuned) == sorted(["learning_rate=0.001,variant=paper",
+        "learning_rate=0.001,variant=corrected", "learning_rate=0.001,beta=0.1", "learning_rate=0.001,beta=0.5"])
+    assert all(-1 <= float(t["reward_corr"]) <= 1 for t in tuned if t["method"] == "drdo")
+    corrected = next((out / "tuning" / "drdo" / "learning_rate=0.001,variant=corrected").rglob("config.yaml")).read_text()
+    assert "preference_form: corrected" in corrected and "label_flip_rate: 0.0" in corrected
+    tuning_md = (out / "tuning.md").read_text()
+    assert tuning_md.count("| **") == 2  # one chosen setting per method
+
+    # The chosen settings ran at every flip rate with every seed, on that rate's judges.
+    chosen = {t["method"]: t for t in tuned if f"**{t['setting']}**" in tuning_md}
+    for rate in ("0.0", "0.25"):
+        for seed in (0, 1):
+            config = next((out / f"flip_{rate}" / f"seed_{seed}" / "dpo").rglob("config.yaml")).read_text()
+            assert f"beta: {chosen['dpo']['setting'].split('beta=')[1]}" in config
+            assert str(out / f"flip_{rate}" / "judges" / "data" / "train.scored.jsonl") in config
+            assert f"seed_everything: {seed}" in config
+    summary = list(csv.DictReader((out / "comparison.csv").open()))
+    gold = [s for s in summary if s["judge"] == "gold"]
+    assert {(s["flip_rate"], s["method"], s["temperature"]) for s in gold} == {
+        (r, m, t) for r in ("0.0", "0.25") for m in ("drdo", "dpo") for t in ("all", "0.7", "1.0")}
+    assert all(s["seeds"] == "2" for s in summary)
+    assert {s["judge"] for s in summary} == {"gold", "distinct_2", "reward_corr"}
+    for heading in ("gold reward", "distinct-2 of the generations", "reward-margin correlation"):
+        assert heading in table
+
+    # Resuming redoes nothing.
+    monkeypatch.setattr(experiments, "run_fit", lambda *a, **k: pytest.fail("retrained a finished cell"))
+    monkeypatch.setattr(experiments, "train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
+    monkeypatch.setattr(pipeline, "run_fit", lambda *a, **k: pytest.fail("retrained the Oracle's policy"))
+    assert main([*args[:-4], "--jobs", "1", *args[-2:]]) == table
