@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=["deepspeed_zero2", "deepspeed_zero3"],
                         help="strategy presets of configs/strategies/, one run each")
     parser.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the whole model")
+    parser.add_argument("--json", type=Path, default=None, help="also write each preset's result here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -130,8 +131,12 @@ def main() -> None:
         work = Path(tmp)
         n_params = build_model(work / "model")
         print(f"Llama {n_params / 1e6:.0f}M parameters, {torch.cuda.get_device_name()}, batch {args.batch_size} pairs per GPU")
+        results = {}
         for preset in args.presets:
-            r = run_stage(preset, work / "model", work, args)
+            r = results[preset] = run_stage(preset, work / "model", work, args)
+            if args.json is not None:  # after every stage, so a cut-off run keeps what it measured
+                args.json.write_text(json.dumps({"parameters": n_params, "batch_size": args.batch_size,
+                                                 "lora": args.lora, "stages": results}, indent=1))
             print(f"{preset}{' + LoRA' if args.lora else ''} bf16: {r['tokens_per_s']:,.0f} tokens/s on "
                   f"{r['world_size']} GPU(s) over {r['steps']} steps, peak memory {r['peak_memory_gib']:.2f} GiB (rank 0)")
 

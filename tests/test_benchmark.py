@@ -47,11 +47,11 @@ def test_smoke_run_produces_every_row(tmp_path):
     bench = load_benchmark()
     configs = bench.ALL_CONFIGS
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
-    # TRL DPO, DRDO, DPO precomputed, DPO live, floor; then the four trainers with LoRA.
+    # TRL DPO, DRDO, DPO precomputed, DPO live; then the four trainers with LoRA.
     assert list(rows) == [*bench.CONFIGS, *bench.LORA_CONFIGS]
     for name, row in rows.items():
-        for key in ("step_s", "pairs_per_s", "tokens_per_s", "peak_mb", "speedup", "memory_ratio", "vs_floor",
-                    "trainable_params", "optimizer_state_mb"):
+        for key in ("step_s", "pairs_per_s", "tokens_per_s", "useful_tokens_per_s", "peak_mb", "speedup",
+                    "memory_ratio", "tflops", "peak_fraction", "trainable_params", "optimizer_state_mb"):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
         # AdamW keeps two float32 moments per trained parameter (and a step count per tensor).
         assert row["optimizer_state_mb"] * 2**20 >= 8 * row["trainable_params"], name
@@ -60,7 +60,77 @@ def test_smoke_run_produces_every_row(tmp_path):
         full = rows[name.removesuffix("_lora")]
         assert rows[name]["trainable_params"] < full["trainable_params"] / 2, name
         assert rows[name]["optimizer_state_mb"] < full["optimizer_state_mb"] / 2, name
-    assert "load average" in proc.stdout
+    assert "load average" in proc.stdout and "matmul peak" in proc.stdout
+
+
+@pytest.mark.slow
+def test_smoke_run_with_real_lengths_and_grouping(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(SCRIPT), "--preset", "tiny", "--lengths", "real", "--rounds", "1", "--windows", "4",
+               "--steps-per-window", "1", "--warmup-steps", "1", "--only", "drdo", "--json", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(out.read_text())
+    rows = {row["name"]: row for row in summary["rows"]}
+    assert list(rows) == ["trl_dpo", "trl_dpo_grouped", "drdo", "drdo_grouped"]
+    for name, row in rows.items():
+        assert 0 < row["useful_tokens_per_s"] < row["tokens_per_s"], name  # long-tailed lengths: batches pad
+        assert 0 < row["padding"] < 1 and 0 < row["peak_fraction"] < 1, name
+    # One epoch over the same pairs each (the script checks it too); grouping pads less.
+    epochs = {name: sorted(b[3] for b in runs[0]["batches"]) for name, runs in summary["raw"].items()}
+    assert len({sum(v) for v in epochs.values()}) == 1
+    padded = {name: sum(b[0] * b[1] for b in runs[0]["batches"]) for name, runs in summary["raw"].items()}
+    assert padded["drdo_grouped"] <= padded["drdo"] and padded["trl_dpo_grouped"] <= padded["trl_dpo"]
+
+
+def test_real_lengths_are_long_tailed_within_the_budget():
+    bench = load_benchmark()
+    rng = random.Random(0)
+    draws = [bench.real_length(rng, 200) for _ in range(20000)]
+    assert 1 <= min(draws) and max(draws) == 200  # cut at the budget, and some draws reach it
+    median, mean = sorted(draws)[len(draws) // 2], sum(draws) / len(draws)
+    assert median == pytest.approx(60, abs=3) and mean > median  # median 30% of the budget, right tail
+    assert 0.02 < sum(d == 200 for d in draws) / len(draws) < 0.1
+    assert min(bench.real_length(rng, 24, minimum=2) for _ in range(1000)) == 2
+
+
+def test_step_flops_match_a_hand_count():
+    bench = load_benchmark()
+    # hidden 4, 1 layer, MLP 6, vocab 10; a batch of 2 rows (1 pair) padded to 3 tokens, 4 response tokens.
+    p = bench.Preset(hidden=4, layers=1, heads=1, intermediate=6, vocab=10, tie_embeddings=False, prompt=1,
+                     response=2, pairs=1)
+    batch = [2, 3, 4, 5]
+    # Per token: q, k, v, o = 4 x 16 multiply-adds, MLP 3 x 24 = 72: 136 multiply-adds, 272 FLOPs; 6 tokens.
+    linear = 6 * 272
+    # Causal attention per row: query i sees i keys (1 + 2 + 3 = 6 pairs), q.k and p.v: 2 x 4 multiply-adds each.
+    attention = 2 * 6 * 2 * 2 * 4
+    assert bench.forward_flops(p, 2, 3) == (linear, attention)
+    head = 2 * 4 * 10  # one position through the 4 x 10 head
+    assert bench.head_flops(p, 1) == head
+    body = 3 * (linear + attention)  # forward + backward (input and weight gradients)
+    # Ours: the head at the 4 response positions (DRDO: plus each row's last token, for the reward head).
+    assert bench.step_flops(p, "dpo_precomputed", batch) == body + 3 * 4 * head
+    assert bench.step_flops(p, "drdo", batch) == body + 3 * 6 * head
+    assert bench.step_flops(p, "drdo_grouped", batch) == body + 3 * 6 * head
+    # Live reference: one more forward of the body and of the head at the same positions.
+    assert bench.step_flops(p, "dpo_live", batch) == body + 3 * 4 * head + linear + attention + 4 * head
+    # TRL on CPU: the head at every position but each row's last (2 x 2), recomputed in backward (4 forwards);
+    # its live reference likewise; on CUDA (Triton) only at the response positions.
+    assert bench.step_flops(p, "trl_dpo", batch) == body + 4 * 4 * head + linear + attention + 4 * head
+    assert bench.step_flops(p, "trl_dpo", batch, device="cuda") == body + 4 * 4 * head + linear + attention + 4 * head
+    wide = [2, 5, 4, 8]  # padded to 5: TRL's CPU head covers 2 x 4 positions, ours still 4
+    lin5, att5 = bench.forward_flops(p, 2, 5)
+    assert bench.step_flops(p, "trl_dpo", wide) == 3 * (lin5 + att5) + 4 * 8 * head + lin5 + att5 + 8 * head
+    # LoRA: frozen linear weights get no gradient (2 forwards), attention still 3; TRL's head 3 (no weight grad).
+    assert bench.step_flops(p, "dpo_precomputed_lora", batch) == 2 * linear + 3 * attention + 2 * 4 * head
+    assert bench.step_flops(p, "trl_dpo_lora", batch) == (2 * linear + 3 * attention + 3 * 4 * head
+                                                          + linear + attention + 4 * head)
+
+
+def test_matmul_peak_measures_positive_flops():
+    torch.set_num_threads(1)
+    peaks = load_benchmark().matmul_peak(load_benchmark().PRESETS["tiny"], "cpu", "fp32", repeats=1)
+    assert set(peaks) == {"square", "mlp", "peak"} and peaks["peak"] == max(peaks["square"], peaks["mlp"]) > 0
 
 
 def test_word_tokenizer_round_trips_the_ids_it_was_written_from():
