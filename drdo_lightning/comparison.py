@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from multiprocessing import get_context
@@ -40,12 +39,11 @@ from drdo_lightning import demo
 from drdo_lightning.data import load_tokenizer, read_rows
 from drdo_lightning.errors import UserError, require_pretrained
 from drdo_lightning.experiments import (
-    DISTINCT, FLIP_SEED, EvalSettings, Evaluator, aggregate, cell_text, measure_label, noisy_judges, oracle_accuracy,
-    run_cell, write_csv,
+    DISTINCT, FLIP_SEED, EvalSettings, Evaluator, aggregate, cell_text, measure_label, noisy_judges, run_cell, write_csv,
 )
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.modules import ReferenceModule
-from drdo_lightning.pipeline import EMBEDDED, STUDENTS, DataSpec, train_sft
+from drdo_lightning.pipeline import EMBEDDED, STUDENTS, DataSpec, oracle_accuracy, train_sft
 from drdo_lightning.recipes import config_path, recipe_objective
 from drdo_lightning.scoring import score
 

@@ -36,7 +36,7 @@ from drdo_lightning.evaluation import (
 )
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.modules import ReferenceModule
-from drdo_lightning.pipeline import EMBEDDED, STUDENTS, DataSpec, scored_files, train_judges_and_score
+from drdo_lightning.pipeline import EMBEDDED, STUDENTS, DataSpec, oracle_accuracy, scored_files, train_judges_and_score
 from drdo_lightning.recipes import config_path, recipe_names, recipe_objective
 from drdo_lightning.training import run_fit
 
@@ -302,11 +302,6 @@ def _finished_judges(work: Path) -> dict[str, Path]:
         raise MissingPathError(f"no retrained judges in {work}: the sweep named by --judges_from has not "
                                 "finished this flip rate's judges")
     return scored
-
-
-def oracle_accuracy(scored_val: Path) -> float:
-    """The Oracle's preference accuracy on the (clean) validation pairs it rescored."""
-    return statistics.fmean(row["oracle_chosen"] > row["oracle_rejected"] for _, row in read_rows(str(scored_val)))
 
 
 def _robustness_table(summary, methods, flip_rates, judges, reference, judge_accuracy) -> str:

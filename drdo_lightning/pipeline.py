@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,11 @@ def train_judges_and_score(
     return Judges(oracle, ensemble, scored)
 
 
+def oracle_accuracy(scored_val: Path) -> float:
+    """The Oracle's preference accuracy on the (clean) validation pairs it rescored."""
+    return statistics.fmean(row["oracle_chosen"] > row["oracle_rejected"] for _, row in read_rows(str(scored_val)))
+
+
 def _install(src: Path, dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
@@ -172,6 +178,7 @@ def build_embedded_default(out: str = "embedded_default", work: str = "runs/embe
     _install(judges.oracle, out_dir / "oracle")
     for split, path in judges.scored.items():
         _install(path, out_dir / "data" / f"{split}.jsonl")
+    print(f"Oracle: preference accuracy {oracle_accuracy(judges.scored['val']):.3f} on the validation pairs")
     return out_dir
 
 
