@@ -53,7 +53,7 @@ IGNORE_INDEX = -100
 # Per-example numbers the collator passes through as float tensors: Oracle scores ([B] or
 # [B, K] for an ensemble) and precomputed reference log-probs.
 FLOAT_COLUMNS = ("chosen_score", "rejected_score", "ref_chosen_logps", "ref_rejected_logps")
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: each split is the Arrow file tokenizing wrote (<split>.arrow), not a save_to_disk copy
 
 
 # ---------------------------------------------------------------------------------------
@@ -826,15 +826,20 @@ class PreferenceDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Tokenize once and cache (runs on one process per node before ``setup``)."""
         cache = self.cache_path()
-        if cache is None or (cache / "train").exists():
+        if cache is None or (cache / "train.arrow").exists():
             return
-        cache.parent.mkdir(parents=True, exist_ok=True)
+        # Built where it will stay: the tokenized splits are the cache as written, never copied
+        # (a copy would read every token back through memory). Their text files go before the
+        # folder takes the cache's name.
         staging = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        # The intermediate files go next to the cache (on its disk, not a possibly small /tmp) and
-        # are removed whether or not the build succeeds.
-        with tempfile.TemporaryDirectory(dir=cache.parent, prefix=cache.name + ".work") as work:
-            for name, ds in self._build(Path(work)).items():
-                ds.save_to_disk(str(staging / name))
+        staging.mkdir(parents=True)
+        try:
+            self._build(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        for texts in staging.glob("*.texts.arrow"):
+            texts.unlink()
         try:
             staging.rename(cache)
         except OSError:  # another process cached the same data first
@@ -845,9 +850,13 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         cache = self.cache_path()
-        if cache is not None and (cache / "train").exists():
+        if cache is not None and (cache / "train.arrow").exists():
             log.info("loading tokenized data from cache %s", cache)
-            splits = {name: datasets.load_from_disk(str(cache / name)) for name in ("train", "val") if (cache / name).exists()}
+            splits = {
+                name: datasets.Dataset.from_file(str(cache / f"{name}.arrow"))
+                for name in ("train", "val")
+                if (cache / f"{name}.arrow").exists()
+            }
         else:
             self._scratch = tempfile.TemporaryDirectory(prefix="drdo_lightning-")
             splits = self._build(Path(self._scratch.name))
