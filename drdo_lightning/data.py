@@ -541,7 +541,7 @@ class ResumableDataLoader(DataLoader):
 # split are ever held in Python lists all at once (their objects cost some 40 bytes a token),
 # so memory stays flat however many rows there are, and batches tokenize in parallel.
 
-BATCH_ROWS = 1000  # rows tokenized together: the Python lists of one batch are what tokenizing holds
+BATCH_ROWS = 256  # rows tokenized together: the Python lists of one batch (~40 bytes a token) are what tokenizing holds
 ROWS_PER_PROCESS = 5000  # below this many rows a worker costs more to start than it saves
 
 
