@@ -15,6 +15,9 @@ Truncation rule (per pair, applied identically to chosen and rejected):
   2. A response that does not fit in ``max_length - len(prompt)`` keeps its *first* tokens.
      With ``drop_long=True`` such pairs are dropped instead (the paper filters them).
 Every truncation, drop and skipped row is counted and logged.
+
+Rows stream from the file to the tokenized cache through Arrow files on disk, so memory does not
+grow with the data (see "Building splits in bounded memory" below).
 """
 
 from __future__ import annotations
@@ -81,8 +84,8 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
-    for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-        yield i, row
+    rows = (row for batch in pq.ParquetFile(path).iter_batches() for row in batch.to_pylist())  # a batch at a time
+    yield from enumerate(rows, start=1)
 
 
 def _read_dataset(ds: datasets.Dataset) -> Iterator[tuple[int, dict]]:
@@ -547,7 +550,9 @@ ROWS_PER_PROCESS = 5000  # below this many rows a worker costs more to start tha
 
 def free_cores() -> int:
     """Cores this process may run on, less those that other work kept busy over the last minute."""
-    return max(1, len(os.sched_getaffinity(0)) - round(os.getloadavg()[0]))
+    # sched_getaffinity (the cores this process is allowed) is Linux-only
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, usable - round(os.getloadavg()[0]))
 
 
 def write_texts(pairs: Iterator[TextPair], path: Path) -> tuple[datasets.Dataset, int]:
