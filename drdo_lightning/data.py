@@ -15,20 +15,26 @@ Truncation rule (per pair, applied identically to chosen and rejected):
   2. A response that does not fit in ``max_length - len(prompt)`` keeps its *first* tokens.
      With ``drop_long=True`` such pairs are dropped instead (the paper filters them).
 Every truncation, drop and skipped row is counted and logged.
+
+Rows stream from the file to the tokenized cache through Arrow files on disk, so memory does not
+grow with the data (see "Building splits in bounded memory" below).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import shutil
+import tempfile
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
@@ -37,6 +43,7 @@ import lightning as L
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from datasets.arrow_writer import ArrowWriter
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -49,7 +56,7 @@ IGNORE_INDEX = -100
 # Per-example numbers the collator passes through as float tensors: Oracle scores ([B] or
 # [B, K] for an ensemble) and precomputed reference log-probs.
 FLOAT_COLUMNS = ("chosen_score", "rejected_score", "ref_chosen_logps", "ref_rejected_logps")
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: each split is the Arrow file tokenizing wrote (<split>.arrow), not a save_to_disk copy
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,8 +84,8 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
-    for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-        yield i, row
+    rows = (row for batch in pq.ParquetFile(path).iter_batches() for row in batch.to_pylist())  # a batch at a time
+    yield from enumerate(rows, start=1)
 
 
 def _read_dataset(ds: datasets.Dataset) -> Iterator[tuple[int, dict]]:
@@ -254,17 +261,18 @@ def validate_row(row: dict, cols: Columns, template) -> TextPair:
     return TextPair(prompt_text, chosen_text, rejected_text, scores[0], scores[1], conversational)
 
 
-def load_pairs(source: str, cols: Columns, template, *, split: str = "train", on_bad_row: str = "error") -> list[TextPair]:
-    """Read and validate every row; bad rows raise or, with ``on_bad_row='skip'``, are counted."""
-    pairs: list[TextPair] = []
+def iter_pairs(source: str, cols: Columns, template, *, split: str = "train", on_bad_row: str = "error") -> Iterator[TextPair]:
+    """Read and validate rows one at a time; bad rows raise or, with ``on_bad_row='skip'``, are counted
+    (and logged once the source is exhausted)."""
+    usable = 0
     skipped: Counter[str] = Counter()
     for row_number, row in read_rows(source, split):
-        if not pairs and not skipped:
+        if not usable and not skipped:
             missing = [c for c in cols.required() if c not in row]
             if missing:
                 raise DataError(f"{source}: missing column(s) {missing}; the data has columns {sorted(row)}")
         try:
-            pairs.append(validate_row(row, cols, template))
+            pair = validate_row(row, cols, template)
         except RowError as e:
             if on_bad_row == "error":
                 message = f"{source}: row {row_number}: field {e.field!r}: {e}"
@@ -272,11 +280,18 @@ def load_pairs(source: str, cols: Columns, template, *, split: str = "train", on
                     raise DataError(message, setting="chat_template", advice="give one with {option}") from None
                 raise DataError(message, setting="on_bad_row", advice="{option} skip skips such rows") from None
             skipped[e.reason] += 1
+            continue
+        usable += 1
+        yield pair
     if skipped:
         log.warning("%s: skipped %d bad rows: %s", source, sum(skipped.values()), dict(skipped))
-    if not pairs:
+    if not usable:
         raise DataError(f"{source}: no usable rows" + (f" (skipped: {dict(skipped)})" if skipped else ""))
-    return pairs
+
+
+def load_pairs(source: str, cols: Columns, template, *, split: str = "train", on_bad_row: str = "error") -> list[TextPair]:
+    """Every row of :func:`iter_pairs` in a list (for data small enough to hold in memory)."""
+    return list(iter_pairs(source, cols, template, split=split, on_bad_row=on_bad_row))
 
 
 def swap_pair(pair: TextPair) -> None:
@@ -285,20 +300,40 @@ def swap_pair(pair: TextPair) -> None:
     pair.chosen_score, pair.rejected_score = pair.rejected_score, pair.chosen_score
 
 
-def flip_labels(pairs: list, rate: float, seed: int | random.Random, swap: Callable[[Any], None] = swap_pair) -> int:
-    """The label-noise rule: ``swap`` exactly ``round(rate * len(pairs))`` pairs, drawn without
-    replacement by ``random.Random(seed)`` (or by ``seed`` itself, a ``Random``); return how many."""
+def flip_indices(n: int, rate: float, seed: int | random.Random) -> list[int]:
+    """The label-noise rule: exactly ``round(rate * n)`` of the indices ``0..n-1``, drawn without
+    replacement by ``random.Random(seed)`` (or by ``seed`` itself, a ``Random``)."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"label_flip_rate must be in [0, 1], got {rate}")
     rng = seed if isinstance(seed, random.Random) else random.Random(seed)
-    n_flip = round(rate * len(pairs))
-    for i in rng.sample(range(len(pairs)), n_flip):
+    return rng.sample(range(n), round(rate * n))
+
+
+def flip_labels(pairs: list, rate: float, seed: int | random.Random, swap: Callable[[Any], None] = swap_pair) -> int:
+    """``swap`` the pairs that :func:`flip_indices` draws; return how many."""
+    flipped = flip_indices(len(pairs), rate, seed)
+    for i in flipped:
         swap(pairs[i])
-    return n_flip
+    return len(flipped)
 
 
 # ---------------------------------------------------------------------------------------
 # Tokenization and truncation
+
+
+def ends_in_whitespace(pair: TextPair) -> bool:
+    """A plain-text prompt that ends in whitespace (see :func:`warn_trailing_whitespace`)."""
+    return not pair.prompt_has_special_tokens and pair.prompt[-1:].isspace()
+
+
+def warn_trailing_whitespace(n_ending: int, n: int) -> None:
+    """Warn that ``n_ending`` of ``n`` prompts end in whitespace (:func:`ends_in_whitespace`), if any do."""
+    if n_ending:
+        log.warning(
+            "%d of %d prompts end in whitespace. Prompt and response are tokenized apart, so that space "
+            "becomes a token of its own instead of joining the response's first word as it does in "
+            "generation; strip it from the prompts (or begin the responses with it)", n_ending, n,
+        )
 
 
 def truncate_prompt(ids: list[int], max_prompt_length: int, prefix: int) -> list[int]:
@@ -328,18 +363,13 @@ def tokenize_pairs(
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def encode(texts: list[str], special: bool) -> list[list[int]]:
-        return tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else []
+        if not texts:
+            return []
+        return tokenizer(texts, add_special_tokens=special, return_attention_mask=False)["input_ids"]
 
     # A chat-templated prompt already carries its special tokens and its responses their
     # end-of-turn markers; plain text gets the tokenizer's BOS (if any) and an EOS.
     templated = [p.prompt_has_special_tokens for p in pairs]
-    trailing_space = sum(not t and p.prompt[-1:].isspace() for t, p in zip(templated, pairs))
-    if trailing_space:
-        log.warning(
-            "%d of %d prompts end in whitespace. Prompt and response are tokenized apart, so that space "
-            "becomes a token of its own instead of joining the response's first word as it does in "
-            "generation; strip it from the prompts (or begin the responses with it)", trailing_space, len(pairs),
-        )
     prompt_ids: list[list[int]] = [[] for _ in pairs]
     for flag in (False, True):
         idx = [i for i, t in enumerate(templated) if t == flag]
@@ -507,6 +537,95 @@ class ResumableDataLoader(DataLoader):
 
 
 # ---------------------------------------------------------------------------------------
+# Building splits in bounded memory
+#
+# Rows stream from the reader through validation into an Arrow file on disk, and batches of
+# them stream through tokenization into another: neither the texts nor the token ids of a
+# split are ever held in Python lists all at once (their objects cost some 40 bytes a token),
+# so memory stays flat however many rows there are, and batches tokenize in parallel.
+
+BATCH_ROWS = 256  # rows tokenized together: the Python lists of one batch (~40 bytes a token) are what tokenizing holds
+ROWS_PER_PROCESS = 5000  # below this many rows a worker costs more to start than it saves
+
+
+def free_cores() -> int:
+    """Cores this process may run on, less those that other work kept busy over the last minute."""
+    # sched_getaffinity (the cores this process is allowed) is Linux-only
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, usable - round(os.getloadavg()[0]))
+
+
+def write_texts(pairs: Iterator[TextPair], path: Path) -> tuple[datasets.Dataset, int]:
+    """Write ``pairs`` to an Arrow file at ``path`` as they come and map it back (memory-mapped, so
+    the rows stay on disk); also return how many prompts :func:`ends_in_whitespace`."""
+    trailing = 0
+    with ArrowWriter(path=str(path), writer_batch_size=BATCH_ROWS) as writer:
+        for pair in pairs:
+            trailing += ends_in_whitespace(pair)
+            writer.write(asdict(pair))
+        writer.finalize()
+    return datasets.Dataset.from_file(str(path)), trailing
+
+
+@dataclass
+class SplitTokenizer:
+    """Tokenizes one batch of a split: the split is rows ``order`` of ``texts`` (written by
+    :func:`write_texts`), and the pairs at the positions in ``flipped`` have their labels swapped."""
+
+    texts: datasets.Dataset
+    order: list[int]
+    flipped: frozenset[int]
+    tokenizer: PreTrainedTokenizerBase
+    settings: dict[str, Any]  # tokenize_pairs' keyword arguments
+
+    def __call__(self, start: int) -> tuple[dict[str, list], Counter[str]]:
+        """The batch of ``BATCH_ROWS`` positions from ``start``: :func:`tokenize_pairs`'s columns and counts."""
+        positions = range(start, min(start + BATCH_ROWS, len(self.order)))
+        rows = self.texts[[self.order[p] for p in positions]]
+        pairs = [TextPair(**dict(zip(rows, values))) for values in zip(*rows.values())]
+        for position, pair in zip(positions, pairs):
+            if position in self.flipped:
+                swap_pair(pair)
+        return tokenize_pairs(pairs, self.tokenizer, **self.settings)
+
+
+_worker_job: SplitTokenizer | None = None  # a worker process's job, set once when the pool starts
+
+
+def _start_worker(job: SplitTokenizer) -> None:
+    global _worker_job
+    _worker_job = job
+
+
+def _run_worker(start: int) -> tuple[dict[str, list], Counter[str]]:
+    return _worker_job(start)
+
+
+def tokenize_split(job: SplitTokenizer, path: Path, processes: int) -> tuple[datasets.Dataset | None, Counter[str]]:
+    """Run ``job`` on every batch, in order, writing the columns to an Arrow file at ``path`` and
+    mapping it back (None when every pair was dropped); return it and the summed counts. With
+    ``processes > 1`` batches tokenize in that many forked workers (fork hands them the
+    memory-mapped texts and the tokenizer without copying)."""
+    counts: Counter[str] = Counter()
+    kept = 0
+    with contextlib.ExitStack() as stack:
+        if processes > 1:
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(processes, _start_worker, (job,)))
+            results = pool.imap(_run_worker, range(0, len(job.order), BATCH_ROWS))
+        else:
+            results = map(job, range(0, len(job.order), BATCH_ROWS))
+        writer = stack.enter_context(ArrowWriter(path=str(path), writer_batch_size=BATCH_ROWS))
+        for columns, batch_counts in results:
+            counts.update(batch_counts)
+            kept += len(columns["prompt_ids"])
+            writer.write_batch(columns)  # a batch that lost every pair to drop_long writes nothing
+        if not kept:
+            return None, counts
+        writer.finalize()
+    return datasets.Dataset.from_file(str(path)), counts
+
+
+# ---------------------------------------------------------------------------------------
 # The data module
 
 
@@ -572,6 +691,9 @@ class PreferenceDataModule(L.LightningDataModule):
             robustness experiments. Validation data is never flipped.
         on_bad_row: ``error`` stops at the first bad row; ``skip`` drops bad rows and logs
             counts by reason.
+        num_proc: The most processes that tokenize (default: the cores not busy with other
+            work); each takes at least ``ROWS_PER_PROCESS`` rows, so small data tokenizes in
+            this process.
         chat_template: A Jinja chat template (string or file) overriding the tokenizer's.
         cache_dir: Where tokenized data is cached (keyed by data, tokenizer and settings).
         group_by_length: Batch training pairs of similar length together (less padding; the
@@ -599,6 +721,7 @@ class PreferenceDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         on_bad_row: Literal["error", "skip"] = "error",
+        num_proc: int | None = None,
         chat_template: str | None = None,
         trust_remote_code: bool = False,
         split: str = "train",
@@ -619,6 +742,8 @@ class PreferenceDataModule(L.LightningDataModule):
             raise ValueError("a tokenizer path or hub id is required (the CLI links it to the model path)")
         if (chosen_score_column is None) != (rejected_score_column is None):
             raise ValueError("give both chosen_score_column and rejected_score_column, or neither")
+        if num_proc is not None and num_proc < 1:
+            raise ValueError(f"num_proc must be at least 1, got {num_proc}")
         self.save_hyperparameters()
         self.columns = Columns(prompt_column, chosen_column, rejected_column, chosen_score_column, rejected_score_column)
         self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code, chat_template=chat_template)
@@ -626,6 +751,9 @@ class PreferenceDataModule(L.LightningDataModule):
         self.val_dataset: datasets.Dataset | None = None
         self._train_loader: ResumableDataLoader | None = None
         self._resume_position: dict[str, int] | None = None  # from a checkpoint, for the next training loader
+        # Where splits built without a cache live: their Arrow files are mapped, not loaded, so
+        # they must last as long as the module does (the directory goes when it does).
+        self._scratch: tempfile.TemporaryDirectory | None = None
 
     @property
     def has_scores(self) -> bool:
@@ -635,7 +763,7 @@ class PreferenceDataModule(L.LightningDataModule):
         """Directory of this configuration's tokenized cache (None when caching is off)."""
         if self.hparams.cache_dir is None:
             return None
-        loading_only = ("batch_size", "eval_batch_size", "num_workers", "cache_dir", "group_by_length")
+        loading_only = ("batch_size", "eval_batch_size", "num_workers", "num_proc", "cache_dir", "group_by_length")
         keys = {k: v for k, v in self.hparams.items() if k not in loading_only}
         material = json.dumps(
             {
@@ -650,50 +778,73 @@ class PreferenceDataModule(L.LightningDataModule):
         )
         return Path(self.hparams.cache_dir).expanduser() / hashlib.sha256(material.encode()).hexdigest()[:24]
 
-    def _tokenize(self, pairs: list[TextPair], name: str) -> datasets.Dataset:
-        hp = self.hparams
-        columns, counts = tokenize_pairs(
-            pairs, self.tokenizer, max_prompt_length=hp.max_prompt_length, max_length=hp.max_length, drop_long=hp.drop_long
-        )
-        if counts:
-            log.info("%s split: %d pairs kept of %d; %s", name, len(columns["prompt_ids"]), len(pairs), dict(counts))
-        if not columns["prompt_ids"]:
-            raise DataError(f"{name} split is empty after filtering ({dict(counts)}); raise max_length or set drop_long=False")
-        return datasets.Dataset.from_dict(columns)
+    def _texts(self, source: str, split: str, template, path: Path) -> datasets.Dataset:
+        """The validated rows of ``source`` in an Arrow file at ``path``."""
+        pairs = iter_pairs(source, self.columns, template, split=split, on_bad_row=self.hparams.on_bad_row)
+        texts, trailing = write_texts(pairs, path)
+        warn_trailing_whitespace(trailing, len(texts))
+        return texts
 
-    def _build(self) -> dict[str, datasets.Dataset]:
+    def _tokenize(self, texts: datasets.Dataset, order: list[int], flipped: frozenset[int], name: str, work: Path):
+        hp = self.hparams
+        settings = dict(max_prompt_length=hp.max_prompt_length, max_length=hp.max_length, drop_long=hp.drop_long)
+        processes = max(1, min(hp.num_proc or free_cores(), len(order) // ROWS_PER_PROCESS))
+        log.info("tokenizing %d %s pairs in %d process(es)", len(order), name, processes)
+        job = SplitTokenizer(texts, order, flipped, self.tokenizer, settings)
+        dataset, counts = tokenize_split(job, work / f"{name}.arrow", processes)
+        if counts:
+            log.info("%s split: %d pairs kept of %d; %s", name, len(dataset or ()), len(order), dict(counts))
+        if dataset is None:
+            raise DataError(f"{name} split is empty after filtering ({dict(counts)}); raise max_length or set drop_long=False")
+        return dataset
+
+    def _build(self, work: Path) -> dict[str, datasets.Dataset]:
+        """Validate and tokenize every split through Arrow files in ``work`` (see "Building splits in
+        bounded memory"); the splits returned are mapped from there."""
         hp = self.hparams
         template = chat_renderer(self.tokenizer)
-        train = load_pairs(hp.train_file, self.columns, template, split=hp.split, on_bad_row=hp.on_bad_row)
-        val = None
+        train = self._texts(hp.train_file, hp.split, template, work / "train.texts.arrow")
+        # Each split is some rows of a text file, in order: (texts, row order).
+        splits = {"train": (train, list(range(len(train))))}
         if hp.val_file is not None:
-            val = load_pairs(hp.val_file, self.columns, template, split=hp.val_split, on_bad_row=hp.on_bad_row)
+            val = self._texts(hp.val_file, hp.val_split, template, work / "val.texts.arrow")
+            splits["val"] = (val, list(range(len(val))))
         elif hp.val_fraction is not None:
             order = list(range(len(train)))
             random.Random(hp.seed).shuffle(order)
             n_val = max(1, round(hp.val_fraction * len(train)))
             if n_val >= len(train):
                 raise DataError(f"val_fraction={hp.val_fraction} leaves no training rows out of {len(train)}")
-            val = [train[i] for i in order[:n_val]]
-            train = [train[i] for i in order[n_val:]]
+            splits = {"train": (train, order[n_val:]), "val": (train, order[:n_val])}
+        flipped: frozenset[int] = frozenset()
         if hp.label_flip_rate > 0:
-            if train[0].rejected is None:
+            if train[0]["rejected"] is None:
                 raise ValueError("label_flip_rate needs preference pairs (rejected_column is None)")
-            n = flip_labels(train, hp.label_flip_rate, hp.seed)
-            log.info("flipped the labels of %d of %d training pairs (seed %d)", n, len(train), hp.seed)
-        splits = {"train": self._tokenize(train, "train")}
-        if val is not None:
-            splits["val"] = self._tokenize(val, "val")
-        return splits
+            n_train = len(splits["train"][1])
+            flipped = frozenset(flip_indices(n_train, hp.label_flip_rate, hp.seed))
+            log.info("flipped the labels of %d of %d training pairs (seed %d)", len(flipped), n_train, hp.seed)
+        return {
+            name: self._tokenize(texts, order, flipped if name == "train" else frozenset(), name, work)
+            for name, (texts, order) in splits.items()
+        }
 
     def prepare_data(self) -> None:
         """Tokenize once and cache (runs on one process per node before ``setup``)."""
         cache = self.cache_path()
-        if cache is None or (cache / "train").exists():
+        if cache is None or (cache / "train.arrow").exists():
             return
+        # Built where it will stay: the tokenized splits are the cache as written, never copied
+        # (a copy would read every token back through memory). Their text files go before the
+        # folder takes the cache's name.
         staging = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        for name, ds in self._build().items():
-            ds.save_to_disk(str(staging / name))
+        staging.mkdir(parents=True)
+        try:
+            self._build(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        for texts in staging.glob("*.texts.arrow"):
+            texts.unlink()
         try:
             staging.rename(cache)
         except OSError:  # another process cached the same data first
@@ -704,11 +855,16 @@ class PreferenceDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         cache = self.cache_path()
-        if cache is not None and (cache / "train").exists():
+        if cache is not None and (cache / "train.arrow").exists():
             log.info("loading tokenized data from cache %s", cache)
-            splits = {name: datasets.load_from_disk(str(cache / name)) for name in ("train", "val") if (cache / name).exists()}
+            splits = {
+                name: datasets.Dataset.from_file(str(cache / f"{name}.arrow"))
+                for name in ("train", "val")
+                if (cache / f"{name}.arrow").exists()
+            }
         else:
-            splits = self._build()
+            self._scratch = tempfile.TemporaryDirectory(prefix="drdo_lightning-")
+            splits = self._build(Path(self._scratch.name))
         self.train_dataset, self.val_dataset = splits["train"], splits.get("val")
 
     def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:

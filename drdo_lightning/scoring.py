@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from drdo_lightning.data import (
-    Columns, PairCollator, TextPair, chat_renderer, load_pairs, load_tokenizer, read_rows, render_as_chat, tokenize_pairs,
+    Columns, PairCollator, TextPair, chat_renderer, ends_in_whitespace, load_pairs, load_tokenizer, read_rows, render_as_chat,
+    tokenize_pairs, warn_trailing_whitespace,
 )
 from drdo_lightning.errors import EMBEDDED_MADE_BY, DataError, REWARD_MODEL_MADE_BY, MissingPathError, UserError, is_embedded
 from drdo_lightning.jsonl import write_jsonl
@@ -89,6 +90,7 @@ def tokenized_for(
         raise DataError(f"{sum(conversations)} prompts are conversations, and the reward model's tokenizer has no chat "
                         "template to render them", setting="chat_template", advice="give one with {option}")
     pairs = [render_as_chat(p, template, cols) if reads_chat or chat else p for p, chat in zip(pairs, conversations)]
+    warn_trailing_whitespace(sum(map(ends_in_whitespace, pairs)), len(pairs))
     columns, counts = tokenize_pairs(pairs, tokenizer, max_prompt_length=max_prompt_length, max_length=max_length, drop_long=False)
     if counts:
         log.info("truncated while scoring: %s", dict(counts))
