@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -79,17 +80,21 @@ def run_job(setting: str, busy: int, steps: int, workdir: Path) -> float:
     env.update(setting_env(setting))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     hogs = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(busy)]
+    job = None
     try:
         time.sleep(0.5 if busy else 0.0)  # let them get going
         start = time.perf_counter()
-        done = subprocess.run(job_command(steps, workdir), cwd=ROOT, env=env, capture_output=True, text=True)
+        job = subprocess.Popen(job_command(steps, workdir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+        _, stderr = job.communicate()
         seconds = time.perf_counter() - start
     finally:
-        for hog in hogs:
-            hog.kill()
-            hog.wait()
-    if done.returncode != 0:
-        raise RuntimeError(f"{setting} with {busy} busy failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        for process in [*hogs, job]:
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    if job.returncode != 0:
+        raise RuntimeError(f"{setting} with {busy} busy failed (exit {job.returncode}):\n{stderr[-4000:]}")
     return seconds
 
 
@@ -129,6 +134,8 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> bool:
     args = parse_args(argv)
+    # A terminated benchmark leaves no job or busy process behind (run_job's cleanup runs on SystemExit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     settings = list(dict.fromkeys([*args.settings, args.baseline]))
     for setting in settings:
         setting_env(setting)  # fail early on a typo
