@@ -98,13 +98,16 @@ def run_job(setting: str, busy: int, steps: int, workdir: Path) -> float:
     return seconds
 
 
-def report(times: dict[tuple[str, int], list[float]], args) -> tuple[str, bool]:
+def report(times: dict[tuple[str, int], list[float]], loads: dict[tuple[str, int], list[float]], args
+           ) -> tuple[str, bool]:
+    """The table and the targets' checks; ``loads`` are the 1-minute load averages after each run."""
     base = statistics.median(times[(args.baseline, 0)]) if (args.baseline, 0) in times else None
-    lines = [f"| setting | busy | min (s) | median (s) | median vs {args.baseline} quiet |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [f"| setting | busy | min (s) | median (s) | median vs {args.baseline} quiet | load after (median) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for (setting, busy), values in times.items():
         ratio = f"{statistics.median(values) / base:.2f}x" if base else "-"
-        lines.append(f"| {setting} | {busy} | {min(values):.1f} | {statistics.median(values):.1f} | {ratio} |")
+        lines.append(f"| {setting} | {busy} | {min(values):.1f} | {statistics.median(values):.1f} | {ratio} "
+                     f"| {statistics.median(loads[(setting, busy)]):.2f} |")
     ok = True
     checked = args.settings[0] if "default" not in args.settings else "default"
     for busy, bound in TARGETS.items():
@@ -143,6 +146,7 @@ def main(argv: list[str] | None = None) -> bool:
         wait_for_quiet(args.wait_for_load, args.wait_timeout)
     load_start = loadavg()
     times: dict[tuple[str, int], list[float]] = {(s, b): [] for s in settings for b in args.busy}
+    loads: dict[tuple[str, int], list[float]] = {key: [] for key in times}
     with tempfile.TemporaryDirectory(prefix="drdo-shared-") as tmp:
         for r in range(args.repeats):
             order = settings[r % len(settings):] + settings[:r % len(settings)]
@@ -150,15 +154,17 @@ def main(argv: list[str] | None = None) -> bool:
                 for setting in order:
                     seconds = run_job(setting, busy, args.steps, Path(tmp))
                     times[(setting, busy)].append(seconds)
-                    print(f"round {r + 1}: {setting}, {busy} busy: {seconds:.1f} s (load {loadavg():.2f})",
+                    loads[(setting, busy)].append(load := loadavg())
+                    print(f"round {r + 1}: {setting}, {busy} busy: {seconds:.1f} s (load {load:.2f})",
                           file=sys.stderr, flush=True)
-    table, ok = report(times, args)
+    table, ok = report(times, loads, args)
     print(f"{os.cpu_count()} CPUs; {args.steps} steps; {args.repeats} repeats; "
           f"1-minute load average {load_start:.2f} at the start, {loadavg():.2f} at the end")
     print(table)
     if args.json is not None:
         args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)},
-                                         "times": [[s, b, t] for (s, b), t in times.items()]}, indent=1, default=str))
+                                         "times": [[s, b, t, loads[(s, b)]] for (s, b), t in times.items()]},
+                                        indent=1, default=str))
     return ok
 
 
