@@ -73,3 +73,22 @@ def test_configure_does_nothing_once_torch_is_loaded():
     environ: dict[str, str] = {}
     assert "torch was imported" in threads.configure(environ)
     assert environ == {}
+
+
+def test_the_benchmarks_settings_and_targets():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import shared_machine as bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert bench.setting_env("default") == {}
+    assert bench.setting_env("off") == {"DRDO_THREADS": "off"}
+    assert bench.setting_env("spin=1000") == {"GOMP_SPINCOUNT": "1000"}
+    assert bench.setting_env("threads=1") == {"OMP_NUM_THREADS": "1"}
+    assert bench.setting_env("A=1,B=2") == {"A": "1", "B": "2"}
+    with pytest.raises(SystemExit):
+        bench.setting_env("fast")
+    args = bench.parse_args([])
+    times = {("default", 0): [17.0], ("default", 1): [30.0], ("default", 2): [45.0], ("off", 0): [16.0]}
+    table, ok = bench.report(times, {key: [0.1] for key in times}, args)
+    assert "1 busy: 1.88x <= 1.6x: MISSED" in table and "2 busy: 2.81x" in table and not ok
