@@ -11,15 +11,19 @@ start-up included) took 16.5 s alone, 37.0 s next to one single-thread busy proc
 next to two; with ``OMP_WAIT_POLICY=PASSIVE`` 20.6 / 23.0 / 34.6 s: no more collapse, but 25% lost
 when the machine is quiet.
 
-A finite spin count in between keeps most of the quiet speed and all of the robustness:
-:func:`configure` sets ``GOMP_SPINCOUNT`` to :data:`SPIN_COUNT` (figures in docs/performance.md,
-"Shared machines"; ``benchmarks/shared_machine.py`` measures them).
+A finite spin count in between is the aim: :func:`configure` sets ``GOMP_SPINCOUNT`` to
+:data:`SPIN_COUNT`. Exploratory runs of the same job on the same machine while other work kept the
+1-minute load at 3-8 (roughly two or more busy processes; noisy, one run each) ranked the counts the
+same way every time: 1000 spins as fast as passive (27.4 s against 27.5 s at load ~3.4), 3000 16%
+slower, 10000 50% slower (41.1 s); at load 6-8: 0 spins 53 s, 3000 57 s, 10000 62 s, 30000 94 s,
+100000 134 s, libgomp's default 217 s. The cost of 1000 spins on a quiet machine is still to be
+measured (``benchmarks/shared_machine.py``; figures in docs/performance.md, "Shared machines").
 
 libgomp reads its environment once, when it is loaded, which is when torch is first imported. So
 the package calls :func:`configure` first thing in ``drdo_lightning/__init__.py``: it applies to
 ``python -m drdo_lightning ...`` and to any script that imports ``drdo_lightning`` before
 ``torch``. Where torch is already imported (a notebook that imported torch first) it can't apply and
-does nothing; set the variable before Python starts instead (``GOMP_SPINCOUNT=10000 jupyter lab``).
+does nothing; set the variable before Python starts instead (``GOMP_SPINCOUNT=1000 jupyter lab``).
 
 It never overrides the user: with ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` already set it does
 nothing, and ``DRDO_THREADS=off`` turns it off (libgomp's defaults then apply). The number of
@@ -33,7 +37,7 @@ import sys
 from collections.abc import MutableMapping
 
 # libgomp's busy-wait before a thread sleeps, in spins (its default is 300000).
-SPIN_COUNT = 10000
+SPIN_COUNT = 1000
 OFF_VALUES = ("off", "0", "false", "no")
 USER_VARIABLES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
