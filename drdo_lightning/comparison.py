@@ -39,7 +39,8 @@ from drdo_lightning import demo
 from drdo_lightning.data import load_tokenizer, read_rows
 from drdo_lightning.errors import UserError, require_pretrained
 from drdo_lightning.experiments import (
-    DISTINCT, FLIP_SEED, EvalSettings, Evaluator, aggregate, cell_text, measure_label, noisy_judges, run_cell, write_csv,
+    DISTINCT, FLIP_SEED, EvalSettings, Evaluator, aggregate, cell_text, measure_label, noisy_judges,
+    plot_against_flip_rate, run_cell, write_csv,
 )
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.modules import ReferenceModule
@@ -225,7 +226,8 @@ def compare(
     """Tune every method on held-out prompts at flip 0, then evaluate the chosen settings at every
     flip rate with every seed (module docstring). Writes under ``out``: ``tuning.md``/``.csv``
     (every tuned setting), ``cells.csv``, ``comparison.csv`` and ``comparison.md`` (means over
-    seeds with 95% t-intervals, per temperature and pooled), and ``timing.json``.
+    seeds with 95% t-intervals, per temperature and pooled), ``comparison.png`` (pooled means against
+    the flip rate) and ``timing.json``.
 
     Args:
         methods: Student recipes to compare.
@@ -313,6 +315,9 @@ def compare(
     table = _comparison_table(summary, methods, flip_rates, [*evaluation.judges, DISTINCT],
                               evaluation.temperatures, reference["evaluation"], chosen, accuracy)
     (root / "comparison.md").write_text(table + "\n")
+    pooled = [s for s in summary if s["temperature"] == "all"]
+    start = {k: s["mean"] for k, s in reference["evaluation"].items()}
+    plot_against_flip_rate(pooled, methods, [*evaluation.judges, DISTINCT], start, root / "comparison.png")
     (root / "timing.json").write_text(json.dumps({"seconds_this_invocation": time.perf_counter() - began,
                                                   "jobs": jobs, "threads": threads}))
     print(tuning_table + "\n\n" + table)

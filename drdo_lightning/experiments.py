@@ -274,7 +274,7 @@ def robustness(
     write_csv(summary, root / "robustness.csv")
     reference = {judge: s["mean"] for judge, s in start["scores"].items()}
     measures = [*evaluation.judges, DISTINCT]
-    _plot_robustness(summary, methods, measures, reference, root / "robustness.png")
+    plot_against_flip_rate(summary, methods, measures, reference, root / "robustness.png")
     table = _robustness_table(summary, methods, flip_rates, measures, reference, judge_accuracy)
     (root / "robustness.md").write_text(table + "\n")
     print(table)
@@ -320,7 +320,9 @@ def _robustness_table(summary, methods, flip_rates, judges, reference, judge_acc
     return "\n".join(lines).rstrip()
 
 
-def _plot_robustness(summary, methods, judges, reference, path: Path) -> None:
+def plot_against_flip_rate(summary, methods, judges, reference, path: Path) -> None:
+    """Each judge's mean over seeds (95% t-interval) against the flip rate, a line per method; the
+    starting policy as a dashed line. ``summary`` rows: :func:`aggregate` by flip rate and method."""
     fig = new_figure(figsize=(5 * len(judges), 3.8), layout="constrained")
     for ax, judge in zip(fig.subplots(1, len(judges), squeeze=False)[0], judges):
         for k, method in enumerate(methods):

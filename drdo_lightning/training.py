@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from drdo_lightning.data import PreferenceDataModule
 from drdo_lightning.export import ExportHuggingFace
+from drdo_lightning.free_cores import FollowFreeCores
 from drdo_lightning.modules import PreferenceModule
 from drdo_lightning.recipes import expand_config_args, resolve_run_dir
 from drdo_lightning.safety import CheckpointOnSigterm, NonFiniteGuard, unreadable_checkpoint
@@ -40,6 +41,8 @@ class DRDOCLI(LightningCLI):
         parser.link_arguments("model.init_args.model", "data.tokenizer")
         # Always on: non-finite steps are skipped and counted; --non_finite.max_consecutive in a row stop the run.
         parser.add_lightning_class_args(NonFiniteGuard, "non_finite")
+        # Always on: on CPU, torch's thread count follows the cores other processes leave free.
+        parser.add_lightning_class_args(FollowFreeCores, "cpu_threads")
 
     def parse_arguments(self, parser, args) -> None:
         # The whole command line comes in ``args``; LightningCLI would warn whenever sys.argv holds

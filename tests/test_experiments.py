@@ -258,6 +258,7 @@ def test_compare_tunes_on_held_out_prompts_then_runs_flips_and_seeds(tmp_path, t
     assert {s["judge"] for s in summary} == {"gold", "distinct_2", "reward_corr"}
     for heading in ("gold reward", "distinct-2 of the generations", "reward-margin correlation"):
         assert heading in table
+    assert (out / "comparison.png").read_bytes().startswith(b"\x89PNG")
 
     # Resuming redoes nothing.
     monkeypatch.setattr(experiments, "run_fit", lambda *a, **k: pytest.fail("retrained a finished cell"))
