@@ -223,8 +223,9 @@ def compare(
     threads: int = 1,
     overrides: dict[str, Any] | None = None,
 ) -> str:
-    """Tune every method on held-out prompts at flip 0, then evaluate the chosen settings at every
-    flip rate with every seed (module docstring). Writes under ``out``: ``tuning.md``/``.csv``
+    """Tune every method on held-out prompts at flip 0, then run the chosen ones at each flip rate and seed.
+
+    The protocol is the module docstring's. Writes under ``out``: ``tuning.md``/``.csv``
     (every tuned setting), ``cells.csv``, ``comparison.csv`` and ``comparison.md`` (means over
     seeds with 95% t-intervals, per temperature and pooled), ``comparison.png`` (pooled means against
     the flip rate) and ``timing.json``.
