@@ -1,10 +1,5 @@
 """DRDO (Direct Reward Distillation and policy-Optimization) and its baselines in Lightning."""
 
-# First, before anything imports torch: how its OpenMP threads wait (libgomp reads that once, at load).
-from drdo_lightning import threads
-
-threads.configure()
-
 from drdo_lightning.data import PreferenceDataModule
 from drdo_lightning.export import ExportHuggingFace
 from drdo_lightning.models import CausalLMWithRewardHead

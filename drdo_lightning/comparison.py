@@ -79,7 +79,8 @@ def _evaluator(settings: EvalSettings) -> Evaluator:
 def _cell(root: Path, settings: EvalSettings, configs: list[str] | None, overrides: dict[str, Any] | None = None,
           policy: str | None = None, teacher_pairs: str | None = None, spec: DataSpec | None = None) -> dict:
     """:func:`experiments.run_cell`, plus the student/teacher reward-margin correlation on ``teacher_pairs``."""
-    result = run_cell(root, _evaluator(settings), configs, overrides, policy)
+    finished = (root / "scores.json").is_file()  # read back without loading the judges
+    result = run_cell(root, None if finished else _evaluator(settings), configs, overrides, policy)
     if teacher_pairs is not None and CORRELATION not in result["scores"]:
         corr = margin_correlation(root / "export", teacher_pairs, root / "student_scores.jsonl", spec or DataSpec())
         result["scores"][CORRELATION] = {"mean": corr, "by_temperature": []}

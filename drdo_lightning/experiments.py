@@ -106,12 +106,12 @@ class Evaluator:
         return measures
 
 
-def run_cell(root: Path, evaluator: Evaluator, configs: list[str] | None, overrides: dict[str, Any] | None = None,
+def run_cell(root: Path, evaluator: Evaluator | None, configs: list[str] | None, overrides: dict[str, Any] | None = None,
               policy: str | None = None) -> dict[str, Any]:
     """Train ``configs`` with ``overrides`` into ``root`` (or take ``policy`` as is) and evaluate the result.
 
-    A finished cell (``root/scores.json``) is read back; an unfinished one is wiped and redone, so a
-    resumed sweep never mixes two runs' logs.
+    A finished cell (``root/scores.json``) is read back (``evaluator`` may then be None); an
+    unfinished one is wiped and redone, so a resumed sweep never mixes two runs' logs.
     """
     done = root / "scores.json"
     if done.is_file():

@@ -23,11 +23,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from drdo_lightning.threads import OFF_VALUES
 
 log = logging.getLogger(__name__)
 
 PROC_STAT = Path("/proc/stat")
+OFF_VALUES = ("off", "0", "false", "no")  # of DRDO_THREADS
 # /proc/stat fields of the "cpu" line that count as busy (user, nice, system, irq, softirq, steal);
 # idle and iowait do not.
 BUSY_FIELDS = (0, 1, 2, 5, 6, 7)
@@ -90,11 +90,13 @@ class FollowFreeCores(L.Callback):
     def _active(self, trainer: L.Trainer) -> bool:
         return self.enabled and trainer.strategy.root_device.type == "cpu" and self._last is not None
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._most = torch.get_num_threads()
         self._last = sample()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The first look covers the set-up since fit started (this process's own work is subtracted).
         if self._active(trainer) and self._most > 1:
-            time.sleep(0.2)  # a first look, while this process is idle: what the others use
             self._follow()
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:

@@ -1,11 +1,9 @@
-"""How torch's OpenMP threads wait (``drdo_lightning/threads.py``): a finite ``GOMP_SPINCOUNT``, set
-before torch loads, only where the user chose nothing and did not opt out. No timings here;
-``benchmarks/shared_machine.py`` measures them."""
+"""FollowFreeCores: torch's thread count follows the cores other processes leave free (no timings
+here; ``benchmarks/shared_machine.py`` measures them), and that benchmark's settings and targets."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,68 +12,8 @@ import pytest
 import torch
 
 from drdo_lightning import free_cores as free_cores_module
-from drdo_lightning import threads
 
 ROOT = Path(__file__).resolve().parents[1]
-CLEARED = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "DRDO_THREADS")
-
-# Notes GOMP_SPINCOUNT at the moment torch is first imported: what libgomp reads when it loads.
-PROBE = """
-import os, sys
-seen = []
-class Spy:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" and not seen:
-            seen.append(os.environ.get("GOMP_SPINCOUNT"))
-sys.meta_path.insert(0, Spy())
-import drdo_lightning
-print(seen[0], os.environ.get("GOMP_SPINCOUNT"))
-"""
-
-
-def probe(**user: str) -> list[str]:
-    env = {k: v for k, v in os.environ.items() if k not in CLEARED} | user
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
-    return done.stdout.split()
-
-
-def test_importing_the_package_sets_the_spin_count_before_torch_loads():
-    assert probe() == [str(threads.SPIN_COUNT)] * 2
-
-
-@pytest.mark.parametrize("user", [{"GOMP_SPINCOUNT": "5"}, {"OMP_WAIT_POLICY": "PASSIVE"}, {"DRDO_THREADS": "off"}])
-def test_the_users_choice_and_the_opt_out_are_left_alone(user):
-    expected = user.get("GOMP_SPINCOUNT", "None")
-    assert probe(**user) == [expected, expected]
-
-
-@pytest.fixture
-def torch_not_loaded(monkeypatch):
-    monkeypatch.delitem(sys.modules, "torch", raising=False)
-
-
-@pytest.mark.usefixtures("torch_not_loaded")
-@pytest.mark.parametrize("user, why", [
-    ({}, None),
-    ({"OMP_NUM_THREADS": "1"}, None),  # the number of threads is the user's; how they wait is not
-    ({"GOMP_SPINCOUNT": "0"}, "GOMP_SPINCOUNT set by the user"),
-    ({"OMP_WAIT_POLICY": "active"}, "OMP_WAIT_POLICY set by the user"),
-    ({"DRDO_THREADS": "off"}, "DRDO_THREADS=off"),
-    ({"DRDO_THREADS": "OFF", "GOMP_SPINCOUNT": "7"}, "DRDO_THREADS=off"),
-])
-def test_configure(user, why):
-    environ = dict(user)
-    assert threads.configure(environ) == why
-    assert environ == (user | {"GOMP_SPINCOUNT": str(threads.SPIN_COUNT)} if why is None else user)
-
-
-def test_configure_does_nothing_once_torch_is_loaded():
-    import torch  # noqa: F401  (already loaded by the package here)
-
-    environ: dict[str, str] = {}
-    assert "torch was imported" in threads.configure(environ)
-    assert environ == {}
 
 
 def test_the_benchmarks_settings_and_targets():
@@ -134,10 +72,10 @@ def test_follow_free_cores_drops_to_the_free_cores_and_restores_at_the_end(monke
         return free_cores_module.Sample(clock["busy"], own=0.0, wall=clock["wall"])
 
     monkeypatch.setattr(free_cores_module, "sample", fake_sample)
-    monkeypatch.setattr(free_cores_module.time, "sleep", lambda s: None)
     monkeypatch.setattr(free_cores_module.os, "cpu_count", lambda: 2)
     try:
         callback = free_cores_module.FollowFreeCores(every_n_steps=5)
+        callback.on_fit_start(_cpu_trainer(), None)
         callback.on_train_start(_cpu_trainer(), None)  # the first look: 1.8 cores busy elsewhere
         assert torch.get_num_threads() == 1
         callback.on_train_batch_end(_cpu_trainer(step=3))  # not a step to look at
