@@ -3,7 +3,7 @@
 A parallel region of torch's CPU kernels ends at a barrier that waits for its slowest thread. When
 another process holds a core, the thread on that core runs a time slice at a time and every
 barrier waits for it; on 2 cores next to two busy processes the DRDO job on the embedded default
-ran 10x slower than alone (docs/performance.md, "Shared machines"). With one thread per free
+ran 12x slower than alone (docs/performance.md, "Shared machines"). With one thread per free
 core there is nobody to wait for. :class:`FollowFreeCores` measures, from ``/proc/stat``, how much
 CPU time the rest of the machine used since it last looked, and sets ``torch.set_num_threads`` to
 the cores left (never more than the count the run started with, never fewer than one).
