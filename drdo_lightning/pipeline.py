@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 import statistics
 from dataclasses import dataclass
@@ -19,11 +18,13 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
 from drdo_lightning import demo
 from drdo_lightning.data import read_rows
 from drdo_lightning.errors import require_pretrained
 from drdo_lightning.evaluation import evaluate
+from drdo_lightning.models import REWARD_HEAD_FILE
 from drdo_lightning.scoring import score
 from drdo_lightning.training import FitResult, run_fit
 
@@ -83,19 +84,24 @@ def scored_files(work: Path) -> dict[str, Path]:
     return {split: work / "data" / f"{split}.scored.jsonl" for split in ("train", "val")}
 
 
+# Shards of a stored model stay under this size, so no file of the repository grows large.
+SHARD_SIZE = "4MB"
+
+
 def store_in_bf16(model_dir: Path) -> None:
-    """Rewrite an exported model's floating-point weights in bfloat16, in place (half the bytes).
+    """Rewrite an exported model's weights in bfloat16, in place (half the bytes), in shards of at
+    most :data:`SHARD_SIZE` (transformers' sharded format: it loads them as one model).
 
     Loading keeps bfloat16 (transformers reads ``dtype`` from the config); :func:`scoring.load_scorer`
     computes in float32 on CPU.
     """
-    for weights in model_dir.glob("*.safetensors"):
-        tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(weights).items()}
-        save_file(tensors, weights, metadata={"format": "pt"})
-    config_file = model_dir / "config.json"
-    config = json.loads(config_file.read_text())
-    config["dtype"] = "bfloat16"
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    for old in [*model_dir.glob("model*.safetensors"), *model_dir.glob("model.safetensors.index.json")]:
+        old.unlink()
+    lm.save_pretrained(model_dir, max_shard_size=SHARD_SIZE)
+    head = model_dir / REWARD_HEAD_FILE
+    if head.is_file():
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(head).items()}, head, metadata={"format": "pt"})
 
 
 def train_judges_and_score(

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
 from conftest import fit_argv
 from test_cli import read_metrics, series
-from transformers import AutoModelForSequenceClassification, GPTNeoXConfig, Qwen2Config
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPTNeoXConfig, Qwen2Config
 
 from drdo_lightning.cli import main
 from drdo_lightning.evaluation import RewardModelJudge
+from drdo_lightning.scoring import load_scorer
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -78,3 +80,23 @@ def test_score_and_judge_read_a_public_reward_model_and_drdo_trains_on_its_score
                   "--data.rejected_score_column", "rm_rejected", "--trainer.max_steps", "2"))
     assert len(series(read_metrics(tmp_path / "drdo"), "train/distillation")) == 2
 
+
+
+def test_store_in_bf16_halves_the_weights_and_scores_as_the_rounded_model(tmp_path, tiny_model_dir):
+    from drdo_lightning.models import CausalLMWithRewardHead
+    from drdo_lightning.pipeline import store_in_bf16
+
+    torch.manual_seed(0)
+    model = CausalLMWithRewardHead.from_pretrained(tiny_model_dir)
+    model.save_pretrained(tmp_path / "fp32", tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
+    shutil.copytree(tmp_path / "fp32", tmp_path / "bf16")
+    store_in_bf16(tmp_path / "bf16")
+    size = lambda d: sum(p.stat().st_size for p in (tmp_path / d).glob("*.safetensors"))
+    assert size("bf16") < 0.6 * size("fp32")
+    rounded, _ = load_scorer(str(tmp_path / "fp32"))
+    for p in rounded.parameters():
+        p.data = p.data.to(torch.bfloat16).float()
+    stored, _ = load_scorer(str(tmp_path / "bf16"))
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(stored.rewards(ids, mask), rounded.rewards(ids, mask))
