@@ -296,8 +296,7 @@ def compare(
 
         tuned_runs = {(m, setting_name(s)): (s, student(0.0, tuning_seed, m, s, root / "tuning" / m / setting_name(s), tuning))
                       for m in methods for s in settings_of(m, grid[m], learning_rates)}
-        tuned = [{"method": m, "setting": s, "gold": f.result()["scores"]["gold"]["mean"],
-                  **{k: v["mean"] for k, v in f.result()["scores"].items()}}
+        tuned = [{"method": m, "setting": s, **{k: v["mean"] for k, v in f.result()["scores"].items()}}
                  for (m, _), (s, f) in tuned_runs.items()]
         chosen = {m: choose(m, [t for t in tuned if t["method"] == m], distill_tolerance)["setting"] for m in methods}
         final = [(rate, seed, m, student(rate, seed, m, chosen[m], root / f"flip_{rate}" / f"seed_{seed}" / m, evaluation))
