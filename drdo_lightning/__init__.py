@@ -3,13 +3,21 @@
 from drdo_lightning.data import PreferenceDataModule
 from drdo_lightning.export import ExportHuggingFace
 from drdo_lightning.models import CausalLMWithRewardHead
-from drdo_lightning.modules import DPO, DRDO, EDPO, IPO, SFT, Distill, OracleRewardModel, PreferenceModule, ReferenceModule
+from drdo_lightning.modules import (
+    CDPO, DPO, DRDO, EDPO, IPO, ORPO, RDPO, RPO, SFT, Distill, OracleRewardModel, PreferenceModule, ReferenceModule,
+    SimPO,
+)
 
 __all__ = [
+    "CDPO",
     "DPO",
     "DRDO",
     "EDPO",
     "IPO",
+    "ORPO",
+    "RDPO",
+    "RPO",
+    "SimPO",
     "Distill",
     "ReferenceModule",
     "SFT",

@@ -132,6 +132,28 @@ def preference_log_term(
     raise ValueError(f"unknown preference form {form!r}; one of {PREFERENCE_FORMS}")
 
 
+DISTILL_FORMS = ("mse", "bt_soft")
+
+
+def reward_distillation(oracle_margin: Tensor, student_margin: Tensor, form: str = "mse") -> Tensor:
+    """DRDO's distillation term per pair, from the Oracle's margin ``Δr* = r*_w - r*_l`` and the student's ``Δr̂``.
+
+    - ``"mse"``, paper Eq. 6's first term: ``(Δr* - Δr̂)^2``, a regression of the margins.
+    - ``"bt_soft"``: the Bradley-Terry cross-entropy with the Oracle's preference probability
+      ``q = sigmoid(Δr*)`` as a soft label, ``-[q log sigmoid(Δr̂) + (1 - q) log sigmoid(-Δr̂)]``
+      (reward distillation as in Fisch et al. 2024, read as matching preference distributions). Its
+      gradient in ``Δr̂`` is ``sigmoid(Δr̂) - q``: bounded, so an Oracle margin that is large but
+      uncertain pulls no harder than a confident one; with a saturated Oracle (``q -> 1``) it is
+      :func:`bradley_terry_loss` of the student's rewards. The minimum is the entropy of ``q``, not 0.
+    """
+    if form == "mse":
+        return (oracle_margin - student_margin).square()
+    if form == "bt_soft":
+        q = torch.sigmoid(oracle_margin)
+        return -(q * F.logsigmoid(student_margin) + (1.0 - q) * F.logsigmoid(-student_margin))
+    raise ValueError(f"unknown distillation form {form!r}; one of {DISTILL_FORMS}")
+
+
 class DRDOTerms(NamedTuple):
     """The two parts of paper Eq. 6, per pair, the preference probability ``p_w``, and the loss
     ``distill_weight * distillation + preference``."""
@@ -156,11 +178,15 @@ def drdo_terms(
     distill_weight: float = 1.0,
     preference_form: str = "paper",
     rejected_token_unlikelihood: Tensor | None = None,
+    distill_form: str = "mse",
 ) -> DRDOTerms:
     """Both terms of the DRDO loss (paper Eq. 6) and their weighted sum, unreduced.
 
-    distillation = (r*(x,y_w) - r*(x,y_l) - (r̂_w - r̂_l))^2
+    distillation = (r*(x,y_w) - r*(x,y_l) - (r̂_w - r̂_l))^2     (distill_form "mse", the paper's)
     preference   = -alpha * (1 - p_w)^gamma * u,  p_w = sigmoid(z_w - z_l)
+
+    ``distill_form="bt_soft"`` replaces the squared regression by a cross-entropy against the
+    Oracle's Bradley-Terry probability (:func:`reward_distillation`).
 
     ``u`` is :func:`preference_log_term` of ``preference_form``; the default, ``"paper"``, is Eq. 6
     as printed, ``u = z_w - log(1 - exp(z_l))``. The focal weight ``(1 - p_w)^gamma`` is
@@ -169,9 +195,9 @@ def drdo_terms(
     ``pi(y_w|x) > 1 - pi(y_l|x)``. ``detach_focal=True`` treats it as a constant weight.
     ``distill_weight`` scales the distillation term (the paper's is 1; 0 for ablations).
     """
-    oracle_margin = oracle_chosen_rewards - oracle_rejected_rewards
-    student_margin = chosen_rewards - rejected_rewards
-    distillation = (oracle_margin - student_margin).square()
+    distillation = reward_distillation(
+        oracle_chosen_rewards - oracle_rejected_rewards, chosen_rewards - rejected_rewards, distill_form
+    )
 
     p_chosen = torch.sigmoid(chosen_logps - rejected_logps)
     focal = (1.0 - p_chosen).pow(gamma)
@@ -243,6 +269,49 @@ def dpo_loss(
     return -F.logsigmoid(beta * policy_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps))
 
 
+def cdpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    label_smoothing: float = 0.1,
+) -> Tensor:
+    """Conservative DPO (cDPO; Mitchell 2023, "A note on DPO with noisy preferences"), per pair.
+
+    ``(1 - eps) * -log sigmoid(beta h) + eps * -log sigmoid(-beta h)``: DPO against labels that are
+    right with probability ``1 - eps``. The loss is minimal at a finite margin ``beta h = log((1 - eps) / eps)``,
+    so no pair is pushed apart without bound. ``eps = 0`` is :func:`dpo_loss`. TRL 1.16's sigmoid
+    DPO loss no longer reads ``label_smoothing``; OpenRLHF's and torchtune's DPO losses do.
+    """
+    logits = beta * policy_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def rdpo_loss(
+    chosen_logps: Tensor,
+    rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    *,
+    beta: float = 0.1,
+    flip_rate: float = 0.1,
+) -> Tensor:
+    """Robust DPO (rDPO; Chowdhury, Kini & Natarajan, ICML 2024, Eq. 8), per pair.
+
+    ``[(1 - eps) * l(h) - eps * l(-h)] / (1 - 2 eps)`` with ``l(h) = -log sigmoid(beta h)`` and
+    ``eps < 1/2`` the rate at which labels are flipped: an unbiased estimate of the DPO loss on the
+    clean labels (its expectation over the flip equals ``l`` of the true order). Unlike cDPO it is
+    not bounded below. ``eps = 0`` is :func:`dpo_loss`; TRL 1.16 ``loss_type="robust"`` with
+    ``label_smoothing=eps``.
+    """
+    if not 0.0 <= flip_rate < 0.5:
+        raise ValueError(f"rDPO's flip_rate must lie in [0, 0.5), not {flip_rate}")
+    logits = beta * policy_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return (-(1.0 - flip_rate) * F.logsigmoid(logits) + flip_rate * F.logsigmoid(-logits)) / (1.0 - 2.0 * flip_rate)
+
+
 def ipo_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor,
@@ -306,3 +375,53 @@ def edpo_loss(
         beta=beta,
     ).mean(0)
     return per_member.max()
+
+
+# ---------------------------------------------------------------------------------------
+# Reference-free baselines
+
+
+def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float = 2.0, gamma: float = 1.0) -> Tensor:
+    """SimPO (Meng, Xia & Chen 2024, Eq. 6), per pair: ``-log sigmoid(beta (z̄_w - z̄_l) - gamma)``.
+
+    ``z̄`` is the *mean* token log-prob of a response (the length-normalised reward
+    ``(beta / |y|) log pi(y|x)``), ``gamma`` a target reward margin; no reference model. Paper:
+    beta 2 to 2.5, ``gamma / beta`` about 0.5. TRL: ``CPOTrainer`` with ``loss_type="simpo"``,
+    ``simpo_gamma = gamma`` and ``cpo_alpha = 0``.
+    """
+    return -F.logsigmoid(beta * (chosen_logps - rejected_logps) - gamma)
+
+
+NLL_REDUCTIONS = ("sequence", "token")
+
+
+def chosen_nll(logps_sum: Tensor, token_counts: Tensor, reduction: str = "sequence") -> Tensor:
+    """Negative log-likelihood of the chosen responses, a scalar, from their summed log-probs ``[B]``
+    and token counts ``[B]``.
+
+    - ``"sequence"``: ``mean_b (-z_b / n_b)``, each response's mean token NLL, then the batch mean
+      (every pair weighs the same, whatever its length; the same on any split of the batch).
+    - ``"token"``: ``-sum_b z_b / sum_b n_b``, the mean over every chosen token of the batch (TRL's
+      DPO ``"sft"`` term, its ORPO and CPO NLL): long responses weigh more, and a batch split across
+      processes averages per-process means, which differs from one process's value.
+    """
+    if reduction == "sequence":
+        return -(logps_sum / token_counts).mean()
+    if reduction == "token":
+        return -logps_sum.sum() / token_counts.sum()
+    raise ValueError(f"unknown NLL reduction {reduction!r}; one of {NLL_REDUCTIONS}")
+
+
+def log_odds(logps: Tensor) -> Tensor:
+    """``log(P / (1 - P))`` of a probability given as its log, ``logps = log P < 0``."""
+    return logps - log1mexp(logps)
+
+
+def odds_ratio_loss(chosen_logps: Tensor, rejected_logps: Tensor) -> Tensor:
+    """ORPO's odds-ratio term (Hong, Lee & Thorne 2024, Eq. 7), per pair: ``-log sigmoid(log odds_w - log odds_l)``.
+
+    ``odds(y) = P(y|x) / (1 - P(y|x))`` with ``P`` the length-averaged probability
+    ``exp(z̄)``, ``z̄`` the mean token log-prob. ORPO's loss is an NLL on the chosen response plus
+    ``lambda`` times this (:class:`drdo_lightning.ORPO`); TRL's ``ORPOTrainer`` calls ``lambda`` beta.
+    """
+    return -F.logsigmoid(log_odds(chosen_logps) - log_odds(rejected_logps))

@@ -214,7 +214,8 @@ class CausalLMWithRewardHead(nn.Module):
         *,
         average: bool = False,
         token_unlikelihood: bool = False,
-    ) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
+        prompt_logps: bool = False,
+    ) -> tuple[Tensor, ...]:
         """Response log-probs ``z = log pi(y|x)`` ``[B]`` and rewards ``[B]`` (None without a head), one backbone pass.
 
         The same values as ``losses.sequence_logps(self(input_ids, attention_mask).logits, labels)``
@@ -227,27 +228,39 @@ class CausalLMWithRewardHead(nn.Module):
         With ``token_unlikelihood=True`` a third value follows: ``sum_t log(1 - p(y_t))`` ``[B]``
         over the same response tokens (their mean with ``average``), from the same token log-probs
         (the token-level unlikelihood of DRDO's ``token_unlikelihood`` preference form).
+
+        With ``prompt_logps=True`` the last value is the *sum* of the log-probs of the prompt tokens
+        (every attended token that is not a response token, but the first, which nothing predicts)
+        ``[B]``, from the same forward: what an NLL over the whole sequence adds to the response's
+        (TRL's ORPO convention). The prompt positions are then projected onto the vocabulary too.
         """
         predicts = torch.zeros_like(attention_mask, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
+        predicts_prompt = torch.zeros_like(predicts)
+        if prompt_logps:
+            predicts_prompt[:, :-1] = attention_mask[:, 1:].bool() & ~predicts[:, :-1]
         last = self._last_token_mask(attention_mask)
-        keep = predicts | last if self.reward_head is not None else predicts
+        keep = predicts | predicts_prompt
+        keep = keep | last if self.reward_head is not None else keep
         logits, hidden = self._head_path(input_ids, attention_mask, keep=keep)
         rewards = self._rewards(hidden[last[keep]]) if self.reward_head is not None else None
         # Every kept row gets a target (0 where it predicts nothing) and is then weighted by
         # whether it predicts: selecting the predicting rows instead would copy the logits.
-        targets = labels.roll(-1, dims=1).clamp(min=0)[keep]
+        targets = torch.where(labels != -100, labels, input_ids if prompt_logps else 0).roll(-1, dims=1)[keep]
         token = losses.token_logps(logits, targets)
-        rows, weight = keep.nonzero()[:, 0], predicts[keep]
+        rows = keep.nonzero()[:, 0]
         count = predicts.sum(-1).clamp(min=1) if average else None
 
-        def per_row(values: Tensor) -> Tensor:
+        def per_row(values: Tensor, weight: Tensor = predicts[keep], mean: bool = average) -> Tensor:
             total = values.new_zeros(labels.shape[0]).index_add(0, rows, values * weight)
-            return total / count if average else total
+            return total / count if mean else total
 
+        out = [per_row(token), rewards]
         if token_unlikelihood:
-            return per_row(token), rewards, per_row(losses.log1mexp(token))
-        return per_row(token), rewards
+            out.append(per_row(losses.log1mexp(token)))
+        if prompt_logps:
+            out.append(per_row(token, predicts_prompt[keep], mean=False))
+        return tuple(out)
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write the model (and tokenizer) to ``path`` atomically: a temp dir, then a rename.

@@ -36,6 +36,11 @@ class PairOutputs(NamedTuple):
     rejected_rewards: Tensor | None
     # sum_t log(1 - p(y_l,t)) (mean with average_logps), only for objectives that ask for it
     rejected_token_unlikelihood: Tensor | None = None
+    chosen_lengths: Tensor | None = None  # response tokens of y_w (at least 1), as averages divide by
+    rejected_lengths: Tensor | None = None
+    # sum of the prompt tokens' log-probs and their count, for an NLL over the whole chosen sequence
+    chosen_prompt_logps: Tensor | None = None
+    chosen_prompt_lengths: Tensor | None = None
 
 
 class PreferenceModule(L.LightningModule):
@@ -65,6 +70,7 @@ class PreferenceModule(L.LightningModule):
     uses_rejected: bool = True
     uses_reward_head: bool = False
     uses_token_unlikelihood: bool = False
+    uses_prompt_logps: bool = False
 
     def __init__(
         self,
@@ -129,18 +135,34 @@ class PreferenceModule(L.LightningModule):
         attention_mask = torch.cat([batch[f"{s}_attention_mask"] for s in self.sides])
         labels = torch.cat([batch[f"{s}_labels"] for s in self.sides])
         # Logits only at response positions (models.CausalLMWithRewardHead.sequence_logps).
-        logps, rewards, *unlikelihood = model.sequence_logps(
+        logps, rewards, *extra = model.sequence_logps(
             input_ids, attention_mask, labels, average=self.hparams.average_logps,
-            token_unlikelihood=self.uses_token_unlikelihood,
+            token_unlikelihood=self.uses_token_unlikelihood, prompt_logps=self.uses_prompt_logps,
         )
+        unlikelihood = extra.pop(0) if self.uses_token_unlikelihood else None
+        prompt = extra.pop(0) if self.uses_prompt_logps else None
+        lengths = (labels[:, 1:] != -100).sum(-1).clamp(min=1)
         n = batch["chosen_input_ids"].shape[0]
         return PairOutputs(
             chosen_logps=logps[:n],
             rejected_logps=logps[n:] if self.uses_rejected else None,
             chosen_rewards=rewards[:n] if rewards is not None else None,
             rejected_rewards=rewards[n:] if rewards is not None and self.uses_rejected else None,
-            rejected_token_unlikelihood=unlikelihood[0][n:] if unlikelihood else None,
+            rejected_token_unlikelihood=unlikelihood[n:] if unlikelihood is not None else None,
+            chosen_lengths=lengths[:n],
+            rejected_lengths=lengths[n:] if self.uses_rejected else None,
+            chosen_prompt_logps=prompt[:n] if prompt is not None else None,
+            chosen_prompt_lengths=attention_mask[:n, 1:].sum(-1) - lengths[:n] if prompt is not None else None,
         )
+
+    def chosen_nll(self, out: PairOutputs, reduction: str) -> Tensor:
+        """The chosen responses' NLL (:func:`losses.chosen_nll`), over their prompts too when the
+        objective asked for prompt log-probs (``uses_prompt_logps``)."""
+        total = out.chosen_logps * out.chosen_lengths if self.hparams.average_logps else out.chosen_logps
+        count = out.chosen_lengths
+        if out.chosen_prompt_logps is not None:
+            total, count = total + out.chosen_prompt_logps, count + out.chosen_prompt_lengths
+        return losses.chosen_nll(total, count, reduction)
 
     def objective(self, batch: dict[str, Tensor], out: PairOutputs, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         """Return the scalar loss and extra metrics for this batch. Implemented by subclasses."""
@@ -292,6 +314,9 @@ class DRDO(PreferenceModule):
             ``distill_balance_weight`` and ``preference_balance_weight``. ``alpha`` and
             ``distill_weight`` then cancel out (each term is linear in its weight).
         balance_momentum: Momentum of the running means of the gradient norms.
+        distill_form: The distillation term (:func:`losses.reward_distillation`): ``mse``, the
+            paper's squared regression of the reward margins; ``bt_soft``, the cross-entropy between
+            the Oracle's Bradley-Terry probability ``sigmoid(Δr*)`` and the student's ``sigmoid(Δr̂)``.
     """
 
     uses_reward_head = True
@@ -306,10 +331,13 @@ class DRDO(PreferenceModule):
         preference_form: Literal["paper", "corrected", "token_unlikelihood"] = "paper",
         balance_terms: bool = False,
         balance_momentum: float = 0.9,
+        distill_form: Literal["mse", "bt_soft"] = "mse",
         **kwargs,
     ) -> None:
         super().__init__(model, **kwargs)
         self.save_hyperparameters()
+        if distill_form not in losses.DISTILL_FORMS:
+            raise ValueError(f"distill_form must be one of {losses.DISTILL_FORMS}, not {distill_form!r}")
         if preference_form not in losses.PREFERENCE_FORMS:
             raise ValueError(f"preference_form must be one of {losses.PREFERENCE_FORMS}, not {preference_form!r}")
         if balance_terms and (alpha == 0 or distill_weight == 0):
@@ -360,6 +388,7 @@ class DRDO(PreferenceModule):
             distill_weight=self.hparams.distill_weight,
             preference_form=self.hparams.preference_form,
             rejected_token_unlikelihood=out.rejected_token_unlikelihood,
+            distill_form=self.hparams.distill_form,
         )
         student_margin = (out.chosen_rewards - out.rejected_rewards).detach()
         corr = getattr(self, f"{stage}_reward_corr")
@@ -541,6 +570,8 @@ class ReferenceModule(PreferenceModule):
 class DPO(ReferenceModule):
     """Direct Preference Optimization (paper Eq. 3).
 
+    Its variants (cDPO, rDPO, RPO) change only :meth:`pair_loss` or add a term.
+
     Args:
         beta: Inverse temperature of the implicit reward (paper: 0.1).
     """
@@ -549,10 +580,75 @@ class DPO(ReferenceModule):
         super().__init__(model, **kwargs)
         self.save_hyperparameters()
 
+    def pair_loss(self, out: PairOutputs, ref: tuple[Tensor, Tensor]) -> Tensor:
+        """The per-pair loss on the log-ratio margin ``h``: DPO's ``-log sigmoid(beta h)``."""
+        return losses.dpo_loss(out.chosen_logps, out.rejected_logps, *ref, beta=self.hparams.beta)
+
     def objective(self, batch, out, stage):
         ref = self.reference_logps(batch)
-        loss = losses.dpo_loss(out.chosen_logps, out.rejected_logps, *ref, beta=self.hparams.beta).mean()
-        return loss, self.margin_metrics(out, ref, self.hparams.beta)
+        return self.pair_loss(out, ref).mean(), self.margin_metrics(out, ref, self.hparams.beta)
+
+
+class CDPO(DPO):
+    """Conservative DPO (Mitchell 2023): DPO with label smoothing (:func:`losses.cdpo_loss`).
+
+    Args:
+        beta: Inverse temperature of the implicit reward.
+        label_smoothing: ``eps``, the probability that a label is wrong; 0 is DPO.
+    """
+
+    def __init__(self, model: str, label_smoothing: float = 0.1, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self.save_hyperparameters()
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must lie in [0, 0.5), not {label_smoothing}")
+
+    def pair_loss(self, out, ref):
+        return losses.cdpo_loss(out.chosen_logps, out.rejected_logps, *ref, beta=self.hparams.beta,
+                                label_smoothing=self.hparams.label_smoothing)
+
+
+class RDPO(DPO):
+    """Robust DPO (Chowdhury, Kini & Natarajan 2024): the unbiased DPO loss under a known flip rate
+    (:func:`losses.rdpo_loss`; TRL's ``loss_type="robust"``).
+
+    Args:
+        beta: Inverse temperature of the implicit reward.
+        flip_rate: ``eps < 0.5``, the rate at which labels are flipped; 0 is DPO.
+    """
+
+    def __init__(self, model: str, flip_rate: float = 0.1, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self.save_hyperparameters()
+        if not 0.0 <= flip_rate < 0.5:
+            raise ValueError(f"flip_rate must lie in [0, 0.5), not {flip_rate}")
+
+    def pair_loss(self, out, ref):
+        return losses.rdpo_loss(out.chosen_logps, out.rejected_logps, *ref, beta=self.hparams.beta,
+                                flip_rate=self.hparams.flip_rate)
+
+
+class RPO(DPO):
+    """DPO plus an NLL term on the chosen response (RPO, Pang et al. 2024; TRL's
+    ``loss_type=["sigmoid", "sft"]``): ``DPO + nll_weight * NLL(y_w)``, which keeps the chosen
+    response's likelihood from falling while the margin grows.
+
+    Args:
+        beta: Inverse temperature of the implicit reward.
+        nll_weight: Weight of the NLL term (RPO: 1; TRL's ``loss_weights[1]``).
+        nll_reduction: ``sequence``, the mean over pairs of each response's mean token NLL; ``token``,
+            the mean over all chosen tokens of the batch, TRL's (:func:`losses.chosen_nll`).
+    """
+
+    def __init__(self, model: str, nll_weight: float = 1.0, nll_reduction: Literal["sequence", "token"] = "sequence",
+                 **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self.save_hyperparameters()
+
+    def objective(self, batch, out, stage):
+        loss, metrics = super().objective(batch, out, stage)
+        nll = self.chosen_nll(out, self.hparams.nll_reduction)
+        return loss + self.hparams.nll_weight * nll, {**metrics, "dpo_loss": loss.detach(), "nll": nll.detach()}
 
 
 class IPO(ReferenceModule):
@@ -621,3 +717,70 @@ class EDPO(Distill):
 
     def distillation(self, out, ref, oracle):
         return losses.edpo_loss(out.chosen_logps, out.rejected_logps, *ref, *oracle, beta=self.hparams.beta)
+
+
+# ---------------------------------------------------------------------------------------
+# Reference-free baselines: one model in memory, like DRDO
+
+
+def length_normalised_metrics(out: PairOutputs, beta: float) -> dict[str, Tensor]:
+    """Implicit rewards ``beta * z̄`` of the reference-free objectives, their accuracy and margin."""
+    chosen, rejected = beta * out.chosen_logps.detach(), beta * out.rejected_logps.detach()
+    return {"reward_accuracy": (chosen > rejected).float().mean(), "reward_margin": (chosen - rejected).mean()}
+
+
+class SimPO(PreferenceModule):
+    """SimPO (Meng, Xia & Chen 2024): ``-log sigmoid(beta (z̄_w - z̄_l) - gamma)`` on mean token
+    log-probs, no reference (:func:`losses.simpo_loss`).
+
+    Args:
+        beta: Scale of the length-normalised reward (paper: 2 to 2.5).
+        gamma: Target reward margin (paper: ``gamma / beta`` about 0.5).
+        average_logps: Mean token log-probs (SimPO's length normalisation; TRL's CPO with
+            ``loss_type="simpo"`` averages too); ``false`` sums them.
+    """
+
+    def __init__(self, model: str, beta: float = 2.0, gamma: float = 1.0, average_logps: bool = True, **kwargs) -> None:
+        super().__init__(model, average_logps=average_logps, **kwargs)
+        self.save_hyperparameters()
+
+    def objective(self, batch, out, stage):
+        loss = losses.simpo_loss(out.chosen_logps, out.rejected_logps, beta=self.hparams.beta, gamma=self.hparams.gamma)
+        return loss.mean(), length_normalised_metrics(out, self.hparams.beta)
+
+
+class ORPO(PreferenceModule):
+    """ORPO (Hong, Lee & Thorne 2024, Eq. 6): ``NLL(y_w) + odds_ratio_weight * L_OR``, no reference
+    and no separate SFT stage (:func:`losses.odds_ratio_loss`); start it from a base model.
+
+    Args:
+        odds_ratio_weight: ``lambda``, the odds-ratio term's weight (paper: 0.1; TRL's ``beta``).
+        nll_reduction: ``sequence`` (mean over pairs of each response's mean token NLL) or ``token``
+            (mean over all chosen tokens of the batch, TRL's; :func:`losses.chosen_nll`).
+        nll_on_prompt: Count the prompt's tokens in the NLL too, as TRL's ``ORPOTrainer`` does
+            (``false``: the response only, as the ORPO paper's SFT term).
+        average_logps: Mean token log-probs inside the odds (ORPO's definition); ``false`` sums them.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        odds_ratio_weight: float = 0.1,
+        nll_reduction: Literal["sequence", "token"] = "sequence",
+        nll_on_prompt: bool = False,
+        average_logps: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(model, average_logps=average_logps, **kwargs)
+        self.save_hyperparameters()
+
+    @property
+    def uses_prompt_logps(self) -> bool:
+        return self.hparams.nll_on_prompt
+
+    def objective(self, batch, out, stage):
+        nll = self.chosen_nll(out, self.hparams.nll_reduction)
+        odds_ratio = losses.odds_ratio_loss(out.chosen_logps, out.rejected_logps).mean()
+        metrics = {"nll": nll.detach(), "odds_ratio_loss": odds_ratio.detach(),
+                   **length_normalised_metrics(out, self.hparams.odds_ratio_weight)}
+        return nll + self.hparams.odds_ratio_weight * odds_ratio, metrics
