@@ -59,7 +59,7 @@ def _function(name: str, group: str, fn: Callable) -> Command:
 COMMANDS: dict[str, Command] = {
     c.name: c
     for c in (
-        _training("fit", "Train an objective (SFT, Oracle, DRDO, DPO, IPO, distillation, e-DPO) from a recipe."),
+        _training("fit", "Train an objective (SFT, Oracle, DRDO, DPO, IPO, cDPO, rDPO, RPO, SimPO, ORPO, distillation, e-DPO) from a recipe."),
         _training("validate", "Validation metrics of a trained checkpoint (--ckpt_path) on the validation pairs."),
         _function("score", "data and models", score),
         _function("export", "data and models", export),

@@ -56,6 +56,11 @@ TUNING_GRID: dict[str, dict[str, list]] = {
     "dpo": {"model.beta": [0.05, 0.1, 0.5]},
     "ipo": {"model.tau": [0.05, 0.1, 0.5]},
     "edpo": {"model.beta": [0.05, 0.1, 0.5]},
+    "cdpo": {"model.label_smoothing": [0.05, 0.1, 0.2]},
+    "rdpo": {"model.flip_rate": [0.05, 0.1, 0.2]},
+    "rpo": {"model.nll_weight": [0.1, 0.5, 1.0]},
+    "simpo": {"model.gamma": [0.5, 1.0, 2.0]},
+    "orpo": {"model.odds_ratio_weight": [0.05, 0.1, 0.5]},
     "drdo": {VARIANT: [PAPER_FORM, "corrected", "token_unlikelihood", "balance_terms_token_unlikelihood"],
              "model.alpha": [0.1, 1.0]},
 }

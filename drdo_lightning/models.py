@@ -238,7 +238,7 @@ class CausalLMWithRewardHead(nn.Module):
         predicts[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
         predicts_prompt = torch.zeros_like(predicts)
         if prompt_logps:
-            predicts_prompt[:, :-1] = attention_mask[:, 1:].bool() & ~predicts[:, :-1]
+            predicts_prompt[:, :-1] = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool() & ~predicts[:, :-1]
         last = self._last_token_mask(attention_mask)
         keep = predicts | predicts_prompt
         keep = keep | last if self.reward_head is not None else keep

@@ -43,6 +43,13 @@ class PairOutputs(NamedTuple):
     chosen_prompt_lengths: Tensor | None = None
 
 
+def prompt_token_counts(attention_mask: Tensor, response_lengths: Tensor) -> Tensor:
+    """Prompt tokens that a position predicts (every attended token after the first, less the
+    response's): the count beside ``sequence_logps(..., prompt_logps=True)``'s sum."""
+    predicted = (attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()).sum(-1)
+    return predicted - response_lengths
+
+
 class PreferenceModule(L.LightningModule):
     """Shared machinery for every objective.
 
@@ -152,7 +159,7 @@ class PreferenceModule(L.LightningModule):
             chosen_lengths=lengths[:n],
             rejected_lengths=lengths[n:] if self.uses_rejected else None,
             chosen_prompt_logps=prompt[:n] if prompt is not None else None,
-            chosen_prompt_lengths=attention_mask[:n, 1:].sum(-1) - lengths[:n] if prompt is not None else None,
+            chosen_prompt_lengths=prompt_token_counts(attention_mask[:n], lengths[:n]) if prompt is not None else None,
         )
 
     def chosen_nll(self, out: PairOutputs, reduction: str) -> Tensor:

@@ -66,6 +66,21 @@ def test_response_logps_equal_the_models_own_forward_and_rewards_ignore_padding(
 
 
 @torch.no_grad()
+def test_prompt_logps_equal_the_models_own_forward_with_either_padding(arch):
+    """The prompt tokens' log-probs (ORPO's NLL over the whole sequence) from the same forward as the response's."""
+    name, lm = arch
+    model = CausalLMWithRewardHead(lm).eval()
+    for side in ("left", "right"):
+        ids, mask, labels, unpadded = rows(lm, side)
+        logps, _, prompt = model.sequence_logps(ids, mask, labels, average=True, prompt_logps=True)
+        torch.testing.assert_close(logps, model.sequence_logps(ids, mask, labels, average=True)[0], atol=1e-6, rtol=0)
+        want = torch.stack([
+            lm(input_ids=seq[None]).logits[0, : p - 1].log_softmax(-1).gather(-1, seq[1:p, None]).sum() for seq, p in unpadded
+        ])
+        torch.testing.assert_close(prompt, want, atol=1e-4, rtol=0, msg=f"{name}, {side} padding")
+
+
+@torch.no_grad()
 def test_removing_dropout_makes_train_mode_deterministic(arch):
     name, lm = arch
     lm = build(name, lm.config.get_text_config().vocab_size).train()

@@ -26,8 +26,9 @@ def args(root: Path, model_dir: Path, objective: str, train: Path, *extra: str) 
 
 def losses_of(cli) -> list[float]:
     (path,) = Path(cli.trainer.logger.log_dir).glob("metrics.csv")
-    return [float(line.split(",")[header.index("train/loss")]) for header in [path.read_text().splitlines()[0].split(",")]
-            for line in path.read_text().splitlines()[1:]]
+    header, *lines = path.read_text().splitlines()
+    column = header.split(",").index("train/loss")
+    return [float(value) for line in lines if (value := line.split(",")[column])]  # validation rows have none
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +187,76 @@ def test_ipo_averages_token_logps_by_default_as_trl_does_and_sums_on_request(tin
     summed = chosen_logps(IPO(str(tiny_model_dir), average_logps=False))
     torch.testing.assert_close(chosen_logps(IPO(str(tiny_model_dir))), summed / lengths)
     torch.testing.assert_close(chosen_logps(DPO(str(tiny_model_dir))), summed)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+NEW_RECIPES = {"cdpo": "CDPO", "rdpo": "RDPO", "rpo": "RPO", "simpo": "SimPO", "orpo": "ORPO"}
+
+
+@pytest.mark.parametrize("recipe", sorted(NEW_RECIPES))
+def test_new_baseline_recipes_train_two_steps_on_the_embedded_default(recipe, tmp_path):
+    """Each shipped recipe, shortened: the reference-free ones hold the policy alone (no reference, no reward head)."""
+    extra = ["--model.precompute_reference", "true"] if recipe == "rdpo" else []
+    cli = main(["fit", "--config", str(ROOT / "configs" / f"{recipe}.yaml"), "--trainer.max_steps", "2",
+                "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
+                "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+                "--data.cache_dir", str(tmp_path / "cache"), *extra])
+    module = cli.model
+    assert type(module).__name__ == NEW_RECIPES[recipe] and cli.trainer.global_step == 2
+    loss = losses_of(cli)
+    assert len(loss) == 2 and torch.tensor(loss).isfinite().all()
+    assert module.policy.reward_head is None
+    if recipe in ("simpo", "orpo") or recipe == "rdpo":  # rdpo here with its reference precomputed
+        assert getattr(module, "reference", None) is None
+        assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in module.policy.lm.parameters())
+    metrics = cli.trainer.callback_metrics
+    assert {"train/reward_accuracy", "train/reward_margin", "val/loss"} <= set(metrics)
+    assert ("train/nll" in metrics) == (recipe in ("rpo", "orpo"))
+
+
+def objective_loss(module, batch):
+    module.configure_model()
+    with torch.no_grad():
+        return module.objective(batch, module.forward_pairs(batch), "val")[0]
+
+
+@pytest.fixture(scope="module")
+def batch_with_reference(tiny_model_dir, scored_pairs):
+    from drdo_lightning import PreferenceDataModule
+    from drdo_lightning.data import PairCollator
+
+    dm = PreferenceDataModule(train_file=str(scored_pairs), tokenizer=str(tiny_model_dir), cache_dir=None)
+    dm.setup("fit")
+    batch = PairCollator(dm.tokenizer.pad_token_id)([dm.train_dataset[i] for i in range(8)])
+    generator = torch.Generator().manual_seed(0)
+    return {**batch, "ref_chosen_logps": -30 - 10 * torch.rand(8, generator=generator),
+            "ref_rejected_logps": -30 - 10 * torch.rand(8, generator=generator)}
+
+
+def test_dpo_variants_reduce_to_dpo_at_their_limits(tiny_model_dir, batch_with_reference):
+    from drdo_lightning import CDPO, RDPO, RPO
+
+    model = str(tiny_model_dir)
+    dpo = objective_loss(DPO(model, beta=0.3), batch_with_reference)
+    for limit in (CDPO(model, beta=0.3, label_smoothing=0.0), RDPO(model, beta=0.3, flip_rate=0.0),
+                  RPO(model, beta=0.3, nll_weight=0.0)):
+        assert objective_loss(limit, batch_with_reference) == dpo, type(limit).__name__
+    assert objective_loss(CDPO(model, beta=0.3, label_smoothing=0.2), batch_with_reference) != dpo
+    # RPO adds the chosen responses' mean token NLL, the SFT recipe's loss.
+    from drdo_lightning import SFT
+
+    nll = objective_loss(SFT(model, average_logps=True, disable_dropout=True), batch_with_reference)
+    torch.testing.assert_close(objective_loss(RPO(model, beta=0.3, nll_weight=0.5), batch_with_reference), dpo + 0.5 * nll)
+    with pytest.raises(ValueError, match="flip_rate"):
+        RDPO(model, flip_rate=0.5)
+
+
+def test_soft_label_distillation_trains_drdo_and_is_checked(tmp_path, tiny_model_dir, scored_pairs):
+    from drdo_lightning import DRDO
+
+    cli = main(args(tmp_path, tiny_model_dir, "DRDO", scored_pairs, "--trainer.max_steps", "6", "--data.batch_size", "16",
+                    "--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected",
+                    "--model.distill_form", "bt_soft"))
+    assert cli.model.hparams.distill_form == "bt_soft" and torch.tensor(losses_of(cli)).isfinite().all()
+    with pytest.raises(ValueError, match="distill_form"):
+        DRDO(str(tiny_model_dir), distill_form="kl")

@@ -54,6 +54,11 @@ def test_lora_option_takes_short_names_and_loraconfig_fields():
         ("IPO", ()),
         ("Distill", ORACLE),
         ("EDPO", ENSEMBLE),
+        ("CDPO", ()),
+        ("RDPO", ("--model.precompute_reference", "true")),
+        ("RPO", ()),
+        ("SimPO", ()),
+        ("ORPO", ("--model.nll_on_prompt", "true")),
     ],
 )
 def test_every_objective_trains_the_adapters_and_reward_head_only(tmp_path, tiny_model_dir, scored_pairs, objective, extra):

@@ -350,3 +350,100 @@ def test_edpo_hand_computed():
     ol = torch.zeros(2, 2)
     # member 0: ((1-1)^2 + (-1+1)^2)/2 = 0 ; member 1: ((3-1)^2 + (0+1)^2)/2 = 2.5
     assert losses.edpo_loss(zw, zl, zero, zero, ow, ol, beta=1.0).item() == pytest.approx(2.5)
+
+
+# -- noise-robust DPO, reference-free peers, soft-label distillation ---------------------
+
+PAIR = (torch.tensor([-10.0]), torch.tensor([-15.0]), torch.tensor([-12.0]), torch.tensor([-14.0]))  # h = 3
+
+
+def test_cdpo_hand_computed_and_zero_smoothing_is_dpo():
+    got = losses.cdpo_loss(*PAIR, beta=0.1, label_smoothing=0.2)
+    assert got.item() == pytest.approx(-0.8 * math.log(sigmoid(0.3)) - 0.2 * math.log(sigmoid(-0.3)), rel=1e-6)
+    args = ref_args(2)
+    assert torch.equal(losses.cdpo_loss(*args, beta=0.5, label_smoothing=0.0), losses.dpo_loss(*args, beta=0.5))
+
+
+def test_cdpo_is_minimal_at_the_finite_margin_its_labels_allow():
+    h = torch.linspace(-60, 60, 120001, dtype=torch.float64)
+    zero = torch.zeros_like(h)
+    loss = losses.cdpo_loss(h, zero, zero, zero, beta=0.1, label_smoothing=0.1)
+    assert 0.1 * h[loss.argmin()].item() == pytest.approx(math.log(0.9 / 0.1), abs=1e-3)
+
+
+def test_rdpo_hand_computed_zero_flip_is_dpo_and_unbiased_under_flips():
+    got = losses.rdpo_loss(*PAIR, beta=0.1, flip_rate=0.2)
+    assert got.item() == pytest.approx((-0.8 * math.log(sigmoid(0.3)) + 0.2 * math.log(sigmoid(-0.3))) / 0.6, rel=1e-6)
+    zw, zl, rw, rl = ref_args(3)
+    assert torch.equal(losses.rdpo_loss(zw, zl, rw, rl, beta=0.5, flip_rate=0.0), losses.dpo_loss(zw, zl, rw, rl, beta=0.5))
+    # A label kept with probability 1 - eps and swapped with probability eps: in expectation the clean DPO loss.
+    eps = 0.3
+    expected = (1 - eps) * losses.rdpo_loss(zw, zl, rw, rl, beta=0.5, flip_rate=eps) + eps * losses.rdpo_loss(
+        zl, zw, rl, rw, beta=0.5, flip_rate=eps)
+    torch.testing.assert_close(expected, losses.dpo_loss(zw, zl, rw, rl, beta=0.5))
+    with pytest.raises(ValueError, match="0.5"):
+        losses.rdpo_loss(zw, zl, rw, rl, flip_rate=0.5)
+
+
+def test_simpo_hand_computed_and_its_limit_on_length_one_responses():
+    got = losses.simpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), beta=2.0, gamma=1.0)
+    assert got.item() == pytest.approx(-math.log(sigmoid(2.0 * 1.0 - 1.0)), rel=1e-6)
+    # gamma 0, beta 1, one token per response: the mean log-prob is the log-prob, and SimPO is the
+    # sigmoid loss of the log-prob margin.
+    logits = torch.randn(4, 3, 7, dtype=torch.float64)
+    labels = torch.full((4, 3), -100)
+    labels[:, 2] = torch.randint(0, 7, (4,))
+    z = losses.sequence_logps(logits, labels, average=True)
+    torch.testing.assert_close(losses.simpo_loss(z[:2], z[2:], beta=1.0, gamma=0.0), -F.logsigmoid(z[:2] - z[2:]))
+
+
+def test_odds_ratio_hand_computed():
+    p_w, p_l = 0.6, 0.2
+    got = losses.odds_ratio_loss(torch.tensor([math.log(p_w)]), torch.tensor([math.log(p_l)]))
+    log_odds_ratio = math.log(p_w / (1 - p_w)) - math.log(p_l / (1 - p_l))
+    assert got.item() == pytest.approx(-math.log(sigmoid(log_odds_ratio)), rel=1e-6)
+
+
+def test_chosen_nll_reductions_hand_computed():
+    total, counts = torch.tensor([-4.0, -9.0]), torch.tensor([2.0, 3.0])
+    assert losses.chosen_nll(total, counts, "sequence").item() == pytest.approx((2.0 + 3.0) / 2)
+    assert losses.chosen_nll(total, counts, "token").item() == pytest.approx(13.0 / 5.0)
+    with pytest.raises(ValueError, match="sequence"):
+        losses.chosen_nll(total, counts, "mean")
+
+
+def test_soft_label_distillation_hand_computed_saturated_and_its_gradient():
+    q, m = sigmoid(0.5), 1.5
+    got = losses.reward_distillation(torch.tensor([0.5]), torch.tensor([m]), "bt_soft")
+    assert got.item() == pytest.approx(-(q * math.log(sigmoid(m)) + (1 - q) * math.log(sigmoid(-m))), rel=1e-6)
+    student = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    saturated = losses.reward_distillation(torch.full((6,), 60.0, dtype=torch.float64), student, "bt_soft")
+    torch.testing.assert_close(saturated, losses.bradley_terry_loss(student, torch.zeros_like(student)))
+    oracle = torch.randn(6, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(losses.reward_distillation(oracle, student, "bt_soft").sum(), student)
+    torch.testing.assert_close(grad, torch.sigmoid(student) - torch.sigmoid(oracle))
+    assert torch.equal(losses.reward_distillation(oracle, student, "mse"), (oracle - student).square())
+
+
+def test_drdo_terms_take_the_distillation_form():
+    args = [torch.tensor([-5.0]), torch.tensor([-6.0]), torch.tensor([0.2]), torch.tensor([-0.1]),
+            torch.tensor([1.0]), torch.tensor([-1.0])]
+    soft = losses.drdo_terms(*args, distill_form="bt_soft")
+    torch.testing.assert_close(soft.distillation, losses.reward_distillation(torch.tensor([2.0]), torch.tensor([0.3]), "bt_soft"))
+    assert soft.preference == losses.drdo_terms(*args).preference
+    with pytest.raises(ValueError, match="bt_soft"):
+        losses.drdo_terms(*args, distill_form="kl")
+
+
+@pytest.mark.parametrize("name", ["cdpo", "rdpo", "simpo", "odds_ratio", "bt_soft"])
+def test_new_losses_gradcheck_float64(name):
+    torch.manual_seed(0)
+    logps = [(-torch.rand(4, dtype=torch.float64) * 3 - 0.1).requires_grad_() for _ in range(4)]
+    fn = {
+        "cdpo": lambda zw, zl, rw, rl: losses.cdpo_loss(zw, zl, rw, rl, beta=0.7, label_smoothing=0.2),
+        "rdpo": lambda zw, zl, rw, rl: losses.rdpo_loss(zw, zl, rw, rl, beta=0.7, flip_rate=0.2),
+        "simpo": lambda zw, zl, rw, rl: losses.simpo_loss(zw, zl, beta=2.0, gamma=0.5) + 0 * (rw + rl),
+        "odds_ratio": lambda zw, zl, rw, rl: losses.odds_ratio_loss(zw, zl) + 0 * (rw + rl),
+        "bt_soft": lambda zw, zl, rw, rl: losses.reward_distillation(zw - zl, rw - rl, "bt_soft"),
+    }[name]
+    assert torch.autograd.gradcheck(fn, logps)
