@@ -28,6 +28,7 @@ The configurations:
 - ``drdo``: our DRDO student (no reference model; Oracle rewards are data columns).
 - ``dpo_precomputed``: our DPO with reference log-probs precomputed before training.
 - ``dpo_live``: our DPO with a live frozen reference.
+- ``simpo``, ``orpo``: our reference-free baselines (one model in memory, like DRDO; no reward head).
 - with ``--lora``, also each of the above with LoRA adapters (``LORA``: rank 16 on every linear
   layer), full fine-tuning's peers: TRL with ``peft_config``, whose reference is the base model
   with the adapters off, as is ours (``dpo_live_lora``).
@@ -80,6 +81,8 @@ CONFIGS = {
     "drdo": "DRDO (ours)",
     "dpo_precomputed": "DPO, precomputed ref (ours)",
     "dpo_live": "DPO, live ref (ours)",
+    "simpo": "SimPO, no ref (ours)",
+    "orpo": "ORPO, no ref (ours)",
 }
 # With --lora: the same trainers with LoRA adapters. With adapters, TRL's reference and our live
 # one are the base model with the adapters switched off.
@@ -252,7 +255,7 @@ def _lightning_run(name: str, args, clock: StepClock):
     import lightning as L
     import torch
 
-    from drdo_lightning import DPO, DRDO, PreferenceDataModule
+    from drdo_lightning import DPO, DRDO, ORPO, PreferenceDataModule, SimPO
     from drdo_lightning.safety import NonFiniteGuard
 
     preset, path = PRESETS[args.preset], str(args.workdir / "model")
@@ -261,6 +264,8 @@ def _lightning_run(name: str, args, clock: StepClock):
     optim = dict(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, lora=LORA if name != objective else None)
     if objective == "drdo":
         module = DRDO(path, **optim)
+    elif objective in ("simpo", "orpo"):
+        module = {"simpo": SimPO, "orpo": ORPO}[objective](path, **optim)
     else:
         module = DPO(path, precompute_reference=objective == "dpo_precomputed", **optim)
     data = PreferenceDataModule(
@@ -350,7 +355,7 @@ def _trl_run(args, clock: StepClock, lora: bool = False, grouped: bool = False):
 
 
 RUNNERS: dict[str, Callable] = {
-    **{name: functools.partial(_lightning_run, name) for name in ALL_CONFIGS if name.startswith(("drdo", "dpo"))},
+    **{name: functools.partial(_lightning_run, name) for name in ALL_CONFIGS if name.startswith(("drdo", "dpo", "simpo", "orpo"))},
     **{name: functools.partial(_trl_run, lora="_lora" in name, grouped=name.endswith(GROUPED))
        for name in ALL_CONFIGS if name.startswith("trl")},
 }
