@@ -260,3 +260,21 @@ def test_soft_label_distillation_trains_drdo_and_is_checked(tmp_path, tiny_model
     assert cli.model.hparams.distill_form == "bt_soft" and torch.tensor(losses_of(cli)).isfinite().all()
     with pytest.raises(ValueError, match="distill_form"):
         DRDO(str(tiny_model_dir), distill_form="kl")
+
+
+@pytest.mark.parametrize("method", ["cdpo", "rdpo", "rpo", "simpo", "orpo"])
+def test_compare_tunes_each_new_method_over_a_real_option_of_its_objective(method):
+    """``compare --methods`` takes the new recipes by name: each grid key is an argument of the
+    objective the recipe trains, so no tuning run fails on (or silently ignores) a misspelt knob."""
+    import inspect
+
+    from drdo_lightning.comparison import TUNING_GRID, settings_of
+    from drdo_lightning.recipes import recipe_objective
+
+    objective = recipe_objective(method)
+    accepted = {name for cls in objective.__mro__ if "__init__" in vars(cls)
+                for name in inspect.signature(cls.__init__).parameters}
+    grid = TUNING_GRID[method]
+    assert {key.removeprefix("model.") for key in grid} <= accepted
+    settings = settings_of(method, grid, [1e-4, 1e-3])
+    assert len(settings) == 2 * len(next(iter(grid.values())))
