@@ -269,6 +269,12 @@ def dpo_loss(
     return -F.logsigmoid(beta * policy_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps))
 
 
+def check_noise_rate(eps: float, name: str) -> None:
+    """A label-noise rate must lie in ``[0, 1/2)``: at 1/2 the labels carry no preference at all."""
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"{name} must lie in [0, 0.5), not {eps}")
+
+
 def cdpo_loss(
     chosen_logps: Tensor,
     rejected_logps: Tensor,
@@ -306,8 +312,7 @@ def rdpo_loss(
     not bounded below. ``eps = 0`` is :func:`dpo_loss`; TRL 1.16 ``loss_type="robust"`` with
     ``label_smoothing=eps``.
     """
-    if not 0.0 <= flip_rate < 0.5:
-        raise ValueError(f"rDPO's flip_rate must lie in [0, 0.5), not {flip_rate}")
+    check_noise_rate(flip_rate, "rDPO's flip_rate")
     logits = beta * policy_margin(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return (-(1.0 - flip_rate) * F.logsigmoid(logits) + flip_rate * F.logsigmoid(-logits)) / (1.0 - 2.0 * flip_rate)
 

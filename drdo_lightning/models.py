@@ -48,6 +48,14 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def prompt_prediction_mask(attention_mask: Tensor, labels: Tensor) -> Tensor:
+    """``[B, T]``: the attended positions whose next token is an attended prompt token (not a
+    response token, ``labels`` ``-100``); the first token of a row has no predicting position."""
+    mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+    mask[:, :-1] = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool() & (labels[:, 1:] == -100)
+    return mask
+
+
 def head_input_width(lm: PreTrainedModel) -> int:
     """Width of the hidden state the LM head reads, which the reward head reads too.
 
@@ -236,9 +244,7 @@ class CausalLMWithRewardHead(nn.Module):
         """
         predicts = torch.zeros_like(attention_mask, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
-        predicts_prompt = torch.zeros_like(predicts)
-        if prompt_logps:
-            predicts_prompt[:, :-1] = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool() & ~predicts[:, :-1]
+        predicts_prompt = prompt_prediction_mask(attention_mask, labels) if prompt_logps else torch.zeros_like(predicts)
         last = self._last_token_mask(attention_mask)
         keep = predicts | predicts_prompt
         keep = keep | last if self.reward_head is not None else keep

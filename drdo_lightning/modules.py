@@ -24,7 +24,7 @@ from torchmetrics import PearsonCorrCoef
 from transformers import get_cosine_schedule_with_warmup
 
 from drdo_lightning import lora, losses
-from drdo_lightning.models import CausalLMWithRewardHead, remove_dropout
+from drdo_lightning.models import CausalLMWithRewardHead, prompt_prediction_mask, remove_dropout
 
 
 class PairOutputs(NamedTuple):
@@ -37,17 +37,9 @@ class PairOutputs(NamedTuple):
     # sum_t log(1 - p(y_l,t)) (mean with average_logps), only for objectives that ask for it
     rejected_token_unlikelihood: Tensor | None = None
     chosen_lengths: Tensor | None = None  # response tokens of y_w (at least 1), as averages divide by
-    rejected_lengths: Tensor | None = None
     # sum of the prompt tokens' log-probs and their count, for an NLL over the whole chosen sequence
     chosen_prompt_logps: Tensor | None = None
     chosen_prompt_lengths: Tensor | None = None
-
-
-def prompt_token_counts(attention_mask: Tensor, response_lengths: Tensor) -> Tensor:
-    """Prompt tokens that a position predicts (every attended token after the first, less the
-    response's): the count beside ``sequence_logps(..., prompt_logps=True)``'s sum."""
-    predicted = (attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()).sum(-1)
-    return predicted - response_lengths
 
 
 class PreferenceModule(L.LightningModule):
@@ -157,9 +149,8 @@ class PreferenceModule(L.LightningModule):
             rejected_rewards=rewards[n:] if rewards is not None and self.uses_rejected else None,
             rejected_token_unlikelihood=unlikelihood[n:] if unlikelihood is not None else None,
             chosen_lengths=lengths[:n],
-            rejected_lengths=lengths[n:] if self.uses_rejected else None,
             chosen_prompt_logps=prompt[:n] if prompt is not None else None,
-            chosen_prompt_lengths=prompt_token_counts(attention_mask[:n], lengths[:n]) if prompt is not None else None,
+            chosen_prompt_lengths=prompt_prediction_mask(attention_mask[:n], labels[:n]).sum(-1) if prompt is not None else None,
         )
 
     def chosen_nll(self, out: PairOutputs, reduction: str) -> Tensor:
@@ -607,8 +598,7 @@ class CDPO(DPO):
     def __init__(self, model: str, label_smoothing: float = 0.1, **kwargs) -> None:
         super().__init__(model, **kwargs)
         self.save_hyperparameters()
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must lie in [0, 0.5), not {label_smoothing}")
+        losses.check_noise_rate(label_smoothing, "label_smoothing")
 
     def pair_loss(self, out, ref):
         return losses.cdpo_loss(out.chosen_logps, out.rejected_logps, *ref, beta=self.hparams.beta,
@@ -627,8 +617,7 @@ class RDPO(DPO):
     def __init__(self, model: str, flip_rate: float = 0.1, **kwargs) -> None:
         super().__init__(model, **kwargs)
         self.save_hyperparameters()
-        if not 0.0 <= flip_rate < 0.5:
-            raise ValueError(f"flip_rate must lie in [0, 0.5), not {flip_rate}")
+        losses.check_noise_rate(flip_rate, "flip_rate")
 
     def pair_loss(self, out, ref):
         return losses.rdpo_loss(out.chosen_logps, out.rejected_logps, *ref, beta=self.hparams.beta,
