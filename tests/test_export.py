@@ -24,14 +24,14 @@ STEPS = 8  # 16 pairs in batches of 8: 2 steps per epoch, 4 epochs
 STOP = 4  # the interrupted run stops here, at an epoch boundary
 
 
-def fit_args(root: Path, model_dir: Path, train: Path, *extra: str) -> list[str]:
-    """A DRDO fit of the tiny model on ``train`` that logs every step to CSV and checkpoints ``last``."""
+def fit_args(root: Path, model_dir: Path, train: Path, *extra: str, objective: str = "DRDO") -> list[str]:
+    """A fit of ``objective`` on the tiny model and ``train`` that logs every step to CSV and checkpoints ``last``."""
     return fit_argv(
         root, model_dir, train,
         "--model.learning_rate", "1e-2",  # large enough that every step visibly moves the loss
         "--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected",
         "--trainer.max_epochs", str(STEPS // 2), "--trainer.gradient_clip_val", "1.0",
-        *extra, checkpoints=True,
+        *extra, objective=objective, checkpoints=True,
     )
 
 
