@@ -8,11 +8,11 @@ TORCH ?= torch==2.13.0
 
 .PHONY: setup demo test embedded-default
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test,deepspeed,bench,peft,trackers]"
+	$(BIN)/pip install --quiet -e ".[test,deepspeed,bench,peft,trackers,embedded]"
 	touch $@
 
 setup: $(BIN)/.installed

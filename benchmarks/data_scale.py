@@ -91,7 +91,7 @@ def _tree_pss_kb(root: int) -> int:
 
 def child(args: argparse.Namespace) -> None:
     """One measured run in this (fresh) process; prints its figures as one JSON line."""
-    from drdo_lightning.data import PreferenceDataModule
+    from drdo_lightning.data.datamodule import PreferenceDataModule
 
     processes: list[int] = []
 

@@ -18,7 +18,7 @@ import argparse
 
 import torch
 
-from drdo_lightning.data import PreferenceDataModule
+from drdo_lightning.data.datamodule import PreferenceDataModule
 from drdo_lightning.losses import drdo_terms
 from drdo_lightning.models import CausalLMWithRewardHead
 

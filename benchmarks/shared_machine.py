@@ -11,7 +11,7 @@ started before the job and killed after it: what another user's script does to a
 
 Settings (each one environment for the job):
 
-- ``default``: nothing set; the package's own choice applies (``drdo_lightning/free_cores.py``:
+- ``default``: nothing set; the package's own choice applies (``drdo_lightning/cpu_cores.py``:
   training follows the cores other processes leave free).
 - ``off``: ``DRDO_THREADS=off``: the old behaviour, a fixed thread count and libgomp's defaults (threads spin 300,000 times
   before they sleep).

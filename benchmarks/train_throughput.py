@@ -256,7 +256,7 @@ def _lightning_run(name: str, args, clock: StepClock):
     import torch
 
     from drdo_lightning import DPO, DRDO, ORPO, PreferenceDataModule, SimPO
-    from drdo_lightning.safety import NonFiniteGuard
+    from drdo_lightning.reliability import NonFiniteGuard
 
     preset, path = PRESETS[args.preset], str(args.workdir / "model")
     grouped, name = name.endswith(GROUPED), name.removesuffix(GROUPED)

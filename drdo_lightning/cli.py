@@ -19,14 +19,19 @@ from typing import Any, Callable
 
 from jsonargparse import CLI
 
-from drdo_lightning.comparison import compare
-from drdo_lightning.errors import DataError, UserError
-from drdo_lightning.evaluation import evaluate
-from drdo_lightning.experiments import ablations, robustness, splits
+from drdo_lightning import embedded_default
+from drdo_lightning.data.splits import splits
+from drdo_lightning.embedded_default.build import build_embedded_default
+from drdo_lightning.errors import DataError, MissingPathError, UserError
+from drdo_lightning.evaluation.command import evaluate
+from drdo_lightning.experiments.ablations import ablations
+from drdo_lightning.experiments.comparison import compare
+from drdo_lightning.experiments.pipeline import paper_pipeline
+from drdo_lightning.experiments.robustness import robustness
 from drdo_lightning.export import export
-from drdo_lightning.pipeline import build_embedded_default, paper_pipeline, train_ensemble
 from drdo_lightning.recipes import expand_config_args, recipe_names
 from drdo_lightning.scoring import score
+from drdo_lightning.stages import train_ensemble
 from drdo_lightning.training import lightning_cli
 
 PROGRAM = "python -m drdo_lightning"
@@ -47,11 +52,12 @@ def _training(name: str, summary: str) -> Command:
     return Command(name, "training", summary, lambda argv: lightning_cli([name, *argv]), lambda s: f"--data.{s}")
 
 
-def _function(name: str, group: str, fn: Callable) -> Command:
+def _function(name: str, group: str, fn: Callable, defaults: dict[str, Any] | None = None) -> Command:
+    """A typed function as a command; ``defaults`` fill parameters the library leaves to the caller."""
     parameters = inspect.signature(fn).parameters
     return Command(
         name, group, inspect.getdoc(fn).splitlines()[0],
-        lambda argv: CLI(fn, args=expand_config_args(argv, with_base=False), as_positional=False),
+        lambda argv: CLI(fn, args=expand_config_args(argv, with_base=False), as_positional=False, set_defaults=defaults),
         lambda s: f"--{s}" if s in parameters else None,
     )
 
@@ -64,7 +70,7 @@ COMMANDS: dict[str, Command] = {
         _function("score", "data and models", score),
         _function("export", "data and models", export),
         _function("train-ensemble", "data and models", train_ensemble),
-        _function("evaluate", "evaluation", evaluate),
+        _function("evaluate", "evaluation", evaluate, embedded_default.EVALUATE_DEFAULTS),
         _function("compare", "experiments", compare),
         _function("robustness", "experiments", robustness),
         _function("ablations", "experiments", ablations),
@@ -100,5 +106,7 @@ def main(args: list[str] | None = None) -> Any:
         return command.run(argv[1:])
     except UserError as e:
         message = e.for_option(command.data_option(e.setting)) if isinstance(e, DataError) and e.setting else str(e)
+        if isinstance(e, MissingPathError) and e.path is not None and embedded_default.holds(e.path):
+            message = f"{e.message}: {embedded_default.MADE_BY}"
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -36,7 +36,15 @@ class DataError(UserError, ValueError):
 
 
 class MissingPathError(UserError, FileNotFoundError):
-    """A path the run needs does not exist; the message says what would create it."""
+    """A path the run needs does not exist; the message says what would create it (``made_by``).
+
+    ``path`` is kept apart so that the command line can name a better creator for a folder it
+    knows (a shipped folder that one of its commands builds).
+    """
+
+    def __init__(self, message: str, *, path: str | Path | None = None, made_by: str | None = None) -> None:
+        super().__init__(message if made_by is None else f"{message}: {made_by}")
+        self.message, self.path, self.made_by = message, path, made_by
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -48,7 +56,7 @@ def _looks_like_hub_id(name: str) -> bool:
 def require_pretrained(name_or_path: str | Path, what: str, creator: str | None = None) -> None:
     """Raise :class:`MissingPathError` unless ``name_or_path`` is a local directory or can be a hub id.
 
-    A name whose first folder exists here (``runs/drdo/export``, ``embedded_default/oracle``) is
+    A name whose first folder exists here (``runs/drdo/export``, ``data/oracle``) is
     taken for a local path even when it has the form of a hub id, so a model that was never trained
     is reported as missing instead of looked up on the hub. ``creator`` says what creates it
     (default: :func:`made_by`).
@@ -59,28 +67,20 @@ def require_pretrained(name_or_path: str | Path, what: str, creator: str | None 
     text = str(name_or_path)
     if _looks_like_hub_id(text) and not (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
         return
-    raise MissingPathError(f"{what} {text} does not exist: {creator or made_by(text)}")
+    raise MissingPathError(f"{what} {text} does not exist", path=text, made_by=creator or made_by(text))
 
 
 EXPORT_MADE_BY = (
     "train it with `python -m drdo_lightning fit --config RECIPE` (the run's export/ folder) "
     "or write one from a checkpoint with `python -m drdo_lightning export`"
 )
-EMBEDDED_MADE_BY = "build the embedded default with `python -m drdo_lightning build-embedded-default`"
 REWARD_MODEL_MADE_BY = "train one with `python -m drdo_lightning fit --config oracle` (or `train-ensemble`)"
 
 
-def is_embedded(path: str | Path) -> bool:
-    """Whether ``path`` lies in the embedded default's folder, which ``build-embedded-default`` writes."""
-    return Path(path).parts[:1] == ("embedded_default",)
-
-
 def made_by(path: str | Path) -> str:
-    """What creates ``path``: the embedded default's build for its files; for a recipe's own run
-    folder (``runs/drdo/export``) that recipe's ``fit``; training or ``export`` otherwise."""
+    """What creates ``path``: for a recipe's own run folder (``runs/drdo/export``) that recipe's
+    ``fit``; training or ``export`` otherwise."""
     parts = Path(path).parts
-    if is_embedded(path):
-        return EMBEDDED_MADE_BY
     if len(parts) == 3 and parts[0] == "runs" and parts[2] == "export":
         return f"train it with `python -m drdo_lightning fit --config {parts[1]}`"
     return EXPORT_MADE_BY

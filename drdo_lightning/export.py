@@ -29,10 +29,10 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from drdo_lightning import lora
-from drdo_lightning.data import load_tokenizer
+from drdo_lightning.data.tokenization import load_tokenizer
 from drdo_lightning.errors import MissingPathError
-from drdo_lightning.fsdp import FSDPStrategy, is_sharded_checkpoint, read_sharded_checkpoint
 from drdo_lightning.models import CausalLMWithRewardHead, head_input_width
+from drdo_lightning.strategies.fsdp import FSDPStrategy, is_sharded_checkpoint, read_sharded_checkpoint
 
 POLICY_PREFIX = "policy."  # the LightningModule's attribute holding the CausalLMWithRewardHead
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
-from drdo_lightning import losses
+from drdo_lightning import logprobs
 from drdo_lightning.errors import REWARD_MODEL_MADE_BY, UserError
 from drdo_lightning.lora import backbone
 
@@ -226,7 +226,7 @@ class CausalLMWithRewardHead(nn.Module):
     ) -> tuple[Tensor, ...]:
         """Response log-probs ``z = log pi(y|x)`` ``[B]`` and rewards ``[B]`` (None without a head), one backbone pass.
 
-        The same values as ``losses.sequence_logps(self(input_ids, attention_mask).logits, labels)``
+        The same values as ``logprobs.sequence_logps(self(input_ids, attention_mask).logits, labels)``
         (``labels`` unshifted, ``-100`` at prompt and padding positions), but only the positions
         that predict a response token (and each row's last token, for the reward) go through the
         LM head: prompt and padding positions never get logits. That saves their share of the
@@ -253,7 +253,7 @@ class CausalLMWithRewardHead(nn.Module):
         # Every kept row gets a target (0 where it predicts nothing) and is then weighted by
         # whether it predicts: selecting the predicting rows instead would copy the logits.
         targets = torch.where(labels != -100, labels, input_ids if prompt_logps else 0).roll(-1, dims=1)[keep]
-        token = losses.token_logps(logits, targets)
+        token = logprobs.token_logps(logits, targets)
         rows = keep.nonzero()[:, 0]
         count = predicts.sum(-1).clamp(min=1) if average else None
 
@@ -263,7 +263,7 @@ class CausalLMWithRewardHead(nn.Module):
 
         out = [per_row(token), rewards]
         if token_unlikelihood:
-            out.append(per_row(losses.log1mexp(token)))
+            out.append(per_row(logprobs.log1mexp(token)))
         if prompt_logps:
             out.append(per_row(token, predicts_prompt[keep], mean=False))
         return tuple(out)

@@ -13,11 +13,17 @@ import datasets
 import torch
 from tqdm import tqdm
 
-from drdo_lightning.data import (
-    Columns, PairCollator, TextPair, chat_renderer, ends_in_whitespace, load_pairs, load_tokenizer, read_rows, render_as_chat,
-    tokenize_pairs, warn_trailing_whitespace,
+from drdo_lightning.data.collation import PairCollator
+from drdo_lightning.data.pairs import Columns, TextPair, load_pairs, render_as_chat
+from drdo_lightning.data.readers import read_rows
+from drdo_lightning.data.tokenization import (
+    chat_renderer,
+    ends_in_whitespace,
+    load_tokenizer,
+    tokenize_pairs,
+    warn_trailing_whitespace,
 )
-from drdo_lightning.errors import EMBEDDED_MADE_BY, DataError, REWARD_MODEL_MADE_BY, MissingPathError, UserError, is_embedded
+from drdo_lightning.errors import REWARD_MODEL_MADE_BY, DataError, MissingPathError, UserError
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.models import RewardModel, SequenceClassifierReward, load_reward_model
 
@@ -28,7 +34,7 @@ def require_reward_model(path: str, what: str = "reward model") -> None:
     """Raise a :class:`MissingPathError` unless ``path`` is a directory; whether it holds a reward
     model is checked when it loads (:func:`models.load_reward_model`)."""
     if not Path(path).is_dir():
-        raise MissingPathError(f"{what} {path} does not exist: {EMBEDDED_MADE_BY if is_embedded(path) else REWARD_MODEL_MADE_BY}")
+        raise MissingPathError(f"{what} {path} does not exist", path=path, made_by=REWARD_MODEL_MADE_BY)
 
 
 @torch.inference_mode()

@@ -18,12 +18,12 @@ from unittest import mock
 
 from lightning.pytorch.cli import LightningCLI
 
-from drdo_lightning.data import PreferenceDataModule
+from drdo_lightning.cpu_cores import FollowFreeCores
+from drdo_lightning.data.datamodule import PreferenceDataModule
 from drdo_lightning.export import ExportHuggingFace
-from drdo_lightning.free_cores import FollowFreeCores
-from drdo_lightning.modules import PreferenceModule
+from drdo_lightning.objectives import PreferenceModule
 from drdo_lightning.recipes import expand_config_args, resolve_run_dir
-from drdo_lightning.safety import CheckpointOnSigterm, NonFiniteGuard, unreadable_checkpoint
+from drdo_lightning.reliability import CheckpointOnSigterm, NonFiniteGuard, unreadable_checkpoint
 
 TRAINING_COMMANDS = ("fit", "validate")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from drdo_lightning import demo
+from drdo_lightning.embedded_default import task as embedded
 from drdo_lightning.jsonl import write_jsonl
 
 
@@ -48,7 +48,7 @@ def fit_argv(root: Path, model_dir: Path, train: Path, *extra: str, objective: s
 
 @pytest.fixture(scope="session")
 def tiny_task() -> dict[str, list[dict]]:
-    task = demo.generate_task(seed=0, n_sft=64, n_train=96, n_val=24, n_eval=8)
+    task = embedded.generate_task(seed=0, n_sft=64, n_train=96, n_val=24, n_eval=8)
     for split in ("train", "val"):
         for row in task[split]:  # the gold reward stands in for an Oracle in tests
             row["oracle_chosen"], row["oracle_rejected"] = row["gold_chosen"], row["gold_rejected"]
@@ -58,13 +58,13 @@ def tiny_task() -> dict[str, list[dict]]:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_task):
     texts = [r["prompt"] + " " + r["chosen"] for r in tiny_task["sft"]]
-    return demo.train_tokenizer(texts, vocab_size=300)
+    return embedded.train_tokenizer(texts, vocab_size=300)
 
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_tokenizer) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = demo.tiny_llama_config(
+    config = embedded.tiny_llama_config(
         len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2,
     )

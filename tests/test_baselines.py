@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import fit_argv
+from safetensors.torch import load_file
 
 from drdo_lightning import DPO, IPO, CausalLMWithRewardHead
 from drdo_lightning.cli import main
+from drdo_lightning.experiments.pipeline import write_summary
 from drdo_lightning.jsonl import write_jsonl
-from drdo_lightning.pipeline import train_ensemble, write_summary
+from drdo_lightning.stages import train_ensemble
 from drdo_lightning.training import FitResult
 
 
@@ -44,7 +44,8 @@ def scored_pairs(tmp_path_factory, tiny_task) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("scored") / "pairs.jsonl", rows)
 
 
-def test_dpo_live_reference_equals_precomputed_step_for_step(tmp_path, tiny_model_dir, scored_pairs):
+def test_dpo_live_reference_equals_precomputed_step_for_step(tmp_path, tiny_model_dir, scored_pairs, monkeypatch):
+    monkeypatch.setenv("DRDO_THREADS", "off")  # one thread count in both runs, however busy the machine
     live = main(args(tmp_path / "live", tiny_model_dir, "DPO", scored_pairs, "--trainer.max_steps", "8"))
     pre = main(args(tmp_path / "pre", tiny_model_dir, "DPO", scored_pairs, "--trainer.max_steps", "8",
                     "--model.precompute_reference", "true"))
@@ -223,7 +224,7 @@ def objective_loss(module, batch):
 @pytest.fixture(scope="module")
 def batch_with_reference(tiny_model_dir, scored_pairs):
     from drdo_lightning import PreferenceDataModule
-    from drdo_lightning.data import PairCollator
+    from drdo_lightning.data.collation import PairCollator
 
     dm = PreferenceDataModule(train_file=str(scored_pairs), tokenizer=str(tiny_model_dir), cache_dir=None)
     dm.setup("fit")
@@ -269,6 +270,7 @@ def test_compare_tunes_each_new_method_over_a_real_option_of_its_objective(metho
     import inspect
 
     from drdo_lightning.comparison import TUNING_GRID, settings_of
+
     from drdo_lightning.recipes import recipe_objective
 
     objective = recipe_objective(method)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from drdo_lightning import CausalLMWithRewardHead, PreferenceDataModule, losses
-from drdo_lightning.data import group_by_length, padding_fraction
+from drdo_lightning.data.sampling import group_by_length, padding_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_throughput.py"

@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import fit_argv
 
 from drdo_lightning import CausalLMWithRewardHead, losses
 from drdo_lightning.cli import COMMANDS, main
-from drdo_lightning.data import PairCollator
+from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.errors import UserError
 from drdo_lightning.scoring import score
 

@@ -14,8 +14,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import drdo_lightning.data as data_mod
-from drdo_lightning.data import IGNORE_INDEX, DataError, PairCollator, PreferenceDataModule
+from drdo_lightning.data import building
+from drdo_lightning.data.collation import PairCollator
+from drdo_lightning.data.datamodule import PreferenceDataModule
+from drdo_lightning.data.sampling import ResumableSampler
+from drdo_lightning.data.tokenization import IGNORE_INDEX
+from drdo_lightning.errors import DataError
 from drdo_lightning.jsonl import write_jsonl
 
 SCORES = dict(chosen_score_column="oracle_chosen", rejected_score_column="oracle_rejected")
@@ -56,7 +60,7 @@ def as_tuples(ds, keys=KEYS) -> list[tuple]:
 def data_counts(caplog, split="train") -> dict:
     """The truncation/drop counts logged by the data module for ``split``."""
     for rec in caplog.records:
-        if rec.name == "drdo_lightning.data" and rec.msg.startswith("%s split:") and rec.args[0] == split:
+        if rec.name.startswith("drdo_lightning.data") and rec.msg.startswith("%s split:") and rec.args[0] == split:
             return rec.args[3]
     return {}
 
@@ -438,13 +442,13 @@ def test_cache_reuse_and_invalidation(rows, tmp_path, tiny_model_dir, monkeypatc
     cache = tmp_path / "cache"
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     calls = []
-    original = data_mod.tokenize_pairs
+    original = building.tokenize_pairs
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(data_mod, "tokenize_pairs", counting)
+    monkeypatch.setattr(building, "tokenize_pairs", counting)
 
     def run(max_length=32):
         calls.clear()
@@ -461,7 +465,7 @@ def test_cache_reuse_and_invalidation(rows, tmp_path, tiny_model_dir, monkeypatc
     def boom(*args, **kwargs):
         raise AssertionError("tokenize_pairs must not run on a cache hit")
 
-    monkeypatch.setattr(data_mod, "tokenize_pairs", boom)
+    monkeypatch.setattr(building, "tokenize_pairs", boom)
     caplog.clear()
     second = make_dm(train, tiny_model_dir, cache_dir=str(cache), max_prompt_length=8, max_length=32, batch_size=3)
     second.prepare_data()
@@ -470,7 +474,7 @@ def test_cache_reuse_and_invalidation(rows, tmp_path, tiny_model_dir, monkeypatc
     assert any("loading tokenized data from cache" in r.getMessage() for r in caplog.records)
     assert len(list(cache.iterdir())) == 1  # batch_size does not change the key
 
-    monkeypatch.setattr(data_mod, "tokenize_pairs", counting)
+    monkeypatch.setattr(building, "tokenize_pairs", counting)
     _, n = run(max_length=33)  # a setting change
     assert n == 1 and len(list(cache.iterdir())) == 2
 
@@ -718,7 +722,7 @@ def test_prompts_ending_in_whitespace_are_counted_in_a_warning(rows, tmp_path, t
 
 def test_shuffle_order_does_not_depend_on_the_default_device():
     """Lightning's DeepSpeed set-up builds the loader while the GPU is the default device."""
-    sampler = data_mod.ResumableSampler(list(range(20)), num_replicas=1, rank=0, shuffle=True, seed=3)
+    sampler = ResumableSampler(list(range(20)), num_replicas=1, rank=0, shuffle=True, seed=3)
     expected = sampler.order()
     with torch.device("meta"):  # stands in for CUDA on a machine without one: any non-CPU default
         assert sampler.order() == expected

@@ -16,10 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import drdo_lightning
-import drdo_lightning.data as data_mod
-from drdo_lightning.jsonl import write_jsonl
 from test_data import as_tuples, data_counts, make_dm
+
+import drdo_lightning
+from drdo_lightning.data import building
+from drdo_lightning.jsonl import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "data_scale.py"
@@ -60,10 +61,10 @@ def test_worker_processes_build_what_one_process_builds(pair_files, tiny_model_d
     data uses several) give the same pairs, flips, validation split and counts as one process."""
     kw = dict(val_fraction=0.25, label_flip_rate=0.25, max_prompt_length=8, max_length=72, drop_long=True,
               chosen_score_column="oracle_chosen", rejected_score_column="oracle_rejected")
-    monkeypatch.setattr(data_mod, "BATCH_ROWS", 7)
+    monkeypatch.setattr(building, "BATCH_ROWS", 7)
     built = {}
     for processes in (1, 3):
-        monkeypatch.setattr(data_mod, "ROWS_PER_PROCESS", 10 if processes > 1 else 10**9)
+        monkeypatch.setattr(building, "ROWS_PER_PROCESS", 10 if processes > 1 else 10**9)
         caplog.clear()
         caplog.set_level("INFO", logger="drdo_lightning.data")
         dm = make_dm(pair_files["train"], tiny_model_dir, num_proc=processes, **kw)

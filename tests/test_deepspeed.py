@@ -28,12 +28,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_export import STEPS, STOP, fit_args, logged
 
 from drdo_lightning import CausalLMWithRewardHead, losses
 from drdo_lightning.cli import main
-from drdo_lightning.data import PairCollator
+from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.export import policy_from_state_dict, read_checkpoint
-from test_export import STEPS, STOP, fit_args, logged
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs" / "strategies").glob("deepspeed_*.yaml"))

@@ -11,7 +11,7 @@ import pytest
 
 from drdo_lightning import CausalLMWithRewardHead
 from drdo_lightning.cli import main
-from drdo_lightning.data import load_tokenizer
+from drdo_lightning.data.tokenization import load_tokenizer
 from drdo_lightning.jsonl import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,13 +13,15 @@ import torch
 
 from drdo_lightning import CausalLMWithRewardHead, demo
 from drdo_lightning.cli import main
-from drdo_lightning.data import PreferenceDataModule, load_tokenizer
+from drdo_lightning.data.datamodule import PreferenceDataModule
+from drdo_lightning.data.tokenization import load_tokenizer
 from drdo_lightning.errors import DataError
+from drdo_lightning.evaluation.generation import generate, load_policy
+from drdo_lightning.evaluation.judges import RewardModelJudge
+from drdo_lightning.evaluation.plots import plot_training_curves, read_training_log
+from drdo_lightning.evaluation.sampling import read_prompts
+from drdo_lightning.evaluation.statistics import bootstrap_mean, distinct_n, paired_comparison, summarize
 from drdo_lightning.jsonl import write_jsonl
-from drdo_lightning.evaluation import (
-    RewardModelJudge, bootstrap_mean, compare, generate, load_policy, plot_training_curves, read_prompts, read_training_log,
-    distinct_n, summarize,
-)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -31,32 +33,32 @@ def test_compare_matches_a_hand_computed_case_with_a_tie():
     # Two prompts x two temperatures. Cells: 1>0 win, 2=2 tie, 3<4 loss, 3>1 win.
     a = np.array([[1.0, 2.0], [3.0, 3.0]])
     b = np.array([[0.0, 2.0], [4.0, 1.0]])
-    stats = compare(a, b, samples=2000, seed=0)
+    stats = paired_comparison(a, b, samples=2000, seed=0)
     assert stats["win"].value == 0.5 and stats["tie"].value == 0.25 and stats["loss"].value == 0.25
     assert stats["win_rate"].value == 0.625  # (2 wins + 1 tie / 2) / 4
     # Per-prompt win rates are 0.75 and 0.5; resampled means take 0.5, 0.625, 0.75 with
     # probability 1/4, 1/2, 1/4, so the 95% interval spans the two extremes.
     assert (stats["win_rate"].low, stats["win_rate"].high) == (0.5, 0.75)
-    assert compare(b, a)["win_rate"].value == pytest.approx(1 - 0.625)
+    assert paired_comparison(b, a)["win_rate"].value == pytest.approx(1 - 0.625)
 
 
 def test_identical_policies_win_half_the_time_with_a_collapsed_interval():
     rewards = np.random.default_rng(0).normal(size=(50, 4))
-    stats = compare(rewards, rewards.copy())
+    stats = paired_comparison(rewards, rewards.copy())
     assert stats["win"].value == 0.0 and stats["tie"].value == 1.0
     assert tuple(stats["win_rate"]) == (0.5, 0.5, 0.5)
 
 
 def test_policies_with_the_same_distribution_get_an_interval_around_half():
     rng = np.random.default_rng(1)
-    stats = compare(rng.normal(size=(200, 4)), rng.normal(size=(200, 4)))
+    stats = paired_comparison(rng.normal(size=(200, 4)), rng.normal(size=(200, 4)))
     low, high = stats["win_rate"].low, stats["win_rate"].high
     assert low < 0.5 < high and high - low < 0.15
     assert stats["tie"].value == 0.0
 
 
 def test_one_prompt_gives_a_point_interval():
-    stats = compare(np.array([[1.0, 0.0, 5.0, 2.0]]), np.array([[0.0, 0.0, 1.0, 3.0]]))
+    stats = paired_comparison(np.array([[1.0, 0.0, 5.0, 2.0]]), np.array([[0.0, 0.0, 1.0, 3.0]]))
     assert tuple(stats["win_rate"]) == (0.625, 0.625, 0.625)
     assert tuple(bootstrap_mean([0.3])) == (0.3, 0.3, 0.3)
 

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fit_argv
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import fit_argv
-
 from drdo_lightning import CausalLMWithRewardHead, losses
 from drdo_lightning.cli import main
-from drdo_lightning.data import PairCollator
+from drdo_lightning.data.collation import PairCollator
 
 STEPS = 8  # 16 pairs in batches of 8: 2 steps per epoch, 4 epochs
 STOP = 4  # the interrupted run stops here, at an epoch boundary

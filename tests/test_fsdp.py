@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_deepspeed import (  # noqa: F401 (single_process: a fixture)
+    ROOT,
+    assert_same_losses,
+    assert_trained_alike,
+    cli,
+    run,
+    sequence_outputs,
+    single_process,
+    strategy_args,
+    training_pairs,
+)
+from test_export import STEPS, STOP, logged
 
 from drdo_lightning import CausalLMWithRewardHead
 from drdo_lightning.cli import main
 from drdo_lightning.export import read_checkpoint
-from drdo_lightning.fsdp import is_sharded_checkpoint
-from test_deepspeed import (  # noqa: F401 (single_process: a fixture)
-    ROOT, assert_same_losses, assert_trained_alike, cli, run, sequence_outputs, single_process, strategy_args, training_pairs,
-)
-from test_export import STEPS, STOP, logged
+from drdo_lightning.strategies.fsdp import is_sharded_checkpoint
 
 
 def test_fsdp_preset_composes_with_a_recipe(capsys):
@@ -26,7 +34,7 @@ def test_fsdp_preset_composes_with_a_recipe(capsys):
               "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
-    assert "class_path: drdo_lightning.fsdp.FSDPStrategy" in printed and "state_dict_type: sharded" in printed
+    assert "class_path: drdo_lightning.strategies.FSDPStrategy" in printed and "state_dict_type: sharded" in printed
     assert "class_path: drdo_lightning.DRDO" in printed  # the recipe is intact
 
 

@@ -12,14 +12,22 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from test_baselines import args, losses_of, scored_pairs  # noqa: F401 (a fixture)
+from test_deepspeed import (
+    assert_same_losses,
+    assert_trained_alike,
+    cli,
+    run,
+    sequence_outputs,
+    strategy_args,
+    training_pairs,
+)
+from test_export import STEPS, STOP, fit_args, logged
 from transformers import AutoModelForCausalLM
 
 from drdo_lightning import DRDO, CausalLMWithRewardHead, lora
 from drdo_lightning.cli import main
-from drdo_lightning.data import PairCollator
-from test_baselines import args, losses_of, scored_pairs  # noqa: F401 (a fixture)
-from test_deepspeed import assert_same_losses, assert_trained_alike, cli, run, sequence_outputs, strategy_args, training_pairs
-from test_export import STEPS, STOP, fit_args, logged
+from drdo_lightning.data.collation import PairCollator
 
 LORA = "{r: 4, alpha: 8, dropout: 0.0, target_modules: all-linear}"
 ORACLE = ("--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected")

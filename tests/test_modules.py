@@ -9,7 +9,9 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
 from drdo_lightning import DRDO, losses
-from drdo_lightning.data import PairCollator, TextPair, tokenize_pairs
+from drdo_lightning.data.collation import PairCollator
+from drdo_lightning.data.pairs import TextPair
+from drdo_lightning.data.tokenization import tokenize_pairs
 
 
 def pair_batch(tokenizer, rows):

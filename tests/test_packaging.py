@@ -25,7 +25,7 @@ def test_wheel_carries_the_recipes_and_runs_from_an_empty_folder(tmp_path):
     source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
     for folder in ("drdo_lightning", "configs"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(ROOT / name, source / name)
     run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", source,
         cwd=tmp_path)
@@ -50,4 +50,26 @@ def test_wheel_carries_the_recipes_and_runs_from_an_empty_folder(tmp_path):
     printed = run(python, "-m", "drdo_lightning", "fit", "--config", "drdo", "--print_config", cwd=empty, env=env)
     assert "class_path: drdo_lightning.DRDO" in printed and "every_n_train_steps: 50" in printed
     assert "--policies" in run(python, "-m", "drdo_lightning", "evaluate", "--help", cwd=empty, env=env)
+
+    # Every YAML of configs/, each folder's too, parses from the wheel by its shipped name.
+    names = sorted(str(p.relative_to(ROOT / "configs").with_suffix("")) for p in (ROOT / "configs").rglob("*.yaml"))
+    parsed = run(python, "-c", PARSE_EACH, *names, cwd=empty, env=env).splitlines()
+    assert parsed == [f"{name} parses" for name in names]
     assert list(empty.iterdir()) == []
+
+
+# Runs in the wheel's environment: `--print_config` of each named config as a user runs it (a layer
+# in a folder on the DRDO recipe, a function command's config with its command, a recipe with fit).
+PARSE_EACH = """
+import contextlib, io, sys
+from drdo_lightning.cli import COMMANDS, main
+for name in sys.argv[1:]:
+    if "/" in name:
+        argv = ["fit", "--config", "drdo", "--config", name]
+    else:
+        argv = [name if name in COMMANDS else "fit", "--config", name]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
+        main([*argv, "--print_config"])
+    print(name, "parses" if printed.getvalue().strip() else "printed nothing")
+"""

@@ -20,15 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fit_argv
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import fit_argv
-
 from drdo_lightning import SFT
 from drdo_lightning.cli import main
-from drdo_lightning.data import PreferenceDataModule
-from drdo_lightning.safety import AtomicCheckpointIO, CheckpointError, NonFiniteError, NonFiniteGuard
+from drdo_lightning.data.datamodule import PreferenceDataModule
+from drdo_lightning.reliability import AtomicCheckpointIO, CheckpointError, NonFiniteError, NonFiniteGuard
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORES = ["--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected"]
@@ -211,6 +210,8 @@ def test_no_pad_token_and_no_remote_code_end_to_end(tmp_path, tiny_model_dir, pa
 )
 def test_sigkill_then_resume_continues_a_shipped_recipe(recipe, extra, tmp_path, tiny_model_dir, recipe_data, monkeypatch):
     """A recipe killed between two checkpoints and resumed goes on as if never interrupted."""
+    # Bitwise equality needs one thread count in every run: following the free cores could differ.
+    monkeypatch.setenv("DRDO_THREADS", "off")
 
     def args(run: Path, *more: str) -> list[str]:
         return recipe_args(recipe, tiny_model_dir, recipe_data, run / "losses", "--trainer.max_epochs", str(RECIPE_EPOCHS),
@@ -406,7 +407,7 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path, tiny_model_dir, pair_files, monkeypatch, caplog):
-    caplog.set_level(logging.WARNING, logger="drdo_lightning.safety")
+    caplog.set_level(logging.WARNING, logger="drdo_lightning.reliability")
     weights = poison_sft(monkeypatch, nan_loss_steps={2}, nan_grad_steps={4})
     cli = main(sft_args(tmp_path, tiny_model_dir, pair_files, "--trainer.max_steps", "7"))
     assert cli.trainer.global_step == 7  # training went on
@@ -419,7 +420,7 @@ def test_non_finite_steps_are_skipped_counted_and_logged(tmp_path, tiny_model_di
     (guard,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, NonFiniteGuard)]
     assert guard.total == 2 and guard.consecutive == 0
     assert cli.trainer.logged_metrics["train/nonfinite_steps"] == 2
-    warnings = [r.getMessage() for r in caplog.records if r.name == "drdo_lightning.safety"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "drdo_lightning.reliability"]
     assert warnings == [
         "step 2 (skipped): non-finite loss [nan]; non-finite metrics: train/loss (1 non-finite steps so far)",
         "step 4 (skipped): non-finite gradients of 1 parameter(s): policy.lm.model.norm.weight (2 non-finite steps so far)",

@@ -13,7 +13,7 @@ from test_cli import read_metrics, series
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, GPTNeoXConfig, Qwen2Config
 
 from drdo_lightning.cli import main
-from drdo_lightning.evaluation import RewardModelJudge
+from drdo_lightning.evaluation.judges import RewardModelJudge
 from drdo_lightning.scoring import load_scorer
 
 CHATML = (
@@ -84,7 +84,7 @@ def test_score_and_judge_read_a_public_reward_model_and_drdo_trains_on_its_score
 
 def test_store_in_bf16_halves_the_weights_and_scores_as_the_rounded_model(tmp_path, tiny_model_dir):
     from drdo_lightning.models import CausalLMWithRewardHead
-    from drdo_lightning.pipeline import store_in_bf16
+    from drdo_lightning.stages import store_in_bf16
 
     torch.manual_seed(0)
     model = CausalLMWithRewardHead.from_pretrained(tiny_model_dir)

@@ -17,12 +17,11 @@ The pairs are of families, not of every objective: CDPO/RDPO change DPO's per-pa
 from __future__ import annotations
 
 import pytest
-
-from drdo_lightning.cli import main
 from test_deepspeed import assert_same_losses, assert_trained_alike, cli, run, strategy_args, training_pairs
 from test_export import fit_args, logged
 
 from drdo_lightning import CausalLMWithRewardHead
+from drdo_lightning.cli import main
 
 CASES = [
     pytest.param("SimPO", "deepspeed_zero2", [], id="simpo-zero2"),

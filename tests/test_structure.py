@@ -1,5 +1,10 @@
-"""The package's import structure: no circle between its modules (deferred imports count) and no
-private name taken from another module."""
+"""The package's import structure: three layers, no circle between its modules (deferred imports
+count) and no private name taken from another module.
+
+The layers, bottom up: the library (everything but the two folders below and the command line),
+``embedded_default/`` (the shipped task and its build), ``experiments/`` (the sweeps); ``cli`` sits on
+top of all three. A module imports only its own layer and the layers below it.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,21 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "drdo_lightning"
-MODULES = {p.stem: p for p in PACKAGE.glob("*.py")}
+# "data.pairs" -> its file; a package is named by its __init__.py ("data").
+MODULES = {
+    ".".join(p.relative_to(PACKAGE).with_suffix("").parts[:-1] if p.name == "__init__.py"
+             else p.relative_to(PACKAGE).with_suffix("").parts) or "__init__": p
+    for p in PACKAGE.rglob("*.py")
+}
+COMMAND_LINE = {"cli", "__main__"}
+LAYERS = {"library": 0, "embedded_default": 1, "experiments": 2, "command line": 3}
+
+
+def layer(module: str) -> str:
+    if module in COMMAND_LINE:
+        return "command line"
+    top = module.split(".")[0]
+    return top if top in ("embedded_default", "experiments") else "library"
 
 
 def imports(name: str) -> list[tuple[str, str | None, int]]:
@@ -17,15 +36,16 @@ def imports(name: str) -> list[tuple[str, str | None, int]]:
     found = []
     for node in ast.walk(ast.parse(MODULES[name].read_text())):
         if isinstance(node, ast.Import):
-            found += [(a.name.split(".")[1], None, node.lineno) for a in node.names
+            found += [(a.name.split(".", 1)[1], None, node.lineno) for a in node.names
                       if a.name.startswith("drdo_lightning.")]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "drdo_lightning":
+            source = node.module.partition(".")[2] or "__init__"
             for alias in node.names:
-                if node.module == "drdo_lightning":  # `from drdo_lightning import losses` or a name of __init__
-                    module = alias.name if alias.name in MODULES else "__init__"
-                    found.append((module, None if module == alias.name else alias.name, node.lineno))
+                submodule = f"{source}.{alias.name}" if source != "__init__" else alias.name
+                if submodule in MODULES:  # `from drdo_lightning import losses`, `from drdo_lightning.data import pairs`
+                    found.append((submodule, None, node.lineno))
                 else:
-                    found.append((node.module.split(".")[1], alias.name, node.lineno))
+                    found.append((source, alias.name, node.lineno))
     return found
 
 
@@ -58,19 +78,43 @@ def test_the_circle_finder_finds_a_circle():
     assert find_circle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
 
 
+def test_the_module_list_sees_the_subpackages():
+    assert {"data", "data.pairs", "evaluation.judges", "experiments.robustness", "embedded_default.task"} <= set(MODULES)
+    assert layer("data.pairs") == "library" and layer("experiments.sweeps") == "experiments"
+
+
 def test_no_import_circle_between_modules():
-    assert find_circle(graph()) is None
+    # A package's __init__ re-exports its modules, so importing from it is importing from them.
+    edges = graph()
+    for package in [m for m in MODULES if MODULES[m].name == "__init__.py" and m != "__init__"]:
+        edges = {src: targets - {package} if src.startswith(f"{package}.") else targets for src, targets in edges.items()}
+    assert find_circle(edges) is None
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_imports_point_down_the_layers(name):
+    upward = [(target, line) for target, _, line in imports(name) if LAYERS[layer(target)] > LAYERS[layer(name)]]
+    assert not upward, f"{name} ({layer(name)}) imports from a layer above it: {upward}"
+
+
+def test_the_library_never_names_the_embedded_default_folder():
+    """Paths and hints about ``embedded_default/`` belong to the layers that ship it, not the library."""
+    named = [name for name in MODULES if layer(name) == "library" and name != "moved"
+             and "embedded_default/" in MODULES[name].read_text()]
+    assert not named, f"library modules that name embedded_default/: {named}"
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_no_private_names_from_other_modules(name):
     private = [(target, taken, line) for target, taken, line in imports(name)
                if taken and taken.startswith("_") and not taken.startswith("__")]
-    assert not private, f"{name}.py imports private names: {private}"
-    bound = {alias.asname or alias.name for node in ast.walk(ast.parse(MODULES[name].read_text()))
-             if isinstance(node, ast.ImportFrom) and node.module == "drdo_lightning" for alias in node.names
-             if alias.name in MODULES}
-    reached = [(node.value.id, node.attr, node.lineno) for node in ast.walk(ast.parse(MODULES[name].read_text()))
+    assert not private, f"{name} imports private names: {private}"
+    tree = ast.parse(MODULES[name].read_text())
+    bound = {alias.asname or alias.name for node in ast.walk(tree)
+             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("drdo_lightning")
+             for alias in node.names
+             if f"{node.module.partition('.')[2]}.{alias.name}".lstrip(".") in MODULES}
+    reached = [(node.value.id, node.attr, node.lineno) for node in ast.walk(tree)
                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
                and node.attr.startswith("_") and not node.attr.startswith("__")]
-    assert not reached, f"{name}.py reaches private names of other modules: {reached}"
+    assert not reached, f"{name} reaches private names of other modules: {reached}"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import wandb
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_export import fit_args
 
 from drdo_lightning.cli import main
-from test_export import fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

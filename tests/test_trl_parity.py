@@ -17,7 +17,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 from drdo_lightning import ORPO, RDPO, RPO, PreferenceDataModule, SimPO
-from drdo_lightning.data import PairCollator
+from drdo_lightning.data.collation import PairCollator
 
 trl = pytest.importorskip("trl")
 RTOL = 1e-5

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from drdo_lightning import free_cores as free_cores_module
+from drdo_lightning import cpu_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,11 +40,11 @@ def test_the_benchmarks_settings_and_targets():
 
 
 def test_free_cores_subtracts_this_process_from_the_machine_busy_time():
-    before = free_cores_module.Sample(machine_busy=100.0, own=10.0, wall=0.0)
-    after = free_cores_module.Sample(machine_busy=103.0, own=11.0, wall=2.0)  # others: 2 s of CPU in 2 s
-    assert free_cores_module.free_cores(before, after, cores=2) == pytest.approx(1.0)
-    assert free_cores_module.free_cores(before, before, cores=4) == 4.0
-    assert [free_cores_module.threads_for(f, most=2) for f in (-0.5, 0.4, 1.4, 1.6, 3.0)] == [1, 1, 1, 2, 2]
+    before = cpu_cores.Sample(machine_busy=100.0, own=10.0, wall=0.0)
+    after = cpu_cores.Sample(machine_busy=103.0, own=11.0, wall=2.0)  # others: 2 s of CPU in 2 s
+    assert cpu_cores.free_cores(before, after, cores=2) == pytest.approx(1.0)
+    assert cpu_cores.free_cores(before, before, cores=4) == 4.0
+    assert [cpu_cores.threads_for(f, most=2) for f in (-0.5, 0.4, 1.4, 1.6, 3.0)] == [1, 1, 1, 2, 2]
 
 
 def test_sample_reads_the_busy_fields_of_proc_stat(tmp_path):
@@ -52,8 +52,8 @@ def test_sample_reads_the_busy_fields_of_proc_stat(tmp_path):
     ticks = os.sysconf("SC_CLK_TCK")
     # user nice system idle iowait irq softirq steal: idle and iowait are not busy
     stat.write_text(f"cpu  {ticks} {ticks} {ticks} {50 * ticks} {7 * ticks} {ticks} {ticks} {ticks} 0 0\ncpu0 1 2 3\n")
-    assert free_cores_module.sample(stat).machine_busy == pytest.approx(6.0)
-    assert free_cores_module.sample(tmp_path / "missing") is None
+    assert cpu_cores.sample(stat).machine_busy == pytest.approx(6.0)
+    assert cpu_cores.sample(tmp_path / "missing") is None
 
 
 def _cpu_trainer(step: int = 0):
@@ -69,12 +69,12 @@ def test_follow_free_cores_drops_to_the_free_cores_and_restores_at_the_end(monke
     def fake_sample():
         clock["wall"] += 1.0
         clock["busy"] += next(others)
-        return free_cores_module.Sample(clock["busy"], own=0.0, wall=clock["wall"])
+        return cpu_cores.Sample(clock["busy"], own=0.0, wall=clock["wall"])
 
-    monkeypatch.setattr(free_cores_module, "sample", fake_sample)
-    monkeypatch.setattr(free_cores_module.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(cpu_cores, "sample", fake_sample)
+    monkeypatch.setattr(cpu_cores.os, "cpu_count", lambda: 2)
     try:
-        callback = free_cores_module.FollowFreeCores(every_n_steps=5)
+        callback = cpu_cores.FollowFreeCores(every_n_steps=5)
         callback.on_fit_start(_cpu_trainer(), None)
         callback.on_train_start(_cpu_trainer(), None)  # the first look: 1.8 cores busy elsewhere
         assert torch.get_num_threads() == 1
@@ -88,6 +88,6 @@ def test_follow_free_cores_drops_to_the_free_cores_and_restores_at_the_end(monke
         callback.on_train_end(_cpu_trainer(), None)
         assert torch.get_num_threads() == 2
         monkeypatch.setenv("DRDO_THREADS", "off")
-        assert not free_cores_module.FollowFreeCores().enabled
+        assert not cpu_cores.FollowFreeCores().enabled
     finally:
         torch.set_num_threads(started)

@@ -1,4 +1,4 @@
-"""Torch's CPU thread count kept to the cores other processes leave free, while training runs.
+"""The cores other processes leave free: measured from ``/proc/stat``, and followed while training runs.
 
 A parallel region of torch's CPU kernels ends at a barrier that waits for its slowest thread. When
 another process holds a core, the thread on that core runs a time slice at a time and every
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +61,22 @@ def free_cores(before: Sample, after: Sample, cores: int) -> float:
         return float(cores)
     others = max(0.0, (after.machine_busy - before.machine_busy) - (after.own - before.own)) / elapsed
     return cores - others
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (``sched_getaffinity`` is Linux-only; elsewhere all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def free_cores_now(interval: float = 0.2) -> int:
+    """Cores this process may use that the rest of the machine left idle over the next ``interval``
+    seconds (all usable ones where ``/proc/stat`` cannot be read), at least one."""
+    usable = usable_cores()
+    before = sample()
+    if before is None:
+        return usable
+    time.sleep(interval)
+    return threads_for(min(usable, free_cores(before, sample(), os.cpu_count() or 1)), usable)
 
 
 def threads_for(free: float, most: int) -> int:

@@ -1,4 +1,4 @@
-"""Tests for the embedded default task (drdo_lightning.demo)."""
+"""Tests for the embedded default task (drdo_lightning.embedded_default.task)."""
 
 import json
 import re
@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from drdo_lightning import demo
+from drdo_lightning.embedded_default import task as embedded
 
 SMALL = dict(n_sft=200, n_train=300, n_val=50, n_eval=200)
 LEXICON = SentimentIntensityAnalyzer().lexicon
@@ -17,13 +17,13 @@ LEXICON = SentimentIntensityAnalyzer().lexicon
 
 @pytest.fixture(scope="module")
 def task():
-    return demo.generate_task(0, n_sft=500, n_train=2000, n_val=200, n_eval=200)
+    return embedded.generate_task(0, n_sft=500, n_train=2000, n_val=200, n_eval=200)
 
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("embedded_default")
-    return out, demo.write_task(out, seed=3, **SMALL)
+    return out, embedded.write_task(out, seed=3, **SMALL)
 
 
 def _golds(rows):
@@ -38,24 +38,24 @@ def _agreement(rows):
 
 
 def test_sentiment_vocabulary_is_in_vader_with_the_right_sign():
-    assert 25 <= len(demo.POSITIVE_WORDS) <= 35 and 25 <= len(demo.NEGATIVE_WORDS) <= 35
-    assert all(LEXICON.get(word, 0.0) > 0 for word in demo.POSITIVE_WORDS)
-    assert all(LEXICON.get(word, 0.0) < 0 for word in demo.NEGATIVE_WORDS)
+    assert 25 <= len(embedded.POSITIVE_WORDS) <= 35 and 25 <= len(embedded.NEGATIVE_WORDS) <= 35
+    assert all(LEXICON.get(word, 0.0) > 0 for word in embedded.POSITIVE_WORDS)
+    assert all(LEXICON.get(word, 0.0) < 0 for word in embedded.NEGATIVE_WORDS)
 
 
 def test_prompts_and_filler_are_neutral_to_vader():
-    filler = demo.NEUTRAL_CLAUSES + demo.ASPECTS + demo.FILM_NOUNS + demo.MODIFIERS + demo.CONNECTORS
-    prompt_parts = demo.PROMPT_LEADS + demo.PROMPT_SUBJECTS + demo.PROMPT_TAILS
+    filler = embedded.NEUTRAL_CLAUSES + embedded.ASPECTS + embedded.FILM_NOUNS + embedded.MODIFIERS + embedded.CONNECTORS
+    prompt_parts = embedded.PROMPT_LEADS + embedded.PROMPT_SUBJECTS + embedded.PROMPT_TAILS
     words = set(re.findall(r"[a-z]+", " ".join(filler + prompt_parts).lower()))
     assert not {word for word in words if word in LEXICON}
-    assert demo.gold_reward(demo.NEUTRAL_CLAUSES) == [0.0] * len(demo.NEUTRAL_CLAUSES)
+    assert embedded.gold_reward(embedded.NEUTRAL_CLAUSES) == [0.0] * len(embedded.NEUTRAL_CLAUSES)
 
 
 def test_gold_reward_is_vader_compound():
     sentence = "The acting was not great, but I loved the ending!"
     expected = SentimentIntensityAnalyzer().polarity_scores(sentence)["compound"]
-    assert demo.gold_reward([sentence]) == [expected]
-    positive, negative = demo.gold_reward(["this was a wonderful film", "awful and boring"])
+    assert embedded.gold_reward([sentence]) == [expected]
+    positive, negative = embedded.gold_reward(["this was a wonderful film", "awful and boring"])
     assert positive > 0.3 and negative < -0.3
 
 
@@ -63,15 +63,15 @@ def test_gold_reward_is_vader_compound():
 
 
 def test_generate_task_is_deterministic_per_seed():
-    first = demo.generate_task(7, **SMALL)
-    assert first == demo.generate_task(7, **SMALL)
-    other = demo.generate_task(8, **SMALL)
+    first = embedded.generate_task(7, **SMALL)
+    assert first == embedded.generate_task(7, **SMALL)
+    other = embedded.generate_task(8, **SMALL)
     assert first["train"] != other["train"] and first["sft"] != other["sft"]
     assert {r["prompt"] for r in first["eval"]} != {r["prompt"] for r in other["eval"]}
 
 
 def test_default_sizes_and_row_schema():
-    task = demo.generate_task(0)
+    task = embedded.generate_task(0)
     assert {k: len(v) for k, v in task.items()} == {"sft": 5000, "train": 4000, "val": 500, "eval": 200}
     assert set(task["sft"][0]) == {"prompt", "chosen"}
     assert set(task["eval"][0]) == {"prompt"}
@@ -79,7 +79,7 @@ def test_default_sizes_and_row_schema():
         assert set(row) == {"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected", "label_flipped"}
         assert isinstance(row["gold_chosen"], float) and isinstance(row["gold_rejected"], float)
         assert row["chosen"] != row["rejected"] and row["label_flipped"] is False
-        assert demo.gold_reward([row["chosen"], row["rejected"]]) == [row["gold_chosen"], row["gold_rejected"]]
+        assert embedded.gold_reward([row["chosen"], row["rejected"]]) == [row["gold_chosen"], row["gold_rejected"]]
 
 
 def test_eval_prompts_are_distinct_and_held_out(task):
@@ -88,7 +88,7 @@ def test_eval_prompts_are_distinct_and_held_out(task):
     used = {row["prompt"] for split in ("sft", "train", "val") for row in task[split]}
     assert used.isdisjoint(eval_prompts)
     with pytest.raises(ValueError):
-        demo.generate_task(0, n_eval=10_000)
+        embedded.generate_task(0, n_eval=10_000)
 
 
 def test_responses_are_short_varied_continuations(task):
@@ -110,7 +110,7 @@ def test_gold_rewards_spread_over_both_signs(task):
 
 
 def test_bradley_terry_labels_follow_gold_when_scale_is_large():
-    rows = demo.generate_task(0, n_sft=1, n_train=1000, n_val=1, bt_scale=50.0)["train"]
+    rows = embedded.generate_task(0, n_sft=1, n_train=1000, n_val=1, bt_scale=50.0)["train"]
     clear = [r for r in rows if abs(r["gold_chosen"] - r["gold_rejected"]) > 0.5]
     assert len(clear) > 300 and _agreement(clear) > 0.95
 
@@ -125,8 +125,8 @@ def test_bradley_terry_labels_are_random_for_near_ties(task):
 
 
 def test_label_flip_rate_flips_exact_count_of_training_rows():
-    clean = demo.generate_task(0, **SMALL)
-    noisy = demo.generate_task(0, **SMALL, label_flip_rate=0.2)
+    clean = embedded.generate_task(0, **SMALL)
+    noisy = embedded.generate_task(0, **SMALL, label_flip_rate=0.2)
     flipped = [i for i, row in enumerate(noisy["train"]) if row["label_flipped"]]
     assert len(flipped) == round(0.2 * SMALL["n_train"])
     for i, (a, b) in enumerate(zip(clean["train"], noisy["train"])):
@@ -143,11 +143,11 @@ def test_label_flip_rate_flips_exact_count_of_training_rows():
 
 def test_tokenizer_round_trips_and_prepends_bos_only(task):
     texts = [r["prompt"] + r["chosen"] for r in task["sft"]]
-    tokenizer = demo.train_tokenizer(texts)
-    assert tokenizer.get_vocab() == demo.train_tokenizer(texts).get_vocab()
+    tokenizer = embedded.train_tokenizer(texts)
+    assert tokenizer.get_vocab() == embedded.train_tokenizer(texts).get_vocab()
     prompt, response = "I watched this movie last night and", " the acting was not great, but I loved it."
     ids = tokenizer(prompt + response)["input_ids"]
-    assert ids[0] == tokenizer.bos_token_id == demo.BOS_ID and demo.EOS_ID not in ids
+    assert ids[0] == tokenizer.bos_token_id == embedded.BOS_ID and embedded.EOS_ID not in ids
     assert tokenizer.decode(ids, skip_special_tokens=True) == prompt + response
     # prompt/response boundary is a token boundary: no merge spans it
     assert ids == tokenizer(prompt)["input_ids"] + tokenizer(response, add_special_tokens=False)["input_ids"]
@@ -156,16 +156,16 @@ def test_tokenizer_round_trips_and_prepends_bos_only(task):
 
 
 def test_tiny_llama_config():
-    config = demo.tiny_llama_config(1000, num_hidden_layers=2)
+    config = embedded.tiny_llama_config(1000, num_hidden_layers=2)
     assert (config.vocab_size, config.hidden_size, config.num_hidden_layers) == (1000, 128, 2)
     assert config.tie_word_embeddings and config.max_position_embeddings == 256
-    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (demo.BOS_ID, demo.EOS_ID, demo.PAD_ID)
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (embedded.BOS_ID, embedded.EOS_ID, embedded.PAD_ID)
 
 
 def test_write_task_outputs_load(written):
     out, paths = written
     assert paths["train"] == out / "data" / "train.jsonl"
-    expected = demo.generate_task(3, **SMALL)
+    expected = embedded.generate_task(3, **SMALL)
     for split in ("sft", "train", "val", "eval"):
         with paths[split].open(encoding="utf-8") as f:
             assert [json.loads(line) for line in f] == expected[split]
@@ -187,7 +187,7 @@ def test_write_task_outputs_load(written):
 
 
 def test_describe_task_summarises_a_written_task(tmp_path):
-    paths = demo.write_task(tmp_path, seed=1, label_flip_rate=0.1, **SMALL)
-    described = demo.describe_task(tmp_path, paths)
+    paths = embedded.write_task(tmp_path, seed=1, label_flip_rate=0.1, **SMALL)
+    described = embedded.describe_task(tmp_path, paths)
     assert "rows: sft=200, train=300, val=50, eval=200" in described
     assert "flipped=30" in described and "model.safetensors" in described

@@ -32,6 +32,7 @@ spaces, ``tokenize(prompt + response) == tokenize(prompt) + tokenize(response)``
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -42,9 +43,9 @@ from typing import Iterable, Sequence
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from drdo_lightning.data import flip_labels
+from drdo_lightning.data.pairs import flip_labels
+from drdo_lightning.errors import UserError
 from drdo_lightning.jsonl import read_jsonl, write_jsonl
 
 # --------------------------------------------------------------------------
@@ -153,15 +154,18 @@ SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(len(SPECIAL_TOKENS))
 MAX_LENGTH = 256
 
-_ANALYZER: SentimentIntensityAnalyzer | None = None
+@functools.cache
+def _analyzer():
+    try:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    except ImportError as error:  # an optional extra: only the embedded default's gold reward needs it
+        raise UserError('the gold reward `vader` needs vaderSentiment: pip install -e ".[embedded]"') from error
+    return SentimentIntensityAnalyzer()
 
 
 def gold_reward(texts: Sequence[str]) -> list[float]:
     """Return the VADER compound sentiment score of each text (in [-1, 1])."""
-    global _ANALYZER
-    if _ANALYZER is None:
-        _ANALYZER = SentimentIntensityAnalyzer()
-    return [_ANALYZER.polarity_scores(text)["compound"] for text in texts]
+    return [_analyzer().polarity_scores(text)["compound"] for text in texts]
 
 
 def _with_article(word: str) -> str:

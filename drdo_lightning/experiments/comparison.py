@@ -3,7 +3,7 @@
 ``compare`` runs the whole protocol as one resumable command:
 
 1. **Judges.** The Oracle starts from its own SFT policy, larger than the students
-   (:data:`demo.ORACLE_SHAPE`, as the paper's Oracle is as large as its students or larger); the
+   (:data:`task.ORACLE_SHAPE`, as the paper's Oracle is as large as its students or larger); the
    e-DPO ensemble starts from the students' SFT policy. At every flip rate both are retrained on
    that rate's noisy labels and rescore the pairs (:func:`experiments.noisy_judges`).
 2. **Tuning at flip 0.** Every method trains at every learning rate and every value of its main
@@ -35,18 +35,28 @@ from typing import Any
 
 import numpy as np
 
-from drdo_lightning import demo
-from drdo_lightning.data import load_tokenizer, read_rows
+from drdo_lightning.data.readers import read_rows
+from drdo_lightning.data.tokenization import load_tokenizer
+from drdo_lightning.embedded_default import EMBEDDED, task
 from drdo_lightning.errors import UserError, require_pretrained
-from drdo_lightning.experiments import (
-    DISTINCT, FLIP_SEED, EvalSettings, Evaluator, aggregate, cell_text, measure_label, noisy_judges,
-    plot_against_flip_rate, run_cell, write_csv,
+from drdo_lightning.experiments.pipeline import STUDENTS
+from drdo_lightning.experiments.robustness import noisy_judges, plot_against_flip_rate
+from drdo_lightning.experiments.sweeps import (
+    DISTINCT,
+    FLIP_SEED,
+    EvalSettings,
+    Evaluator,
+    aggregate,
+    cell_text,
+    measure_label,
+    run_cell,
+    write_csv,
 )
 from drdo_lightning.jsonl import write_jsonl
-from drdo_lightning.modules import ReferenceModule
-from drdo_lightning.pipeline import EMBEDDED, STUDENTS, DataSpec, oracle_accuracy, train_sft
+from drdo_lightning.objectives import ReferenceModule
 from drdo_lightning.recipes import config_path, recipe_objective
 from drdo_lightning.scoring import score
+from drdo_lightning.stages import DataSpec, oracle_accuracy, train_sft
 
 LEARNING_RATES = (1e-4, 3e-4, 1e-3)
 PAPER_FORM = "paper"  # the ``variant`` value that adds no ablation layer: Eq. 6 as printed
@@ -101,11 +111,11 @@ def _judges(work: Path, train_data: str, val_data: str, policy: str, oracle_poli
 
 def _oracle_policy(root: Path, tokenizer_source: str, shape: dict[str, int], sft_data: str, val_data: str,
                    spec: DataSpec, overrides: dict[str, Any]) -> str:
-    """The Oracle's SFT policy: a randomly initialised Llama of ``shape`` (:data:`demo.ORACLE_SHAPE`),
+    """The Oracle's SFT policy: a randomly initialised Llama of ``shape`` (:data:`task.ORACLE_SHAPE`),
     fine-tuned by the ``sft`` recipe, as ``build-embedded-default`` makes the shipped Oracle's."""
     base = root / "base_model"
     if not (base / "config.json").is_file():
-        demo.write_base_model(base, load_tokenizer(tokenizer_source), seed=FLIP_SEED, **shape)
+        task.write_base_model(base, load_tokenizer(tokenizer_source), seed=FLIP_SEED, **shape)
     return str(train_sft(root / "sft", base, Path(sft_data), Path(val_data), FLIP_SEED, spec, overrides))
 
 
@@ -223,7 +233,7 @@ def compare(
     sft_data: str = str(EMBEDDED / "data" / "sft.jsonl"),
     train_data: str = str(EMBEDDED / "data" / "train.jsonl"),
     val_data: str = str(EMBEDDED / "data" / "val.jsonl"),
-    oracle_shape: dict[str, int] = dict(demo.ORACLE_SHAPE),
+    oracle_shape: dict[str, int] = dict(task.ORACLE_SHAPE),
     evaluation: EvalSettings = EvalSettings(),
     jobs: int = 2,
     threads: int = 1,

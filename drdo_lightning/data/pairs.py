@@ -1,0 +1,206 @@
+"""Validating rows into prompt/response texts: fields, scores, conversations rendered with a chat
+template, and label flipping."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator
+
+from drdo_lightning.data.readers import read_rows
+from drdo_lightning.errors import DataError
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class Columns:
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str | None = "rejected"
+    chosen_score: str | None = None
+    rejected_score: str | None = None
+
+    def required(self) -> list[str]:
+        names = [self.prompt, self.chosen, self.rejected, self.chosen_score, self.rejected_score]
+        return [n for n in names if n is not None]
+
+
+@dataclass
+class TextPair:
+    """One validated row: the rendered prompt and responses, and the Oracle scores."""
+
+    prompt: str
+    chosen: str
+    rejected: str | None
+    chosen_score: float | list[float] | None
+    rejected_score: float | list[float] | None
+    prompt_has_special_tokens: bool  # rendered by a chat template, which writes its own BOS/EOS
+
+
+class RowError(Exception):
+    """A problem with one row: ``reason`` is a short key for skip counts."""
+
+    def __init__(self, field: str, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.field, self.reason = field, reason
+
+
+def check_messages(value: Any, field: str) -> list[dict]:
+    """A conversation: a non-empty list of ``{'role': str, 'content': str}``; raises :class:`RowError`."""
+    if not value or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        raise RowError(field, "bad_messages", "expected a non-empty list of {'role': str, 'content': str} messages")
+    return value
+
+
+def _check_text(value: Any, field: str) -> str:
+    if value is None:
+        raise RowError(field, "null_field", "expected a non-empty string, got null")
+    if not isinstance(value, str):
+        raise RowError(field, "not_a_string", f"expected a non-empty string, got {type(value).__name__}")
+    if not value.strip():
+        raise RowError(field, "empty_field", "expected a non-empty string, got an empty one")
+    return value
+
+
+def _check_score(value: Any, field: str) -> float | list[float]:
+    """A finite float, or a non-empty list of them (one per ensemble member)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for v in values:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise RowError(field, "bad_score", f"expected a finite number, got {v!r}") from None
+        if isinstance(v, bool) or not math.isfinite(f):
+            raise RowError(field, "bad_score", f"expected a finite number, got {v!r}")
+        out.append(f)
+    if not out:
+        raise RowError(field, "bad_score", "expected a number or a non-empty list of numbers, got []")
+    return out if isinstance(value, (list, tuple)) else out[0]
+
+
+def _render_conversation(prompt: Any, chosen: Any, rejected: Any, template: Any, cols: Columns):
+    """Split conversations into (prompt text, chosen text, rejected text) via the chat template."""
+    chosen_msgs = check_messages(chosen, cols.chosen)
+    rejected_msgs = check_messages(rejected, cols.rejected) if cols.rejected is not None else None
+    for msgs, field in ((chosen_msgs, cols.chosen), (rejected_msgs, cols.rejected)):
+        if msgs is not None and msgs[-1]["role"] != "assistant":
+            raise RowError(field, "bad_roles", f"the last message must have role 'assistant', got {msgs[-1]['role']!r}")
+    context = chosen_msgs[:-1]
+    if rejected_msgs is not None and rejected_msgs[:-1] != context:
+        raise RowError(cols.rejected, "bad_roles", "chosen and rejected conversations differ before the final assistant turn")
+    if not context:  # TRL layout: the prompt column holds the conversation so far
+        if isinstance(prompt, str):
+            context = [{"role": "user", "content": _check_text(prompt, cols.prompt)}]
+        else:
+            context = check_messages(prompt, cols.prompt)
+    if context[-1]["role"] == "assistant":
+        raise RowError(cols.prompt, "bad_roles", "the prompt conversation must not end with an assistant turn")
+    if template is None:
+        raise RowError(
+            cols.chosen, "no_chat_template",
+            "conversational rows need a tokenizer with a chat template",
+        )
+    prompt_text = template(context, add_generation_prompt=True)
+
+    def response(msgs):
+        full = template(context + [msgs[-1]], add_generation_prompt=False)
+        if not full.startswith(prompt_text):
+            raise RowError(cols.chosen, "bad_roles", "the chat template does not render the prompt as a prefix")
+        return full[len(prompt_text):]
+
+    return prompt_text, response(chosen_msgs), response(rejected_msgs) if rejected_msgs is not None else None
+
+
+def render_as_chat(pair: TextPair, template, cols: Columns) -> TextPair:
+    """A plain-text pair as a one-turn chat (the prompt from the user, each response from the
+    assistant) rendered with ``template``: how chat reward models read text. Rendered pairs pass."""
+    if pair.prompt_has_special_tokens:
+        return pair
+
+    def turn(text: str | None) -> list[dict] | None:
+        return None if text is None else [{"role": "assistant", "content": text}]
+
+    prompt, chosen, rejected = _render_conversation(pair.prompt, turn(pair.chosen), turn(pair.rejected), template, cols)
+    return replace(pair, prompt=prompt, chosen=chosen, rejected=rejected, prompt_has_special_tokens=True)
+
+
+def validate_row(row: dict, cols: Columns, template) -> TextPair:
+    """Check one raw row and render it to text; raises :class:`RowError`."""
+    prompt, chosen = row.get(cols.prompt), row.get(cols.chosen)
+    rejected = row.get(cols.rejected) if cols.rejected else None
+    if isinstance(chosen, list):
+        prompt_text, chosen_text, rejected_text = _render_conversation(prompt, chosen, rejected, template, cols)
+        conversational = True
+    else:
+        prompt_text = _check_text(prompt, cols.prompt)
+        chosen_text = _check_text(chosen, cols.chosen)
+        rejected_text = _check_text(rejected, cols.rejected) if cols.rejected else None
+        conversational = False
+    if rejected_text is not None and chosen_text == rejected_text:
+        raise RowError(cols.rejected, "identical_responses", "chosen and rejected responses are identical")
+    scores = [
+        _check_score(row.get(name), name) if name else None for name in (cols.chosen_score, cols.rejected_score)
+    ]
+    return TextPair(prompt_text, chosen_text, rejected_text, scores[0], scores[1], conversational)
+
+
+def iter_pairs(source: str, cols: Columns, template, *, split: str = "train", on_bad_row: str = "error") -> Iterator[TextPair]:
+    """Read and validate rows one at a time; bad rows raise or, with ``on_bad_row='skip'``, are counted
+    (and logged once the source is exhausted)."""
+    usable = 0
+    skipped: Counter[str] = Counter()
+    for row_number, row in read_rows(source, split):
+        if not usable and not skipped:
+            missing = [c for c in cols.required() if c not in row]
+            if missing:
+                raise DataError(f"{source}: missing column(s) {missing}; the data has columns {sorted(row)}")
+        try:
+            pair = validate_row(row, cols, template)
+        except RowError as e:
+            if on_bad_row == "error":
+                message = f"{source}: row {row_number}: field {e.field!r}: {e}"
+                if e.reason == "no_chat_template":
+                    raise DataError(message, setting="chat_template", advice="give one with {option}") from None
+                raise DataError(message, setting="on_bad_row", advice="{option} skip skips such rows") from None
+            skipped[e.reason] += 1
+            continue
+        usable += 1
+        yield pair
+    if skipped:
+        log.warning("%s: skipped %d bad rows: %s", source, sum(skipped.values()), dict(skipped))
+    if not usable:
+        raise DataError(f"{source}: no usable rows" + (f" (skipped: {dict(skipped)})" if skipped else ""))
+
+
+def load_pairs(source: str, cols: Columns, template, *, split: str = "train", on_bad_row: str = "error") -> list[TextPair]:
+    """Every row of :func:`iter_pairs` in a list (for data small enough to hold in memory)."""
+    return list(iter_pairs(source, cols, template, split=split, on_bad_row=on_bad_row))
+
+
+def swap_pair(pair: TextPair) -> None:
+    """Swap chosen and rejected, and their scores, in place."""
+    pair.chosen, pair.rejected = pair.rejected, pair.chosen
+    pair.chosen_score, pair.rejected_score = pair.rejected_score, pair.chosen_score
+
+
+def flip_indices(n: int, rate: float, seed: int | random.Random) -> list[int]:
+    """The label-noise rule: exactly ``round(rate * n)`` of the indices ``0..n-1``, drawn without
+    replacement by ``random.Random(seed)`` (or by ``seed`` itself, a ``Random``)."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"label_flip_rate must be in [0, 1], got {rate}")
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
+    return rng.sample(range(n), round(rate * n))
+
+
+def flip_labels(pairs: list, rate: float, seed: int | random.Random, swap: Callable[[Any], None] = swap_pair) -> int:
+    """``swap`` the pairs that :func:`flip_indices` draws; return how many."""
+    flipped = flip_indices(len(pairs), rate, seed)
+    for i in flipped:
+        swap(pairs[i])
+    return len(flipped)

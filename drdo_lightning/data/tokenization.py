@@ -1,0 +1,130 @@
+"""Tokenization and truncation of pairs, and loading a tokenizer.
+
+Truncation rule (per pair, applied identically to chosen and rejected):
+  1. A prompt longer than ``max_prompt_length`` tokens keeps its *last* tokens (the part
+     nearest the response), after any special tokens the tokenizer puts first (BOS).
+  2. A response that does not fit in ``max_length - len(prompt)`` keeps its *first* tokens.
+     With ``drop_long=True`` such pairs are dropped instead (the paper filters them).
+Every truncation and drop is counted."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from drdo_lightning.data.pairs import TextPair
+from drdo_lightning.errors import require_pretrained
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+def ends_in_whitespace(pair: TextPair) -> bool:
+    """A plain-text prompt that ends in whitespace (see :func:`warn_trailing_whitespace`)."""
+    return not pair.prompt_has_special_tokens and pair.prompt[-1:].isspace()
+
+
+def warn_trailing_whitespace(n_ending: int, n: int) -> None:
+    """Warn that ``n_ending`` of ``n`` prompts end in whitespace (:func:`ends_in_whitespace`), if any do."""
+    if n_ending:
+        log.warning(
+            "%d of %d prompts end in whitespace. Prompt and response are tokenized apart, so that space "
+            "becomes a token of its own instead of joining the response's first word as it does in "
+            "generation; strip it from the prompts (or begin the responses with it)", n_ending, n,
+        )
+
+
+def truncate_prompt(ids: list[int], max_prompt_length: int, prefix: int) -> list[int]:
+    """Rule 1 of the truncation rule: keep the first ``prefix`` ids (the tokenizer's BOS) and the
+    last ``max_prompt_length - prefix`` of the rest."""
+    if len(ids) <= max_prompt_length:
+        return ids
+    return ids[:prefix] + ids[len(ids) - (max_prompt_length - prefix):]
+
+
+def tokenize_pairs(
+    pairs: list[TextPair],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_prompt_length: int,
+    max_length: int,
+    drop_long: bool,
+) -> tuple[dict[str, list], Counter[str]]:
+    """Tokenize prompts and responses in batches and apply the module's truncation rule.
+
+    Returns columns ``prompt_ids``, ``chosen_ids`` (and ``rejected_ids``, scores when
+    present) and counts of what was truncated or dropped.
+    """
+    counts: Counter[str] = Counter()
+    has_rejected = pairs[0].rejected is not None
+    n_prefix = len(tokenizer("", add_special_tokens=True)["input_ids"])
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def encode(texts: list[str], special: bool) -> list[list[int]]:
+        if not texts:
+            return []
+        return tokenizer(texts, add_special_tokens=special, return_attention_mask=False)["input_ids"]
+
+    # A chat-templated prompt already carries its special tokens and its responses their
+    # end-of-turn markers; plain text gets the tokenizer's BOS (if any) and an EOS.
+    templated = [p.prompt_has_special_tokens for p in pairs]
+    prompt_ids: list[list[int]] = [[] for _ in pairs]
+    for flag in (False, True):
+        idx = [i for i, t in enumerate(templated) if t == flag]
+        for i, seq in zip(idx, encode([pairs[i].prompt for i in idx], special=not flag)):
+            prompt_ids[i] = seq
+    responses = {
+        key: [seq if templated[i] else seq + eos for i, seq in enumerate(encode([getattr(p, key) for p in pairs], False))]
+        for key in (("chosen", "rejected") if has_rejected else ("chosen",))
+    }
+
+    out: dict[str, list] = {"prompt_ids": [], **{f"{k}_ids": [] for k in responses}}
+    score_keys = [k for k in ("chosen_score", "rejected_score") if getattr(pairs[0], k) is not None]
+    for k in score_keys:
+        out[k] = []
+    for i, pair in enumerate(pairs):
+        prompt = truncate_prompt(prompt_ids[i], max_prompt_length, n_prefix if not pair.prompt_has_special_tokens else 0)
+        if len(prompt) < len(prompt_ids[i]):
+            counts["prompt_truncated"] += 1
+        budget = max_length - len(prompt)
+        resp = {k: r[i] for k, r in responses.items()}
+        if any(len(r) > budget for r in resp.values()):
+            if drop_long:
+                counts["dropped_too_long"] += 1
+                continue
+            resp = {k: r[:budget] for k, r in resp.items()}
+            counts["response_truncated"] += 1
+        out["prompt_ids"].append(prompt)
+        for k, r in resp.items():
+            out[f"{k}_ids"].append(r)
+        for k in score_keys:
+            out[k].append(getattr(pair, k))
+    return out, counts
+
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
+    """Load a tokenizer; give it a pad token if it has none (padding is masked out anyway)."""
+    require_pretrained(name_or_path, "model")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        if tokenizer.pad_token_id is None:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+            log.warning("tokenizer %s had no pad, EOS or UNK token: added '<pad>'", name_or_path)
+    if chat_template is not None:
+        path = Path(chat_template).expanduser()
+        tokenizer.chat_template = path.read_text() if path.is_file() else chat_template
+    return tokenizer
+
+
+def chat_renderer(tokenizer: PreTrainedTokenizerBase):
+    """``render(messages, add_generation_prompt) -> str`` with the tokenizer's chat template, or None."""
+    if not tokenizer.chat_template:
+        return None
+    return lambda messages, add_generation_prompt: tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )

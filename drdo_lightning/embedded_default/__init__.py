@@ -1,0 +1,31 @@
+"""The embedded default: a sentiment-steering task that needs no downloads, and its build.
+
+:mod:`.task` generates the data and models, :mod:`.build` trains the shipped ``embedded_default/``
+folder. Importing this package registers the task's gold reward as the judge ``vader``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from drdo_lightning.embedded_default.task import gold_reward
+from drdo_lightning.evaluation.judges import register_judge
+
+EMBEDDED = Path("embedded_default")  # the shipped folder, relative to the repository root
+GOLD = "vader"  # judge spec of the task's gold reward
+MADE_BY = "build the embedded default with `python -m drdo_lightning build-embedded-default`"
+# `evaluate` on the command line: the held-out prompts, judged by the Oracle and the gold reward.
+EVALUATE_DEFAULTS = {"judges": {"oracle": str(EMBEDDED / "oracle"), "gold": GOLD}, "prompts": str(EMBEDDED / "data" / "eval.jsonl")}
+
+
+def holds(path: str | Path) -> bool:
+    """Whether ``path`` lies in the embedded default's folder, which ``build-embedded-default`` writes."""
+    return Path(path).parts[:1] == EMBEDDED.parts
+
+
+def gold_judge(prompts, responses) -> list[float]:
+    """The gold reward: VADER compound sentiment of the response alone (the prompt is not read)."""
+    return gold_reward(responses)
+
+
+register_judge(GOLD, gold_judge)

@@ -1,0 +1,117 @@
+"""``python -m drdo_lightning evaluate``: sample, judge, compare with intervals, write the report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+from drdo_lightning.errors import require_pretrained
+from drdo_lightning.evaluation.judges import load_judge, require_judge
+from drdo_lightning.evaluation.plots import plot_reward_vs_temperature, plot_training_curves, plot_win_matrix
+from drdo_lightning.evaluation.report import write_report
+from drdo_lightning.evaluation.sampling import PAPER_TEMPERATURES, read_prompts, sample_and_score
+from drdo_lightning.evaluation.statistics import diversity, summarize
+from drdo_lightning.export import export
+from drdo_lightning.jsonl import write_jsonl
+
+log = logging.getLogger(__name__)
+
+
+def _policy_dir(name: str, path: str, out: Path) -> str:
+    """An exported directory as is; a Lightning ``.ckpt`` or DeepSpeed checkpoint is exported first."""
+    source = Path(path)
+    if source.is_file() or (source / "latest").is_file():
+        return str(export(path, str(out / "policies" / name)))
+    require_pretrained(path, f"policy {name!r}:")
+    return path
+
+
+def evaluate(
+    policies: dict[str, str],
+    judges: dict[str, str],
+    prompts: str,
+    out: str = "runs/evaluate",
+    prompt_column: str = "prompt",
+    num_prompts: int | None = None,
+    chat_prompts: bool = False,
+    temperatures: list[float] = list(PAPER_TEMPERATURES),
+    top_p: float = 0.8,
+    max_new_tokens: int = 256,
+    max_prompt_length: int = 512,
+    max_length: int = 1024,
+    batch_size: int = 32,
+    seed: int = 0,
+    baseline: str | None = "sft",
+    bootstrap_samples: int = 1000,
+    logs: dict[str, str] | None = None,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> list[dict]:
+    """Sample from every policy, score with every judge, and write win rates, rewards, plots and a report.
+
+    Writes under ``out``: ``generations.jsonl`` (one record per policy, temperature and
+    prompt, with every judge's reward), ``results.csv`` / ``results.json`` (every estimate with
+    its 95% interval; see :func:`summarize`), ``win_rate_<judge>.png``,
+    ``reward_vs_temperature.png``, ``training_curves.png`` (with ``logs``) and ``report.md``.
+
+    Args:
+        policies: Name -> exported directory (or hub id, or a training checkpoint, exported first).
+        judges: Name -> reward-model directory (with ``reward_head.safetensors``), or a registered
+            judge's name (``vader``: the embedded default's gold reward).
+        prompts: Evaluation prompts: any file the data module reads, one prompt per row, as text
+            or as a conversation (a list of messages), which each policy's chat template renders.
+        num_prompts: Use the first ``num_prompts`` prompts (default: all).
+        chat_prompts: Read text prompts as one user turn of a conversation (policies trained on
+            conversations expect their chat template).
+        temperatures: Sampling temperatures (paper: 0.2, 0.5, 0.7, 0.9); 0 decodes greedily.
+        top_p: Nucleus sampling threshold (paper: 0.8).
+        max_new_tokens: Response length cap (paper: 256).
+        max_prompt_length, max_length: Truncation for sampling and for the reward-model judges,
+            as in training.
+        seed: Sampling and bootstrap seed; the same seed gives the same generations.
+        baseline: Policy the reward advantage is measured against (skipped when absent).
+        bootstrap_samples: Bootstrap resamples per interval.
+        logs: Name -> run directory or ``metrics.csv`` of training runs, for the training curves.
+        device: ``cpu`` or ``cuda``.
+    """
+    for name, spec in judges.items():
+        require_judge(name, spec)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompt_list = read_prompts(prompts, prompt_column, num_prompts, as_chat=chat_prompts)
+    policy_dirs = {name: _policy_dir(name, path, out_dir) for name, path in policies.items()}
+    judge_fns = {
+        name: load_judge(spec, batch_size=batch_size, max_prompt_length=max_prompt_length, max_length=max_length,
+                         device=device, trust_remote_code=trust_remote_code)
+        for name, spec in judges.items()
+    }
+    records, scores = sample_and_score(
+        policy_dirs, prompt_list, judge_fns, temperatures=temperatures, top_p=top_p, max_new_tokens=max_new_tokens,
+        max_prompt_length=max_prompt_length, batch_size=batch_size, seed=seed, device=device,
+        trust_remote_code=trust_remote_code,
+    )
+    if baseline is not None and baseline not in policies:
+        log.warning("baseline %r is not among the policies %s: no reward advantage reported", baseline, list(policies))
+    rows = summarize(scores, temperatures, baseline=baseline, samples=bootstrap_samples, seed=seed)
+    rows += diversity(records, temperatures)
+
+    write_jsonl(out_dir / "generations.jsonl", records)
+    (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
+    with (out_dir / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    names = list(policies)
+    plots = {f"win_{j}": plot_win_matrix(rows, j, names, out_dir / f"win_rate_{j}.png") for j in judges}
+    plots["temperature"] = plot_reward_vs_temperature(rows, list(judges), names, temperatures,
+                                                      out_dir / "reward_vs_temperature.png")
+    if logs:
+        plots["training"] = plot_training_curves(logs, out_dir / "training_curves.png")
+    settings = {"policies": names, "judges": list(judges), "prompts": prompts, "num_prompts": len(prompt_list),
+                "temperatures": list(temperatures), "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
+                "baseline": baseline, "bootstrap_samples": bootstrap_samples}
+    report = write_report(rows, settings, plots, out_dir)
+    print(f"Wrote {len(records)} generations and {len(rows)} estimates; report: {report}")
+    return rows

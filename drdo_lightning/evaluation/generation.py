@@ -1,0 +1,84 @@
+"""Sampling responses from a policy: seeded nucleus sampling, batched with left padding."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from drdo_lightning.data.tokenization import load_tokenizer, truncate_prompt
+from drdo_lightning.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[dict]  # text, or a conversation that the policy's chat template renders
+
+def _encode_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int, prefix: int) -> list[int]:
+    """Prompt ids as in training (:func:`data.tokenize_pairs`), truncated by :func:`data.truncate_prompt`:
+    text gets the tokenizer's ``prefix`` special tokens (BOS); a conversation is rendered with the chat
+    template and its generation prompt, which writes its own special tokens."""
+    if isinstance(prompt, str):
+        return truncate_prompt(tokenizer(prompt)["input_ids"], max_prompt_length, prefix)
+    if not tokenizer.chat_template:
+        raise DataError(f"a prompt is a conversation, and the policy {tokenizer.name_or_path} has no chat template to render it")
+    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return truncate_prompt(tokenizer(text, add_special_tokens=False)["input_ids"], max_prompt_length, 0)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    *,
+    temperature: float,
+    top_p: float = 0.8,
+    max_new_tokens: int = 256,
+    max_prompt_length: int = 512,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: tqdm | None = None,
+) -> list[str]:
+    """One sampled response per prompt (text after the prompt, special tokens removed).
+
+    Batches are left-padded so every row continues from its last prompt token. Batch ``b`` is
+    sampled right after ``torch.manual_seed(seed + b)`` inside a forked RNG: the same seed,
+    prompts and batch size give the same responses whatever ran before, and the caller's RNG
+    state is untouched. ``temperature=0`` decodes greedily.
+    """
+    device = next(model.parameters()).device
+    prefix = len(tokenizer("")["input_ids"])
+    encoded = [_encode_prompt(p, tokenizer, max_prompt_length, prefix) for p in prompts]
+    # Nucleus sampling only, as in the paper: top_k=0 switches off a top-k cut a model's generation config may carry.
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    if temperature == 0:
+        sampling = {"do_sample": False}
+    responses: list[str] = []
+    for b, start in enumerate(range(0, len(encoded), batch_size)):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in chunk], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed + b)
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+        responses += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        if progress is not None:
+            progress.update(1)
+    return responses
+
+
+def load_policy(path: str, *, device: str = "cpu", trust_remote_code: bool = False):
+    """A causal LM and its tokenizer from an exported directory or hub id."""
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code).to(device).eval()
+    return model, load_tokenizer(path, trust_remote_code=trust_remote_code)

@@ -1,0 +1,63 @@
+"""Judges: a reward model, or any reward function registered by name (:func:`register_judge`).
+
+A judge maps (prompts, responses) to one reward per pair. Reward models are directories the
+``score`` command could score with; the embedded default registers its gold reward as ``vader``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Sequence
+
+from drdo_lightning.data.pairs import Columns, TextPair
+from drdo_lightning.evaluation.generation import Prompt
+from drdo_lightning.scoring import load_scorer, require_reward_model, reward_columns, tokenized_for
+
+# Judge: (prompts, responses) -> one reward per pair.
+Judge = Callable[[Sequence[Prompt], Sequence[str]], list[float]]
+
+class RewardModelJudge:
+    """Rewards from a reward model (an Oracle trained here or a one-label sequence classifier),
+    tokenized exactly as ``score`` tokenizes for it.
+
+    Each distinct (prompt, response) is scored once, so identical responses get identical
+    rewards (a tie), whatever batch they land in.
+    """
+
+    def __init__(self, path: str, *, batch_size: int = 32, max_prompt_length: int = 512, max_length: int = 1024,
+                 device: str = "cpu", trust_remote_code: bool = False) -> None:
+        require_reward_model(path, "judge")
+        self.model, self.tokenizer = load_scorer(path, device=device, trust_remote_code=trust_remote_code)
+        self.batch_size, self.max_prompt_length, self.max_length = batch_size, max_prompt_length, max_length
+        self.name = path
+
+    def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        keys = [(json.dumps(p), r) for p, r in zip(prompts, responses)]  # conversations are lists: not hashable
+        unique = dict(zip(keys, zip(prompts, responses)))
+        pairs = [TextPair(p, r, None, None, None, prompt_has_special_tokens=False) for p, r in unique.values()]
+        examples = tokenized_for(self.model, self.tokenizer, pairs, Columns("prompt", "response", None),
+                                 max_prompt_length=self.max_prompt_length, max_length=self.max_length)
+        rewards = reward_columns(self.model, examples, self.tokenizer.pad_token_id, batch_size=self.batch_size,
+                                 sides=("chosen",), desc=f"judge {self.name}")["chosen"]
+        by_key = dict(zip(unique, rewards))
+        return [by_key[k] for k in keys]
+
+
+# name -> a judge that needs no files (a reward function); anything else names a reward model.
+REGISTERED: dict[str, Judge] = {}
+
+
+def register_judge(name: str, judge: Judge) -> None:
+    """Make ``name`` a judge spec of :func:`load_judge` (and of ``evaluate --judges``)."""
+    REGISTERED[name] = judge
+
+
+def require_judge(name: str, spec: str) -> None:
+    """Raise a :class:`~drdo_lightning.errors.UserError` unless ``spec`` is a registered judge or a trained reward model."""
+    if spec not in REGISTERED:
+        require_reward_model(spec, f"judge {name!r}:")
+
+
+def load_judge(spec: str, **kwargs) -> Judge:
+    """A registered judge by name, or a reward-model directory (``kwargs`` go to :class:`RewardModelJudge`)."""
+    return REGISTERED[spec] if spec in REGISTERED else RewardModelJudge(spec, **kwargs)

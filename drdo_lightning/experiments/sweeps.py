@@ -1,0 +1,160 @@
+"""Shared pieces of the sweeps: evaluation settings, one cell (train, then judge), intervals over seeds."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import shutil
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from drdo_lightning.embedded_default import EMBEDDED, GOLD
+from drdo_lightning.evaluation.judges import Judge, load_judge
+from drdo_lightning.evaluation.sampling import PAPER_TEMPERATURES, read_prompts, sample_and_score
+from drdo_lightning.evaluation.statistics import Estimate, distinct_n
+from drdo_lightning.stages import DataSpec
+from drdo_lightning.training import run_fit
+
+log = logging.getLogger(__name__)
+
+FLIP_RATES = (0.0, 0.1, 0.2, 0.3, 0.4)
+SEEDS = (0, 1, 2)
+# The noisy subset is the same for every seed at a rate (``--data.seed``), so the judges retrained
+# on it serve all seeds; seeds vary the training itself (data order, reward-head init).
+FLIP_SEED = 0
+DISTINCT = "distinct_2"  # reported next to the judges' rewards: the diversity of the generations
+
+@dataclass
+class EvalSettings:
+    """How every trained policy of a sweep is judged (see :func:`evaluation.sample_and_score`).
+
+    The defaults fit the embedded default: its responses are at most ~35 tokens.
+    ``max_prompt_length`` and ``max_length`` are the token budgets of the whole sweep: training,
+    scoring and judging.
+    """
+
+    prompts: str = str(EMBEDDED / "data" / "eval.jsonl")
+    num_prompts: int | None = None
+    judges: dict[str, str] = field(default_factory=lambda: {"gold": GOLD, "oracle": str(EMBEDDED / "oracle")})
+    temperatures: list[float] = field(default_factory=lambda: list(PAPER_TEMPERATURES))
+    top_p: float = 0.8
+    max_new_tokens: int = 48
+    max_prompt_length: int = 64
+    max_length: int = 128
+    batch_size: int = 50
+    seed: int = 0
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(max_prompt_length=self.max_prompt_length, max_length=self.max_length)
+
+
+class Evaluator:
+    """Loads the prompts and judges of :class:`EvalSettings` once and scores policies with them."""
+
+    def __init__(self, settings: EvalSettings) -> None:
+        self.settings = settings
+        self.prompts = read_prompts(settings.prompts, limit=settings.num_prompts)
+        self.judges: dict[str, Judge] = {
+            name: load_judge(spec, batch_size=settings.batch_size, max_prompt_length=settings.max_prompt_length,
+                             max_length=settings.max_length)
+            for name, spec in settings.judges.items()
+        }
+
+    def __call__(self, policy: Path) -> dict[str, dict[str, Any]]:
+        """Mean reward per judge, over all prompts and temperatures and per temperature; and the
+        generations' diversity (``distinct_2``, :func:`evaluation.distinct_n`), per temperature and its mean."""
+        s = self.settings
+        records, scores = sample_and_score(
+            {"policy": str(policy)}, self.prompts, self.judges, temperatures=s.temperatures, top_p=s.top_p,
+            max_new_tokens=s.max_new_tokens, max_prompt_length=s.max_prompt_length, batch_size=s.batch_size, seed=s.seed,
+        )
+        measures = {judge: {"mean": float(by_policy["policy"].mean()),
+                            "by_temperature": by_policy["policy"].mean(axis=0).tolist()}
+                    for judge, by_policy in scores.items()}
+        distinct = [distinct_n([r["response"] for r in records if r["temperature"] == t]) for t in s.temperatures]
+        measures[DISTINCT] = {"mean": statistics.fmean(distinct), "by_temperature": distinct}
+        return measures
+
+
+def run_cell(root: Path, evaluator: Evaluator | None, configs: list[str] | None, overrides: dict[str, Any] | None = None,
+              policy: str | None = None) -> dict[str, Any]:
+    """Train ``configs`` with ``overrides`` into ``root`` (or take ``policy`` as is) and evaluate the result.
+
+    A finished cell (``root/scores.json``) is read back (``evaluator`` may then be None); an
+    unfinished one is wiped and redone, so a resumed sweep never mixes two runs' logs.
+    """
+    done = root / "scores.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    start = time.perf_counter()
+    export = run_fit(configs, overrides, run_dir=root).export_dir if configs is not None else Path(policy)
+    trained = time.perf_counter()
+    result = {"scores": evaluator(export), "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained}
+    done.write_text(json.dumps(result, indent=1))
+    return result
+
+
+# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..10.
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def seed_interval(values: Sequence[float]) -> Estimate:
+    """Mean over seeds with a 95% Student-t interval, mean ± t_{0.975, n-1} · s / sqrt(n).
+
+    One seed gives no interval (NaN bounds). For more than 11 seeds the quantile comes from the
+    Cornish-Fisher expansion around the normal quantile, to third order (error below 1e-3).
+    """
+    mean = statistics.fmean(values)
+    n = len(values)
+    if n < 2:
+        return Estimate(mean, math.nan, math.nan)
+    df = n - 1
+    z = statistics.NormalDist().inv_cdf(0.975)
+    if df <= len(_T975):
+        t = _T975[df - 1]
+    else:
+        t = (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+             + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+    half = t * statistics.stdev(values) / math.sqrt(n)
+    return Estimate(mean, mean - half, mean + half)
+
+
+def aggregate(cells: list[dict], group: Sequence[str]) -> list[dict]:
+    """Per ``group`` values and judge: the mean reward over seeds with its 95% t-interval."""
+    by_key: dict[tuple, list[float]] = defaultdict(list)
+    for cell in cells:
+        by_key[tuple(cell[k] for k in group) + (cell["judge"],)].append(cell["reward"])
+    return [{**dict(zip((*group, "judge"), key)), "seeds": len(rewards), **seed_interval(rewards)._asdict()}
+            for key, rewards in by_key.items()]
+
+
+def measure_label(name: str) -> str:
+    """What a column of a sweep's tables measures: a judge's reward, or the generations' diversity."""
+    return "distinct-2 of the generations" if name == DISTINCT else f"{name} reward"
+
+
+def result_cells(result: dict, **labels) -> list[dict]:
+    return [{**labels, "judge": judge, "reward": s["mean"]} for judge, s in result["scores"].items()]
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def cell_text(row: dict | None) -> str:
+    if row is None:
+        return "-"
+    if math.isnan(row["low"]):
+        return f"{row['value']:+.3f}"
+    return f"{row['value']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
