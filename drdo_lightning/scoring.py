@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from drdo_lightning.data.collation import PairCollator
-from drdo_lightning.data.pairs import Columns, TextPair, load_pairs, render_as_chat
+from drdo_lightning.data.pairs import Columns, TextPair, is_conversation, load_pairs, render_as_chat
 from drdo_lightning.data.readers import read_rows
 from drdo_lightning.data.tokenization import (
     chat_renderer,
@@ -91,7 +91,7 @@ def tokenized_for(
     """
     template = chat_renderer(tokenizer)
     reads_chat = isinstance(model, SequenceClassifierReward) and template is not None
-    conversations = [not isinstance(p.prompt, str) for p in pairs]
+    conversations = [is_conversation(p.prompt) for p in pairs]
     if any(conversations) and template is None:
         raise DataError(f"{sum(conversations)} prompts are conversations, and the reward model's tokenizer has no chat "
                         "template to render them", setting="chat_template", advice="give one with {option}")
@@ -101,6 +101,27 @@ def tokenized_for(
     if counts:
         log.info("truncated while scoring: %s", dict(counts))
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+class Scorer:
+    """A reward model and its tokenizer: rewards of pairs, tokenized as the model reads them.
+
+    ``score`` writes them as data columns; the reward-model judges of ``evaluate`` use the same.
+    """
+
+    def __init__(self, path: str, *, batch_size: int = 32, max_prompt_length: int = 512, max_length: int = 1024,
+                 device: str = "cpu", trust_remote_code: bool = False, chat_template: str | None = None) -> None:
+        self.model, self.tokenizer = load_scorer(path, device=device, trust_remote_code=trust_remote_code,
+                                                 chat_template=chat_template)
+        self.template = chat_renderer(self.tokenizer)  # how rows with conversations render for this model
+        self.batch_size, self.max_prompt_length, self.max_length = batch_size, max_prompt_length, max_length
+
+    def rewards(self, pairs: list[TextPair], cols: Columns, *, sides: tuple[str, ...], desc: str) -> dict[str, list[float]]:
+        """The reward of every response of ``pairs``, per side, in order (:func:`reward_columns`)."""
+        examples = tokenized_for(self.model, self.tokenizer, pairs, cols, max_prompt_length=self.max_prompt_length,
+                                 max_length=self.max_length)
+        return reward_columns(self.model, examples, self.tokenizer.pad_token_id, batch_size=self.batch_size, sides=sides,
+                              desc=desc)
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:
@@ -162,12 +183,10 @@ def score(
     sides = ("chosen", "rejected") if rejected_column else ("chosen",)
     per_model = []
     for k, path in enumerate(models):
-        model, tokenizer = load_scorer(path, device=device, trust_remote_code=trust_remote_code, chat_template=chat_template)
-        pairs = load_pairs(data, cols, chat_renderer(tokenizer), split=split, on_bad_row="error")
-        examples = tokenized_for(model, tokenizer, pairs, cols, max_prompt_length=max_prompt_length, max_length=max_length)
-        per_model.append(
-            reward_columns(model, examples, tokenizer.pad_token_id, batch_size=batch_size, sides=sides, desc=f"model {k + 1}/{len(models)}")
-        )
+        scorer = Scorer(path, batch_size=batch_size, max_prompt_length=max_prompt_length, max_length=max_length,
+                        device=device, trust_remote_code=trust_remote_code, chat_template=chat_template)
+        pairs = load_pairs(data, cols, scorer.template, split=split, on_bad_row="error")
+        per_model.append(scorer.rewards(pairs, cols, sides=sides, desc=f"model {k + 1}/{len(models)}"))
     rows = [row for _, row in read_rows(data, split)]
     names = {"chosen": chosen_column, "rejected": rejected_column}
     for side in sides:

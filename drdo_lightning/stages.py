@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +14,7 @@ from transformers import AutoModelForCausalLM
 from drdo_lightning.data.readers import read_rows
 from drdo_lightning.models import REWARD_HEAD_FILE
 from drdo_lightning.scoring import score
-from drdo_lightning.training import run_fit
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """How a pipeline reads its pairs: the same token budgets and chat template in every training
-    stage and in scoring, so the judges score exactly what the students train on."""
-
-    max_prompt_length: int = 512
-    max_length: int = 1024
-    chat_template: str | None = None
-
-    def fit_overrides(self) -> dict[str, Any]:
-        return {f"data.{k}": v for k, v in vars(self).items()}
-
-    def score_options(self) -> dict[str, Any]:
-        return dict(vars(self))
+from drdo_lightning.training import DataSpec, RunSpec, run_fit
 
 
 def train_ensemble(
@@ -48,8 +32,13 @@ def train_ensemble(
         out: Output folder.
         overrides: Dotted config keys for every member, e.g. ``{"model.model": "path"}``.
     """
+    return ensemble_members(RunSpec(config, overrides=overrides or {}), members, Path(out))
+
+
+def ensemble_members(run: RunSpec, members: int, out: Path) -> list[Path]:
+    """The exports of ``members`` runs of ``run`` into ``out/member_<k>``, with reward-head seeds 0..members-1."""
     return [
-        run_fit(config, {**(overrides or {}), "model.reward_head_seed": k}, run_dir=Path(out) / f"member_{k}").export_dir
+        run_fit(replace(run, run_dir=out / f"member_{k}", overrides={**run.overrides, "model.reward_head_seed": k})).export_dir
         for k in range(members)
     ]
 
@@ -89,29 +78,29 @@ def store_in_bf16(model_dir: Path) -> None:
 
 
 def train_judges_and_score(
-    work: Path, data: dict[str, Path], policy: Path, seed: int, members: int, spec: DataSpec,
-    overrides: dict[str, Any] | None = None, oracle_policy: Path | None = None, oracle_in_bf16: bool = False,
+    work: Path, data: dict[str, Path], policy: Path, members: int, shared: RunSpec,
+    oracle_policy: Path | None = None, oracle_in_bf16: bool = False,
 ) -> Judges:
     """Oracle (Eq. 5) and reward-model ensemble (Eq. 2) from ``policy``, then score train/val.
 
-    ``overrides`` are extra config keys for every judge's training run (e.g. a label-flip rate).
+    ``shared`` holds what every judge's run has in common (seed, token budgets, budget, label
+    flips, other options); the recipe, model, data files and folder are set here.
     ``oracle_policy`` starts the Oracle from another (e.g. larger) SFT policy than the ensemble's;
     ``oracle_in_bf16`` stores it in bfloat16 before it scores, so the scores are the stored model's.
     The scored files carry ``oracle_{chosen,rejected}`` (numbers) and
     ``ensemble_{chosen,rejected}`` (lists, one number per member).
     """
-    common = {"seed_everything": seed, "model.model": str(policy), "data.train_file": str(data["train"]),
-              "data.val_file": str(data["val"]), **spec.fit_overrides(), **(overrides or {})}
-    oracle = run_fit("oracle", {**common, "model.model": str(oracle_policy or policy)}, run_dir=work / "oracle").export_dir
+    judge = replace(shared, model=policy, train_file=data["train"], val_file=data["val"])
+    oracle = run_fit(replace(judge, recipe="oracle", model=oracle_policy or policy, run_dir=work / "oracle")).export_dir
     if oracle_in_bf16:
         store_in_bf16(oracle)
-    ensemble = train_ensemble(members=members, out=str(work / "ensemble"), overrides=common)
+    ensemble = ensemble_members(replace(judge, recipe="reward_model"), members, work / "ensemble")
+    options = (shared.data or DataSpec()).score_options()
     scored = scored_files(work)
     for split, path in scored.items():
         with_oracle = path.with_name(f"{split}.oracle.jsonl")
-        score([str(oracle)], str(data[split]), str(with_oracle), overwrite=True, **spec.score_options())
-        score([str(m) for m in ensemble], str(with_oracle), str(path), output_prefix="ensemble_", overwrite=True,
-              **spec.score_options())
+        score([str(oracle)], str(data[split]), str(with_oracle), overwrite=True, **options)
+        score([str(m) for m in ensemble], str(with_oracle), str(path), output_prefix="ensemble_", overwrite=True, **options)
     return Judges(oracle, ensemble, scored)
 
 
@@ -120,12 +109,10 @@ def oracle_accuracy(scored_val: Path) -> float:
     return statistics.fmean(row["oracle_chosen"] > row["oracle_rejected"] for _, row in read_rows(str(scored_val)))
 
 
-def train_sft(run_dir: Path, base_model: Path, sft_data: Path, val_data: Path, seed: int, spec: DataSpec,
-              overrides: dict[str, Any] | None = None) -> Path:
-    """The ``sft`` recipe from ``base_model`` on ``sft_data``; returns the export (reused when it exists)."""
-    export_dir = run_dir / "export"
+def train_sft(run: RunSpec) -> Path:
+    """The ``sft`` recipe as ``run`` sets it up (base model, SFT data, folder); returns the export,
+    reused when it exists."""
+    export_dir = Path(run.run_dir) / "export"
     if (export_dir / "config.json").is_file():
         return export_dir
-    settings = {"seed_everything": seed, "model.model": str(base_model), "data.train_file": str(sft_data),
-                "data.val_file": str(val_data), **spec.fit_overrides(), **(overrides or {})}
-    return run_fit("sft", settings, run_dir=run_dir).export_dir
+    return run_fit(replace(run, recipe="sft")).export_dir

@@ -21,8 +21,8 @@ from lightning.pytorch.cli import LightningCLI
 from drdo_lightning.cpu_cores import FollowFreeCores
 from drdo_lightning.data.datamodule import PreferenceDataModule
 from drdo_lightning.export import ExportHuggingFace
-from drdo_lightning.objectives import PreferenceModule
-from drdo_lightning.recipes import expand_config_args, resolve_run_dir
+from drdo_lightning.objectives import PreferenceModule, ReferenceModule
+from drdo_lightning.recipes import expand_config_args, recipe_objective, resolve_run_dir
 from drdo_lightning.reliability import CheckpointOnSigterm, NonFiniteGuard, unreadable_checkpoint
 
 TRAINING_COMMANDS = ("fit", "validate")
@@ -107,32 +107,106 @@ class FitResult:
         return {k[len(prefix):]: v for k, v in self.metrics.items() if k.startswith(prefix)}
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """How a run reads its pairs: the same token budgets and chat template in every training stage
+    and in scoring, so the judges score exactly what the students train on."""
+
+    max_prompt_length: int = 512
+    max_length: int = 1024
+    chat_template: str | None = None
+
+    def fit_overrides(self) -> dict[str, Any]:
+        return {f"data.{k}": v for k, v in vars(self).items()}
+
+    def score_options(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run as code describes it: :func:`run_fit` turns it into the recipe's options.
+
+    Attributes:
+        recipe: A recipe name (``drdo``) or YAML path, or several layered in order
+            (``("drdo", "ablations/gamma0")``); the base config lies under them.
+        run_dir: The run folder (``trainer.default_root_dir``); default: the recipe's.
+        model: The starting model (``model.model``).
+        train_file, val_file: The pairs (``data.train_file``, ``data.val_file``).
+        data: Token budgets and chat template.
+        label_flip_rate, flip_seed: Labels flipped in training, and the seed that picks them.
+        seed: ``seed_everything``.
+        max_steps: The budget in optimizer steps.
+        validate: ``False`` skips validation (``trainer.limit_val_batches 0``), as sweeps that
+            judge the final policy do.
+        one_model_in_memory: Reference-based objectives precompute their reference log-probs
+            instead of holding a second model (reference-free ones have none).
+        overrides: Any other option as a dotted key, e.g. ``{"model.learning_rate": 3e-4}``; they
+            win over the fields above.
+    """
+
+    recipe: str | Path | tuple[str | Path, ...]
+    run_dir: Path | None = None
+    model: str | Path | None = None
+    train_file: str | Path | None = None
+    val_file: str | Path | None = None
+    data: DataSpec | None = None
+    label_flip_rate: float | None = None
+    flip_seed: int | None = None
+    seed: int | None = None
+    max_steps: int | None = None
+    validate: bool = True
+    one_model_in_memory: bool = False
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def layers(self) -> list[str | Path]:
+        return [self.recipe] if isinstance(self.recipe, (str, Path)) else list(self.recipe)
+
+    def settings(self) -> dict[str, Any]:
+        """The run as dotted keys, the form LightningCLI takes."""
+        typed = {
+            "seed_everything": self.seed, "model.model": self.model, "data.train_file": self.train_file,
+            "data.val_file": self.val_file, "data.label_flip_rate": self.label_flip_rate, "data.seed": self.flip_seed,
+            "trainer.max_steps": self.max_steps, "trainer.default_root_dir": self.run_dir,
+        }
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in typed.items() if v is not None}
+        if self.data is not None:  # all of it: a chat template of None overrides a recipe's too
+            settings.update(self.data.fit_overrides())
+        if not self.validate:
+            settings["trainer.limit_val_batches"] = 0
+        settings.update(self.overrides)
+        if self.one_model_in_memory and issubclass(recipe_objective(self.layers()[0]), ReferenceModule):
+            settings["model.precompute_reference"] = True
+        return settings
+
+
 def _option(key: str, value: Any) -> str:
     """``--key=value`` as LightningCLI parses it: strings as they are, anything else as JSON (valid YAML)."""
     return f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
 
 
 def run_fit(
-    configs: str | Path | Sequence[str | Path],
+    run: RunSpec | str | Path | Sequence[str | Path],
     overrides: Mapping[str, Any] | None = None,
     *,
     run_dir: str | Path | None = None,
 ) -> FitResult:
-    """Train a recipe in this process and return what it produced.
+    """Train a run in this process and return what it produced.
 
     Args:
-        configs: A recipe name (``drdo``), a YAML path, or several of them layered in order
-            (``["drdo", "ablations/gamma0"]``); the base config lies under them.
-        overrides: Dotted keys merged over the configs, e.g. ``{"model.model": "path",
+        run: A :class:`RunSpec`; or, for a quick run, a recipe name (``drdo``), a YAML path, or
+            several of them layered in order (``["drdo", "ablations/gamma0"]``).
+        overrides: Dotted keys merged over the run, e.g. ``{"model.model": "path",
             "data.max_length": 256, "trainer.max_steps": 50}``.
         run_dir: The run folder (``trainer.default_root_dir``): logs, checkpoints and the export go
-            under it. Default: the recipe's.
+            under it. Default: the run's, else the recipe's.
     """
-    layers = [configs] if isinstance(configs, (str, Path)) else list(configs)
-    settings = dict(overrides or {})
+    if not isinstance(run, RunSpec):
+        run = RunSpec(tuple(run) if isinstance(run, (list, tuple)) else run)
+    settings = {**run.settings(), **(overrides or {})}
     if run_dir is not None:
         settings["trainer.default_root_dir"] = str(run_dir)
-    argv = ["fit", *(arg for c in layers for arg in ("--config", str(c)))]
+    argv = ["fit", *(arg for c in run.layers() for arg in ("--config", str(c)))]
     cli = lightning_cli(argv + [_option(k, v) for k, v in settings.items()])
     return fit_result(cli.trainer)
 

@@ -135,7 +135,7 @@ def test_conversations_are_sampled_and_judged_through_the_chat_template(tmp_path
     for example, reward in zip(dm.train_dataset, rewards):  # tokenized as the Oracle trained
         ids = example["prompt_ids"] + example["chosen_ids"]
         with torch.no_grad():
-            want = judge.model.rewards(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
+            want = judge.scorer.model.rewards(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
         assert reward == pytest.approx(want, abs=1e-5)
     with pytest.raises(DataError, match="no chat template"):
         generate(*load_policy(str(tiny_model_dir)), conversations[:1], temperature=0, max_new_tokens=2)
@@ -172,11 +172,11 @@ def test_reward_model_judge_scores_like_the_model_and_ties_identical_responses(r
     prompts = eval_prompts[:3] + eval_prompts[:1]
     responses = [" the plot was great.", " it was a waste of time.", " I watched it at home.", " the plot was great."]
     rewards = judge(prompts, responses)
-    tok = judge.tokenizer
+    tok = judge.scorer.tokenizer
     for prompt, response, reward in zip(prompts, responses, rewards):
         ids = tok(prompt)["input_ids"] + tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         with torch.no_grad():
-            want = judge.model.rewards(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
+            want = judge.scorer.model.rewards(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
         assert reward == pytest.approx(want, abs=1e-5)
     assert rewards[0] == rewards[3]  # scored once: an exact tie
 

@@ -15,7 +15,7 @@ import yaml
 from drdo_lightning import stages
 from drdo_lightning.cli import main
 from drdo_lightning.data.splits import edit_distance, normalized_edit_distance
-from drdo_lightning.experiments import ablations, comparison, robustness, sweeps
+from drdo_lightning.experiments import ablations, comparison, sweeps
 from drdo_lightning.experiments.sweeps import seed_interval
 from drdo_lightning.jsonl import write_jsonl
 
@@ -153,12 +153,12 @@ def test_robustness_sweep_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, e
 
     # Resuming redoes nothing: finished cells and judges are read back.
     monkeypatch.setattr(sweeps, "run_fit", lambda *a, **k: pytest.fail("retrained a finished cell"))
-    monkeypatch.setattr(robustness, "train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
+    monkeypatch.setattr(sweeps, "train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
     assert main(args) == table
 
     # A variant sweep reuses these judges instead of training its own; a rate without judges is an error.
     monkeypatch.undo()
-    monkeypatch.setattr(robustness, "train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
+    monkeypatch.setattr(sweeps, "train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
     variant = [*args[:2], str(tmp_path / "variant"), *args[3:], "--judges_from", str(out)]
     assert "Retrained Oracle's accuracy" in main(variant)
     variant_config = next((tmp_path / "variant" / "flip_0.25" / "seed_0" / "drdo").rglob("config.yaml")).read_text()
@@ -264,6 +264,6 @@ def test_compare_tunes_on_held_out_prompts_then_runs_flips_and_seeds(tmp_path, t
 
     # Resuming redoes nothing.
     monkeypatch.setattr(sweeps, "run_fit", lambda *a, **k: pytest.fail("retrained a finished cell"))
-    monkeypatch.setattr(robustness, "train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
+    monkeypatch.setattr(sweeps, "train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
     monkeypatch.setattr(stages, "run_fit", lambda *a, **k: pytest.fail("retrained the Oracle's policy"))
     assert main([*args[:-4], "--jobs", "1", *args[-2:]]) == table

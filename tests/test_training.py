@@ -6,7 +6,9 @@ import math
 
 import yaml
 
-from drdo_lightning.training import run_fit
+from pathlib import Path
+
+from drdo_lightning.training import DataSpec, RunSpec, run_fit
 
 
 def test_run_fit_merges_overrides_into_the_recipe_and_reports_from_the_trainer(tmp_path, tiny_model_dir, pairs16):
@@ -34,3 +36,20 @@ def test_run_fit_merges_overrides_into_the_recipe_and_reports_from_the_trainer(t
     second = run_fit(["drdo", "ablations/gamma0"], {**overrides, "trainer.max_steps": 1}, run_dir=run_dir)
     assert second.log_dir != first.log_dir and second.global_step == 1
     assert yaml.safe_load((second.log_dir / "config.yaml").read_text())["model"]["init_args"]["gamma"] == 0.0
+
+
+def test_a_run_spec_is_the_dotted_keys_of_its_fields_with_the_memory_rule_in_one_place():
+    run = RunSpec(("dpo", "strategies/fsdp"), run_dir=Path("runs/x"), model=Path("m"), train_file="t.jsonl",
+                  data=DataSpec(max_prompt_length=8, max_length=16), label_flip_rate=0.2, flip_seed=0, seed=3,
+                  max_steps=5, validate=False, overrides={"trainer.max_steps": 7, "model.beta": 0.5})
+    assert run.layers() == ["dpo", "strategies/fsdp"]
+    assert run.settings() == {
+        "seed_everything": 3, "model.model": "m", "data.train_file": "t.jsonl", "data.label_flip_rate": 0.2,
+        "data.seed": 0, "trainer.max_steps": 7, "trainer.default_root_dir": "runs/x", "data.max_prompt_length": 8,
+        "data.max_length": 16, "data.chat_template": None, "trainer.limit_val_batches": 0, "model.beta": 0.5,
+    }  # unset fields stay out; overrides win over the fields
+    # One model in memory: a reference-based objective precomputes its reference, a reference-free one has none.
+    assert RunSpec("dpo", one_model_in_memory=True).settings() == {"model.precompute_reference": True}
+    assert RunSpec("simpo", one_model_in_memory=True).settings() == {}
+    assert RunSpec("dpo").settings() == {}
+

@@ -84,6 +84,22 @@ def _check_score(value: Any, field: str) -> float | list[float]:
     return out if isinstance(value, (list, tuple)) else out[0]
 
 
+def is_conversation(value: Any) -> bool:
+    """Whether a field holds a conversation (a list of ``{"role", "content"}`` messages) rather than text."""
+    return isinstance(value, list)
+
+
+def user_turn(text: str) -> list[dict]:
+    """Text as a conversation of one user message."""
+    return [{"role": "user", "content": text}]
+
+
+def holds_conversations(source: str, column: str = "chosen") -> bool:
+    """Whether the data in ``source`` is conversational, judged by its first row's ``column``."""
+    _, first = next(read_rows(source))
+    return is_conversation(first.get(column))
+
+
 def _render_conversation(prompt: Any, chosen: Any, rejected: Any, template: Any, cols: Columns):
     """Split conversations into (prompt text, chosen text, rejected text) via the chat template."""
     chosen_msgs = check_messages(chosen, cols.chosen)
@@ -96,7 +112,7 @@ def _render_conversation(prompt: Any, chosen: Any, rejected: Any, template: Any,
         raise RowError(cols.rejected, "bad_roles", "chosen and rejected conversations differ before the final assistant turn")
     if not context:  # TRL layout: the prompt column holds the conversation so far
         if isinstance(prompt, str):
-            context = [{"role": "user", "content": _check_text(prompt, cols.prompt)}]
+            context = user_turn(_check_text(prompt, cols.prompt))
         else:
             context = check_messages(prompt, cols.prompt)
     if context[-1]["role"] == "assistant":
@@ -134,7 +150,7 @@ def validate_row(row: dict, cols: Columns, template) -> TextPair:
     """Check one raw row and render it to text; raises :class:`RowError`."""
     prompt, chosen = row.get(cols.prompt), row.get(cols.chosen)
     rejected = row.get(cols.rejected) if cols.rejected else None
-    if isinstance(chosen, list):
+    if is_conversation(chosen):
         prompt_text, chosen_text, rejected_text = _render_conversation(prompt, chosen, rejected, template, cols)
         conversational = True
     else:

@@ -16,6 +16,7 @@ from drdo_lightning.data.readers import read_rows
 from drdo_lightning.data.tokenization import load_tokenizer
 from drdo_lightning.errors import DataError
 from drdo_lightning.jsonl import write_jsonl
+from drdo_lightning.reports import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +143,12 @@ def splits(
                         "mean_confidence": float(confidence[mask].mean()) if mask.any() else math.nan,
                         "mean_edit_distance": float(distance[mask].mean()) if mask.any() else math.nan}
     (root / "splits.json").write_text(json.dumps({"medians": medians, "splits": report}, indent=1))
-    table = "\n".join(
-        [f"Medians: confidence {medians['confidence']:g}, normalised edit distance {medians['edit_distance']:.3f}", "",
-         "| split | size | mean confidence | mean edit distance |", "|---|---|---|---|"]
-        + [f"| {name} | {r['size']} | {r['mean_confidence']:.3f} | {r['mean_edit_distance']:.3f} |" for name, r in report.items()]
-    )
+    table = "\n".join([
+        f"Medians: confidence {medians['confidence']:g}, normalised edit distance {medians['edit_distance']:.3f}", "",
+        markdown_table(["split", "size", "mean confidence", "mean edit distance"],
+                       [[name, str(r["size"]), f"{r['mean_confidence']:.3f}", f"{r['mean_edit_distance']:.3f}"]
+                        for name, r in report.items()]),
+    ])
     (root / "splits.md").write_text(table + "\n")
     print(table)
     return report

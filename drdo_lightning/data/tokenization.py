@@ -45,6 +45,30 @@ def truncate_prompt(ids: list[int], max_prompt_length: int, prefix: int) -> list
     return ids[:prefix] + ids[len(ids) - (max_prompt_length - prefix):]
 
 
+def special_prefix_length(tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many special tokens (BOS) the tokenizer puts before a text: rule 1 keeps them."""
+    return len(tokenizer("", add_special_tokens=True)["input_ids"])
+
+
+def encode_prompts(prompts: list[str], templated: list[bool], tokenizer: PreTrainedTokenizerBase,
+                   max_prompt_length: int) -> tuple[list[list[int]], list[bool]]:
+    """Prompt ids by the BOS rule, truncated by rule 1, and whether each was truncated.
+
+    Plain text gets the tokenizer's special prefix (BOS, if any), which truncation keeps; a prompt
+    rendered with a chat template (``templated``) already carries its own special tokens.
+    """
+    ids: list[list[int]] = [[] for _ in prompts]
+    for flag in (False, True):
+        idx = [i for i, t in enumerate(templated) if t == flag]
+        if idx:
+            encoded = tokenizer([prompts[i] for i in idx], add_special_tokens=not flag, return_attention_mask=False)
+            for i, seq in zip(idx, encoded["input_ids"]):
+                ids[i] = seq
+    prefix = special_prefix_length(tokenizer)
+    kept = [truncate_prompt(seq, max_prompt_length, 0 if t else prefix) for seq, t in zip(ids, templated)]
+    return kept, [len(k) < len(seq) for k, seq in zip(kept, ids)]
+
+
 def tokenize_pairs(
     pairs: list[TextPair],
     tokenizer: PreTrainedTokenizerBase,
@@ -60,7 +84,6 @@ def tokenize_pairs(
     """
     counts: Counter[str] = Counter()
     has_rejected = pairs[0].rejected is not None
-    n_prefix = len(tokenizer("", add_special_tokens=True)["input_ids"])
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def encode(texts: list[str], special: bool) -> list[list[int]]:
@@ -71,11 +94,7 @@ def tokenize_pairs(
     # A chat-templated prompt already carries its special tokens and its responses their
     # end-of-turn markers; plain text gets the tokenizer's BOS (if any) and an EOS.
     templated = [p.prompt_has_special_tokens for p in pairs]
-    prompt_ids: list[list[int]] = [[] for _ in pairs]
-    for flag in (False, True):
-        idx = [i for i, t in enumerate(templated) if t == flag]
-        for i, seq in zip(idx, encode([pairs[i].prompt for i in idx], special=not flag)):
-            prompt_ids[i] = seq
+    prompt_ids, prompt_truncated = encode_prompts([p.prompt for p in pairs], templated, tokenizer, max_prompt_length)
     responses = {
         key: [seq if templated[i] else seq + eos for i, seq in enumerate(encode([getattr(p, key) for p in pairs], False))]
         for key in (("chosen", "rejected") if has_rejected else ("chosen",))
@@ -86,8 +105,8 @@ def tokenize_pairs(
     for k in score_keys:
         out[k] = []
     for i, pair in enumerate(pairs):
-        prompt = truncate_prompt(prompt_ids[i], max_prompt_length, n_prefix if not pair.prompt_has_special_tokens else 0)
-        if len(prompt) < len(prompt_ids[i]):
+        prompt = prompt_ids[i]
+        if prompt_truncated[i]:
             counts["prompt_truncated"] += 1
         budget = max_length - len(prompt)
         resp = {k: r[i] for k, r in responses.items()}

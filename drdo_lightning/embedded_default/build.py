@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from drdo_lightning.embedded_default import task
-from drdo_lightning.stages import DataSpec, oracle_accuracy, train_judges_and_score, train_sft
+from drdo_lightning.stages import oracle_accuracy, train_judges_and_score, train_sft
+from drdo_lightning.training import DataSpec, RunSpec
 
 
 def _install(src: Path, dst: Path) -> None:
@@ -38,10 +40,11 @@ def build_embedded_default(out: str = "embedded_default", work: str = "runs/embe
     _install(raw["base_model"], out_dir / "base_model")
     for split in ("sft", "eval"):
         _install(raw[split], out_dir / "data" / f"{split}.jsonl")
-    sft = train_sft(work_dir / "sft", raw["base_model"], raw["sft"], raw["val"], seed, EMBEDDED_SPEC)
+    sft_run = RunSpec("sft", train_file=raw["sft"], val_file=raw["val"], data=EMBEDDED_SPEC, seed=seed)
+    sft = train_sft(replace(sft_run, run_dir=work_dir / "sft", model=raw["base_model"]))
     _install(sft, out_dir / "sft_policy")
-    oracle_sft = train_sft(work_dir / "oracle_sft", raw["oracle_base_model"], raw["sft"], raw["val"], seed, EMBEDDED_SPEC)
-    judges = train_judges_and_score(work_dir, raw, out_dir / "sft_policy", seed, members=3, spec=EMBEDDED_SPEC,
+    oracle_sft = train_sft(replace(sft_run, run_dir=work_dir / "oracle_sft", model=raw["oracle_base_model"]))
+    judges = train_judges_and_score(work_dir, raw, out_dir / "sft_policy", 3, RunSpec("oracle", data=EMBEDDED_SPEC, seed=seed),
                                     oracle_policy=oracle_sft, oracle_in_bf16=True)
     _install(judges.oracle, out_dir / "oracle")
     for split, path in judges.scored.items():

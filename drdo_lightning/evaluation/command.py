@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -15,6 +14,7 @@ from drdo_lightning.evaluation.sampling import PAPER_TEMPERATURES, read_prompts,
 from drdo_lightning.evaluation.statistics import diversity, summarize
 from drdo_lightning.export import export
 from drdo_lightning.jsonl import write_jsonl
+from drdo_lightning.reports import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,7 @@ def evaluate(
 
     write_jsonl(out_dir / "generations.jsonl", records)
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
-    with (out_dir / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out_dir / "results.csv")
     names = list(policies)
     plots = {f"win_{j}": plot_win_matrix(rows, j, names, out_dir / f"win_rate_{j}.png") for j in judges}
     plots["temperature"] = plot_reward_vs_temperature(rows, list(judges), names, temperatures,

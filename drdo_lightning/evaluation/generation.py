@@ -9,23 +9,21 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from drdo_lightning.data.tokenization import load_tokenizer, truncate_prompt
+from drdo_lightning.data.pairs import is_conversation
+from drdo_lightning.data.tokenization import encode_prompts, load_tokenizer
 from drdo_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
 
 Prompt = str | list[dict]  # text, or a conversation that the policy's chat template renders
 
-def _encode_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int, prefix: int) -> list[int]:
-    """Prompt ids as in training (:func:`data.tokenize_pairs`), truncated by :func:`data.truncate_prompt`:
-    text gets the tokenizer's ``prefix`` special tokens (BOS); a conversation is rendered with the chat
-    template and its generation prompt, which writes its own special tokens."""
-    if isinstance(prompt, str):
-        return truncate_prompt(tokenizer(prompt)["input_ids"], max_prompt_length, prefix)
+def _prompt_text(prompt: Prompt, tokenizer: PreTrainedTokenizerBase) -> tuple[str, bool]:
+    """A prompt as text, and whether a chat template rendered it (with its generation prompt)."""
+    if not is_conversation(prompt):
+        return prompt, False
     if not tokenizer.chat_template:
         raise DataError(f"a prompt is a conversation, and the policy {tokenizer.name_or_path} has no chat template to render it")
-    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    return truncate_prompt(tokenizer(text, add_special_tokens=False)["input_ids"], max_prompt_length, 0)
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False), True
 
 
 @torch.inference_mode()
@@ -50,8 +48,9 @@ def generate(
     state is untouched. ``temperature=0`` decodes greedily.
     """
     device = next(model.parameters()).device
-    prefix = len(tokenizer("")["input_ids"])
-    encoded = [_encode_prompt(p, tokenizer, max_prompt_length, prefix) for p in prompts]
+    # Prompt ids as in training (:func:`data.tokenization.encode_prompts`, the BOS rule and rule 1).
+    texts, templated = zip(*(_prompt_text(p, tokenizer) for p in prompts)) if prompts else ((), ())
+    encoded, _ = encode_prompts(list(texts), list(templated), tokenizer, max_prompt_length)
     # Nucleus sampling only, as in the paper: top_k=0 switches off a top-k cut a model's generation config may carry.
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     if temperature == 0:

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 from drdo_lightning.data.pairs import Columns, TextPair
 from drdo_lightning.evaluation.generation import Prompt
-from drdo_lightning.scoring import load_scorer, require_reward_model, reward_columns, tokenized_for
+from drdo_lightning.scoring import Scorer, require_reward_model
 
 # Judge: (prompts, responses) -> one reward per pair.
 Judge = Callable[[Sequence[Prompt], Sequence[str]], list[float]]
@@ -27,18 +27,16 @@ class RewardModelJudge:
     def __init__(self, path: str, *, batch_size: int = 32, max_prompt_length: int = 512, max_length: int = 1024,
                  device: str = "cpu", trust_remote_code: bool = False) -> None:
         require_reward_model(path, "judge")
-        self.model, self.tokenizer = load_scorer(path, device=device, trust_remote_code=trust_remote_code)
-        self.batch_size, self.max_prompt_length, self.max_length = batch_size, max_prompt_length, max_length
+        self.scorer = Scorer(path, batch_size=batch_size, max_prompt_length=max_prompt_length, max_length=max_length,
+                             device=device, trust_remote_code=trust_remote_code)
         self.name = path
 
     def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         keys = [(json.dumps(p), r) for p, r in zip(prompts, responses)]  # conversations are lists: not hashable
         unique = dict(zip(keys, zip(prompts, responses)))
         pairs = [TextPair(p, r, None, None, None, prompt_has_special_tokens=False) for p, r in unique.values()]
-        examples = tokenized_for(self.model, self.tokenizer, pairs, Columns("prompt", "response", None),
-                                 max_prompt_length=self.max_prompt_length, max_length=self.max_length)
-        rewards = reward_columns(self.model, examples, self.tokenizer.pad_token_id, batch_size=self.batch_size,
-                                 sides=("chosen",), desc=f"judge {self.name}")["chosen"]
+        rewards = self.scorer.rewards(pairs, Columns("prompt", "response", None), sides=("chosen",),
+                                      desc=f"judge {self.name}")["chosen"]
         by_key = dict(zip(unique, rewards))
         return [by_key[k] for k in keys]
 

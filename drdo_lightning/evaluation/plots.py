@@ -9,12 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from drdo_lightning.evaluation.statistics import ALL, lookup
-
-
-def new_figure(**kwargs):
-    from matplotlib.figure import Figure  # an optional dependency, needed only for plots
-
-    return Figure(**kwargs)
+from drdo_lightning.reports import interval_bars, new_figure
 
 
 def plot_win_matrix(rows: list[dict], judge: str, policies: Sequence[str], path: Path) -> Path:
@@ -50,9 +45,7 @@ def plot_reward_vs_temperature(rows: list[dict], judges: Sequence[str], policies
             points = [lookup(rows, judge=judge, policy=policy, temperature=str(t), statistic="mean_reward")
                       for t in temperatures]
             x = np.asarray(temperatures) + (k - (len(policies) - 1) / 2) * 0.006  # dodge overlapping bars
-            y = np.array([p["value"] for p in points])
-            err = np.array([[p["value"] - p["low"] for p in points], [p["high"] - p["value"] for p in points]])
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=policy)
+            interval_bars(ax, x, points, policy)
         ax.set_xlabel("temperature")
         ax.set_ylabel(f"mean {judge} reward")
         ax.set_title(judge)

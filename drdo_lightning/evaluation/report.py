@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from drdo_lightning.evaluation.statistics import ALL, lookup
+from drdo_lightning.reports import markdown_table
 
 
 def _fmt(row: dict | None, percent: bool) -> str:
@@ -17,23 +18,18 @@ def _fmt(row: dict | None, percent: bool) -> str:
     return f"{row['value']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
 
 
-def _table(header: Sequence[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
-
-
 def _matrix(rows: list[dict], judge: str, policies: Sequence[str], statistic: str, cell: Callable[[dict], str]) -> str:
     """Markdown table of a pairwise statistic (all temperatures): row policy against column opponent."""
     body = [[a] + ["" if a == b else cell(lookup(rows, judge=judge, policy=a, opponent=b, temperature=ALL, statistic=statistic))
                    for b in policies] for a in policies]
-    return _table(["policy", *policies], body)
+    return markdown_table(["policy", *policies], body)
 
 
 def _by_temperature(rows: list[dict], judge: str, policies: Sequence[str], statistic: str, columns: list[str]) -> str:
     """Markdown table of a per-policy statistic, one column per temperature."""
     body = [[p] + [_fmt(lookup(rows, judge=judge, policy=p, temperature=t, statistic=statistic), False) for t in columns]
             for p in policies]
-    return _table(["policy", *columns], body)
+    return markdown_table(["policy", *columns], body)
 
 
 def write_report(rows: list[dict], settings: dict, plots: dict[str, Path], out: Path) -> Path:
@@ -41,8 +37,7 @@ def write_report(rows: list[dict], settings: dict, plots: dict[str, Path], out: 
     advantage over the baseline, with every plot embedded."""
     policies, judges, baseline = settings["policies"], settings["judges"], settings["baseline"]
     columns = [str(t) for t in settings["temperatures"]] + [ALL]
-    lines = ["# Evaluation report", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in settings.items()]
+    lines = ["# Evaluation report", "", markdown_table(["setting", "value"], [[k, f"`{json.dumps(v)}`"] for k, v in settings.items()])]
     lines += ["", "Win rate = P(r_A > r_B) + P(r_A = r_B) / 2 on the same prompt and temperature; "
               "brackets: 95% bootstrap interval over prompts. Ties are listed apart."]
     for judge in judges:
@@ -61,7 +56,7 @@ def write_report(rows: list[dict], settings: dict, plots: dict[str, Path], out: 
                       _by_temperature(rows, judge, others, "advantage", columns)]
     lines += ["", "## Diversity", "", "Distinct-2 of the generations (distinct word bigrams / all word bigrams; "
               "1 = no bigram repeats), by temperature:", "",
-              _table(["policy", *columns], [[p] + [f"{lookup(rows, policy=p, temperature=t, statistic='distinct_2')['value']:.3f}"
+              markdown_table(["policy", *columns], [[p] + [f"{lookup(rows, policy=p, temperature=t, statistic='distinct_2')['value']:.3f}"
                                                    for t in columns] for p in policies])]
     lines += ["", "## Mean reward vs temperature", "", f"![reward vs temperature]({plots['temperature'].name})"]
     if "training" in plots:

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from drdo_lightning.data.pairs import RowError, check_messages
+from drdo_lightning.data.pairs import RowError, check_messages, is_conversation, user_turn
 from drdo_lightning.data.readers import read_rows
 from drdo_lightning.errors import DataError
 from drdo_lightning.evaluation.generation import Prompt, generate, load_policy
@@ -28,12 +28,12 @@ def read_prompts(path: str, column: str = "prompt", limit: int | None = None, *,
     for number, row in read_rows(path):
         value = row.get(column)
         try:
-            if isinstance(value, list):
+            if is_conversation(value):
                 prompts.append(check_messages(value, column))
                 if value[-1]["role"] == "assistant":
                     raise RowError(column, "bad_roles", "a conversation to answer must not end with an assistant turn")
             elif isinstance(value, str) and value.strip():
-                prompts.append([{"role": "user", "content": value}] if as_chat else value)
+                prompts.append(user_turn(value) if as_chat else value)
             else:
                 raise RowError(column, "bad_prompt", f"expected a non-empty string or a list of messages, got {value!r:.60}")
         except RowError as e:

@@ -10,7 +10,6 @@ import numpy as np
 
 from drdo_lightning.embedded_default import EMBEDDED
 from drdo_lightning.errors import UserError, require_pretrained
-from drdo_lightning.evaluation.plots import new_figure
 from drdo_lightning.experiments.sweeps import (
     DISTINCT,
     SEEDS,
@@ -21,9 +20,10 @@ from drdo_lightning.experiments.sweeps import (
     measure_label,
     result_cells,
     run_cell,
-    write_csv,
 )
 from drdo_lightning.recipes import config_path, recipe_names
+from drdo_lightning.reports import markdown_table, new_figure, write_csv
+from drdo_lightning.training import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +68,14 @@ def ablations(
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     evaluator = Evaluator(evaluation)
-    start = run_cell(root / "start", evaluator, configs=None, policy=policy)
+    start = run_cell(root / "start", evaluator, None, policy=policy)
     cells = []
     for name, config in chosen.items():
-        configs = ["drdo"] + ([str(config)] if config is not None else [])
+        layers = ("drdo",) + ((str(config),) if config is not None else ())
         for seed in seeds:
-            settings = {"seed_everything": seed, "trainer.max_steps": max_steps, "trainer.limit_val_batches": 0,
-                        "model.model": policy, **evaluation.data_spec().fit_overrides(), **(overrides or {})}
-            result = run_cell(root / name / f"seed_{seed}", evaluator, configs, settings)
+            run = RunSpec(layers, model=policy, data=evaluation.data_spec(), seed=seed, max_steps=max_steps, validate=False,
+                          overrides=overrides or {})
+            result = run_cell(root / name / f"seed_{seed}", evaluator, run)
             cells += result_cells(result, variant=name, seed=seed)
     write_csv(cells, root / "cells.csv")
     summary = aggregate(cells, ("variant",))
@@ -83,13 +83,11 @@ def ablations(
     judges = [*evaluation.judges, DISTINCT]
     reference = {judge: s["mean"] for judge, s in start["scores"].items()}
     _plot_ablations(summary, list(chosen), judges, reference, root / "ablations.png")
-    lines = ["Mean reward over seeds (95% t-interval); `drdo` = paper settings (alpha 0.1, gamma 2).", "",
-             "| variant | " + " | ".join(judges) + " |", "|---" * (len(judges) + 1) + "|",
-             "| start (SFT) | " + " | ".join(f"{reference[j]:+.3f}" for j in judges) + " |"]
-    for name in chosen:
-        row = [cell_text(next((s for s in summary if s["variant"] == name and s["judge"] == j), None)) for j in judges]
-        lines.append(f"| {name} | " + " | ".join(row) + " |")
-    table = "\n".join(lines)
+    body = [["start (SFT)", *(f"{reference[j]:+.3f}" for j in judges)]]
+    body += [[name] + [cell_text(next((s for s in summary if s["variant"] == name and s["judge"] == j), None)) for j in judges]
+             for name in chosen]
+    table = "\n".join(["Mean reward over seeds (95% t-interval); `drdo` = paper settings (alpha 0.1, gamma 2).", "",
+                       markdown_table(["variant", *judges], body)])
     (root / "ablations.md").write_text(table + "\n")
     print(table)
     return table

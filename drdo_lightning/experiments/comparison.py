@@ -29,6 +29,7 @@ import math
 import os
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -39,24 +40,25 @@ from drdo_lightning.data.readers import read_rows
 from drdo_lightning.data.tokenization import load_tokenizer
 from drdo_lightning.embedded_default import EMBEDDED, task
 from drdo_lightning.errors import UserError, require_pretrained
-from drdo_lightning.experiments.pipeline import STUDENTS
-from drdo_lightning.experiments.robustness import noisy_judges, plot_against_flip_rate
 from drdo_lightning.experiments.sweeps import (
     DISTINCT,
     FLIP_SEED,
+    STUDENTS,
     EvalSettings,
     Evaluator,
     aggregate,
     cell_text,
     measure_label,
+    noisy_judges,
+    plot_against_flip_rate,
     run_cell,
-    write_csv,
 )
 from drdo_lightning.jsonl import write_jsonl
-from drdo_lightning.objectives import ReferenceModule
-from drdo_lightning.recipes import config_path, recipe_objective
+from drdo_lightning.recipes import config_path
+from drdo_lightning.reports import markdown_table, write_csv
 from drdo_lightning.scoring import score
 from drdo_lightning.stages import DataSpec, oracle_accuracy, train_sft
+from drdo_lightning.training import RunSpec
 
 LEARNING_RATES = (1e-4, 3e-4, 1e-3)
 PAPER_FORM = "paper"  # the ``variant`` value that adds no ablation layer: Eq. 6 as printed
@@ -91,11 +93,11 @@ def _evaluator(settings: EvalSettings) -> Evaluator:
     return _evaluators[key]
 
 
-def _cell(root: Path, settings: EvalSettings, configs: list[str] | None, overrides: dict[str, Any] | None = None,
-          policy: str | None = None, teacher_pairs: str | None = None, spec: DataSpec | None = None) -> dict:
-    """:func:`experiments.run_cell`, plus the student/teacher reward-margin correlation on ``teacher_pairs``."""
+def _cell(root: Path, settings: EvalSettings, run: RunSpec | None, policy: str | None = None,
+          teacher_pairs: str | None = None, spec: DataSpec | None = None) -> dict:
+    """:func:`sweeps.run_cell`, plus the student/teacher reward-margin correlation on ``teacher_pairs``."""
     finished = (root / "scores.json").is_file()  # read back without loading the judges
-    result = run_cell(root, None if finished else _evaluator(settings), configs, overrides, policy)
+    result = run_cell(root, None if finished else _evaluator(settings), run, policy)
     if teacher_pairs is not None and CORRELATION not in result["scores"]:
         corr = margin_correlation(root / "export", teacher_pairs, root / "student_scores.jsonl", spec or DataSpec())
         result["scores"][CORRELATION] = {"mean": corr, "by_temperature": []}
@@ -104,8 +106,8 @@ def _cell(root: Path, settings: EvalSettings, configs: list[str] | None, overrid
 
 
 def _judges(work: Path, train_data: str, val_data: str, policy: str, oracle_policy: str, members: int,
-            spec: DataSpec, overrides: dict[str, Any]) -> dict[str, str]:
-    scored = noisy_judges(work, train_data, val_data, policy, members, spec, overrides, oracle_policy=oracle_policy)
+            shared: RunSpec) -> dict[str, str]:
+    scored = noisy_judges(work, train_data, val_data, policy, members, shared, oracle_policy=oracle_policy)
     return {split: str(path) for split, path in scored.items()}
 
 
@@ -116,7 +118,8 @@ def _oracle_policy(root: Path, tokenizer_source: str, shape: dict[str, int], sft
     base = root / "base_model"
     if not (base / "config.json").is_file():
         task.write_base_model(base, load_tokenizer(tokenizer_source), seed=FLIP_SEED, **shape)
-    return str(train_sft(root / "sft", base, Path(sft_data), Path(val_data), FLIP_SEED, spec, overrides))
+    return str(train_sft(RunSpec("sft", run_dir=root / "sft", model=base, train_file=sft_data, val_file=val_data, data=spec,
+                                 seed=FLIP_SEED, overrides=overrides)))
 
 
 def _start_worker(threads: int) -> None:
@@ -193,10 +196,11 @@ def setting_name(setting: dict[str, Any]) -> str:
     return ",".join(f"{k.removeprefix('model.')}={v}" for k, v in setting.items())
 
 
-def _configs_and_overrides(method: str, setting: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    overrides = {k: v for k, v in setting.items() if k != VARIANT}
+def _layers_and_knobs(method: str, setting: dict[str, Any]) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """A grid setting as the recipe layers it names (an ablation variant) and the options it sets."""
+    knobs = {k: v for k, v in setting.items() if k != VARIANT}
     variant = setting.get(VARIANT, PAPER_FORM)
-    return [method] + ([str(config_path(f"ablations/{variant}"))] if variant != PAPER_FORM else []), overrides
+    return (method,) + ((str(config_path(f"ablations/{variant}")),) if variant != PAPER_FORM else ()), knobs
 
 
 def choose(method: str, tuned: list[dict], tolerance: float) -> dict:
@@ -288,26 +292,23 @@ def compare(
                   for name, s in (("tuning", tuning), ("evaluation", evaluation))}
         oracle_policy = oracle_policy.result()
         judges: dict[float, Future] = {}
-        for rate in dict.fromkeys([0.0, *flip_rates]):
-            judge_settings = {"trainer.max_steps": judge_steps, "trainer.limit_val_batches": 0, "model.model": policy,
-                              "data.label_flip_rate": rate, "data.seed": FLIP_SEED, **spec.fit_overrides(),
-                              **(overrides or {})}
-            judges[rate] = pool.submit(_judges, root / f"flip_{rate}" / "judges", train_data, val_data, policy,
-                                       oracle_policy, members, spec, judge_settings)
+        shared = {rate: RunSpec("oracle", model=policy, data=spec, label_flip_rate=rate, flip_seed=FLIP_SEED,
+                                validate=False, overrides=overrides or {})
+                  for rate in dict.fromkeys([0.0, *flip_rates])}
+        judges: dict[float, Future] = {
+            rate: pool.submit(_judges, root / f"flip_{rate}" / "judges", train_data, val_data, policy, oracle_policy,
+                              members, replace(run, max_steps=judge_steps))
+            for rate, run in shared.items()
+        }
 
         def student(rate: float, seed: int, method: str, setting: dict[str, Any], run_dir: Path,
                     how: EvalSettings) -> Future:
             data = judges[rate].result()
-            configs, knobs = _configs_and_overrides(method, setting)
-            settings = {"seed_everything": seed, "model.model": policy, "data.train_file": data["train"],
-                         "data.val_file": data["val"], "data.label_flip_rate": rate, "data.seed": FLIP_SEED,
-                         "trainer.max_steps": max_steps, "trainer.limit_val_batches": 0,
-                         "trainer.enable_progress_bar": False, "trainer.enable_model_summary": False, **spec.fit_overrides(),
-                         **(overrides or {}), **knobs}
-            if issubclass(recipe_objective(method), ReferenceModule):  # one model in memory
-                settings["model.precompute_reference"] = True
-            return pool.submit(_cell, run_dir, how, configs, settings,
-                               teacher_pairs=data["val"] if method == "drdo" else None, spec=spec)
+            layers, knobs = _layers_and_knobs(method, setting)
+            quiet = {"trainer.enable_progress_bar": False, "trainer.enable_model_summary": False}
+            run = replace(shared[rate], recipe=layers, seed=seed, train_file=data["train"], val_file=data["val"],
+                          max_steps=max_steps, one_model_in_memory=True, overrides={**quiet, **(overrides or {}), **knobs})
+            return pool.submit(_cell, run_dir, how, run, teacher_pairs=data["val"] if method == "drdo" else None, spec=spec)
 
         tuned_runs = {(m, setting_name(s)): (s, student(0.0, tuning_seed, m, s, root / "tuning" / m / setting_name(s), tuning))
                       for m in methods for s in settings_of(m, grid[m], learning_rates)}
@@ -342,17 +343,16 @@ def compare(
 
 def _tuning_table(tuned: list[dict], chosen: dict[str, dict], start: dict[str, dict]) -> str:
     measures = list(dict.fromkeys(["gold", *(k for t in tuned for k in t if k not in ("method", "setting"))]))
-    lines = ["Tuning at flip 0 (one seed), judged on the tuning prompts; **bold**: the chosen setting. "
-             "Starting policy: " + ", ".join(f"{m} {s['mean']:+.3f}" for m, s in start.items()), "",
-             "| method | setting | " + " | ".join(m if m != CORRELATION else "margin corr." for m in measures) + " |",
-             "|---" * (len(measures) + 2) + "|"]
+    body = []
     for t in tuned:
         name = setting_name(t["setting"])
         if t["setting"] == chosen.get(t["method"]):
             name = f"**{name}**"
-        values = [f"{t[m]:+.3f}" if m in t and not math.isnan(t[m]) else "-" for m in measures]
-        lines.append(f"| {t['method']} | {name} | " + " | ".join(values) + " |")
-    return "\n".join(lines)
+        body.append([t["method"], name, *(f"{t[m]:+.3f}" if m in t and not math.isnan(t[m]) else "-" for m in measures)])
+    header = ["method", "setting", *(m if m != CORRELATION else "margin corr." for m in measures)]
+    return "\n".join(["Tuning at flip 0 (one seed), judged on the tuning prompts; **bold**: the chosen setting. "
+                      "Starting policy: " + ", ".join(f"{m} {s['mean']:+.3f}" for m, s in start.items()), "",
+                      markdown_table(header, body)])
 
 
 def _comparison_table(summary, methods, flip_rates, measures, temperatures, start, chosen, accuracy) -> str:
@@ -368,13 +368,13 @@ def _comparison_table(summary, methods, flip_rates, measures, temperatures, star
         label = "student/Oracle reward-margin correlation on the validation pairs" if measure == CORRELATION \
             else measure_label(measure)
         reference = f"; starting policy: {start[measure]['mean']:+.3f}" if measure in start else ""
-        lines += ["", f"### {label} (mean over seeds, 95% t-interval{reference})", "",
-                  "| flip | method | " + " | ".join("pooled" if c == "all" else f"T = {c}" for c in cols) + " |",
-                  "|---" * (len(cols) + 2) + "|"]
+        body = []
         for rate in flip_rates:
             for method in methods:
                 cells = [cell_text(next((s for s in rows_present if s["flip_rate"] == rate and s["method"] == method
                                          and s["temperature"] == c), None)) for c in cols]
                 if any(c != "-" for c in cells):
-                    lines.append(f"| {rate:g} | {method} | " + " | ".join(cells) + " |")
+                    body.append([f"{rate:g}", method, *cells])
+        header = ["flip", "method", *("pooled" if c == "all" else f"T = {c}" for c in cols)]
+        lines += ["", f"### {label} (mean over seeds, 95% t-interval{reference})", "", markdown_table(header, body)]
     return "\n".join(lines)

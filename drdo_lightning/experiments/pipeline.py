@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import csv
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from drdo_lightning.data.readers import read_rows
+from drdo_lightning.data.pairs import holds_conversations
 from drdo_lightning.embedded_default import EMBEDDED
 from drdo_lightning.errors import require_pretrained
 from drdo_lightning.evaluation.command import evaluate
+from drdo_lightning.experiments.sweeps import STUDENTS
+from drdo_lightning.reports import markdown_table, write_csv
 from drdo_lightning.stages import DataSpec, train_judges_and_score
-from drdo_lightning.training import FitResult, run_fit
+from drdo_lightning.training import FitResult, RunSpec, run_fit
 
-STUDENTS = ("drdo", "dpo", "ipo", "edpo")
 SUMMARY_METRICS = ("loss", "implicit_accuracy", "reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps")
 
 
@@ -21,20 +22,10 @@ SUMMARY_METRICS = ("loss", "implicit_accuracy", "reward_accuracy", "reward_margi
 def write_summary(runs: dict[str, FitResult], out: Path) -> str:
     """Write ``summary.csv`` and ``summary.md`` of the final validation metrics; return the table."""
     rows = {name: run.stage_metrics("val") for name, run in runs.items()}
-    with (out / "summary.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["method", *SUMMARY_METRICS])
-        for name, metrics in rows.items():
-            writer.writerow([name, *(metrics.get(k, "") for k in SUMMARY_METRICS)])
-    lines = [
-        "| method | " + " | ".join(SUMMARY_METRICS) + " |",
-        "|---" * (len(SUMMARY_METRICS) + 1) + "|",
-        *(
-            f"| {name} | " + " | ".join(f"{m[k]:.3f}" if k in m else "-" for k in SUMMARY_METRICS) + " |"
-            for name, m in rows.items()
-        ),
-    ]
-    table = "\n".join(lines)
+    write_csv([{"method": name, **{k: m.get(k, "") for k in SUMMARY_METRICS}} for name, m in rows.items()],
+              out / "summary.csv")
+    table = markdown_table(["method", *SUMMARY_METRICS],
+                           [[name, *(f"{m[k]:.3f}" if k in m else "-" for k in SUMMARY_METRICS)] for name, m in rows.items()])
     (out / "summary.md").write_text(
         "Final validation metrics. `implicit_accuracy`: z_w > z_l. `reward_accuracy`: DRDO's reward head "
         "ranks the pair right; for DPO/IPO/e-DPO, their implicit reward beta*(z - z_ref) does.\n\n" + table + "\n"
@@ -93,14 +84,12 @@ def paper_pipeline(
     root = Path(out)
     spec = DataSpec(max_prompt_length, max_length, chat_template)
     data = {"train": Path(train_data), "val": Path(val_data)}
-    sft = run_fit("sft", {"seed_everything": seed, "model.model": base_model, "data.train_file": sft_data,
-                          "data.val_file": val_data, **spec.fit_overrides(), **(overrides or {})}, run_dir=root / "sft")
-    trained_judges = train_judges_and_score(root, data, sft.export_dir, seed, members, spec, overrides)
+    shared = RunSpec("sft", data=spec, seed=seed, overrides=overrides or {})
+    sft = run_fit(replace(shared, run_dir=root / "sft", model=base_model, train_file=sft_data, val_file=val_data))
+    trained_judges = train_judges_and_score(root, data, sft.export_dir, members, shared)
     runs = {
-        name: run_fit(name, {"seed_everything": seed, "model.model": str(sft.export_dir),
-                             "data.train_file": str(trained_judges.scored["train"]),
-                             "data.val_file": str(trained_judges.scored["val"]),
-                             **spec.fit_overrides(), **(overrides or {})}, run_dir=root / name)
+        name: run_fit(replace(shared, recipe=name, run_dir=root / name, model=sft.export_dir,
+                              train_file=trained_judges.scored["train"], val_file=trained_judges.scored["val"]))
         for name in students
     }
     table = write_summary(runs, root)
@@ -109,14 +98,8 @@ def paper_pipeline(
         policies={"sft": str(sft.export_dir), **{name: str(run.export_dir) for name, run in runs.items()}},
         judges={"oracle": str(trained_judges.oracle), **(judges or {})},
         prompts=eval_data or val_data, out=str(root / "evaluation"), num_prompts=eval_prompts,
-        chat_prompts=_is_conversational(train_data), max_prompt_length=max_prompt_length, max_length=max_length,
+        chat_prompts=holds_conversations(train_data), max_prompt_length=max_prompt_length, max_length=max_length,
         seed=seed, logs={name: str(run.log_dir) for name, run in runs.items() if run.log_dir is not None},
         **(evaluation or {}),
     )
     return table
-
-
-def _is_conversational(path: str) -> bool:
-    """Whether the pairs in ``path`` hold conversations (so its policies expect their chat template)."""
-    _, first = next(read_rows(path))
-    return isinstance(first.get("chosen"), list)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -10,16 +9,19 @@ import shutil
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 from drdo_lightning.embedded_default import EMBEDDED, GOLD
 from drdo_lightning.evaluation.judges import Judge, load_judge
 from drdo_lightning.evaluation.sampling import PAPER_TEMPERATURES, read_prompts, sample_and_score
 from drdo_lightning.evaluation.statistics import Estimate, distinct_n
-from drdo_lightning.stages import DataSpec
-from drdo_lightning.training import run_fit
+from drdo_lightning.reports import interval_bars, new_figure
+from drdo_lightning.stages import scored_files, train_judges_and_score
+from drdo_lightning.training import DataSpec, RunSpec, run_fit
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ SEEDS = (0, 1, 2)
 # The noisy subset is the same for every seed at a rate (``--data.seed``), so the judges retrained
 # on it serve all seeds; seeds vary the training itself (data order, reward-head init).
 FLIP_SEED = 0
+STUDENTS = ("drdo", "dpo", "ipo", "edpo")  # the paper's students
 DISTINCT = "distinct_2"  # reported next to the judges' rewards: the diversity of the generations
 
 @dataclass
@@ -82,9 +85,8 @@ class Evaluator:
         return measures
 
 
-def run_cell(root: Path, evaluator: Evaluator | None, configs: list[str] | None, overrides: dict[str, Any] | None = None,
-              policy: str | None = None) -> dict[str, Any]:
-    """Train ``configs`` with ``overrides`` into ``root`` (or take ``policy`` as is) and evaluate the result.
+def run_cell(root: Path, evaluator: Evaluator | None, run: RunSpec | None, policy: str | None = None) -> dict[str, Any]:
+    """Train ``run`` into ``root`` (or take ``policy`` as is) and evaluate the result.
 
     A finished cell (``root/scores.json``) is read back (``evaluator`` may then be None); an
     unfinished one is wiped and redone, so a resumed sweep never mixes two runs' logs.
@@ -95,7 +97,7 @@ def run_cell(root: Path, evaluator: Evaluator | None, configs: list[str] | None,
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     start = time.perf_counter()
-    export = run_fit(configs, overrides, run_dir=root).export_dir if configs is not None else Path(policy)
+    export = run_fit(replace(run, run_dir=root)).export_dir if run is not None else Path(policy)
     trained = time.perf_counter()
     result = {"scores": evaluator(export), "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained}
     done.write_text(json.dumps(result, indent=1))
@@ -145,16 +147,41 @@ def result_cells(result: dict, **labels) -> list[dict]:
     return [{**labels, "judge": judge, "reward": s["mean"]} for judge, s in result["scores"].items()]
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def cell_text(row: dict | None) -> str:
     if row is None:
         return "-"
     if math.isnan(row["low"]):
         return f"{row['value']:+.3f}"
     return f"{row['value']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
+
+
+def noisy_judges(work: Path, train_data: str, val_data: str, policy: str, members: int, shared: RunSpec,
+                 oracle_policy: str | None = None) -> dict[str, Path]:
+    """The data rescored by the Oracle and ensemble retrained on this rate's noisy labels (trained if missing).
+
+    ``shared`` is what the judges' runs share (label flips, budget, options); the Oracle starts from
+    ``oracle_policy`` (default: ``policy``, where the ensemble starts).
+    """
+    scored = scored_files(work)
+    if not all(p.is_file() for p in scored.values()):
+        shutil.rmtree(work, ignore_errors=True)
+        train_judges_and_score(work, {"train": Path(train_data), "val": Path(val_data)}, Path(policy), members,
+                               replace(shared, seed=FLIP_SEED), oracle_policy=Path(oracle_policy) if oracle_policy else None)
+    return scored
+
+
+def plot_against_flip_rate(summary, methods, judges, reference, path: Path) -> None:
+    """Each judge's mean over seeds (95% t-interval) against the flip rate, a line per method; the
+    starting policy as a dashed line. ``summary`` rows: :func:`aggregate` by flip rate and method."""
+    fig = new_figure(figsize=(5 * len(judges), 3.8), layout="constrained")
+    for ax, judge in zip(fig.subplots(1, len(judges), squeeze=False)[0], judges):
+        for k, method in enumerate(methods):
+            rows = sorted((s for s in summary if s["method"] == method and s["judge"] == judge), key=lambda s: s["flip_rate"])
+            x = np.array([s["flip_rate"] for s in rows]) + (k - (len(methods) - 1) / 2) * 0.004  # dodge the bars
+            interval_bars(ax, x, rows, method)
+        ax.axhline(reference[judge], color="gray", linestyle="--", label="start (SFT)")
+        ax.set_xlabel("label flip rate")
+        ax.set_ylabel(f"mean {measure_label(judge)}")
+        ax.set_title(f"{measure_label(judge)} vs label noise (95% CI over seeds)", fontsize=9)
+    fig.axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=110)
