@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_data import as_tuples, data_counts, make_dm
+from data_support import as_tuples, data_counts, make_dm
 
 import drdo_lightning
 from drdo_lightning.data import building
