@@ -22,7 +22,7 @@ from jsonargparse import CLI
 from drdo_lightning import embedded_default
 from drdo_lightning.data.splits import splits
 from drdo_lightning.embedded_default.build import build_embedded_default
-from drdo_lightning.errors import DataError, MissingPathError, UserError
+from drdo_lightning.errors import DataError, UserError
 from drdo_lightning.evaluation.command import evaluate
 from drdo_lightning.experiments.ablations import ablations
 from drdo_lightning.experiments.comparison import compare
@@ -106,7 +106,14 @@ def main(args: list[str] | None = None) -> Any:
         return command.run(argv[1:])
     except UserError as e:
         message = e.for_option(command.data_option(e.setting)) if isinstance(e, DataError) and e.setting else str(e)
-        if isinstance(e, MissingPathError) and e.path is not None and embedded_default.holds(e.path):
-            message = f"{e.message}: {embedded_default.MADE_BY}"
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def console() -> None:
+    """The installed ``drdo-lightning`` command: :func:`main`, with its result kept in Python.
+
+    A console script exits with whatever its function returns, and a returned object (the
+    LightningCLI, an output path) would be printed to stderr with exit status 1.
+    """
+    main()

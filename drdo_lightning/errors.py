@@ -38,8 +38,7 @@ class DataError(UserError, ValueError):
 class MissingPathError(UserError, FileNotFoundError):
     """A path the run needs does not exist; the message says what would create it (``made_by``).
 
-    ``path`` is kept apart so that the command line can name a better creator for a folder it
-    knows (a shipped folder that one of its commands builds).
+    ``path`` is kept apart so that a caller can tell which path is missing.
     """
 
     def __init__(self, message: str, *, path: str | Path | None = None, made_by: str | None = None) -> None:
@@ -56,16 +55,17 @@ def _looks_like_hub_id(name: str) -> bool:
 def require_pretrained(name_or_path: str | Path, what: str, creator: str | None = None) -> None:
     """Raise :class:`MissingPathError` unless ``name_or_path`` is a local directory or can be a hub id.
 
-    A name whose first folder exists here (``runs/drdo/export``, ``data/oracle``) is
-    taken for a local path even when it has the form of a hub id, so a model that was never trained
-    is reported as missing instead of looked up on the hub. ``creator`` says what creates it
-    (default: :func:`made_by`).
+    A name whose first folder exists here (``runs/drdo/export``, ``data/oracle``), or lies in a
+    registered shipped folder (:func:`register_shipped_folder`), is taken for a local path even when
+    it has the form of a hub id, so a model that was never trained or built is reported as missing
+    instead of looked up on the hub. ``creator`` says what creates it (default: :func:`made_by`).
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return
     text = str(name_or_path)
-    if _looks_like_hub_id(text) and not (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
+    local = len(path.parts) > 1 and (Path(path.parts[0]).is_dir() or shipped_made_by(path) is not None)
+    if _looks_like_hub_id(text) and not local:
         return
     raise MissingPathError(f"{what} {text} does not exist", path=text, made_by=creator or made_by(text))
 
@@ -77,9 +77,26 @@ EXPORT_MADE_BY = (
 REWARD_MODEL_MADE_BY = "train one with `python -m drdo_lightning fit --config oracle` (or `train-ensemble`)"
 
 
+# Top folder -> what builds it, for folders that a package on top of the library ships or builds.
+SHIPPED_FOLDERS: dict[str, str] = {}
+
+
+def register_shipped_folder(folder: str, made_by: str) -> None:
+    """Name what builds ``folder`` (relative to the working directory), for the errors about paths in it."""
+    SHIPPED_FOLDERS[folder] = made_by
+
+
+def shipped_made_by(path: str | Path) -> str | None:
+    """What builds the registered folder ``path`` lies in, or None."""
+    parts = Path(path).parts
+    return SHIPPED_FOLDERS.get(parts[0]) if parts else None
+
+
 def made_by(path: str | Path) -> str:
-    """What creates ``path``: for a recipe's own run folder (``runs/drdo/export``) that recipe's
-    ``fit``; training or ``export`` otherwise."""
+    """What creates ``path``: the builder of a registered shipped folder; for a recipe's own run
+    folder (``runs/drdo/export``) that recipe's ``fit``; training or ``export`` otherwise."""
+    if (builder := shipped_made_by(path)) is not None:
+        return builder
     parts = Path(path).parts
     if len(parts) == 3 and parts[0] == "runs" and parts[2] == "export":
         return f"train it with `python -m drdo_lightning fit --config {parts[1]}`"

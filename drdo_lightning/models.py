@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
 from drdo_lightning import logprobs
-from drdo_lightning.errors import REWARD_MODEL_MADE_BY, UserError
+from drdo_lightning.errors import REWARD_MODEL_MADE_BY, UserError, require_pretrained
 from drdo_lightning.lora import backbone
 
 REWARD_HEAD_FILE = "reward_head.safetensors"
@@ -142,6 +142,7 @@ class CausalLMWithRewardHead(nn.Module):
         With ``reward_head=True`` the saved head is loaded when the directory has one, and a
         new head is initialised otherwise (e.g. when starting a student from an SFT model).
         """
+        require_pretrained(path, "model")
         lm = AutoModelForCausalLM.from_pretrained(
             path, trust_remote_code=trust_remote_code, dtype=torch_dtype
         )

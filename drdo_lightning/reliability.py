@@ -21,11 +21,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from drdo_lightning.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read: truncated, corrupt, or holding objects we refuse to unpickle."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be read: truncated, corrupt, or holding objects we refuse to unpickle.
+
+    A :class:`~drdo_lightning.errors.UserError`: the command line prints it as one line.
+    """
 
 
 class NonFiniteError(RuntimeError):
@@ -42,8 +47,16 @@ def unreadable_checkpoint(path, error: Exception) -> CheckpointError:
         )
     return CheckpointError(
         f"{path}: not a readable checkpoint, probably truncated or corrupt ({type(error).__name__}: {error}). "
-        "Resume from an earlier checkpoint."
+        + earlier_checkpoint_advice(Path(path))
     )
+
+
+def earlier_checkpoint_advice(path: Path) -> str:
+    """Which checkpoint to resume from instead of ``path``: the newest other one beside it, by name."""
+    others = sorted((p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime, reverse=True)
+    if not others:
+        return f"No other checkpoint in {path.parent}: start again, or resume from a copy you trust."
+    return f"Resume from an earlier one: --ckpt_path {others[0]} (the newest of {len(others)} beside it)."
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -23,7 +23,7 @@ from drdo_lightning.data.tokenization import (
     tokenize_pairs,
     warn_trailing_whitespace,
 )
-from drdo_lightning.errors import REWARD_MODEL_MADE_BY, DataError, MissingPathError, UserError
+from drdo_lightning.errors import REWARD_MODEL_MADE_BY, DataError, MissingPathError, UserError, shipped_made_by
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.models import RewardModel, SequenceClassifierReward, load_reward_model
 
@@ -34,7 +34,8 @@ def require_reward_model(path: str, what: str = "reward model") -> None:
     """Raise a :class:`MissingPathError` unless ``path`` is a directory; whether it holds a reward
     model is checked when it loads (:func:`models.load_reward_model`)."""
     if not Path(path).is_dir():
-        raise MissingPathError(f"{what} {path} does not exist", path=path, made_by=REWARD_MODEL_MADE_BY)
+        raise MissingPathError(f"{what} {path} does not exist", path=path,
+                               made_by=shipped_made_by(path) or REWARD_MODEL_MADE_BY)
 
 
 @torch.inference_mode()

@@ -77,6 +77,17 @@ def test_evaluate_before_training_names_the_missing_policy_and_its_command(tmp_p
                     "train it with `python -m drdo_lightning fit --config drdo`")
 
 
+def test_a_recipe_run_outside_the_checkout_names_the_embedded_default_build(tmp_path, monkeypatch, capsys):
+    """From a folder without embedded_default/, its paths are local and missing, never hub ids."""
+    monkeypatch.chdir(tmp_path)
+    line = user_error(["fit", "--config", "drdo"], capsys)
+    assert line == ("error: model embedded_default/sft_policy does not exist: "
+                    "build the embedded default with `python -m drdo_lightning build-embedded-default`")
+    line = user_error(["fit", "--config", "drdo", "--model.model", str(ROOT / "embedded_default" / "sft_policy")], capsys)
+    assert line == ("error: data file not found: embedded_default/data/train.jsonl: "
+                    "build the embedded default with `python -m drdo_lightning build-embedded-default`")
+
+
 def test_missing_models_name_the_path_and_what_makes_it(tmp_path, tiny_model_dir, pair_files, capsys):
     missing = tmp_path / "nothing" / "here"
     line = user_error(["fit", "--model", "SFT", "--model.model", str(missing), "--data.train_file", str(pair_files["sft"]),

@@ -15,13 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args, cwd: Path, env: dict | None = None) -> str:
+    return finished(*args, cwd=cwd, env=env).stdout
+
+
+def finished(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A command that must exit with status 0."""
     done = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return done
 
 
 @pytest.mark.slow
-def test_wheel_carries_the_recipes_and_runs_from_an_empty_folder(tmp_path):
+def test_wheel_carries_the_recipes_and_runs_from_an_empty_folder(tmp_path, tiny_model_dir, pairs16):
     source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
     for folder in ("drdo_lightning", "configs"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -56,6 +61,20 @@ def test_wheel_carries_the_recipes_and_runs_from_an_empty_folder(tmp_path):
     parsed = run(python, "-c", PARSE_EACH, *names, cwd=empty, env=env).splitlines()
     assert parsed == [f"{name} parses" for name in names]
     assert list(empty.iterdir()) == []
+
+    # The installed command trains, scores and exports with exit status 0, and prints no object or traceback.
+    command = venv / "bin" / "drdo-lightning"
+    steps = [
+        ["fit", "--config", "drdo", "--model.model", tiny_model_dir, "--data.train_file", pairs16, "--data.val_file",
+         pairs16, "--data.batch_size", "8", "--trainer.max_steps", "2", "--trainer.default_root_dir", "run",
+         "--trainer.enable_progress_bar", "false"],
+        ["score", "--models", "[run/export]", "--data", pairs16, "--output", "scored.jsonl"],
+        ["export", "--checkpoint", "run/checkpoints/last.ckpt", "--output", "exported"],
+    ]
+    for step in steps:
+        stderr = finished(command, *step, cwd=empty, env={**env, "OMP_NUM_THREADS": "1"}).stderr
+        assert "Traceback" not in stderr and "<drdo_lightning" not in stderr, (step[0], stderr[-2000:])
+    assert (empty / "scored.jsonl").is_file() and (empty / "exported" / "config.json").is_file()
 
 
 # Runs in the wheel's environment: `--print_config` of each named config as a user runs it (a layer

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from drdo_lightning import SFT
 from drdo_lightning.cli import main
 from drdo_lightning.data.datamodule import PreferenceDataModule
-from drdo_lightning.reliability import AtomicCheckpointIO, CheckpointError, NonFiniteError, NonFiniteGuard
+from drdo_lightning.reliability import AtomicCheckpointIO, CheckpointError, NonFiniteError, NonFiniteGuard, unreadable_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORES = ["--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected"]
@@ -363,14 +363,24 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [path]  # and no temporary file is left
 
 
-def test_truncated_checkpoint_is_a_clear_error(reference_run, tmp_path, tiny_model_dir, pair_files):
-    truncated = tmp_path / "truncated.ckpt"
+def test_truncated_checkpoint_is_one_line_naming_the_intact_one(reference_run, tmp_path, tiny_model_dir, pair_files, capsys):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
     data = (reference_run / "checkpoints" / "last.ckpt").read_bytes()
+    intact = folder / "step=2.ckpt"
+    intact.write_bytes(data)
+    truncated = folder / "last.ckpt"  # written after it, cut short (a full disk)
     truncated.write_bytes(data[: len(data) // 2])
     args = fit_args(tmp_path, tiny_model_dir, pair_files["train"], *SCORES, "--trainer.max_steps", str(RESUME_STEPS + 1),
                     "--ckpt_path", str(truncated))
-    with pytest.raises(CheckpointError, match=re.escape(f"{truncated}: not a readable checkpoint, probably truncated")):
+    with pytest.raises(SystemExit) as exit_info:
         main(args)
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith(f"error: {truncated}: not a readable checkpoint, probably truncated")
+    assert line.endswith(f"Resume from an earlier one: --ckpt_path {intact} (the newest of 1 beside it).")
+    with pytest.raises(CheckpointError, match="No other checkpoint in"):  # in Python, the same error as an exception
+        raise unreadable_checkpoint(tmp_path / "lone.ckpt", EOFError())
 
 
 # --- numerical faults ----------------------------------------------------------------------------

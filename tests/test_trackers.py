@@ -18,14 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def run_with_preset(tmp_path, tiny_model_dir, pairs16, monkeypatch):
-    """``run(preset)``: 4 DRDO steps with the preset's loggers, which write under ``./runs``;
-    returns the CLI and the CSV log's training losses ``{step: loss}``."""
+    """``run(preset)``: 4 DRDO steps with the preset's loggers, which write into the run folder
+    ``tmp_path/run`` (not the working directory); returns the CLI and the CSV log's training
+    losses ``{step: loss}``."""
     monkeypatch.chdir(tmp_path)
 
     def run(preset: str):
-        cli = main([*fit_args(tmp_path, tiny_model_dir, pairs16, "--trainer.max_epochs", "2"),
+        cli = main([*fit_args(tmp_path / "run", tiny_model_dir, pairs16, "--trainer.max_epochs", "2"),
                     "--config", str(ROOT / "configs" / "loggers" / f"{preset}.yaml")])
-        (metrics,) = (tmp_path / "runs" / "logs").rglob("metrics.csv")  # the CSV log stays
+        assert not (tmp_path / "runs").exists()  # nothing shared by every run in the working directory
+        (metrics,) = (tmp_path / "run" / "logs").rglob("metrics.csv")  # the CSV log stays
         with metrics.open() as f:
             losses = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]}
         assert len(losses) == 4
@@ -36,7 +38,7 @@ def run_with_preset(tmp_path, tiny_model_dir, pairs16, monkeypatch):
 
 def test_tensorboard_preset_logs_every_step(run_with_preset, tmp_path):
     _, losses = run_with_preset("tensorboard")
-    (events,) = (tmp_path / "runs" / "tensorboard").rglob("events.out.tfevents.*")
+    (events,) = (tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*")
     scalars = EventAccumulator(str(events)).Reload().Scalars("train/loss")
     assert {s.step: s.value for s in scalars} == pytest.approx(losses)
 
@@ -53,4 +55,4 @@ def test_wandb_preset_logs_offline(run_with_preset, tmp_path, tiny_model_dir, mo
         assert run.config["model"] == str(tiny_model_dir) and run.config["batch_size"] == 8  # module and data
     finally:
         wandb.finish()
-    assert list((tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))  # for `wandb sync`
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))  # for `wandb sync`

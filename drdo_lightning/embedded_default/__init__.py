@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from drdo_lightning.embedded_default.task import gold_reward
+from drdo_lightning.errors import register_shipped_folder
 from drdo_lightning.evaluation.judges import register_judge
 
 EMBEDDED = Path("embedded_default")  # the shipped folder, relative to the repository root
@@ -18,14 +19,10 @@ MADE_BY = "build the embedded default with `python -m drdo_lightning build-embed
 EVALUATE_DEFAULTS = {"judges": {"oracle": str(EMBEDDED / "oracle"), "gold": GOLD}, "prompts": str(EMBEDDED / "data" / "eval.jsonl")}
 
 
-def holds(path: str | Path) -> bool:
-    """Whether ``path`` lies in the embedded default's folder, which ``build-embedded-default`` writes."""
-    return Path(path).parts[:1] == EMBEDDED.parts
-
-
 def gold_judge(prompts, responses) -> list[float]:
     """The gold reward: VADER compound sentiment of the response alone (the prompt is not read)."""
     return gold_reward(responses)
 
 
 register_judge(GOLD, gold_judge)
+register_shipped_folder(str(EMBEDDED), MADE_BY)
