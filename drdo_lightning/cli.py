@@ -81,6 +81,17 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+# Optional packages -> the extra of pyproject.toml that installs each.
+EXTRAS = {"peft": "peft", "deepspeed": "deepspeed", "accelerate": "deepspeed", "tensorboard": "trackers",
+          "wandb": "trackers", "trl": "bench", "matplotlib": "test"}
+
+
+def missing_extra(error: ModuleNotFoundError) -> tuple[str, str] | None:
+    """``(package, extra)`` when ``error`` is the import of an optional package failing; else None."""
+    name = (error.name or "").split(".")[0]
+    return (name, EXTRAS[name]) if name in EXTRAS else None
+
+
 def usage() -> str:
     """The top-level help: every command by group with its summary, and the shipped recipes."""
     lines = [f"usage: {PROGRAM} COMMAND [options]", "",
@@ -104,6 +115,13 @@ def main(args: list[str] | None = None) -> Any:
         raise SystemExit(2)
     try:
         return command.run(argv[1:])
+    except ModuleNotFoundError as e:
+        extra = missing_extra(e)
+        if extra is None:
+            raise
+        print(f"error: {extra[0]} is not installed; it comes with `pip install -e \".[{extra[1]}]\"` "
+              f"(or `pip install {extra[0]}`)", file=sys.stderr)
+        raise SystemExit(2) from None
     except UserError as e:
         message = e.for_option(command.data_option(e.setting)) if isinstance(e, DataError) and e.setting else str(e)
         print(f"error: {message}", file=sys.stderr)

@@ -24,6 +24,7 @@ from torchmetrics import PearsonCorrCoef
 from transformers import get_cosine_schedule_with_warmup
 
 from drdo_lightning import lora, losses
+from drdo_lightning.errors import UserError
 from drdo_lightning.models import CausalLMWithRewardHead, prompt_prediction_mask, remove_dropout
 
 
@@ -110,6 +111,15 @@ class PreferenceModule(L.LightningModule):
         # Matrices get weight decay. Told apart now, by shape: FSDP later flattens every parameter
         # into a 1-D shard (ZeRO-3 already has, but keeps the real shape in ds_shape).
         self._matrices = {id(p) for p in self.policy.parameters() if len(getattr(p, "ds_shape", p.shape)) >= 2}
+
+    # Whether the objective reads Oracle reward columns of the data.
+    needs_oracle_scores = False
+
+    def check_data(self, datamodule) -> None:
+        """Raise a :class:`UserError` now, before any model loads or data tokenizes, when the data
+        module does not provide what this objective reads."""
+        if self.needs_oracle_scores and getattr(datamodule, "columns", None) is not None and datamodule.columns.chosen_score is None:
+            raise missing_scores_error(type(self).__name__)
 
     def on_fit_start(self) -> None:
         # "bf16-true" casts every parameter to bf16. The reward head is a few thousand numbers that
@@ -242,11 +252,17 @@ class PreferenceModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def missing_scores_error(objective: str) -> UserError:
+    return UserError(
+        f"{objective} distils Oracle rewards and the data has none: set --data.chosen_score_column and "
+        "--data.rejected_score_column to the columns that `python -m drdo_lightning score` adds "
+        "(oracle_chosen, oracle_rejected)"
+    )
+
+
 def _oracle_scores(batch: dict[str, Tensor], objective: str) -> tuple[Tensor, Tensor]:
     if "chosen_score" not in batch:
-        raise ValueError(
-            f"{objective} needs Oracle rewards: set --data.chosen_score_column and --data.rejected_score_column"
-        )
+        raise missing_scores_error(objective)
     return batch["chosen_score"], batch["rejected_score"]
 
 
@@ -316,6 +332,8 @@ class DRDO(PreferenceModule):
             paper's squared regression of the reward margins; ``bt_soft``, the cross-entropy between
             the Oracle's Bradley-Terry probability ``sigmoid(Δr*)`` and the student's ``sigmoid(Δr̂)``.
     """
+
+    needs_oracle_scores = True
 
     uses_reward_head = True
 
@@ -679,6 +697,8 @@ class Distill(ReferenceModule):
     Args:
         beta: Scale of the policy's implicit reward (paper: 0.1).
     """
+
+    needs_oracle_scores = True
 
     score_dims = 1  # one Oracle score per response
     score_shape_error = "Distill takes one Oracle score per response; use EDPO for an ensemble (list) column"

@@ -51,6 +51,12 @@ class DRDOCLI(LightningCLI):
         with mock.patch.object(sys, "argv", sys.argv[:1]):
             super().parse_arguments(parser, args)
 
+    def before_fit(self) -> None:
+        self.model.check_data(self.datamodule)
+
+    def before_validate(self) -> None:
+        self.model.check_data(self.datamodule)
+
     def before_instantiate_classes(self) -> None:
         # The base config writes the run's folders as ${trainer.default_root_dir} (recipes.RUN_DIR).
         config = self.config[self.subcommand]

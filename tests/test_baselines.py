@@ -11,7 +11,7 @@ import torch
 from conftest import fit_argv
 from safetensors.torch import load_file
 
-from drdo_lightning import DPO, IPO, CausalLMWithRewardHead
+from drdo_lightning import DPO, IPO, CausalLMWithRewardHead, PreferenceDataModule
 from drdo_lightning.cli import main
 from drdo_lightning.experiments.pipeline import write_summary
 from drdo_lightning.jsonl import write_jsonl
@@ -142,8 +142,18 @@ def test_score_shape_mismatches_are_explained(tmp_path, tiny_model_dir, scored_p
     with pytest.raises(ValueError, match="use EDPO"):
         main(args(tmp_path, tiny_model_dir, "Distill", scored_pairs, "--trainer.max_steps", "1",
                   "--data.chosen_score_column", "ensemble_chosen", "--data.rejected_score_column", "ensemble_rejected"))
-    with pytest.raises(ValueError, match="needs Oracle rewards"):
-        main(args(tmp_path, tiny_model_dir, "Distill", scored_pairs, "--trainer.max_steps", "1"))
+
+
+@pytest.mark.parametrize("objective", ["DRDO", "Distill", "EDPO"])
+def test_distilling_without_score_columns_is_one_line_before_anything_loads(objective, tmp_path, tiny_model_dir,
+                                                                           scored_pairs, capsys, monkeypatch):
+    monkeypatch.setattr(PreferenceDataModule, "setup", lambda *a: pytest.fail("tokenized the data first"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(args(tmp_path, tiny_model_dir, objective, scored_pairs, "--trainer.max_steps", "1"))
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: {objective} distils Oracle rewards and the data has none: set --data.chosen_score_column")
+    assert "`python -m drdo_lightning score`" in line
 
 
 def test_ensemble_members_differ_only_in_the_reward_head_init(tmp_path, tiny_model_dir, scored_pairs):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import csv
 import hashlib
 import json
@@ -241,3 +243,13 @@ def test_the_base_lies_under_recipes_not_under_a_layer_alone(capsys):
             main(["fit", *(a for c in configs for a in ("--config", c)), "--print_config"])
         printed = capsys.readouterr().out
         assert ("every_n_train_steps: 50" in printed) == with_base and "stage: 2" in printed
+
+
+def test_a_missing_optional_package_is_one_line_naming_its_extra(tmp_path, tiny_model_dir, pairs16, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed: importing it raises ModuleNotFoundError
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_argv(tmp_path, tiny_model_dir, pairs16, "--trainer.max_steps", "1", "--model.lora", "{r: 4}",
+                      "--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        'error: peft is not installed; it comes with `pip install -e ".[peft]"` (or `pip install peft`)')
