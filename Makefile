@@ -13,6 +13,7 @@ $(BIN)/.installed: pyproject.toml setup.py
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[test,deepspeed,bench,peft,trackers,embedded]"
+	$(BIN)/python -m drdo_lightning.strategies.deepspeed
 	touch $@
 
 setup: $(BIN)/.installed

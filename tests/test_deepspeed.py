@@ -26,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import progress
 import pytest
 import torch
 from test_export import STEPS, STOP, fit_args, logged
@@ -34,11 +35,11 @@ from drdo_lightning import CausalLMWithRewardHead, losses
 from drdo_lightning.cli import main
 from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.export import policy_from_state_dict, read_checkpoint
+from drdo_lightning.strategies.deepspeed import OPS, build_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs" / "strategies").glob("deepspeed_*.yaml"))
 LOSS_RTOL = 1e-4
-TIMEOUT = 300  # seconds for one multi-process run; a hang (e.g. a collective on one rank) fails
 
 
 def strategy_args(root: Path, model_dir: Path, train: Path, preset: str, *extra: str, objective: str = "DRDO") -> list[str]:
@@ -60,8 +61,12 @@ def subprocess_env() -> dict[str, str]:
 
 
 def run(command: list[str], cwd: Path) -> None:
-    proc = subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, f"{command[:6]} failed:\n{proc.stderr[-4000:]}"
+    """Run ``command`` to its end, however slow the machine (a hang, no progress at all, fails: :mod:`progress`)."""
+    log = cwd / f"run{len(list(cwd.glob('run*.log')))}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, cwd=cwd, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
+    progress.wait([proc], [log])
+    assert proc.returncode == 0, f"{command[:6]} failed:\n{log.read_text()[-4000:]}"
 
 
 def cli(*args: str) -> list[str]:
@@ -94,6 +99,11 @@ def sequence_outputs(model: CausalLMWithRewardHead, pairs: list[torch.Tensor]) -
         chosen, rejected = model(chosen_ids, chosen_mask), model(rejected_ids, rejected_mask)
     logps = torch.cat([losses.sequence_logps(chosen.logits, chosen_labels), losses.sequence_logps(rejected.logits, rejected_labels)])
     return logps, None if chosen.rewards is None else chosen.rewards - rejected.rewards
+
+
+def test_the_ops_deepspeed_needs_here_build_ahead_of_any_run():
+    # On CPU both exist (torch's extension cache makes a second build a load).
+    assert build_ops() == list(OPS)
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
@@ -200,8 +210,7 @@ def test_two_nodes_with_torchrun_train_zero3_offload(tmp_path, tiny_model_dir, p
         for rank, log in enumerate(logs)
     ]
     try:
-        for node in nodes:
-            node.wait(timeout=TIMEOUT)
+        progress.wait(nodes, logs)
     finally:
         for node in nodes:
             node.kill()

@@ -14,10 +14,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
+import progress
 import pytest
 import torch
 from conftest import fit_argv
@@ -49,23 +49,27 @@ def fit_args(root: Path, model_dir: Path, train: Path, *extra: str, objective: s
 
 
 def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    """The command line in a child process; its output goes to ``proc.log`` (``cwd/run.log``)."""
     path = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))  # for `probes`
-    return subprocess.Popen(
-        [sys.executable, "-m", "drdo_lightning", *args],
-        cwd=cwd, env={**os.environ, "PYTHONPATH": path}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    log = cwd / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "drdo_lightning", *args], cwd=cwd,
+                                env={**os.environ, "PYTHONPATH": path}, stdout=out, stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
-    """Poll until ``path`` exists; fail with the process's output if it exits first."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"the run exited ({proc.returncode}) before {path.name} appeared:\n{proc.stdout.read()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"{path.name} did not appear within {timeout} s")
-        time.sleep(0.02)
+def finished_output(proc: subprocess.Popen) -> str:
+    """What a :func:`start_cli` run printed, once it has exited: waited for while it makes progress."""
+    progress.wait([proc], [proc.log])
+    return proc.log.read_text()
+
+
+def wait_for(path: Path, proc: subprocess.Popen) -> None:
+    """Wait while the run makes progress until ``path`` exists; fail with its output if it exits first."""
+    progress.wait([proc], [proc.log], until=path.exists)
+    if not path.exists():
+        pytest.fail(f"the run exited ({proc.returncode}) before {path.name} appeared:\n{proc.log.read_text()}")
 
 
 def resume_run_args(root: Path, tiny_model_dir: Path, pair_files) -> list[str]:
@@ -227,7 +231,7 @@ def test_sigkill_then_resume_continues_a_shipped_recipe(recipe, extra, tmp_path,
 
     killed = start_cli(args(interrupted, "--trainer.callbacks+=probes.SigkillAtStep", "--trainer.callbacks.step",
                             str(KILL_STEP)), interrupted)
-    output, _ = killed.communicate(timeout=300)
+    output = finished_output(killed)
     assert killed.returncode == -signal.SIGKILL, output[-4000:]
     last = interrupted / "runs" / recipe / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == RECIPE_CADENCE  # older than the kill
@@ -339,7 +343,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path, tiny_model_dir, pair_fil
     proc = start_cli(args, tmp_path)
     wait_for(tmp_path / "lightning_logs" / "version_0" / "metrics.csv", proc)  # a step has run
     proc.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=60)
+    output = finished_output(proc)
     assert proc.returncode == 143, output  # 128 + SIGTERM: not mistaken for a finished run
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] >= 1

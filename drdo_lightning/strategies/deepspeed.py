@@ -142,3 +142,32 @@ def cpu_adamw(optimizer: torch.optim.AdamW, lr_scheduler: LRScheduler | None = N
     if lr_scheduler is not None:
         lr_scheduler.optimizer = cpu_adam
     return cpu_adam
+
+
+# The C++ ops DeepSpeed builds on first use here: its Adam for offloaded optimizer states, and
+# (on CPU) its shared-memory collectives.
+OPS = ("CPUAdamBuilder", "ShareMemCommBuilder")
+
+
+def build_ops() -> list[str]:
+    """Build (or find in torch's extension cache, ``~/.cache/torch_extensions``) the ops of
+    :data:`OPS` that this machine's accelerator has; return their names.
+
+    DeepSpeed compiles them the first time a run needs them, for a minute or more without a word;
+    building them once ahead (``make setup`` runs ``python -m drdo_lightning.strategies.deepspeed``)
+    takes that wait out of the first run.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    built = []
+    for name in OPS:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is not None and builder.is_compatible():
+            builder.load()
+            built.append(name)
+    return built
+
+
+if __name__ == "__main__":
+    print("DeepSpeed: building its ops once (a minute or more the first time; cached afterwards) ...", flush=True)
+    print("DeepSpeed: ready:", ", ".join(build_ops()) or "no op to build on this machine")
