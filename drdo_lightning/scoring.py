@@ -139,7 +139,7 @@ def score(
     models: list[str],
     data: str,
     output: str,
-    prompt_column: str = "prompt",
+    prompt_column: str | None = "prompt",
     chosen_column: str = "chosen",
     rejected_column: str | None = "rejected",
     output_prefix: str = "oracle_",

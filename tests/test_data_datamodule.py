@@ -13,8 +13,9 @@ from data_support import (
     rows,  # noqa: F401 (fixtures)
     setup_dm,
 )
+from jsonargparse import ArgumentParser
 
-from drdo_lightning.data import building
+from drdo_lightning.data import PreferenceDataModule, building
 from drdo_lightning.data.sampling import ResumableSampler
 from drdo_lightning.jsonl import write_jsonl
 
@@ -101,6 +102,45 @@ def test_cache_reuse_and_invalidation(rows, tmp_path, tiny_model_dir, monkeypatc
     assert as_tuples(third.train_dataset)[1:] == as_tuples(first.train_dataset)[1:]
 
 
+def test_a_load_warns_once_of_what_it_lost_and_a_reused_cache_is_information(rows, tmp_path, tiny_model_dir, caplog):
+    caplog.set_level(logging.INFO, logger="drdo_lightning.data")
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+
+    def load() -> tuple[list[str], list[str]]:
+        """The warnings and the other messages of one load as Lightning runs it."""
+        caplog.clear()
+        dm = make_dm(train, tiny_model_dir, cache_dir=str(tmp_path / "cache"), max_prompt_length=8, max_length=32)
+        dm.prepare_data()
+        dm.setup("fit")
+        messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+        return [m for level, m in messages if level >= logging.WARNING], [m for level, m in messages if level < logging.WARNING]
+
+    built, _ = load()
+    (warning,) = built  # once, though prepare_data builds and setup then reads the cache
+    assert warning.startswith("train split: ") and "truncated" in warning
+    reused, infos = load()
+    assert reused == []  # the cache holds only token ids: what building it lost was told then
+    assert any(m.startswith("loading tokenized data from cache") for m in infos)  # a neutral fact: INFO
+
+
+def test_the_cache_of_a_glob_follows_the_files_it_matches(rows, tmp_path, tiny_model_dir):
+    write_jsonl(tmp_path / "train-0.jsonl", rows[:8])
+    write_jsonl(tmp_path / "train-1.jsonl", rows[8:])
+
+    def load() -> list[tuple]:
+        dm = make_dm(tmp_path / "train-*.jsonl", tiny_model_dir, cache_dir=str(tmp_path / "cache"))
+        dm.prepare_data()
+        dm.setup("fit")
+        return as_tuples(dm.train_dataset)
+
+    both = load()
+    assert len(both) == len(rows) and load() == both
+    write_jsonl(tmp_path / "train-1.jsonl", rows[8:12])  # a matched file changed
+    assert len(load()) == 12
+    write_jsonl(tmp_path / "train-2.jsonl", rows[12:])  # a file newly matched
+    assert len(load()) == len(rows)
+
+
 def test_no_cache_dir_writes_nothing(pair_files, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     dm = make_dm(pair_files["train"], tiny_model_dir, cache_dir=None)
@@ -116,3 +156,11 @@ def test_shuffle_order_does_not_depend_on_the_default_device():
     expected = sampler.order()
     with torch.device("meta"):  # stands in for CUDA on a machine without one: any non-CPU default
         assert sampler.order() == expected
+
+
+def test_prompt_column_null_on_the_command_line_means_no_prompt_column():
+    parser = ArgumentParser()
+    parser.add_class_arguments(PreferenceDataModule, "data")
+    argv = ["--data.train_file", "d.jsonl", "--data.tokenizer", "t"]
+    assert parser.parse_args([*argv, "--data.prompt_column", "null"]).data.prompt_column is None
+    assert parser.parse_args(argv).data.prompt_column == "prompt"

@@ -22,6 +22,7 @@ from data_support import (  # noqa: F401 (fixtures)
 )
 
 from drdo_lightning.data.collation import PairCollator
+from drdo_lightning.data.pairs import Columns, extract_prompt
 from drdo_lightning.data.tokenization import IGNORE_INDEX
 from drdo_lightning.errors import DataError
 from drdo_lightning.jsonl import write_jsonl
@@ -108,6 +109,129 @@ def test_conversational_missing_rejected_is_an_error(value, tmp_path, tiny_model
     msg = _conv_error(tmp_path, tiny_model_dir, dict(good, rejected=value))
     assert "field 'rejected'" in msg
 
+
+
+# --- 3b. implicit prompts, and the layouts docs/data.md lists ----------------------------------
+
+HH = "\n\nHuman: {q}\n\nAssistant: {a}"
+UF_SCORES = dict(chosen_score_column="score_chosen", rejected_score_column="score_rejected")
+
+
+def _layout(layout: str) -> tuple[list[dict], dict, list[tuple[str, str, str]]]:
+    """Rows of ``QUESTIONS`` in ``layout`` (a row of the table "Layouts you can bring"), the data
+    options it needs, and the (prompt, chosen, rejected) texts each row must give."""
+    chat = [(f"<|user|>{q}\n<|assistant|>", good + "\n", bad + "\n") for q, good, bad in QUESTIONS]
+    if layout == "trl standard":
+        return [{"prompt": q, "chosen": g, "rejected": b} for q, g, b in QUESTIONS], {}, list(QUESTIONS)
+    if layout == "trl conversational":
+        return trl_rows(), {}, chat
+    if layout == "trl implicit conversational":
+        return [{"chosen": r["chosen"], "rejected": r["rejected"]} for r in ultrafeedback_rows()], {"prompt_column": None}, chat
+    if layout == "trl implicit text":
+        rows = [{"chosen": f"Q: {q} A: {g}", "rejected": f"Q: {q} A: {b}"} for q, g, b in QUESTIONS]
+        # The shared "It is f" is cut back to the last whole word; the responses keep their space.
+        return rows, {"prompt_column": None}, [
+            ("Q: What is two plus two? A: It is", " four.", " five."),
+            ("Q: Name a colour. A:", " Blue is one.", " A chair."),
+        ]
+    if layout == "anthropic hh":
+        rows = [{"chosen": HH.format(q=q, a=g), "rejected": HH.format(q=q, a=b)} for q, g, b in QUESTIONS]
+        # The responses share " It is f", yet the prompt ends at the shared "Assistant:".
+        return rows, {"prompt_column": None}, [(HH.format(q=q, a="")[:-1], " " + g, " " + b) for q, g, b in QUESTIONS]
+    assert layout == "ultrafeedback binarized"
+    rows = [
+        dict(r, prompt_id=str(i), messages=r["chosen"], score_chosen=8.0, score_rejected=3.5)
+        for i, r in enumerate(ultrafeedback_rows())
+    ]
+    return rows, UF_SCORES, chat
+
+
+LAYOUTS = ["trl standard", "trl conversational", "trl implicit conversational", "trl implicit text", "anthropic hh",
+           "ultrafeedback binarized"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_you_can_bring(layout, tmp_path, tiny_model_dir, tok):
+    layout_rows, options, expected = _layout(layout)
+    dm = setup_dm(write_jsonl(tmp_path / "d.jsonl", layout_rows), tiny_model_dir, chat_template=TEMPLATE, **options)
+    for ex, texts in zip(dm.train_dataset, expected, strict=True):
+        decoded = tuple(tok.decode(ex[f"{k}_ids"], skip_special_tokens=True) for k in ("prompt", "chosen", "rejected"))
+        assert decoded == texts
+        if options is UF_SCORES:
+            assert (ex["chosen_score"], ex["rejected_score"]) == (8.0, 3.5)
+
+
+def test_implicit_text_prompts_tokenize_as_explicit_ones(tmp_path, tiny_model_dir):
+    for layout in ("trl implicit text", "anthropic hh"):
+        implicit_rows, options, expected = _layout(layout)
+        implicit = setup_dm(write_jsonl(tmp_path / "implicit.jsonl", implicit_rows), tiny_model_dir, **options)
+        explicit_rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in expected]
+        explicit = setup_dm(write_jsonl(tmp_path / "explicit.jsonl", explicit_rows), tiny_model_dir)
+        assert as_tuples(implicit.train_dataset) == as_tuples(explicit.train_dataset)
+
+
+IMPLICIT = Columns(None, "chosen", "rejected")
+USER, ASSISTANT = ({"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."})
+
+
+@pytest.mark.parametrize("chosen,rejected,expected", [
+    ("Say:\n\nyes", "Say:\n\nno", ("Say:", "\n\nyes", "\n\nno")),  # the whole run of whitespace starts the responses
+    ("Hello world", "Hello world, again", ("Hello", " world", " world, again")),
+    (HH.format(q="Hi.", a="Hello.") + HH.format(q="Help?", a="I can."),
+     HH.format(q="Hi.", a="Hello.") + HH.format(q="Help?", a="I cannot."),
+     (HH.format(q="Hi.", a="Hello.") + HH.format(q="Help?", a="")[:-1], " I can.", " I cannot.")),
+    ([USER, ASSISTANT, {"role": "user", "content": "Bye?"}, {"role": "assistant", "content": "Bye."}],
+     [USER, ASSISTANT, {"role": "user", "content": "Bye?"}, {"role": "assistant", "content": "No."}],
+     ([USER, ASSISTANT, {"role": "user", "content": "Bye?"}], [{"role": "assistant", "content": "Bye."}],
+      [{"role": "assistant", "content": "No."}])),
+    ([USER, ASSISTANT], [USER, ASSISTANT], ([USER], [ASSISTANT], [ASSISTANT])),  # identical: left to the identical check
+])
+def test_extract_prompt_rule(chosen, rejected, expected):
+    assert extract_prompt(chosen, rejected, IMPLICIT) == expected
+
+
+def test_implicit_prompt_rows_without_a_shared_beginning(tmp_path, tiny_model_dir, caplog):
+    good, options, _ = _layout("trl implicit text")
+    other_question = [{"role": "user", "content": "Other?"}, ultrafeedback_rows()[0]["rejected"][1]]
+    bad = [
+        {"chosen": "Yes.", "rejected": "No."},  # nothing shared
+        {"chosen": "Yes, sure.", "rejected": "Yesterday."},  # shared "Yes", not a whole word
+        {"chosen": "It is.", "rejected": "It is."},  # identical
+        {"chosen": ultrafeedback_rows()[0]["chosen"], "rejected": other_question},
+    ]
+    expect = [("'rejected'", "share no beginning"), ("'rejected'", "share no beginning"),
+              ("'rejected'", "identical"), ("'rejected'", "share no beginning")]
+    for i, (row, (field, words)) in enumerate(zip(bad, expect)):
+        path = write_jsonl(tmp_path / f"bad{i}.jsonl", good + [row])
+        with pytest.raises(DataError) as e:
+            setup_dm(path, tiny_model_dir, chat_template=TEMPLATE, **options)
+        msg = str(e.value)
+        assert str(path) in msg and "row 3" in msg and f"field {field}" in msg and words in msg, msg
+    caplog.set_level(logging.WARNING, logger="drdo_lightning.data")
+    path = write_jsonl(tmp_path / "mixed.jsonl", good + bad)
+    dm = setup_dm(path, tiny_model_dir, chat_template=TEMPLATE, on_bad_row="skip", **options)
+    assert len(dm.train_dataset) == len(good)
+    (warning,) = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert warning.args[1:] == (4, {"no_shared_prompt": 3, "identical_responses": 1})
+
+
+def test_missing_prompt_column_suggests_prompt_column_null(tmp_path, tiny_model_dir):
+    for layout in ("trl implicit conversational", "trl implicit text", "anthropic hh"):
+        path = write_jsonl(tmp_path / "implicit.jsonl", _layout(layout)[0])
+        with pytest.raises(DataError) as e:
+            setup_dm(path, tiny_model_dir, chat_template=TEMPLATE)
+        assert "missing column(s) ['prompt']" in str(e.value)
+        assert e.value.setting == "prompt_column"
+        assert "(--data.prompt_column null takes what they share as the prompt)" in e.value.for_option("--data.prompt_column")
+    unrelated = write_jsonl(tmp_path / "unrelated.jsonl", [{"chosen": "Yes.", "rejected": "No."}])
+    with pytest.raises(DataError) as e:
+        setup_dm(unrelated, tiny_model_dir)
+    assert "missing column(s) ['prompt']" in str(e.value) and e.value.setting is None
+
+
+def test_implicit_prompts_need_rejected_responses(pair_files, tiny_model_dir):
+    with pytest.raises(ValueError, match="rejected_column"):
+        make_dm(pair_files["sft"], tiny_model_dir, prompt_column=None, rejected_column=None)
 
 
 # --- 5. label flipping -------------------------------------------------------------------------

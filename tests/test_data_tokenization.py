@@ -67,6 +67,50 @@ def test_everything_dropped_is_an_error(pair_files, tiny_model_dir):
         setup_dm(pair_files["train"], tiny_model_dir, max_prompt_length=2, max_length=4, drop_long=True)
 
 
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("drdo_lightning")]
+
+
+def test_what_loading_lost_or_changed_is_a_warning_in_plain_words(pair_files, tiny_task, tiny_model_dir, caplog):
+    caplog.set_level(logging.WARNING, logger="drdo_lightning.data")  # what the command line shows
+    n, n_val = len(tiny_task["train"]), len(tiny_task["val"])
+    setup_dm(pair_files["train"], tiny_model_dir, val_file=str(pair_files["val"]), max_prompt_length=8, max_length=72,
+             label_flip_rate=0.25)
+    train, val = data_counts(caplog), data_counts(caplog, "val")  # the record keeps its shape
+    assert train["prompt_truncated"] and train["response_truncated"] and val["prompt_truncated"]
+    flips = (f"label noise: swapped chosen and rejected (and their scores) in {round(0.25 * n)} of {n} training pairs "
+             "(label_flip_rate 0.25, seed 0)")
+
+    def truncated(split: str, total: int, counts: dict) -> str:
+        return (f"{split} split: {counts['prompt_truncated']} of {total} prompts truncated to max_prompt_length 8 (their "
+                f"first tokens dropped), {counts['response_truncated']} of {total} pairs with responses truncated to fit "
+                f"max_length 72 (their last tokens dropped; drop_long drops such pairs instead); {total} pairs kept; "
+                f"counts {counts}")
+
+    assert _warnings(caplog) == [flips, truncated("train", n, train), truncated("val", n_val, val)]
+    caplog.clear()
+    setup_dm(pair_files["train"], tiny_model_dir, max_prompt_length=24, max_length=90, drop_long=True)
+    dropped = data_counts(caplog)["dropped_too_long"]
+    (message,) = _warnings(caplog)
+    assert f"{dropped} of {n} pairs dropped by drop_long (prompt and response did not fit max_length 90)" in message
+    assert message.endswith(f"; {n - dropped} pairs kept; counts {data_counts(caplog)}")
+    caplog.clear()
+    setup_dm(pair_files["train"], tiny_model_dir)  # nothing lost: nothing to warn of
+    assert _warnings(caplog) == []
+
+
+def test_transformers_does_not_warn_of_sequences_we_truncate_ourselves(pair_files, tiny_model_dir, tmp_path, monkeypatch,
+                                                                        caplog):
+    AutoTokenizer.from_pretrained(str(tiny_model_dir), model_max_length=16).save_pretrained(tmp_path / "short")
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+    caplog.set_level(logging.WARNING)
+    dm = setup_dm(pair_files["train"], tiny_model_dir, tokenizer=str(tmp_path / "short"), max_prompt_length=8,
+                  max_length=16)
+    assert not [r for r in caplog.records if "Token indices sequence length" in r.getMessage()]
+    dm.tokenizer(" ".join(["word"] * 40))  # other calls of the same tokenizer still hear of it
+    assert [r for r in caplog.records if "Token indices sequence length" in r.getMessage()]
+
+
 @pytest.mark.parametrize("mpl,ml", [(16, 16), (32, 16), (0, 16)])
 def test_bad_length_budgets(mpl, ml, pair_files, tiny_model_dir):
     with pytest.raises(ValueError, match="max_prompt_length < max_length"):

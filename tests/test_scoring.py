@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +101,19 @@ def test_store_in_bf16_halves_the_weights_and_scores_as_the_rounded_model(tmp_pa
     ids = torch.tensor([[1, 5, 6, 7, 8]])
     mask = torch.ones_like(ids)
     torch.testing.assert_close(stored.rewards(ids, mask), rounded.rewards(ids, mask))
+
+
+def test_score_takes_the_prompt_from_implicit_prompt_rows(tmp_path, pairs16):
+    """`--prompt_column null`: the prompt is what chosen and rejected share, as in training."""
+    rows = [json.loads(line) for line in pairs16.read_text().splitlines()]
+    rows = [r for r in rows if r["chosen"].split()[0] != r["rejected"].split()[0]][:4]  # they differ at the first word
+    explicit, implicit = tmp_path / "explicit.jsonl", tmp_path / "implicit.jsonl"
+    explicit.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in rows))
+    implicit.write_text("".join(json.dumps({"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]})
+                                + "\n" for r in rows))
+    oracle = str(Path(__file__).resolve().parents[1] / "embedded_default" / "oracle")
+    for data, extra in ((explicit, []), (implicit, ["--prompt_column", "null"])):
+        main(["score", "--models", json.dumps([oracle]), "--data", str(data), "--output", str(data.with_suffix(".out.jsonl")),
+              *extra])
+    got, want = ([json.loads(line) for line in p.with_suffix(".out.jsonl").read_text().splitlines()] for p in (implicit, explicit))
+    assert [(g["oracle_chosen"], g["oracle_rejected"]) for g in got] == [(w["oracle_chosen"], w["oracle_rejected"]) for w in want]

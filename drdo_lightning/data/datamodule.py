@@ -7,13 +7,19 @@ Each field may be a plain string or, for conversational data, a list of
 ``{"role", "content"}`` messages (the Ultrafeedback "binarized" layout: ``chosen`` and
 ``rejected`` are whole conversations ending in an assistant turn; or the TRL layout:
 ``prompt`` is the conversation so far and ``chosen``/``rejected`` hold one assistant turn).
-Conversations are rendered with the tokenizer's chat template.
+Conversations are rendered with the tokenizer's chat template. Data without a prompt column
+(TRL's implicit-prompt layout, Anthropic HH transcripts) takes ``prompt_column=None``: the prompt is
+what chosen and rejected begin with (:func:`~drdo_lightning.data.pairs.extract_prompt`).
+
+What building the splits loses or changes (truncated, dropped, skipped, flipped) is logged once,
+as a warning in words; that a cache was reused is logged as information.
 
 Rows stream from the file to the tokenized cache through Arrow files on disk, so memory does not
 grow with the data (:mod:`drdo_lightning.data.building`)."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -33,7 +39,7 @@ from drdo_lightning.data.building import SplitTokenizer, tokenize_split, worker_
 from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.data.pairs import Columns, flip_indices, iter_pairs
 from drdo_lightning.data.sampling import ResumableDataLoader, ResumableSampler, padding_fraction, sequence_lengths
-from drdo_lightning.data.tokenization import chat_renderer, load_tokenizer, warn_trailing_whitespace
+from drdo_lightning.data.tokenization import chat_renderer, describe_counts, load_tokenizer, warn_trailing_whitespace
 from drdo_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -47,15 +53,22 @@ def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
+def _file_stamp(path: Path, name: Path) -> str:
+    stat = path.stat()
+    return f"{name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def _source_fingerprint(source: str) -> str:
+    """What the cache key knows of ``source``: the name, size and time of each of its files (for a
+    glob, those it matches now), or a hub id as it is."""
     path = Path(source).expanduser()
     if path.is_file():
-        stat = path.stat()
-        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        return _file_stamp(path, path.resolve())
     if path.is_dir():
-        return ";".join(
-            f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(path.rglob("*")) if p.is_file()
-        )
+        return ";".join(_file_stamp(p, p.relative_to(path)) for p in sorted(path.rglob("*")) if p.is_file())
+    if glob.has_magic(source):
+        matched = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+        return ";".join(_file_stamp(p, p.resolve()) for p in matched if p.is_file())
     return f"hub:{source}"
 
 
@@ -68,7 +81,9 @@ class PreferenceDataModule(L.LightningDataModule):
         val_fraction: Fraction of ``train_file`` held out for validation (seeded), in (0, 1).
         tokenizer: Tokenizer path or hub id (linked to the model path by the CLI).
         prompt_column, chosen_column, rejected_column: Column names; ``rejected_column=None``
-            reads SFT data (prompt and chosen response only).
+            reads SFT data (prompt and chosen response only); ``prompt_column=None``
+            (``--data.prompt_column null``) reads data without a prompt column, whose prompt is
+            what chosen and rejected begin with (see the module docstring).
         chosen_score_column, rejected_score_column: Oracle reward columns (a number, or a
             list of numbers for an ensemble).
         max_prompt_length, max_length: Token budgets (paper: 512 / 1024); see the module
@@ -94,7 +109,7 @@ class PreferenceDataModule(L.LightningDataModule):
         val_file: str | None = None,
         val_fraction: float | None = None,
         tokenizer: str | None = None,
-        prompt_column: str = "prompt",
+        prompt_column: str | None = "prompt",
         chosen_column: str = "chosen",
         rejected_column: str | None = "rejected",
         chosen_score_column: str | None = None,
@@ -180,7 +195,8 @@ class PreferenceDataModule(L.LightningDataModule):
         job = SplitTokenizer(texts, order, flipped, self.tokenizer, settings)
         dataset, counts = tokenize_split(job, work / f"{name}.arrow", processes)
         if counts:
-            log.info("%s split: %d pairs kept of %d; %s", name, len(dataset or ()), len(order), dict(counts))
+            words = describe_counts(counts, len(order), max_prompt_length=hp.max_prompt_length, max_length=hp.max_length)
+            log.warning("%s split: %s; %d pairs kept; counts %s", name, words, len(dataset or ()), dict(counts))
         if dataset is None:
             raise DataError(f"{name} split is empty after filtering ({dict(counts)}); raise max_length or set drop_long=False")
         return dataset
@@ -209,7 +225,11 @@ class PreferenceDataModule(L.LightningDataModule):
                 raise ValueError("label_flip_rate needs preference pairs (rejected_column is None)")
             n_train = len(splits["train"][1])
             flipped = frozenset(flip_indices(n_train, hp.label_flip_rate, hp.seed))
-            log.info("flipped the labels of %d of %d training pairs (seed %d)", len(flipped), n_train, hp.seed)
+            log.log(
+                logging.WARNING if flipped else logging.INFO,
+                "label noise: swapped chosen and rejected (and their scores) in %d of %d training pairs "
+                "(label_flip_rate %g, seed %d)", len(flipped), n_train, hp.label_flip_rate, hp.seed,
+            )
         return {
             name: self._tokenize(texts, order, flipped if name == "train" else frozenset(), name, work)
             for name, (texts, order) in splits.items()

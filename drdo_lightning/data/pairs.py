@@ -1,27 +1,43 @@
-"""Validating rows into prompt/response texts: fields, scores, conversations rendered with a chat
-template, and label flipping."""
+"""Validating rows into prompt/response texts: fields, scores, prompts taken from what chosen and
+rejected share (:func:`extract_prompt`), conversations rendered with a chat template, and label flipping."""
 
 from __future__ import annotations
 
 import logging
 import math
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from drdo_lightning.data.readers import read_rows
 from drdo_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
 
+HH_ASSISTANT = "\n\nAssistant:"  # in Anthropic HH transcripts, what opens each assistant turn
+
+
 @dataclass
 class Columns:
-    prompt: str = "prompt"
+    """The columns of a row; ``prompt=None``: there is none, the prompt is what chosen and rejected
+    begin with (:func:`extract_prompt`)."""
+
+    prompt: str | None = "prompt"
     chosen: str = "chosen"
     rejected: str | None = "rejected"
     chosen_score: str | None = None
     rejected_score: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt is None and self.rejected is None:
+            raise ValueError("prompt_column=None takes the prompt from what chosen and rejected share: it needs rejected_column")
+
+    @property
+    def prompt_field(self) -> str:
+        """The field a bad prompt is named by: the prompt column, or chosen when the prompt comes from it."""
+        return self.prompt or self.chosen
 
     def required(self) -> list[str]:
         names = [self.prompt, self.chosen, self.rejected, self.chosen_score, self.rejected_score]
@@ -100,6 +116,47 @@ def holds_conversations(source: str, column: str = "chosen") -> bool:
     return is_conversation(first.get(column))
 
 
+def _shared_length(a: Sequence, b: Sequence) -> int:
+    """How many leading items ``a`` and ``b`` have in common."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _text_prompt_end(shared: str) -> int:
+    """Where the prompt ends in the text two responses begin with (0: there is none). In an HH
+    transcript (``HH_ASSISTANT`` in it) it ends after the last such marker; in other text before its
+    last whitespace, so that no word is split and each response begins with the space before its
+    first word, as the tokenizer sees it in the whole text."""
+    if HH_ASSISTANT in shared:
+        return shared.rindex(HH_ASSISTANT) + len(HH_ASSISTANT)
+    last_word = re.match(r".*\S(?=\s)", shared, re.DOTALL)
+    return last_word.end() if last_word else 0
+
+
+def extract_prompt(chosen: Any, rejected: Any, cols: Columns) -> tuple[Any, Any, Any]:
+    """``(prompt, chosen, rejected)`` from two whole conversations or texts: the prompt is what both
+    begin with, as in TRL's ``extract_prompt``; for conversations the messages they share (each
+    response keeps at least its last message), for text the shared beginning cut back by
+    :func:`_text_prompt_end`. Raises :class:`RowError` when they share no prompt."""
+    if is_conversation(chosen):
+        chosen, rejected = check_messages(chosen, cols.chosen), check_messages(rejected, cols.rejected)
+        end = min(_shared_length(chosen, rejected), len(chosen) - 1, len(rejected) - 1)
+    else:
+        chosen, rejected = _check_text(chosen, cols.chosen), _check_text(rejected, cols.rejected)
+        end = _text_prompt_end(chosen[: _shared_length(chosen, rejected)])
+    if not end:
+        raise RowError(cols.rejected, "no_shared_prompt", "chosen and rejected share no beginning to take as the prompt")
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _begins_alike(row: dict, cols: Columns) -> bool:
+    """Whether ``row``'s chosen and rejected share a prompt by :func:`extract_prompt`."""
+    try:
+        extract_prompt(row.get(cols.chosen), row.get(cols.rejected), cols)
+    except RowError:
+        return False
+    return True
+
+
 def _render_conversation(prompt: Any, chosen: Any, rejected: Any, template: Any, cols: Columns):
     """Split conversations into (prompt text, chosen text, rejected text) via the chat template."""
     chosen_msgs = check_messages(chosen, cols.chosen)
@@ -112,11 +169,11 @@ def _render_conversation(prompt: Any, chosen: Any, rejected: Any, template: Any,
         raise RowError(cols.rejected, "bad_roles", "chosen and rejected conversations differ before the final assistant turn")
     if not context:  # TRL layout: the prompt column holds the conversation so far
         if isinstance(prompt, str):
-            context = user_turn(_check_text(prompt, cols.prompt))
+            context = user_turn(_check_text(prompt, cols.prompt_field))
         else:
-            context = check_messages(prompt, cols.prompt)
+            context = check_messages(prompt, cols.prompt_field)
     if context[-1]["role"] == "assistant":
-        raise RowError(cols.prompt, "bad_roles", "the prompt conversation must not end with an assistant turn")
+        raise RowError(cols.prompt_field, "bad_roles", "the prompt conversation must not end with an assistant turn")
     if template is None:
         raise RowError(
             cols.chosen, "no_chat_template",
@@ -148,13 +205,16 @@ def render_as_chat(pair: TextPair, template, cols: Columns) -> TextPair:
 
 def validate_row(row: dict, cols: Columns, template) -> TextPair:
     """Check one raw row and render it to text; raises :class:`RowError`."""
-    prompt, chosen = row.get(cols.prompt), row.get(cols.chosen)
-    rejected = row.get(cols.rejected) if cols.rejected else None
+    chosen, rejected = row.get(cols.chosen), row.get(cols.rejected) if cols.rejected else None
+    if cols.prompt is None:
+        prompt, chosen, rejected = extract_prompt(chosen, rejected, cols)
+    else:
+        prompt = row.get(cols.prompt)
     if is_conversation(chosen):
         prompt_text, chosen_text, rejected_text = _render_conversation(prompt, chosen, rejected, template, cols)
         conversational = True
     else:
-        prompt_text = _check_text(prompt, cols.prompt)
+        prompt_text = _check_text(prompt, cols.prompt_field)
         chosen_text = _check_text(chosen, cols.chosen)
         rejected_text = _check_text(rejected, cols.rejected) if cols.rejected else None
         conversational = False
@@ -166,6 +226,16 @@ def validate_row(row: dict, cols: Columns, template) -> TextPair:
     return TextPair(prompt_text, chosen_text, rejected_text, scores[0], scores[1], conversational)
 
 
+def _missing_columns(source: str, row: dict, cols: Columns, missing: list[str]) -> DataError:
+    """The error for a first row that lacks ``missing``; a missing prompt whose chosen and rejected
+    begin alike (implicit-prompt data, HH transcripts) points to ``prompt_column=None``."""
+    message = f"{source}: missing column(s) {missing}; the data has columns {sorted(row)}"
+    if cols.prompt in missing and _begins_alike(row, cols):
+        return DataError(f"{message}; its {cols.chosen!r} and {cols.rejected!r} begin alike, as when they hold the prompt",
+                         setting="prompt_column", advice="{option} null takes what they share as the prompt")
+    return DataError(message)
+
+
 def iter_pairs(source: str, cols: Columns, template, *, split: str = "train", on_bad_row: str = "error") -> Iterator[TextPair]:
     """Read and validate rows one at a time; bad rows raise or, with ``on_bad_row='skip'``, are counted
     (and logged once the source is exhausted)."""
@@ -175,7 +245,7 @@ def iter_pairs(source: str, cols: Columns, template, *, split: str = "train", on
         if not usable and not skipped:
             missing = [c for c in cols.required() if c not in row]
             if missing:
-                raise DataError(f"{source}: missing column(s) {missing}; the data has columns {sorted(row)}")
+                raise _missing_columns(source, row, cols, missing)
         try:
             pair = validate_row(row, cols, template)
         except RowError as e:
@@ -189,7 +259,7 @@ def iter_pairs(source: str, cols: Columns, template, *, split: str = "train", on
         usable += 1
         yield pair
     if skipped:
-        log.warning("%s: skipped %d bad rows: %s", source, sum(skipped.values()), dict(skipped))
+        log.warning("%s: skipped %d bad rows (on_bad_row skip), by reason: %s", source, sum(skipped.values()), dict(skipped))
     if not usable:
         raise DataError(f"{source}: no usable rows" + (f" (skipped: {dict(skipped)})" if skipped else ""))
 

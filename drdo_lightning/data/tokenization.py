@@ -5,7 +5,10 @@ Truncation rule (per pair, applied identically to chosen and rejected):
      nearest the response), after any special tokens the tokenizer puts first (BOS).
   2. A response that does not fit in ``max_length - len(prompt)`` keeps its *first* tokens.
      With ``drop_long=True`` such pairs are dropped instead (the paper filters them).
-Every truncation and drop is counted."""
+Every truncation and drop is counted (:func:`describe_counts` says them in words).
+
+Texts are tokenized whole and truncated here, so transformers' warning that a text is longer than
+the model takes is turned off for these calls (``verbose=False``): it does not apply."""
 
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ def truncate_prompt(ids: list[int], max_prompt_length: int, prefix: int) -> list
 
 def special_prefix_length(tokenizer: PreTrainedTokenizerBase) -> int:
     """How many special tokens (BOS) the tokenizer puts before a text: rule 1 keeps them."""
-    return len(tokenizer("", add_special_tokens=True)["input_ids"])
+    return len(tokenizer("", add_special_tokens=True, verbose=False)["input_ids"])
 
 
 def encode_prompts(prompts: list[str], templated: list[bool], tokenizer: PreTrainedTokenizerBase,
@@ -61,7 +64,8 @@ def encode_prompts(prompts: list[str], templated: list[bool], tokenizer: PreTrai
     for flag in (False, True):
         idx = [i for i, t in enumerate(templated) if t == flag]
         if idx:
-            encoded = tokenizer([prompts[i] for i in idx], add_special_tokens=not flag, return_attention_mask=False)
+            encoded = tokenizer([prompts[i] for i in idx], add_special_tokens=not flag, return_attention_mask=False,
+                                verbose=False)
             for i, seq in zip(idx, encoded["input_ids"]):
                 ids[i] = seq
     prefix = special_prefix_length(tokenizer)
@@ -89,7 +93,7 @@ def tokenize_pairs(
     def encode(texts: list[str], special: bool) -> list[list[int]]:
         if not texts:
             return []
-        return tokenizer(texts, add_special_tokens=special, return_attention_mask=False)["input_ids"]
+        return tokenizer(texts, add_special_tokens=special, return_attention_mask=False, verbose=False)["input_ids"]
 
     # A chat-templated prompt already carries its special tokens and its responses their
     # end-of-turn markers; plain text gets the tokenizer's BOS (if any) and an EOS.
@@ -123,6 +127,16 @@ def tokenize_pairs(
             out[k].append(getattr(pair, k))
     return out, counts
 
+
+def describe_counts(counts: Counter[str], pairs: int, *, max_prompt_length: int, max_length: int) -> str:
+    """:func:`tokenize_pairs`' ``counts`` for ``pairs`` pairs, in words."""
+    words = {
+        "prompt_truncated": f"prompts truncated to max_prompt_length {max_prompt_length} (their first tokens dropped)",
+        "response_truncated": f"pairs with responses truncated to fit max_length {max_length} (their last tokens "
+                              "dropped; drop_long drops such pairs instead)",
+        "dropped_too_long": f"pairs dropped by drop_long (prompt and response did not fit max_length {max_length})",
+    }
+    return ", ".join(f"{counts[key]} of {pairs} {text}" for key, text in words.items() if counts[key])
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, chat_template: str | None = None):
