@@ -13,16 +13,21 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield ``(line number, object)`` for every non-blank line; a malformed line is a :class:`DataError`."""
     path = Path(path)
     with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {line_no}: expected a JSON object, got {type(row).__name__}")
-            yield line_no, row
+        yield from parse_lines(path, enumerate(f, start=1))
+
+
+def parse_lines(path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank one of ``(line number, text)`` lines read from ``path``."""
+    for line_no, line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {line_no}: expected a JSON object, got {type(row).__name__}")
+        yield line_no, row
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:

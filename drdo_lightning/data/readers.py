@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from datasets.data_files import EmptyDatasetError, get_data_patterns, resolve_pattern
 
 from drdo_lightning.errors import DataError, MissingPathError, shipped_made_by
+from drdo_lightning.jsonl import parse_lines
 
 log = logging.getLogger(__name__)
 
@@ -83,24 +84,9 @@ def _lines(path: Path, compression: str | None) -> Iterator[tuple[int, str]]:
         raise DataError(f"{path}: not a readable {compression} file ({e})") from None
 
 
-def _jsonl_rows(path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` for every non-blank line, as :func:`drdo_lightning.jsonl.read_jsonl`
-    reads them (which reads only plain UTF-8 files)."""
-    for number, line in lines:
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {number}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-        yield number, row
-
-
 def _read_jsonl(path: Path, compression: str | None) -> Iterator[tuple[int, dict]]:
     """JSON Lines: one object per line, numbered by line."""
-    return _jsonl_rows(path, _lines(path, compression))
+    return parse_lines(path, _lines(path, compression))
 
 
 def _read_json(path: Path, compression: str | None) -> Iterator[tuple[int, dict]]:
@@ -112,7 +98,7 @@ def _read_json(path: Path, compression: str | None) -> Iterator[tuple[int, dict]
     except json.JSONDecodeError as e:
         # A first object followed by more: JSON Lines. Read per line, so a bad line is named as such.
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
-            yield from _jsonl_rows(path, enumerate(text.split("\n"), start=1))
+            yield from parse_lines(path, enumerate(text.split("\n"), start=1))
             return
         raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if not isinstance(data, list):
