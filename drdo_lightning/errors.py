@@ -35,6 +35,10 @@ class DataError(UserError, ValueError):
         return self.for_option(self.setting)
 
 
+class SettingError(UserError, ValueError):
+    """A setting out of its range or in conflict with another; the message names them."""
+
+
 class MissingPathError(UserError, FileNotFoundError):
     """A path the run needs does not exist; the message says what would create it (``made_by``).
 

@@ -109,3 +109,14 @@ def test_experiments_print_data_errors_with_their_own_options(tmp_path, pair_fil
     assert line == f"error: {pair_files['val']}: no rows with a confidence value (name the confidence field with --confidence_column)"
     line = user_error(["splits", "--data", str(tmp_path / "absent.jsonl")], capsys)
     assert line == f"error: data file not found: {tmp_path / 'absent.jsonl'}"
+
+
+@pytest.mark.parametrize(("extra", "expect"), [
+    (["--data.max_prompt_length", "64", "--data.max_length", "64"],
+     "error: need 0 < max_prompt_length < max_length (the prompt's budget leaves room for the response), "
+     "got max_prompt_length 64 and max_length 64"),
+    (["--data.val_fraction", "0.1"],  # next to the recipe's val_file
+     "error: give either val_file or val_fraction, not both (a recipe's val_file is set aside with --data.val_file null)"),
+])
+def test_data_settings_that_cannot_work_are_one_line(extra, expect, capsys):
+    assert user_error(["fit", "--config", "drdo", *extra], capsys) == expect

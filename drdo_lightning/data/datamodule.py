@@ -40,7 +40,7 @@ from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.data.pairs import Columns, flip_indices, iter_pairs
 from drdo_lightning.data.sampling import ResumableDataLoader, ResumableSampler, padding_fraction, sequence_lengths
 from drdo_lightning.data.tokenization import chat_renderer, describe_counts, load_tokenizer, warn_trailing_whitespace
-from drdo_lightning.errors import DataError
+from drdo_lightning.errors import DataError, SettingError
 
 log = logging.getLogger(__name__)
 
@@ -133,19 +133,21 @@ class PreferenceDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if val_fraction is not None and not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+            raise SettingError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if val_fraction is not None and val_file is not None:
-            raise ValueError("give either val_file or val_fraction, not both")
+            raise SettingError("give either val_file or val_fraction, not both (a recipe's val_file is set aside with "
+                               "--data.val_file null)")
         if not 0 < max_prompt_length < max_length:
-            raise ValueError(f"need 0 < max_prompt_length < max_length, got {max_prompt_length} and {max_length}")
+            raise SettingError(f"need 0 < max_prompt_length < max_length (the prompt's budget leaves room for the "
+                               f"response), got max_prompt_length {max_prompt_length} and max_length {max_length}")
         if not 0.0 <= label_flip_rate <= 1.0:
-            raise ValueError(f"label_flip_rate must be in [0, 1], got {label_flip_rate}")
+            raise SettingError(f"label_flip_rate must be in [0, 1], got {label_flip_rate}")
         if tokenizer is None:
-            raise ValueError("a tokenizer path or hub id is required (the CLI links it to the model path)")
+            raise SettingError("a tokenizer path or hub id is required (the CLI links it to the model path)")
         if (chosen_score_column is None) != (rejected_score_column is None):
-            raise ValueError("give both chosen_score_column and rejected_score_column, or neither")
+            raise SettingError("give both chosen_score_column and rejected_score_column, or neither")
         if num_proc is not None and num_proc < 1:
-            raise ValueError(f"num_proc must be at least 1, got {num_proc}")
+            raise SettingError(f"num_proc must be at least 1, got {num_proc}")
         self.save_hyperparameters()
         self.columns = Columns(prompt_column, chosen_column, rejected_column, chosen_score_column, rejected_score_column)
         self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code, chat_template=chat_template)
@@ -222,7 +224,7 @@ class PreferenceDataModule(L.LightningDataModule):
         flipped: frozenset[int] = frozenset()
         if hp.label_flip_rate > 0:
             if train[0]["rejected"] is None:
-                raise ValueError("label_flip_rate needs preference pairs (rejected_column is None)")
+                raise SettingError("label_flip_rate needs preference pairs (rejected_column is None)")
             n_train = len(splits["train"][1])
             flipped = frozenset(flip_indices(n_train, hp.label_flip_rate, hp.seed))
             log.log(
