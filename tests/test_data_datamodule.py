@@ -164,3 +164,31 @@ def test_prompt_column_null_on_the_command_line_means_no_prompt_column():
     argv = ["--data.train_file", "d.jsonl", "--data.tokenizer", "t"]
     assert parser.parse_args([*argv, "--data.prompt_column", "null"]).data.prompt_column is None
     assert parser.parse_args(argv).data.prompt_column == "prompt"
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_length_grouping_happens_before_the_split_across_processes(ranks):
+    """At every step the ranks' grouped batches are together the batch one process sees with the
+    global batch size, so grouping keeps multi-process runs equal to one process."""
+    n, batch = 60, 4
+    lengths = [(i * 37) % 23 for i in range(n)]
+
+    def sampler(replicas: int, rank: int, per_rank_batch: int) -> ResumableSampler:
+        s = ResumableSampler(list(range(n)), num_replicas=replicas, rank=rank, shuffle=True, seed=5)
+        s.lengths, s.batch_size = lengths, per_rank_batch
+        s.set_epoch(2)
+        return s
+
+    single = sampler(1, 0, batch * ranks).order()
+    shares = [sampler(ranks, r, batch).order() for r in range(ranks)]
+    for step in range(n // (batch * ranks)):
+        together = [i for share in shares for i in share[step * batch:(step + 1) * batch]]
+        assert sorted(together) == sorted(single[step * batch * ranks:(step + 1) * batch * ranks])
+    assert single != list(range(n)) and padding_spread(single, lengths, batch * ranks) < padding_spread(
+        sampler(1, 0, batch * ranks).global_order(), lengths, batch * ranks)  # grouped: less spread per batch
+
+
+def padding_spread(order: list[int], lengths: list[int], batch: int) -> int:
+    """Sum over batches of (longest - shortest): what padding grows with."""
+    return sum(max(lengths[i] for i in order[j:j + batch]) - min(lengths[i] for i in order[j:j + batch])
+               for j in range(0, len(order), batch))

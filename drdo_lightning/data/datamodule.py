@@ -99,8 +99,9 @@ class PreferenceDataModule(L.LightningDataModule):
         chat_template: A Jinja chat template (string or file) overriding the tokenizer's.
         cache_dir: Where tokenized data is cached (keyed by data, tokenizer and settings).
         group_by_length: Batch training pairs of similar length together (less padding; the
-            order stays shuffled beyond stretches of 64 batches). The share of padding tokens
-            is logged either way.
+            order stays shuffled beyond stretches of 64 batches), grouped before the split across
+            processes, so several processes train on one process's batches. The share of padding
+            tokens is logged either way.
     """
 
     def __init__(

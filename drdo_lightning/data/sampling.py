@@ -53,8 +53,11 @@ class ResumableSampler(DistributedSampler):
 
     ``start`` skips that many of this rank's items in the next pass only; it is set when a run
     resumes (see :class:`ResumableDataLoader`). With ``lengths`` set (the longer side of each
-    pair), the order is grouped by length for batches of ``batch_size`` (:func:`group_by_length`,
-    seeded per epoch like the shuffle, so a resumed run sees the same batches).
+    pair), the order is grouped by length (:func:`group_by_length`, seeded per epoch like the
+    shuffle, so a resumed run sees the same batches) before it is split across ranks: the global
+    order is grouped for global batches of ``batch_size`` x ranks, and rank r takes the r-th of
+    every ``num_replicas`` items, as without grouping. So the ranks' batches at a step are together
+    the batch one process with the global batch size sees at that step.
     """
 
     start = 0
@@ -66,10 +69,21 @@ class ResumableSampler(DistributedSampler):
         # The shuffle draws from a CPU generator. Lightning's DeepSpeed set-up asks for the loader
         # while the GPU is the default device, where randperm would refuse a CPU generator.
         with torch.device("cpu"):
-            indices = list(super().__iter__())
-        if self.lengths is None:
-            return indices
-        return group_by_length(indices, self.lengths, self.batch_size, seed=self.seed + self.epoch)
+            if self.lengths is None:
+                return list(super().__iter__())
+            everyone = self.global_order()
+        grouped = group_by_length(everyone, self.lengths, self.batch_size * self.num_replicas, seed=self.seed + self.epoch)
+        return grouped[self.rank :: self.num_replicas]
+
+    def global_order(self) -> list[int]:
+        """Every rank's items of this epoch before the split, in the order they are split in
+        (``DistributedSampler`` gives rank r the items r, r + ranks, ...)."""
+        shares = []
+        for rank in range(self.num_replicas):
+            share = DistributedSampler(self.dataset, self.num_replicas, rank, self.shuffle, self.seed, self.drop_last)
+            share.set_epoch(self.epoch)
+            shares.append(list(iter(share)))
+        return [index for step in zip(*shares) for index in step]
 
     def __iter__(self):
         indices = self.order()
