@@ -167,11 +167,13 @@ def test_wrong_type_in_config_names_key_and_value(line, key, value, tmp_path, ti
 
 
 @pytest.mark.parametrize("fraction", ["0", "1.5"])
-def test_val_fraction_outside_0_1_from_the_cli(fraction, tmp_path, tiny_model_dir, pair_files):
+def test_val_fraction_outside_0_1_from_the_cli(fraction, tmp_path, tiny_model_dir, pair_files, capsys):
     args = fit_args(tmp_path, tiny_model_dir, pair_files["sft"], "--data.rejected_column", "null",
                     "--data.val_fraction", fraction, objective="SFT")
-    with pytest.raises(ValueError, match=rf"val_fraction must be in \(0, 1\), got {float(fraction)}"):
+    with pytest.raises(SystemExit) as exit_info:
         main(args)
+    assert exit_info.value.code == 2  # one line, no traceback
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: val_fraction must be in (0, 1), got {float(fraction)}"
 
 
 def test_no_pad_token_and_no_remote_code_end_to_end(tmp_path, tiny_model_dir, pair_files, monkeypatch):
