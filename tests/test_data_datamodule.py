@@ -102,7 +102,7 @@ def test_cache_reuse_and_invalidation(rows, tmp_path, tiny_model_dir, monkeypatc
     assert as_tuples(third.train_dataset)[1:] == as_tuples(first.train_dataset)[1:]
 
 
-def test_a_load_warns_once_of_what_it_lost_and_a_reused_cache_is_information(rows, tmp_path, tiny_model_dir, caplog):
+def test_every_load_warns_once_of_what_it_lost_a_cached_one_too(rows, tmp_path, tiny_model_dir, caplog):
     caplog.set_level(logging.INFO, logger="drdo_lightning.data")
     train = write_jsonl(tmp_path / "train.jsonl", rows)
 
@@ -119,7 +119,7 @@ def test_a_load_warns_once_of_what_it_lost_and_a_reused_cache_is_information(row
     (warning,) = built  # once, though prepare_data builds and setup then reads the cache
     assert warning.startswith("train split: ") and "truncated" in warning
     reused, infos = load()
-    assert reused == []  # the cache holds only token ids: what building it lost was told then
+    assert reused == [f"{warning} (tokenized data from the cache)"]  # what was lost is news at every load
     assert any(m.startswith("loading tokenized data from cache") for m in infos)  # a neutral fact: INFO
 
 

@@ -80,4 +80,4 @@ def test_cache_holds_only_the_tokenized_splits(tiny_task, tmp_path, tiny_model_d
     dm = make_dm(train, tiny_model_dir, cache_dir=str(tmp_path / "cache"), val_fraction=0.25)
     dm.prepare_data()
     (entry,) = (tmp_path / "cache").iterdir()
-    assert sorted(p.name for p in entry.iterdir()) == ["train.arrow", "val.arrow"]
+    assert sorted(p.name for p in entry.iterdir()) == ["notices.json", "train.arrow", "val.arrow"]  # no texts

@@ -19,6 +19,7 @@ grow with the data (:mod:`drdo_lightning.data.building`)."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -44,6 +45,7 @@ from drdo_lightning.errors import DataError, SettingError
 
 log = logging.getLogger(__name__)
 
+NOTICES_FILE = "notices.json"  # the warnings building a cache gave, repeated when it is loaded
 CACHE_FORMAT_VERSION = 2  # 2: each split is the Arrow file tokenizing wrote (<split>.arrow), not a save_to_disk copy
 
 def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -70,6 +72,24 @@ def _source_fingerprint(source: str) -> str:
         matched = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
         return ";".join(_file_stamp(p, p.resolve()) for p in matched if p.is_file())
     return f"hub:{source}"
+
+
+@contextlib.contextmanager
+def warnings_recorded():
+    """The messages of the data package's warnings while the block runs (they are logged as usual too)."""
+    notices: list[str] = []
+
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            notices.append(record.getMessage())
+
+    handler = Recorder(logging.WARNING)
+    logger = logging.getLogger("drdo_lightning.data")
+    logger.addHandler(handler)
+    try:
+        yield notices
+    finally:
+        logger.removeHandler(handler)
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -150,6 +170,7 @@ class PreferenceDataModule(L.LightningDataModule):
         if num_proc is not None and num_proc < 1:
             raise SettingError(f"num_proc must be at least 1, got {num_proc}")
         self.save_hyperparameters()
+        self._built_here = False  # prepare_data built the cache in this process (and so said what it lost)
         self.columns = Columns(prompt_column, chosen_column, rejected_column, chosen_score_column, rejected_score_column)
         self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code, chat_template=chat_template)
         self.train_dataset: datasets.Dataset | None = None
@@ -249,7 +270,10 @@ class PreferenceDataModule(L.LightningDataModule):
         staging = cache.with_name(cache.name + f".tmp{os.getpid()}")
         staging.mkdir(parents=True)
         try:
-            self._build(staging)
+            with warnings_recorded() as notices:
+                self._build(staging)
+            (staging / NOTICES_FILE).write_text(json.dumps(notices, indent=1))
+            self._built_here = True
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -267,6 +291,10 @@ class PreferenceDataModule(L.LightningDataModule):
         cache = self.cache_path()
         if cache is not None and (cache / "train.arrow").exists():
             log.info("loading tokenized data from cache %s", cache)
+            notices = cache / NOTICES_FILE
+            if not self._built_here and notices.is_file():  # what building it lost is news at every load
+                for notice in json.loads(notices.read_text()):
+                    log.warning("%s (tokenized data from the cache)", notice)
             splits = {
                 name: datasets.Dataset.from_file(str(cache / f"{name}.arrow"))
                 for name in ("train", "val")
