@@ -324,13 +324,14 @@ BAD_VALUES = [
     ("chosen", {"text": "x"}, "got dict"),
     ("rejected", ["x"], "got list"),
     ("rejected", "SAME", "identical"),
-    ("oracle_chosen", "abc", "finite number"),
+    ("oracle_chosen", "abc", "got the text 'abc'"),
+    ("oracle_chosen", "0.5", "got the text '0.5' (a score must be stored as a number)"),  # not guessed from text
     ("oracle_chosen", float("nan"), "finite number"),  # json.dumps writes NaN, which json.loads accepts
     ("oracle_rejected", float("inf"), "finite number"),
     ("oracle_rejected", None, "finite number"),
     ("oracle_rejected", True, "finite number"),
     ("oracle_chosen", [], "non-empty list"),
-    ("oracle_chosen", [0.1, "x"], "finite number"),
+    ("oracle_chosen", [0.1, "x"], "got the text 'x'"),
 ]
 
 

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
-from drdo_lightning.data.readers import read_rows
+from drdo_lightning.data.readers import holds_text_only, read_rows
 from drdo_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,15 @@ def _check_text(value: Any, field: str) -> str:
     return value
 
 
-def _check_score(value: Any, field: str) -> float | list[float]:
-    """A finite float, or a non-empty list of them (one per ensemble member)."""
+def _check_score(value: Any, field: str, from_text: bool = False) -> float | list[float]:
+    """A finite float, or a non-empty list of them (one per ensemble member). Text such as ``"0.5"``
+    is read as a number only ``from_text`` (a CSV file, which holds every value as text); elsewhere
+    a score stored as text is a mistake in the data, not a number to guess."""
     values = value if isinstance(value, (list, tuple)) else [value]
     out = []
     for v in values:
+        if isinstance(v, str) and not from_text:
+            raise RowError(field, "bad_score", f"expected a number, got the text {v!r} (a score must be stored as a number)")
         try:
             f = float(v)
         except (TypeError, ValueError):
@@ -203,8 +207,9 @@ def render_as_chat(pair: TextPair, template, cols: Columns) -> TextPair:
     return replace(pair, prompt=prompt, chosen=chosen, rejected=rejected, prompt_has_special_tokens=True)
 
 
-def validate_row(row: dict, cols: Columns, template) -> TextPair:
-    """Check one raw row and render it to text; raises :class:`RowError`."""
+def validate_row(row: dict, cols: Columns, template, *, from_text: bool = False) -> TextPair:
+    """Check one raw row and render it to text; raises :class:`RowError`. ``from_text``: the row's
+    values are all text (CSV), so scores are read from text."""
     chosen, rejected = row.get(cols.chosen), row.get(cols.rejected) if cols.rejected else None
     if cols.prompt is None:
         prompt, chosen, rejected = extract_prompt(chosen, rejected, cols)
@@ -221,7 +226,7 @@ def validate_row(row: dict, cols: Columns, template) -> TextPair:
     if rejected_text is not None and chosen_text == rejected_text:
         raise RowError(cols.rejected, "identical_responses", "chosen and rejected responses are identical")
     scores = [
-        _check_score(row.get(name), name) if name else None for name in (cols.chosen_score, cols.rejected_score)
+        _check_score(row.get(name), name, from_text) if name else None for name in (cols.chosen_score, cols.rejected_score)
     ]
     return TextPair(prompt_text, chosen_text, rejected_text, scores[0], scores[1], conversational)
 
@@ -241,13 +246,14 @@ def iter_pairs(source: str, cols: Columns, template, *, split: str = "train", on
     (and logged once the source is exhausted)."""
     usable = 0
     skipped: Counter[str] = Counter()
+    from_text = holds_text_only(source)
     for row_number, row in read_rows(source, split):
         if not usable and not skipped:
             missing = [c for c in cols.required() if c not in row]
             if missing:
                 raise _missing_columns(source, row, cols, missing)
         try:
-            pair = validate_row(row, cols, template)
+            pair = validate_row(row, cols, template, from_text=from_text)
         except RowError as e:
             if on_bad_row == "error":
                 message = f"{source}: row {row_number}: field {e.field!r}: {e}"

@@ -209,6 +209,20 @@ def _read_folder(path: Path, split: str) -> Iterator[tuple[int, dict]]:
     return _read_files([(f, os.path.relpath(f, path)) for f in splits[split]])
 
 
+def holds_text_only(source: str | Path | list[str]) -> bool:
+    """Whether ``source`` is CSV (a file, or a folder, glob or list of them), whose every value is text."""
+    if isinstance(source, (list, tuple)):
+        return all(holds_text_only(s) for s in source)
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        files = [f for files in _split_files(path).values() for f in files]
+    elif not path.is_file() and glob.has_magic(str(source)):
+        files = [f for f, _ in _glob(str(path))]
+    else:
+        files = [path]
+    return bool(files) and all(_file_type(f)[0] == "csv" for f in files)
+
+
 def read_rows(source: str | Path | list[str], split: str = "train") -> Iterator[tuple[int, dict]]:
     """Yield ``(row_number, row)`` from local data files, a folder, a glob, or a hub dataset id.
 
