@@ -94,3 +94,20 @@ class ShardProbeDRDO(DRDO):
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.probe_dir.mkdir(parents=True, exist_ok=True)
         (self.probe_dir / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+class OutputDtype(L.Callback):
+    """Write ``<path>.rank<R>`` with the dtype of the output projection's result at the first training step."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            def record(module, inputs, output):
+                Path(f"{self.path}.rank{trainer.global_rank}").write_text(str(output.dtype))
+            self.handle = pl_module.policy.lm.get_output_embeddings().register_forward_hook(record)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.handle.remove()

@@ -60,3 +60,13 @@ def test_fsdp_two_processes_match_one_across_a_resume_and_export(tmp_path, tiny_
     assert_trained_alike(exported, reference, pairs)
     _, rest = read_checkpoint(last)
     assert rest["global_step"] == STEPS
+
+
+def test_fsdp_on_cpu_computes_in_the_precision_asked_for(tmp_path, tiny_model_dir, pairs16):
+    """--trainer.precision reaches FSDP's plugin (no default of ours overrides it) and its autocast runs on the CPU."""
+    probe = tmp_path / "dtype"
+    args = strategy_args(tmp_path, tiny_model_dir, pairs16, "fsdp", "--trainer.precision", "bf16-mixed",
+                         "--trainer.max_steps", "1", "--trainer.callbacks+=probes.OutputDtype",
+                         "--trainer.callbacks.path", str(probe))
+    run(cli(*args), tmp_path)
+    assert [(tmp_path / f"dtype.rank{r}").read_text() for r in (0, 1)] == ["torch.bfloat16"] * 2

@@ -48,9 +48,16 @@ class NormClippingFSDPPrecision(FSDPPrecision):
     """
 
     root: Module | None = None  # the FSDP-wrapped module; set by FSDPStrategy when it wraps
+    device_type = "cuda"  # where the forward runs; set by FSDPStrategy when it wraps
 
     def clip_grad_by_norm(self, optimizer, clip_val: float) -> None:
         self.root.clip_grad_norm_(clip_val)
+
+    def forward_context(self):
+        # Lightning's plugin autocasts for CUDA only, so on CPU "bf16-mixed" would compute in fp32.
+        if "mixed" in self.precision:
+            return torch.autocast(self.device_type, dtype=torch.bfloat16 if self.precision == "bf16-mixed" else torch.float16)
+        return super().forward_context()
 
 
 class FSDPStrategy(LightningFSDPStrategy):
@@ -86,6 +93,7 @@ class FSDPStrategy(LightningFSDPStrategy):
                 **self.kwargs,
             )
         self.precision_plugin.root = model
+        self.precision_plugin.device_type = self.root_device.type
         return super()._setup_model(model)
 
     def full_state_dict(self) -> dict[str, Tensor]:
@@ -106,8 +114,8 @@ class FSDPStrategy(LightningFSDPStrategy):
 
     @precision_plugin.setter
     def precision_plugin(self, plugin: FSDPPrecision | None) -> None:
-        if plugin is None:  # Lightning's default, given norm clipping
-            plugin = FSDPPrecision("32-true")
+        # None until the Trainer hands over the plugin of its --trainer.precision (a default set
+        # here would be taken for the user's choice and override it).
         if type(plugin) is FSDPPrecision:
             plugin = NormClippingFSDPPrecision(plugin.precision, plugin.scaler)
         LightningFSDPStrategy.precision_plugin.fset(self, plugin)
