@@ -30,7 +30,10 @@ ROWS_PER_PROCESS = 5000  # below this many rows a worker costs more to start tha
 def worker_processes(rows: int, requested: int | None) -> int:
     """Processes to tokenize ``rows`` rows with: ``requested``, or the free cores; at least
     ``ROWS_PER_PROCESS`` rows each, so small data tokenizes in this process."""
-    return max(1, min(requested or free_cores_now(), rows // ROWS_PER_PROCESS))
+    most = rows // ROWS_PER_PROCESS
+    if most <= 1:  # one process whatever the machine: no need to measure the free cores
+        return 1
+    return max(1, min(requested or free_cores_now(), most))
 
 
 def write_texts(pairs: Iterator[TextPair], path: Path) -> tuple[datasets.Dataset, int]:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
+
 def ends_in_whitespace(pair: TextPair) -> bool:
     """A plain-text prompt that ends in whitespace (see :func:`warn_trailing_whitespace`)."""
     return not pair.prompt_has_special_tokens and pair.prompt[-1:].isspace()
@@ -48,6 +49,14 @@ def truncate_prompt(ids: list[int], max_prompt_length: int, prefix: int) -> list
     return ids[:prefix] + ids[len(ids) - (max_prompt_length - prefix):]
 
 
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool) -> list[list[int]]:
+    """Token ids of ``texts`` in one batch; ``special``: with the tokenizer's special tokens (BOS).
+    Quiet about lengths over the model's maximum: truncation is ours (rule 1 and 2)."""
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=special, return_attention_mask=False, verbose=False)["input_ids"]
+
+
 def special_prefix_length(tokenizer: PreTrainedTokenizerBase) -> int:
     """How many special tokens (BOS) the tokenizer puts before a text: rule 1 keeps them."""
     return len(tokenizer("", add_special_tokens=True, verbose=False)["input_ids"])
@@ -63,11 +72,8 @@ def encode_prompts(prompts: list[str], templated: list[bool], tokenizer: PreTrai
     ids: list[list[int]] = [[] for _ in prompts]
     for flag in (False, True):
         idx = [i for i, t in enumerate(templated) if t == flag]
-        if idx:
-            encoded = tokenizer([prompts[i] for i in idx], add_special_tokens=not flag, return_attention_mask=False,
-                                verbose=False)
-            for i, seq in zip(idx, encoded["input_ids"]):
-                ids[i] = seq
+        for i, seq in zip(idx, _encode(tokenizer, [prompts[i] for i in idx], special=not flag)):
+            ids[i] = seq
     prefix = special_prefix_length(tokenizer)
     kept = [truncate_prompt(seq, max_prompt_length, 0 if t else prefix) for seq, t in zip(ids, templated)]
     return kept, [len(k) < len(seq) for k, seq in zip(kept, ids)]
@@ -90,17 +96,12 @@ def tokenize_pairs(
     has_rejected = pairs[0].rejected is not None
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
-    def encode(texts: list[str], special: bool) -> list[list[int]]:
-        if not texts:
-            return []
-        return tokenizer(texts, add_special_tokens=special, return_attention_mask=False, verbose=False)["input_ids"]
-
     # A chat-templated prompt already carries its special tokens and its responses their
     # end-of-turn markers; plain text gets the tokenizer's BOS (if any) and an EOS.
     templated = [p.prompt_has_special_tokens for p in pairs]
     prompt_ids, prompt_truncated = encode_prompts([p.prompt for p in pairs], templated, tokenizer, max_prompt_length)
     responses = {
-        key: [seq if templated[i] else seq + eos for i, seq in enumerate(encode([getattr(p, key) for p in pairs], False))]
+        key: [seq if templated[i] else seq + eos for i, seq in enumerate(_encode(tokenizer, [getattr(p, key) for p in pairs], False))]
         for key in (("chosen", "rejected") if has_rejected else ("chosen",))
     }
 

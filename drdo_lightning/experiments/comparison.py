@@ -57,8 +57,8 @@ from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.recipes import config_path
 from drdo_lightning.reports import markdown_table, write_csv
 from drdo_lightning.scoring import score
-from drdo_lightning.stages import DataSpec, oracle_accuracy, train_sft
-from drdo_lightning.training import RunSpec
+from drdo_lightning.stages import oracle_accuracy, train_sft
+from drdo_lightning.training import DataSpec, RunSpec
 
 LEARNING_RATES = (1e-4, 3e-4, 1e-3)
 PAPER_FORM = "paper"  # the ``variant`` value that adds no ablation layer: Eq. 6 as printed

@@ -12,8 +12,8 @@ from drdo_lightning.errors import require_pretrained
 from drdo_lightning.evaluation.command import evaluate
 from drdo_lightning.experiments.sweeps import STUDENTS
 from drdo_lightning.reports import markdown_table, write_csv
-from drdo_lightning.stages import DataSpec, train_judges_and_score
-from drdo_lightning.training import FitResult, RunSpec, run_fit
+from drdo_lightning.stages import train_judges_and_score
+from drdo_lightning.training import DataSpec, FitResult, RunSpec, run_fit
 
 SUMMARY_METRICS = ("loss", "implicit_accuracy", "reward_accuracy", "reward_margin", "chosen_logps", "rejected_logps")
 

@@ -33,6 +33,7 @@ FLIP_SEED = 0
 STUDENTS = ("drdo", "dpo", "ipo", "edpo")  # the paper's students
 DISTINCT = "distinct_2"  # reported next to the judges' rewards: the diversity of the generations
 
+
 @dataclass
 class EvalSettings:
     """How every trained policy of a sweep is judged (see :func:`evaluation.sample_and_score`).
