@@ -105,3 +105,18 @@ def trl_rows():
         }
         for q, good, bad in QUESTIONS
     ]
+
+
+def flipped_positions(base, noisy) -> list[int]:
+    """The positions where ``noisy`` (a tokenized split) has chosen and rejected (and their scores)
+    swapped against ``base``, the same split without label noise; every other pair is unchanged."""
+    out = []
+    for i, (a, b) in enumerate(zip(base, noisy, strict=True)):
+        assert a["prompt_ids"] == b["prompt_ids"]
+        if a["chosen_ids"] != b["chosen_ids"]:
+            assert (b["chosen_ids"], b["rejected_ids"]) == (a["rejected_ids"], a["chosen_ids"])
+            assert (b.get("chosen_score"), b.get("rejected_score")) == (a.get("rejected_score"), a.get("chosen_score"))
+            out.append(i)
+        else:
+            assert b == a
+    return out

@@ -24,10 +24,12 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +40,7 @@ from transformers import PreTrainedTokenizerBase
 
 from drdo_lightning.data.building import SplitTokenizer, tokenize_split, worker_processes, write_texts
 from drdo_lightning.data.collation import PairCollator
-from drdo_lightning.data.pairs import Columns, flip_indices, iter_pairs
+from drdo_lightning.data.pairs import LABEL_NOISE_MODELS, Columns, iter_pairs, noise_flip_indices
 from drdo_lightning.data.sampling import ResumableDataLoader, ResumableSampler, padding_fraction, sequence_lengths
 from drdo_lightning.data.tokenization import chat_renderer, describe_counts, load_tokenizer, warn_trailing_whitespace
 from drdo_lightning.errors import DataError, SettingError
@@ -46,6 +48,7 @@ from drdo_lightning.errors import DataError, SettingError
 log = logging.getLogger(__name__)
 
 NOTICES_FILE = "notices.json"  # the warnings building a cache gave, repeated when it is loaded
+NOISE_SETTINGS = ("label_noise", "noise_margin_column", "noise_score_columns", "noise_temperature")
 CACHE_FORMAT_VERSION = 2  # 2: each split is the Arrow file tokenizing wrote (<split>.arrow), not a save_to_disk copy
 
 def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -92,6 +95,34 @@ def warnings_recorded():
         logger.removeHandler(handler)
 
 
+def _check_label_noise(noise: str, rate: float, margin_column: str | None, score_columns: list[str] | None,
+                       temperature: float, rejected_column: str | None) -> str | tuple[str, str] | None:
+    """Raise :class:`SettingError` on label-noise settings that do not go together; return the
+    margin's columns as :class:`Columns` takes them (None for ``uniform``)."""
+    if noise not in LABEL_NOISE_MODELS:
+        raise SettingError(f"label_noise must be one of {', '.join(LABEL_NOISE_MODELS)}, got {noise!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise SettingError(f"noise_temperature must be a finite number >= 0, got {temperature}")
+    if score_columns is not None and len(score_columns) != 2:
+        raise SettingError(f"noise_score_columns takes two columns, [chosen, rejected] (the margin is their "
+                           f"difference), got {list(score_columns)}")
+    if noise == "uniform":
+        if margin_column is not None or score_columns is not None:
+            raise SettingError("noise_margin_column and noise_score_columns are read only by label_noise bt or "
+                               "low_margin (label_noise is uniform)")
+        return None
+    if rejected_column is None:
+        raise SettingError(f"label_noise {noise} needs preference pairs (rejected_column is None)")
+    if (margin_column is None) == (score_columns is None):
+        which = "neither was given" if margin_column is None else "both were given"
+        raise SettingError(f"label_noise {noise} needs the pairs' margin: give noise_margin_column (a column of chosen "
+                           f"minus rejected) or noise_score_columns ([chosen, rejected]), not both; {which}")
+    if noise == "bt" and rate > 0:
+        raise SettingError(f"label_noise bt resamples every training label (noise_temperature sets how noisily); "
+                           f"label_flip_rate {rate:g} is for uniform and low_margin: leave it 0")
+    return margin_column if margin_column is not None else tuple(score_columns)
+
+
 class PreferenceDataModule(L.LightningDataModule):
     """Preference pairs (or SFT texts) for every objective in this package.
 
@@ -109,8 +140,18 @@ class PreferenceDataModule(L.LightningDataModule):
         max_prompt_length, max_length: Token budgets (paper: 512 / 1024); see the module
             docstring for the truncation rule.
         drop_long: Drop pairs that do not fit ``max_length`` instead of truncating them.
-        label_flip_rate: Fraction of *training* pairs whose labels are swapped (seeded), for
-            robustness experiments. Validation data is never flipped.
+        label_flip_rate: Fraction of *training* pairs whose labels are swapped, for robustness
+            experiments: drawn at random (seeded) by ``label_noise uniform``, the pairs of smallest
+            margin by ``low_margin``. Validation data is never flipped.
+        label_noise: Which training labels are flipped (docs/data.md, "Label noise"): ``uniform``
+            (``label_flip_rate`` of them at random), ``bt`` (every label resampled from
+            Bradley-Terry on the margin Δ: kept with probability σ(noise_temperature · Δ)) or
+            ``low_margin`` (``label_flip_rate`` of them, those of smallest |Δ|).
+        noise_margin_column: The column holding each pair's margin Δ (chosen minus rejected), for
+            ``bt`` and ``low_margin``.
+        noise_score_columns: Instead, two columns ``[chosen, rejected]`` of scores whose
+            difference is Δ (e.g. ``[gold_chosen, gold_rejected]`` in the embedded default).
+        noise_temperature: ``s`` in ``bt``'s σ(s · Δ), at least 0 (0: every label a coin flip).
         on_bad_row: ``error`` stops at the first bad row; ``skip`` drops bad rows and logs
             counts by reason.
         num_proc: The most processes that tokenize (default: the cores not busy with other
@@ -139,6 +180,10 @@ class PreferenceDataModule(L.LightningDataModule):
         max_length: int = 1024,
         drop_long: bool = False,
         label_flip_rate: float = 0.0,
+        label_noise: Literal["uniform", "bt", "low_margin"] = "uniform",
+        noise_margin_column: str | None = None,
+        noise_score_columns: list[str] | None = None,
+        noise_temperature: float = 1.0,
         seed: int = 0,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -163,6 +208,8 @@ class PreferenceDataModule(L.LightningDataModule):
                                f"response), got max_prompt_length {max_prompt_length} and max_length {max_length}")
         if not 0.0 <= label_flip_rate <= 1.0:
             raise SettingError(f"label_flip_rate must be in [0, 1], got {label_flip_rate}")
+        margin = _check_label_noise(label_noise, label_flip_rate, noise_margin_column, noise_score_columns,
+                                    noise_temperature, rejected_column)
         if tokenizer is None:
             raise SettingError("a tokenizer path or hub id is required (the CLI links it to the model path)")
         if (chosen_score_column is None) != (rejected_score_column is None):
@@ -171,7 +218,8 @@ class PreferenceDataModule(L.LightningDataModule):
             raise SettingError(f"num_proc must be at least 1, got {num_proc}")
         self.save_hyperparameters()
         self._built_here = False  # prepare_data built the cache in this process (and so said what it lost)
-        self.columns = Columns(prompt_column, chosen_column, rejected_column, chosen_score_column, rejected_score_column)
+        self.columns = Columns(prompt_column, chosen_column, rejected_column, chosen_score_column, rejected_score_column,
+                               margin)
         self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code, chat_template=chat_template)
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
@@ -191,6 +239,9 @@ class PreferenceDataModule(L.LightningDataModule):
             return None
         loading_only = ("batch_size", "eval_batch_size", "num_workers", "num_proc", "cache_dir", "group_by_length")
         keys = {k: v for k, v in self.hparams.items() if k not in loading_only}
+        if keys["label_noise"] == "uniform":  # the margin-based models' settings change nothing: keys as before them
+            for k in NOISE_SETTINGS:
+                del keys[k]
         material = json.dumps(
             {
                 "version": CACHE_FORMAT_VERSION,
@@ -204,9 +255,9 @@ class PreferenceDataModule(L.LightningDataModule):
         )
         return Path(self.hparams.cache_dir).expanduser() / hashlib.sha256(material.encode()).hexdigest()[:24]
 
-    def _texts(self, source: str, split: str, template, path: Path) -> datasets.Dataset:
-        """The validated rows of ``source`` in an Arrow file at ``path``."""
-        pairs = iter_pairs(source, self.columns, template, split=split, on_bad_row=self.hparams.on_bad_row)
+    def _texts(self, source: str, split: str, template, path: Path, columns: Columns | None = None) -> datasets.Dataset:
+        """The validated rows of ``source`` (by ``columns``, default the module's) in an Arrow file at ``path``."""
+        pairs = iter_pairs(source, columns or self.columns, template, split=split, on_bad_row=self.hparams.on_bad_row)
         texts, trailing = write_texts(pairs, path)
         warn_trailing_whitespace(trailing, len(texts))
         return texts
@@ -234,7 +285,8 @@ class PreferenceDataModule(L.LightningDataModule):
         # Each split is some rows of a text file, in order: (texts, row order).
         splits = {"train": (train, list(range(len(train))))}
         if hp.val_file is not None:
-            val = self._texts(hp.val_file, hp.val_split, template, work / "val.texts.arrow")
+            no_margin = replace(self.columns, margin=None)  # validation labels are never flipped: no margin needed
+            val = self._texts(hp.val_file, hp.val_split, template, work / "val.texts.arrow", no_margin)
             splits["val"] = (val, list(range(len(val))))
         elif hp.val_fraction is not None:
             order = list(range(len(train)))
@@ -243,21 +295,42 @@ class PreferenceDataModule(L.LightningDataModule):
             if n_val >= len(train):
                 raise DataError(f"val_fraction={hp.val_fraction} leaves no training rows out of {len(train)}")
             splits = {"train": (train, order[n_val:]), "val": (train, order[:n_val])}
-        flipped: frozenset[int] = frozenset()
-        if hp.label_flip_rate > 0:
-            if train[0]["rejected"] is None:
-                raise SettingError("label_flip_rate needs preference pairs (rejected_column is None)")
-            n_train = len(splits["train"][1])
-            flipped = frozenset(flip_indices(n_train, hp.label_flip_rate, hp.seed))
-            log.log(
-                logging.WARNING if flipped else logging.INFO,
-                "label noise: swapped chosen and rejected (and their scores) in %d of %d training pairs "
-                "(label_flip_rate %g, seed %d)", len(flipped), n_train, hp.label_flip_rate, hp.seed,
-            )
+        flipped = self._flipped(train, splits["train"][1])
         return {
             name: self._tokenize(texts, order, flipped if name == "train" else frozenset(), name, work)
             for name, (texts, order) in splits.items()
         }
+
+    def _flipped(self, texts: datasets.Dataset, order: list[int]) -> frozenset[int]:
+        """The positions of the training split (rows ``order`` of ``texts``) whose labels the
+        label-noise settings flip, logged once (a warning when there are any)."""
+        hp = self.hparams
+        noise = hp.label_noise
+        if noise != "bt" and hp.label_flip_rate == 0:  # bt flips whatever the rate (which it requires to be 0)
+            return frozenset()
+        if texts[0]["rejected"] is None:
+            raise SettingError("label_flip_rate needs preference pairs (rejected_column is None)")
+        n_train = len(order)
+        if noise == "uniform":
+            flipped = frozenset(noise_flip_indices("uniform", n_train, rate=hp.label_flip_rate, seed=hp.seed))
+            settings = f"label_flip_rate {hp.label_flip_rate:g}, seed {hp.seed}"
+        else:
+            column = texts.data.column("margin").to_pylist()
+            margins = [column[i] for i in order]
+            flipped = frozenset(noise_flip_indices(noise, n_train, rate=hp.label_flip_rate, margins=margins,
+                                                   temperature=hp.noise_temperature, seed=hp.seed))
+            margin = hp.noise_margin_column or " - ".join(hp.noise_score_columns)
+            if noise == "bt":
+                settings = f"label_noise bt on margin {margin}, noise_temperature {hp.noise_temperature:g}, seed {hp.seed}"
+            else:
+                settings = (f"label_noise low_margin on margin {margin}, label_flip_rate {hp.label_flip_rate:g}: "
+                            "the pairs of smallest |margin|")
+        log.log(
+            logging.WARNING if flipped else logging.INFO,
+            "label noise: swapped chosen and rejected (and their scores) in %d of %d training pairs (%s)",
+            len(flipped), n_train, settings,
+        )
+        return flipped
 
     def prepare_data(self) -> None:
         """Tokenize once and cache (runs on one process per node before ``setup``)."""

@@ -29,10 +29,24 @@ class Columns:
     rejected: str | None = "rejected"
     chosen_score: str | None = None
     rejected_score: str | None = None
+    # The pair's margin (chosen minus rejected) that a margin-based label-noise model reads: a
+    # column holding it, or two columns (chosen's score, rejected's score) it is the difference of.
+    margin: str | tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.prompt is None and self.rejected is None:
             raise ValueError("prompt_column=None takes the prompt from what chosen and rejected share: it needs rejected_column")
+        if isinstance(self.margin, list):
+            self.margin = tuple(self.margin)
+        if isinstance(self.margin, tuple) and len(self.margin) != 2:
+            raise ValueError(f"a margin from score columns takes two of them (chosen, rejected), got {list(self.margin)}")
+
+    @property
+    def margin_columns(self) -> list[str]:
+        """The columns the margin is read from (none when there is no margin)."""
+        if self.margin is None:
+            return []
+        return [self.margin] if isinstance(self.margin, str) else list(self.margin)
 
     @property
     def prompt_field(self) -> str:
@@ -40,8 +54,8 @@ class Columns:
         return self.prompt or self.chosen
 
     def required(self) -> list[str]:
-        names = [self.prompt, self.chosen, self.rejected, self.chosen_score, self.rejected_score]
-        return [n for n in names if n is not None]
+        names = [self.prompt, self.chosen, self.rejected, self.chosen_score, self.rejected_score, *self.margin_columns]
+        return list(dict.fromkeys(n for n in names if n is not None))
 
 
 @dataclass
@@ -54,6 +68,7 @@ class TextPair:
     chosen_score: float | list[float] | None
     rejected_score: float | list[float] | None
     prompt_has_special_tokens: bool  # rendered by a chat template, which writes its own BOS/EOS
+    margin: float | None = None  # chosen minus rejected, from Columns.margin (for margin-based label noise)
 
 
 class RowError(Exception):
@@ -102,6 +117,26 @@ def _check_score(value: Any, field: str, from_text: bool = False) -> float | lis
     if not out:
         raise RowError(field, "bad_score", "expected a number or a non-empty list of numbers, got []")
     return out if isinstance(value, (list, tuple)) else out[0]
+
+
+def _check_margin(row: dict, cols: Columns, from_text: bool) -> float | None:
+    """The row's margin (chosen minus rejected) by ``cols.margin``: one finite number, read from its
+    column or the difference of its two score columns; raises :class:`RowError`."""
+    values = []
+    for name in cols.margin_columns:
+        try:
+            value = _check_score(row.get(name), name, from_text)
+        except RowError as e:
+            raise RowError(name, "bad_margin", f"{e} (the margin label_noise reads)") from None
+        if isinstance(value, list):
+            raise RowError(name, "bad_margin", f"expected one number (a margin for label noise), got a list {value!r}")
+        values.append(value)
+    if not values:
+        return None
+    margin = values[0] if len(values) == 1 else values[0] - values[1]
+    if not math.isfinite(margin):
+        raise RowError(cols.margin_columns[0], "bad_margin", f"the margin {values[0]!r} - {values[1]!r} is not finite")
+    return margin
 
 
 def is_conversation(value: Any) -> bool:
@@ -228,7 +263,8 @@ def validate_row(row: dict, cols: Columns, template, *, from_text: bool = False)
     scores = [
         _check_score(row.get(name), name, from_text) if name else None for name in (cols.chosen_score, cols.rejected_score)
     ]
-    return TextPair(prompt_text, chosen_text, rejected_text, scores[0], scores[1], conversational)
+    margin = _check_margin(row, cols, from_text)
+    return TextPair(prompt_text, chosen_text, rejected_text, scores[0], scores[1], conversational, margin)
 
 
 def _missing_columns(source: str, row: dict, cols: Columns, missing: list[str]) -> DataError:
@@ -276,9 +312,11 @@ def load_pairs(source: str, cols: Columns, template, *, split: str = "train", on
 
 
 def swap_pair(pair: TextPair) -> None:
-    """Swap chosen and rejected, and their scores, in place."""
+    """Swap chosen and rejected, and their scores, in place (the margin, chosen minus rejected, changes sign)."""
     pair.chosen, pair.rejected = pair.rejected, pair.chosen
     pair.chosen_score, pair.rejected_score = pair.rejected_score, pair.chosen_score
+    if pair.margin is not None:
+        pair.margin = -pair.margin
 
 
 def flip_indices(n: int, rate: float, seed: int | random.Random) -> list[int]:
@@ -296,3 +334,55 @@ def flip_labels(pairs: list, rate: float, seed: int | random.Random, swap: Calla
     for i in flipped:
         swap(pairs[i])
     return len(flipped)
+
+
+LABEL_NOISE_MODELS = ("uniform", "bt", "low_margin")
+
+
+def _sigmoid(x: float) -> float:
+    """σ(x) = 1 / (1 + e^-x), without overflow for large |x|."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+def bt_flip_indices(margins: Sequence[float], temperature: float, seed: int | random.Random) -> list[int]:
+    """Bradley-Terry label noise: every pair's label is resampled from its margin
+    ``Δ_i`` (chosen minus rejected), the chosen response staying chosen with probability
+    ``P(keep_i) = σ(s · Δ_i)``, so it is flipped with ``P(flip_i) = 1 − σ(s · Δ_i) = σ(−s · Δ_i)``
+    (``s = temperature ≥ 0``: 0 makes every label a coin flip, a large ``s`` keeps every label that
+    agrees with its margin's sign and flips every one that does not). One draw ``u_i`` of
+    ``random.Random(seed)`` per pair, in order; pair ``i`` is flipped when ``u_i < σ(−s · Δ_i)``.
+    Returns the flipped indices, ascending."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"noise_temperature must be a finite number >= 0, got {temperature}")
+    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
+    return [i for i, margin in enumerate(margins) if rng.random() < _sigmoid(-temperature * margin)]
+
+
+def low_margin_flip_indices(margins: Sequence[float], rate: float) -> list[int]:
+    """Label noise where labels are least certain: exactly ``k = round(rate · n)`` of the ``n``
+    pairs are flipped, those with the ``k`` smallest ``|Δ_i|`` (``Δ_i`` the margin, chosen minus
+    rejected); pairs of equal ``|Δ|`` go in index order, so the choice is deterministic (no seed).
+    Returns the flipped indices, ascending."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"label_flip_rate must be in [0, 1], got {rate}")
+    by_margin = sorted(range(len(margins)), key=lambda i: (abs(margins[i]), i))
+    return sorted(by_margin[: round(rate * len(margins))])
+
+
+def noise_flip_indices(model: str, n: int, *, rate: float = 0.0, margins: Sequence[float] | None = None,
+                       temperature: float = 1.0, seed: int | random.Random = 0) -> list[int]:
+    """The indices of ``0..n-1`` that label-noise ``model`` flips: ``uniform`` (:func:`flip_indices`,
+    ``rate`` and ``seed``), ``bt`` (:func:`bt_flip_indices`, ``margins``, ``temperature`` and
+    ``seed``) or ``low_margin`` (:func:`low_margin_flip_indices`, ``margins`` and ``rate``)."""
+    if model == "uniform":
+        return flip_indices(n, rate, seed)
+    if model not in LABEL_NOISE_MODELS:
+        raise ValueError(f"label_noise must be one of {list(LABEL_NOISE_MODELS)}, got {model!r}")
+    if margins is None or len(margins) != n:
+        raise ValueError(f"label_noise {model} needs one margin per pair ({n}), got {None if margins is None else len(margins)}")
+    if model == "bt":
+        return bt_flip_indices(margins, temperature, seed)
+    return low_margin_flip_indices(margins, rate)
