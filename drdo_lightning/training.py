@@ -9,6 +9,8 @@ unless they name them.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import sys
 from dataclasses import dataclass, field
@@ -16,7 +18,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 from unittest import mock
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from drdo_lightning.cpu_cores import FollowFreeCores
 from drdo_lightning.data.datamodule import PreferenceDataModule
@@ -26,6 +30,37 @@ from drdo_lightning.recipes import expand_config_args, recipe_objective, resolve
 from drdo_lightning.reliability import CheckpointOnSigterm, NonFiniteGuard, unreadable_checkpoint
 
 TRAINING_COMMANDS = ("fit", "validate")
+# Logger classes -> the packages they log with (any one will do), the first the one to install.
+LOGGER_PACKAGES: dict[type, tuple[str, ...]] = {TensorBoardLogger: ("tensorboard", "tensorboardX"), WandbLogger: ("wandb",)}
+
+
+def _logger_class(class_path: str) -> type | None:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None  # not ours to report: the parser names a class path it cannot import
+
+
+def check_logger_packages(logger: Any) -> None:
+    """Raise :class:`ModuleNotFoundError` (its ``name`` the package) when a configured logger
+    (``trainer.logger``, parsed) logs with a package that is not installed.
+
+    Lightning finds out only when it builds the logger, inside jsonargparse's instantiation, which
+    wraps its error (a bare ModuleNotFoundError without the module's name) in a long "Not a valid
+    subclass of Logger" traceback, after seeding and with the model and data being built. Checked
+    on the parsed class paths with ``find_spec`` (no import of the package), the error comes before
+    anything runs and names the package, which the command line turns into one line naming the extra.
+    """
+    entries = logger if isinstance(logger, list) else [logger]
+    for entry in entries:
+        class_path = entry.get("class_path") if isinstance(entry, (Namespace, dict)) else None
+        cls = _logger_class(class_path) if isinstance(class_path, str) else None
+        for logger_class, packages in LOGGER_PACKAGES.items():
+            if isinstance(cls, type) and issubclass(cls, logger_class) and not any(
+                    importlib.util.find_spec(p) for p in packages):
+                raise ModuleNotFoundError(f"{cls.__name__} logs with {packages[0]}, which is not installed",
+                                          name=packages[0])
 
 
 class DRDOCLI(LightningCLI):
@@ -50,6 +85,9 @@ class DRDOCLI(LightningCLI):
         # trimmed argv: launchers that re-run the script still read the real one.
         with mock.patch.object(sys, "argv", sys.argv[:1]):
             super().parse_arguments(parser, args)
+        # Before seeding and building anything: a tracker without its package is one line, not a traceback.
+        subcommand = self.config.get("subcommand")
+        check_logger_packages((self.config[subcommand] if subcommand else self.config).get("trainer.logger"))
 
     def before_fit(self) -> None:
         self.model.check_data(self.datamodule)

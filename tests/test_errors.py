@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,19 @@ from drdo_lightning.data.tokenization import load_tokenizer
 from drdo_lightning.jsonl import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
+# On PYTHONPATH, hides the packages named in $HIDE_PACKAGES as an environment without them has none:
+# no module to import and no installed distribution (which Lightning's requirement checks read).
+HIDE_PACKAGES = """
+import importlib.metadata, os, sys
+hidden = set(filter(None, os.environ["HIDE_PACKAGES"].split(",")))
+sys.modules.update(dict.fromkeys(hidden))
+from_name = importlib.metadata.Distribution.from_name.__func__
+def without_hidden(cls, name):
+    if name in hidden:
+        raise importlib.metadata.PackageNotFoundError(name)
+    return from_name(cls, name)
+importlib.metadata.Distribution.from_name = classmethod(without_hidden)
+"""
 
 
 def user_error(argv: list[str], capsys) -> str:
@@ -120,3 +135,20 @@ def test_experiments_print_data_errors_with_their_own_options(tmp_path, pair_fil
 ])
 def test_data_settings_that_cannot_work_are_one_line(extra, expect, capsys):
     assert user_error(["fit", "--config", "drdo", *extra], capsys) == expect
+
+
+@pytest.mark.parametrize(("preset", "hidden"), [("tensorboard", "tensorboard,tensorboardX"), ("wandb", "wandb")])
+def test_a_tracker_preset_without_its_package_names_the_install(preset, hidden, tmp_path):
+    """The command a user runs, in a fresh process without the tracker: one line before anything runs
+    (no seed, no model loaded), not jsonargparse's 'Not a valid subclass of Logger' traceback."""
+    (tmp_path / "sitecustomize.py").write_text(HIDE_PACKAGES)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "drdo_lightning", "fit", "--config", "drdo", "--config", f"loggers/{preset}",
+         "--trainer.default_root_dir", str(tmp_path / "run")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": path, "HIDE_PACKAGES": hidden, "OMP_NUM_THREADS": "1"},
+    )
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, [
+        f'error: {preset} is not installed; it comes with `pip install -e ".[trackers]"` (or `pip install {preset}`)'])
+    assert not (tmp_path / "run").exists()
