@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 # log(1 - pi) is -inf at pi = 1. A sequence log-prob of exactly 0 is reachable in float32
 # (every token predicted with probability 1), so we cap z just below 0 to keep the
@@ -53,6 +55,30 @@ def token_logps(logits: Tensor, targets: Tensor) -> Tensor:
     allocates one gradient the size of ``logits`` (see :class:`_TokenLogps`).
     """
     return _TokenLogps.apply(logits, targets)
+
+
+def _chunk_logps(project: Callable[[Tensor], Tensor], hidden: Tensor, targets: Tensor) -> Tensor:
+    return token_logps(project(hidden), targets)
+
+
+def chunked_token_logps(
+    hidden: Tensor, targets: Tensor, project: Callable[[Tensor], Tensor], *, chunk_rows: int
+) -> Tensor:
+    """``token_logps(project(hidden), targets)``, ``chunk_rows`` rows of ``hidden`` ``[N, H]`` at a time.
+
+    ``project`` maps final hidden states to logits (the LM head and whatever the model applies
+    after it). Each chunk's logits ``[chunk_rows, V]`` exist only while that chunk is computed:
+    backward recomputes them (activation checkpointing per chunk), so the head's peak memory is one
+    chunk's logits and their gradient, not ``[N, V]`` twice. The price is one more head matmul per
+    step (the forward's, repeated in backward).
+    """
+    if not torch.is_grad_enabled():
+        return torch.cat([_chunk_logps(project, h, t) for h, t in zip(hidden.split(chunk_rows), targets.split(chunk_rows))])
+    parts = [
+        checkpoint(_chunk_logps, project, h, t, use_reentrant=False, preserve_rng_state=False)
+        for h, t in zip(hidden.split(chunk_rows), targets.split(chunk_rows))
+    ]
+    return torch.cat(parts)
 
 
 def sequence_logps(

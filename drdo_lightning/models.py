@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,6 +31,13 @@ from drdo_lightning.errors import REWARD_MODEL_MADE_BY, UserError, require_pretr
 from drdo_lightning.lora import backbone
 
 REWARD_HEAD_FILE = "reward_head.safetensors"
+
+log = logging.getLogger(__name__)
+
+# Logits elements per chunk of the chunked head (64 MiB in fp32): large enough that each chunk's
+# matrix product runs at full speed, small next to a batch's [N, V] at large vocabularies.
+HEAD_CHUNK_ELEMENTS = 1 << 24
+CHUNKED_HEAD_MIN_VOCABULARY = 100_000
 
 
 class LMOutput(NamedTuple):
@@ -54,6 +63,41 @@ def prompt_prediction_mask(attention_mask: Tensor, labels: Tensor) -> Tensor:
     mask = torch.zeros_like(attention_mask, dtype=torch.bool)
     mask[:, :-1] = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool() & (labels[:, 1:] == -100)
     return mask
+
+
+def logits_after_head(lm: PreTrainedModel) -> Callable[[Tensor], Tensor]:
+    """What the model's forward does to its LM head's output before returning logits.
+
+    Known families: Gemma-2/3's soft-capping ``c * tanh(x / c)``, Cohere's ``x * logit_scale``,
+    Granite's ``x / logits_scaling``; the identity for the rest. An architecture not listed here
+    that transforms its logits is caught by :meth:`CausalLMWithRewardHead.head_is_reproduced`.
+    """
+    config = backbone(lm).config.get_text_config()
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap is not None:
+        return lambda x: torch.tanh(x / softcap) * softcap
+    if getattr(config, "logit_scale", None) is not None and config.model_type.startswith("cohere"):
+        return lambda x: x * config.logit_scale
+    if getattr(config, "logits_scaling", None) is not None:
+        return lambda x: x / config.logits_scaling
+    return lambda x: x
+
+
+def vocabulary_size(lm: PreTrainedModel) -> int:
+    """Rows of the LM head: the vocabulary the logits span."""
+    weight = lm.get_output_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3 keeps the real shape in ds_shape
+
+
+def head_chunk_rows(lm: PreTrainedModel, chunked: bool | None) -> int | None:
+    """Positions per chunk of the chunked LM head (``HEAD_CHUNK_ELEMENTS`` logits), or None for the one-piece head.
+
+    ``chunked=None`` decides by the vocabulary: chunked from ``CHUNKED_HEAD_MIN_VOCABULARY`` tokens on.
+    """
+    vocabulary = vocabulary_size(lm)
+    if chunked is None:
+        chunked = vocabulary >= CHUNKED_HEAD_MIN_VOCABULARY
+    return max(1, HEAD_CHUNK_ELEMENTS // vocabulary) if chunked else None
 
 
 def head_input_width(lm: PreTrainedModel) -> int:
@@ -184,6 +228,55 @@ class CausalLMWithRewardHead(nn.Module):
             logits, hidden = logits[keep], hidden[keep]
         return logits, hidden
 
+    def _final_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """``[B, T, H]``: the final hidden states the LM head reads, from the model's own forward
+        with the head given no positions to project (so no logits are computed at all)."""
+        captured: list[Tensor] = []
+
+        def skip_head(module, args):
+            captured.append(args[0])
+            return (args[0][..., :0, :],)
+
+        hook = self.lm.get_output_embeddings().register_forward_pre_hook(skip_head)
+        try:
+            self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            )
+        finally:
+            hook.remove()
+        return captured[0]
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """Logits from final hidden states: the LM head, then what the model does after it (:func:`logits_after_head`)."""
+        return self._after_head(self.lm.get_output_embeddings()(hidden))
+
+    @functools.cached_property
+    def _after_head(self) -> Callable[[Tensor], Tensor]:
+        return logits_after_head(self.lm)
+
+    def head_is_reproduced(self, input_ids: Tensor) -> bool:
+        """Whether :meth:`project` gives the model's own logits, checked once on a short prefix of
+        ``input_ids``' first row; on a mismatch the chunked head is off for this model, with a notice."""
+        if self._head_reproduced is None:
+            ids = input_ids[:1, :16]
+            with torch.no_grad():
+                own, hidden = self._head_path(ids, torch.ones_like(ids), keep=None)
+                ours = self.project(hidden)
+            scale = own.detach().float().abs().max().clamp(min=1.0)
+            self._head_reproduced = bool(((ours.float() - own.float()).abs().max() <= 1e-4 * scale).item())
+            if not self._head_reproduced:
+                log.warning(
+                    "%s transforms its logits in a way the chunked LM head does not reproduce: computing "
+                    "the response logits in one piece instead (more memory at large vocabularies)",
+                    type(backbone(self.lm)).__name__,
+                )
+        return self._head_reproduced
+
+    _head_reproduced: bool | None = None
+
     @functools.cached_property
     def _takes_logits_to_keep(self) -> bool:
         # A peft wrapper's forward takes **kwargs and passes them on: ask the model inside.
@@ -224,6 +317,7 @@ class CausalLMWithRewardHead(nn.Module):
         average: bool = False,
         token_unlikelihood: bool = False,
         prompt_logps: bool = False,
+        chunk_rows: int | None = None,
     ) -> tuple[Tensor, ...]:
         """Response log-probs ``z = log pi(y|x)`` ``[B]`` and rewards ``[B]`` (None without a head), one backbone pass.
 
@@ -242,6 +336,12 @@ class CausalLMWithRewardHead(nn.Module):
         (every attended token that is not a response token, but the first, which nothing predicts)
         ``[B]``, from the same forward: what an NLL over the whole sequence adds to the response's
         (TRL's ORPO convention). The prompt positions are then projected onto the vocabulary too.
+
+        With ``chunk_rows`` the kept positions go through the LM head ``chunk_rows`` at a time and
+        their logits are recomputed in backward (:func:`logprobs.chunked_token_logps`): the head's
+        memory is one chunk's ``[chunk_rows, V]``, not the batch's ``[N, V]`` kept for backward and
+        its gradient of the same size. Same values; for a model whose logits :meth:`project` does
+        not reproduce (:meth:`head_is_reproduced`), the one-piece path runs instead.
         """
         predicts = torch.zeros_like(attention_mask, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
@@ -249,12 +349,16 @@ class CausalLMWithRewardHead(nn.Module):
         last = self._last_token_mask(attention_mask)
         keep = predicts | predicts_prompt
         keep = keep | last if self.reward_head is not None else keep
-        logits, hidden = self._head_path(input_ids, attention_mask, keep=keep)
-        rewards = self._rewards(hidden[last[keep]]) if self.reward_head is not None else None
         # Every kept row gets a target (0 where it predicts nothing) and is then weighted by
         # whether it predicts: selecting the predicting rows instead would copy the logits.
         targets = torch.where(labels != -100, labels, input_ids if prompt_logps else 0).roll(-1, dims=1)[keep]
-        token = logprobs.token_logps(logits, targets)
+        if chunk_rows is not None and self.head_is_reproduced(input_ids):
+            hidden = self._final_hidden(input_ids, attention_mask)[keep]
+            token = logprobs.chunked_token_logps(hidden, targets, self.project, chunk_rows=chunk_rows)
+        else:
+            logits, hidden = self._head_path(input_ids, attention_mask, keep=keep)
+            token = logprobs.token_logps(logits, targets)
+        rewards = self._rewards(hidden[last[keep]]) if self.reward_head is not None else None
         rows = keep.nonzero()[:, 0]
         count = predicts.sum(-1).clamp(min=1) if average else None
 

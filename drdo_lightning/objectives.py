@@ -25,7 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from drdo_lightning import lora, losses
 from drdo_lightning.errors import UserError
-from drdo_lightning.models import CausalLMWithRewardHead, prompt_prediction_mask, remove_dropout
+from drdo_lightning.models import CausalLMWithRewardHead, head_chunk_rows, prompt_prediction_mask, remove_dropout
 
 
 class PairOutputs(NamedTuple):
@@ -65,6 +65,10 @@ class PreferenceModule(L.LightningModule):
             dropout: 0.0, target_modules: all-linear}``; keys are ``peft.LoraConfig``'s fields or the
             short ``alpha``/``dropout`` (:mod:`drdo_lightning.lora`). The reward head stays fully
             trainable; a reference-based objective's reference is the base model (adapters off).
+        chunked_head: Compute response log-probs through the LM head a chunk of positions at a
+            time, recomputing each chunk's logits in backward, so no ``[positions, vocabulary]``
+            logits are kept (:func:`logprobs.chunked_token_logps`): less memory, one more head
+            matrix product per step. ``None``: on for vocabularies of 100k tokens and more.
     """
 
     uses_rejected: bool = True
@@ -85,6 +89,7 @@ class PreferenceModule(L.LightningModule):
         trust_remote_code: bool = False,
         disable_dropout: bool = True,
         lora: dict[str, Any] | None = None,
+        chunked_head: bool | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -147,6 +152,7 @@ class PreferenceModule(L.LightningModule):
         logps, rewards, *extra = model.sequence_logps(
             input_ids, attention_mask, labels, average=self.hparams.average_logps,
             token_unlikelihood=self.uses_token_unlikelihood, prompt_logps=self.uses_prompt_logps,
+            chunk_rows=head_chunk_rows(model.lm, self.hparams.chunked_head),
         )
         unlikelihood = extra.pop(0) if self.uses_token_unlikelihood else None
         prompt = extra.pop(0) if self.uses_prompt_logps else None

@@ -9,7 +9,8 @@ in ``test_deepspeed.py``) runs on objectives whose losses take other paths throu
 - RPO with ``precompute_reference``: reference log-probs computed once on rank 0, cached beside
   the data and read by both ranks after a barrier, plus the chosen NLL term;
 - ORPO: no reference, log-odds of mean log-probs plus the NLL, under FSDP;
-- DRDO with ``group_by_length``: batches of similar lengths, grouped before the split across processes.
+- DRDO with ``group_by_length``: batches of similar lengths, grouped before the split across processes;
+- DRDO under ZeRO-3 and DPO under FSDP with the chunked LM head (``--model.chunked_head true``).
 
 The pairs are of families, not of every objective: CDPO/RDPO change DPO's per-pair loss only
 (``DPO.pair_loss``), which the single-process tests pin down.
@@ -30,6 +31,10 @@ CASES = [
     pytest.param("ORPO", "fsdp", [], id="orpo-fsdp"),
     # Length groups are built before the split across processes (data.sampling.ResumableSampler).
     pytest.param("DRDO", "deepspeed_zero2", ["--data.group_by_length", "true"], id="drdo-grouped-zero2"),
+    # The chunked LM head calls the head module outside the model's forward and again in backward:
+    # ZeRO-3 gathers its partitioned weight at each call, FSDP's root unit holds it unsharded.
+    pytest.param("DRDO", "deepspeed_zero3", ["--model.chunked_head", "true"], id="drdo-chunked-head-zero3"),
+    pytest.param("DPO", "fsdp", ["--model.chunked_head", "true"], id="dpo-chunked-head-fsdp"),
 ]
 
 
