@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from drdo_lightning import logprobs
 from drdo_lightning.errors import REWARD_MODEL_MADE_BY, UserError, require_pretrained
 from drdo_lightning.lora import backbone
+from drdo_lightning.packing import Packing, pack, supports_packing
 
 REWARD_HEAD_FILE = "reward_head.safetensors"
 
@@ -228,26 +229,45 @@ class CausalLMWithRewardHead(nn.Module):
             logits, hidden = logits[keep], hidden[keep]
         return logits, hidden
 
-    def _final_hidden(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """``[B, T, H]``: the final hidden states the LM head reads, from the model's own forward
-        with the head given no positions to project (so no logits are computed at all)."""
+    def _final_hidden(self, input_ids: Tensor, attention_mask: Tensor, keep: Tensor, packing: Packing | None) -> Tensor:
+        """``[K, H]``: the final hidden states the LM head reads at the positions where ``keep`` is
+        True (row-major), from the model's own forward with the head given no positions to project
+        (so no logits are computed at all). With ``packing`` the forward runs on the packed rows."""
         captured: list[Tensor] = []
 
         def skip_head(module, args):
             captured.append(args[0])
             return (args[0][..., :0, :],)
 
+        if packing is None:
+            inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+        else:
+            inputs = dict(input_ids=packing.pack_tokens(input_ids), attention_mask=None, position_ids=packing.position_ids)
         hook = self.lm.get_output_embeddings().register_forward_pre_hook(skip_head)
         try:
-            self.lm(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False,
-            )
+            self.lm(**inputs, use_cache=False)
         finally:
             hook.remove()
-        return captured[0]
+        (hidden,) = captured
+        if packing is None:
+            return hidden[keep]
+        # keep only marks attended positions: select among the real tokens, in their padded order
+        return packing.unpack(hidden)[keep[attention_mask.bool()]]
+
+    def packing_for(self, attention_mask: Tensor) -> Packing | None:
+        """The batch's packing (:func:`packing.pack`), or None for a model whose forward does not
+        honour packed position ids (checked once, :func:`packing.supports_packing`; one notice)."""
+        if self._packs is None:
+            self._packs = supports_packing(self.lm)
+            if not self._packs:
+                log.warning(
+                    "%s does not keep packed sequences apart (transformers builds its attention mask without "
+                    "the position ids): training on padded batches instead",
+                    type(backbone(self.lm)).__name__,
+                )
+        return pack(attention_mask) if self._packs else None
+
+    _packs: bool | None = None
 
     def project(self, hidden: Tensor) -> Tensor:
         """Logits from final hidden states: the LM head, then what the model does after it (:func:`logits_after_head`)."""
@@ -318,6 +338,7 @@ class CausalLMWithRewardHead(nn.Module):
         token_unlikelihood: bool = False,
         prompt_logps: bool = False,
         chunk_rows: int | None = None,
+        packed: bool = False,
     ) -> tuple[Tensor, ...]:
         """Response log-probs ``z = log pi(y|x)`` ``[B]`` and rewards ``[B]`` (None without a head), one backbone pass.
 
@@ -342,6 +363,11 @@ class CausalLMWithRewardHead(nn.Module):
         memory is one chunk's ``[chunk_rows, V]``, not the batch's ``[N, V]`` kept for backward and
         its gradient of the same size. Same values; for a model whose logits :meth:`project` does
         not reproduce (:meth:`head_is_reproduced`), the one-piece path runs instead.
+
+        With ``packed=True`` the backbone runs on the batch's sequences packed end to end
+        (:mod:`drdo_lightning.packing`): no compute on padding, the same values. It falls back to the
+        padded batch, with one notice, for a model that cannot keep packed sequences apart
+        (:meth:`packing_for`) or whose head :meth:`project` does not reproduce.
         """
         predicts = torch.zeros_like(attention_mask, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
@@ -352,9 +378,13 @@ class CausalLMWithRewardHead(nn.Module):
         # Every kept row gets a target (0 where it predicts nothing) and is then weighted by
         # whether it predicts: selecting the predicting rows instead would copy the logits.
         targets = torch.where(labels != -100, labels, input_ids if prompt_logps else 0).roll(-1, dims=1)[keep]
-        if chunk_rows is not None and self.head_is_reproduced(input_ids):
-            hidden = self._final_hidden(input_ids, attention_mask)[keep]
-            token = logprobs.chunked_token_logps(hidden, targets, self.project, chunk_rows=chunk_rows)
+        if (chunk_rows is not None or packed) and self.head_is_reproduced(input_ids):
+            packing = self.packing_for(attention_mask) if packed else None
+            hidden = self._final_hidden(input_ids, attention_mask, keep, packing)
+            if chunk_rows is None:
+                token = logprobs.token_logps(self.project(hidden), targets)
+            else:
+                token = logprobs.chunked_token_logps(hidden, targets, self.project, chunk_rows=chunk_rows)
         else:
             logits, hidden = self._head_path(input_ids, attention_mask, keep=keep)
             token = logprobs.token_logps(logits, targets)

@@ -69,6 +69,10 @@ class PreferenceModule(L.LightningModule):
             time, recomputing each chunk's logits in backward, so no ``[positions, vocabulary]``
             logits are kept (:func:`logprobs.chunked_token_logps`): less memory, one more head
             matrix product per step. ``None``: on for vocabularies of 100k tokens and more.
+        pack_sequences: Run the model on each batch's sequences packed end to end, position ids
+            restarting per sequence (:mod:`drdo_lightning.packing`), instead of padded rows: the same
+            values without computing on padding. Models that cannot keep packed sequences apart
+            (OPT in transformers 5) train padded, with a notice.
     """
 
     uses_rejected: bool = True
@@ -90,6 +94,7 @@ class PreferenceModule(L.LightningModule):
         disable_dropout: bool = True,
         lora: dict[str, Any] | None = None,
         chunked_head: bool | None = None,
+        pack_sequences: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -152,7 +157,7 @@ class PreferenceModule(L.LightningModule):
         logps, rewards, *extra = model.sequence_logps(
             input_ids, attention_mask, labels, average=self.hparams.average_logps,
             token_unlikelihood=self.uses_token_unlikelihood, prompt_logps=self.uses_prompt_logps,
-            chunk_rows=head_chunk_rows(model.lm, self.hparams.chunked_head),
+            chunk_rows=head_chunk_rows(model.lm, self.hparams.chunked_head), packed=self.hparams.pack_sequences,
         )
         unlikelihood = extra.pop(0) if self.uses_token_unlikelihood else None
         prompt = extra.pop(0) if self.uses_prompt_logps else None

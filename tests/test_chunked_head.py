@@ -27,14 +27,14 @@ def with_head(lm) -> CausalLMWithRewardHead:
     return CausalLMWithRewardHead(lm, CausalLMWithRewardHead.new_reward_head(head_input_width(lm))).train()
 
 
-def values_and_grads(model: CausalLMWithRewardHead, side: str, chunk_rows: int | None):
+def values_and_grads(model: CausalLMWithRewardHead, side: str, chunk_rows: int | None, **options):
     """Every output of ``sequence_logps`` (sum and mean forms, unlikelihood, prompt log-probs) and the
     parameters' gradients of a loss that weighs each differently."""
     ids, mask, labels, _ = rows(model.lm, side)
     model.zero_grad()
     z, rewards, unlikelihood, prompt = model.sequence_logps(
-        ids, mask, labels, token_unlikelihood=True, prompt_logps=True, chunk_rows=chunk_rows)
-    mean_z = model.sequence_logps(ids, mask, labels, average=True, chunk_rows=chunk_rows)[0]
+        ids, mask, labels, token_unlikelihood=True, prompt_logps=True, chunk_rows=chunk_rows, **options)
+    mean_z = model.sequence_logps(ids, mask, labels, average=True, chunk_rows=chunk_rows, **options)[0]
     (z @ torch.tensor([0.3, -1.0, 0.5]) + rewards.sum() + 0.1 * unlikelihood.sum() + 0.2 * prompt.sum() + mean_z.sum()).backward()
     values = torch.stack([z, rewards, unlikelihood, prompt, mean_z]).detach()
     return values, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -10,7 +10,8 @@ in ``test_deepspeed.py``) runs on objectives whose losses take other paths throu
   the data and read by both ranks after a barrier, plus the chosen NLL term;
 - ORPO: no reference, log-odds of mean log-probs plus the NLL, under FSDP;
 - DRDO with ``group_by_length``: batches of similar lengths, grouped before the split across processes;
-- DRDO under ZeRO-3 and DPO under FSDP with the chunked LM head (``--model.chunked_head true``).
+- DRDO under ZeRO-3 and DPO under FSDP with the chunked LM head and packed batches
+  (``--model.chunked_head true --model.pack_sequences true``), DRDO with length groups too.
 
 The pairs are of families, not of every objective: CDPO/RDPO change DPO's per-pair loss only
 (``DPO.pair_loss``), which the single-process tests pin down.
@@ -25,6 +26,7 @@ from test_export import fit_args, logged
 from drdo_lightning import CausalLMWithRewardHead
 from drdo_lightning.cli import main
 
+PACKED = ["--model.chunked_head", "true", "--model.pack_sequences", "true"]
 CASES = [
     pytest.param("SimPO", "deepspeed_zero2", [], id="simpo-zero2"),
     pytest.param("RPO", "deepspeed_zero3", ["--model.precompute_reference", "true"], id="rpo-precomputed-zero3"),
@@ -32,9 +34,10 @@ CASES = [
     # Length groups are built before the split across processes (data.sampling.ResumableSampler).
     pytest.param("DRDO", "deepspeed_zero2", ["--data.group_by_length", "true"], id="drdo-grouped-zero2"),
     # The chunked LM head calls the head module outside the model's forward and again in backward:
-    # ZeRO-3 gathers its partitioned weight at each call, FSDP's root unit holds it unsharded.
-    pytest.param("DRDO", "deepspeed_zero3", ["--model.chunked_head", "true"], id="drdo-chunked-head-zero3"),
-    pytest.param("DPO", "fsdp", ["--model.chunked_head", "true"], id="dpo-chunked-head-fsdp"),
+    # ZeRO-3 gathers its partitioned weight at each call, FSDP's root unit holds it unsharded. Packed
+    # batches (each rank packs its own) and length groups built before the split ride along.
+    pytest.param("DRDO", "deepspeed_zero3", [*PACKED, "--data.group_by_length", "true"], id="drdo-chunked-packed-grouped-zero3"),
+    pytest.param("DPO", "fsdp", PACKED, id="dpo-chunked-packed-fsdp"),
 ]
 
 
