@@ -84,6 +84,9 @@ CONFIGS = {
     "simpo": "SimPO, no ref (ours)",
     "orpo": "ORPO, no ref (ours)",
 }
+# Run only when named in --only: DRDO with the LM head in one piece (the logits of every response
+# position kept for backward), against the default that chunks it from 100k tokens on.
+EXTRA_CONFIGS = {"drdo_one_piece": "DRDO, one-piece LM head (ours)"}
 # With --lora: the same trainers with LoRA adapters. With adapters, TRL's reference and our live
 # one are the base model with the adapters switched off.
 LORA_CONFIGS = {
@@ -92,10 +95,13 @@ LORA_CONFIGS = {
     "dpo_precomputed_lora": "DPO, precomputed ref + LoRA (ours)",
     "dpo_live_lora": "DPO + LoRA, ref: adapters off (ours)",
 }
-# With --lengths real: every configuration also with length-grouped batches.
+# With --lengths real: every configuration also with length-grouped batches; with --packed, ours
+# also with packed batches (``--model.pack_sequences``), alone and on top of length groups.
 GROUPED = "_grouped"
-ALL_CONFIGS = {**CONFIGS, **LORA_CONFIGS}
+PACKED = "_packed"
+ALL_CONFIGS = {**CONFIGS, **EXTRA_CONFIGS, **LORA_CONFIGS}
 ALL_CONFIGS |= {f"{name}{GROUPED}": f"{label}, length-grouped" for name, label in ALL_CONFIGS.items()}
+ALL_CONFIGS |= {f"{name}{PACKED}": f"{label}, packed" for name, label in ALL_CONFIGS.items() if not name.startswith("trl")}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 BASELINE = "trl_dpo"
 LEARNING_RATE = 1e-5
@@ -129,6 +135,10 @@ PRESETS = {
     # For the CI smoke run: seconds per configuration.
     "tiny": Preset(hidden=32, layers=2, heads=2, intermediate=64, vocab=512, tie_embeddings=False,
                    prompt=8, response=24, pairs=4),
+    # Llama-3's vocabulary (128,256 tokens) on a small body: the LM head dominates, as it does at the
+    # vocabularies users train (Llama-3, Qwen2/3 151,936, Gemma 256,000) when responses are long.
+    "vocab128k": Preset(hidden=512, layers=4, heads=8, intermediate=1376, vocab=128256, tie_embeddings=False,
+                        prompt=64, response=448, pairs=8),
 }
 
 
@@ -235,13 +245,19 @@ class StepClock:
         self._sync()
         self.times.append(time.perf_counter())
 
-    def record_batch(self, labels, attention_mask) -> None:
+    def record_batch(self, labels, attention_mask, packed: bool = False) -> None:
         """Note a batch's shape, response tokens (``labels != -100``) and useful (non-padding) tokens,
-        for the same-work checks and the FLOP count. Call once per batch, in training order."""
+        for the same-work checks and the FLOP count, and the rows and length the model computes on
+        (the packed rows' with ``packed``). Call once per batch, in training order."""
         shape = [*labels.shape, int((labels != -100).sum())]
         if self.batch_shape is None:
             self.batch_shape = shape
-        self.batches.append([*shape, int(attention_mask.sum())])
+        computed = list(labels.shape)
+        if packed:
+            from drdo_lightning.packing import pack
+
+            computed = list(pack(attention_mask).position_ids.shape)
+        self.batches.append([*shape, int(attention_mask.sum()), *computed])
 
     def windows(self, warmup: int, steps_per_window: int) -> list[float]:
         starts = range(warmup, len(self.times) - steps_per_window, steps_per_window)
@@ -259,10 +275,14 @@ def _lightning_run(name: str, args, clock: StepClock):
     from drdo_lightning.reliability import NonFiniteGuard
 
     preset, path = PRESETS[args.preset], str(args.workdir / "model")
+    packed, name = name.endswith(PACKED), name.removesuffix(PACKED)
     grouped, name = name.endswith(GROUPED), name.removesuffix(GROUPED)
     objective = name.removesuffix("_lora")
-    optim = dict(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, lora=LORA if name != objective else None)
-    if objective == "drdo":
+    optim = dict(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, lora=LORA if name != objective else None,
+                 pack_sequences=packed)
+    if objective == "drdo_one_piece":
+        module = DRDO(path, chunked_head=False, **optim)
+    elif objective == "drdo":
         module = DRDO(path, **optim)
     elif objective in ("simpo", "orpo"):
         module = {"simpo": SimPO, "orpo": ORPO}[objective](path, **optim)
@@ -282,7 +302,7 @@ def _lightning_run(name: str, args, clock: StepClock):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             clock.tick()
             clock.record_batch(torch.cat([batch["chosen_labels"], batch["rejected_labels"]]),
-                               torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]))
+                               torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]), packed)
 
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(
@@ -410,18 +430,21 @@ def step_flops(p: Preset, name: str, batch: list[int], device: str = "cpu") -> f
     same positions as the policy's; a precomputed one costs nothing in the step. The reward head
     (``h x 1``) and the loss are negligible and not counted.
     """
-    sequences, length, response, _ = batch
-    base = name.removesuffix(GROUPED)
+    from drdo_lightning.models import CHUNKED_HEAD_MIN_VOCABULARY
+
+    sequences, length, response, _, rows, computed_length = batch
+    base = name.removesuffix(PACKED).removesuffix(GROUPED)
     lora = base.endswith("_lora")
     objective = base.removesuffix("_lora")
-    linear, attention = forward_flops(p, sequences, length)
+    linear, attention = forward_flops(p, rows, computed_length)
     body_train = (2 if lora else 3) * linear + 3 * attention
     body_forward = linear + attention
     if objective == "trl_dpo":
         positions = response if device == "cuda" else sequences * (length - 1)
         return body_train + (3 if lora else 4) * head_flops(p, positions) + body_forward + head_flops(p, positions)
-    positions = response + (sequences if objective == "drdo" else 0)
-    flops = body_train + (2 if lora else 3) * head_flops(p, positions)
+    positions = response + (sequences if objective.startswith("drdo") else 0)
+    chunked = objective != "drdo_one_piece" and p.vocab >= CHUNKED_HEAD_MIN_VOCABULARY  # recomputes the head's forward
+    flops = body_train + ((2 if lora else 3) + chunked) * head_flops(p, positions)
     if objective == "dpo_live":
         flops += body_forward + head_flops(p, positions)
     return flops
@@ -590,7 +613,7 @@ def run_rates(name: str, run: dict, args) -> dict[str, float]:
     preset, warm = PRESETS[args.preset], args.warmup_steps
     batches = run["batches"][warm:total_steps(args)]
     seconds = run["times"][warm + len(batches)] - run["times"][warm]
-    processed = sum(b[0] * b[1] for b in batches)
+    processed = sum(b[4] * b[5] for b in batches)  # the slots the model computes on: padded or packed rows
     return {"step_s": seconds / len(batches), "pairs_per_s": sum(b[0] for b in batches) / 2 / seconds,
             "tokens_per_s": processed / seconds, "useful_tokens_per_s": sum(b[3] for b in batches) / seconds,
             "padding": 1 - sum(b[3] for b in batches) / processed,
@@ -632,6 +655,12 @@ TARGETS = [
     ("drdo", "peak_fraction", "report", None),
     ("trl_dpo", "peak_fraction", "report", None),
 ]
+# At Llama-3's vocabulary the head's logits decide memory: the chunked head's targets.
+TARGETS_BY_PRESET = {"vocab128k": [
+    ("drdo", "speedup", ">=", 3.0),
+    ("drdo", "memory_ratio", "<=", 0.35),
+    ("drdo_one_piece", "memory_ratio", "report", None),
+]}
 
 
 def report(rows: list[Row], args, loads: tuple[float, float, float]) -> str:
@@ -666,15 +695,16 @@ def report(rows: list[Row], args, loads: tuple[float, float, float]) -> str:
         return "\n".join(lines)  # the targets are for the CPU comparison
     lines.append("")
     by_name = {r.name: r for r in rows}
-    for name, quantity, op, bound in TARGETS:
+    for name, quantity, op, bound in TARGETS_BY_PRESET.get(args.preset, TARGETS):
         if name not in by_name:  # not run (--only)
             continue
         value = getattr(by_name[name], quantity)
         if op == "report":
-            lines.append(f"report {CONFIGS[name]}: {quantity} {value:.1%} (no target)")
+            shown = f"{value:.1%}" if quantity == "peak_fraction" else f"{value:.2f}"
+            lines.append(f"report {ALL_CONFIGS[name]}: {quantity} {shown} (no target)")
             continue
         met = value >= bound if op == ">=" else value <= bound
-        lines.append(f"target {CONFIGS[name]}: {quantity} {value:.2f} {op} {bound}: {'met' if met else 'MISSED'}")
+        lines.append(f"target {ALL_CONFIGS[name]}: {quantity} {value:.2f} {op} {bound}: {'met' if met else 'MISSED'}")
     return "\n".join(lines)
 
 
@@ -690,10 +720,12 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--warmup-steps", type=int, default=1)
     parser.add_argument("--lengths", choices=["fixed", "real"], default="fixed",
                         help="fixed: no padding; real: long-tailed lengths, one epoch, each trainer also length-grouped")
-    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+    parser.add_argument("--only", nargs="+", choices=[*CONFIGS, *EXTRA_CONFIGS], default=list(CONFIGS),
                         help="run a subset (the baseline is always included)")
     parser.add_argument("--no-grouped", dest="grouped", action="store_false",
                         help="with --lengths real: skip the length-grouped twins")
+    parser.add_argument("--packed", action="store_true",
+                        help="with --lengths real: also run our trainers on packed batches (and packed + grouped)")
     parser.add_argument("--lora", action="store_true", help="also run each chosen trainer with LoRA adapters (LORA)")
     parser.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
                         help="first wait (up to --wait-timeout s) until the 1-minute load average is below LOAD")
@@ -713,11 +745,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
         return []
     if args.dtype == "bf16" and args.device == "cpu":
         raise SystemExit("--dtype bf16 is for --device cuda; the CPU comparison is fp32")
-    names = [n for n in CONFIGS if n in {*args.only, BASELINE}]
+    names = [n for n in [*CONFIGS, *EXTRA_CONFIGS] if n in {*args.only, BASELINE}]
     if args.lora:
         names += [f"{n}_lora" for n in names if f"{n}_lora" in LORA_CONFIGS]
     if args.lengths == "real" and args.grouped:
         names = [variant for n in names for variant in (n, f"{n}{GROUPED}")]
+    if args.lengths == "real" and args.packed:
+        names = [variant for n in names for variant in (n, f"{n}{PACKED}") if variant in ALL_CONFIGS]
     if args.wait_for_load is not None:
         wait_for_quiet(args.wait_for_load, args.wait_timeout)
     preset = PRESETS[args.preset]

@@ -13,7 +13,7 @@ import torch
 from architectures import ARCHITECTURES, build
 from transformers.masking_utils import find_packed_sequence_indices
 
-from drdo_lightning.packing import first_fit_decreasing, pack, supports_packing
+from drdo_lightning.packing import ROW_LENGTH_LIMIT, balanced_rows, pack, supports_packing
 
 VOCAB = 96
 # Rows of very different lengths, one empty, padded to 14.
@@ -52,7 +52,8 @@ def test_every_real_token_lands_once_at_its_position(side, capacity):
     ids, mask = padded_batch(LENGTHS, WIDTH, side)
     packing = pack(mask, capacity)
     rows, length = packing.position_ids.shape
-    assert length == (capacity or max(LENGTHS))
+    assert max(LENGTHS) <= length <= (capacity or int(ROW_LENGTH_LIMIT * max(LENGTHS)))
+    assert packing.real.any(-1).all() and packing.real[:, -1].any()  # rows as long as the fullest one
     # Each real token exactly once, in a slot of its own; every other slot is leftover.
     assert packing.packed_index.unique().numel() == packing.packed_index.numel() == sum(LENGTHS)
     assert int(packing.real.sum()) == sum(LENGTHS)
@@ -75,11 +76,18 @@ def test_every_real_token_lands_once_at_its_position(side, capacity):
     assert rows <= sum(n > 0 for n in LENGTHS)
 
 
-def test_first_fit_decreasing():
-    assert first_fit_decreasing([5, 4, 3, 3, 1, 0], 8) == [[0, 2], [1, 3, 4]]
-    assert first_fit_decreasing([2, 2, 2], 2) == [[0], [1], [2]]
-    assert first_fit_decreasing([1, 3, 1, 3], 4) == [[1, 0], [3, 2]]  # ties by index
-    assert first_fit_decreasing([], 4) == []
+def test_balanced_rows():
+    # 16 tokens: 2 balanced rows of 8 (1 row of 16 is over capacity 12); longest first into the emptier row
+    assert balanced_rows([5, 4, 3, 3, 1, 0], 12) == [[0, 3], [1, 2, 4]]
+    assert balanced_rows([5, 4, 3, 3, 1, 0], 16) == [[0, 1, 2, 3, 4]]  # one row, no leftover
+    assert balanced_rows([2, 2, 2], 2) == [[0], [1], [2]]
+    assert balanced_rows([1, 3, 1, 3], 4) == [[1, 0], [3, 2]]  # ties by index
+    assert balanced_rows([], 4) == []
+    # 39 tokens under capacity 12: 3 rows cannot hold them, 4 balanced rows of at most 10 take 40 slots
+    lengths = [9, 7, 6, 5, 5, 4, 2, 1]
+    rows = balanced_rows(lengths, 12)
+    assert rows == [[0, 7], [1, 6], [2, 5], [3, 4]]
+    assert [sum(lengths[i] for i in row) for row in rows] == [10, 9, 10, 10]
 
 
 def test_packing_is_deterministic_and_blind_to_the_padding_side():
