@@ -6,6 +6,10 @@
   same from a checkpoint: a Lightning ``.ckpt`` file, or the directory DeepSpeed writes in its
   place (sharded ZeRO-1/2/3 states, consolidated here to fp32), or FSDP's sharded directory.
 
+With ``weights="best"`` the callback writes instead the best checkpoint its run kept: the one
+a :class:`~lightning.pytorch.callbacks.ModelCheckpoint` with a ``monitor`` chose (e.g. the highest
+``val/reward_accuracy``, as the ``oracle`` and ``reward_model`` recipes do), not the last step.
+
 Either way the directory holds ``config.json``, ``model.safetensors``, the tokenizer and
 ``reward_head.safetensors``: ``transformers.AutoModelForCausalLM`` alone loads it for
 generation, :meth:`CausalLMWithRewardHead.from_pretrained` with the reward head. A LoRA run is
@@ -20,17 +24,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from drdo_lightning import lora
 from drdo_lightning.data.tokenization import load_tokenizer
-from drdo_lightning.errors import MissingPathError
+from drdo_lightning.errors import MissingPathError, SettingError
 from drdo_lightning.models import CausalLMWithRewardHead, head_input_width
 from drdo_lightning.strategies.fsdp import FSDPStrategy, is_sharded_checkpoint, read_sharded_checkpoint
 
@@ -186,14 +191,27 @@ def _lora_export(policy: CausalLMWithRewardHead, base_model: str, adapter: bool)
     return lora.merged(policy)
 
 
+def monitoring_checkpoint(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The first :class:`ModelCheckpoint` of ``trainer`` that keeps checkpoints by a monitored metric."""
+    return next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor), None)
+
+
 class ExportHuggingFace(L.Callback):
     """Write ``save_pretrained`` output (config, safetensors, tokenizer, reward head) on fit end.
 
     The directory loads with ``transformers.AutoModelForCausalLM.from_pretrained`` for
     generation and with ``drdo_lightning.CausalLMWithRewardHead.from_pretrained`` for the
-    reward head too. It holds the weights at the end of training. Under DeepSpeed ZeRO-3 the
-    weights are gathered one layer at a time onto rank 0's CPU (every rank takes part), so no
+    reward head too. By default it holds the weights at the end of training. Under DeepSpeed ZeRO-3
+    the weights are gathered one layer at a time onto rank 0's CPU (every rank takes part), so no
     device ever holds the whole model.
+
+    With ``weights="best"`` it holds the weights of the best checkpoint instead: the one the run's
+    monitoring :class:`ModelCheckpoint` (the first with a ``monitor``) kept, read back from disk on
+    rank 0 (any checkpoint format :func:`read_checkpoint` reads). Which one it was is kept in
+    :attr:`selected` (``checkpoint``, ``step``, ``monitor``, ``score``) and logged to the run's
+    loggers as ``selected/<monitor>`` and ``selected/step``. When no validation ran (so nothing was
+    selected, e.g. ``--trainer.limit_val_batches 0``, or fewer steps than ``val_check_interval``)
+    it writes the final weights, with a warning.
 
     A LoRA policy is written with its adapters merged into the weights, from a CPU copy (the
     trained module keeps its adapters), or as the adapter alone with ``adapter=True``.
@@ -201,26 +219,58 @@ class ExportHuggingFace(L.Callback):
     Args:
         dirpath: Output directory; default ``<trainer.default_root_dir>/export``.
         adapter: For LoRA training: write the adapter instead of merged weights.
+        weights: ``final`` (the weights when fit ends) or ``best`` (the monitored best checkpoint).
     """
 
-    def __init__(self, dirpath: str | None = None, adapter: bool = False) -> None:
+    def __init__(self, dirpath: str | None = None, adapter: bool = False,
+                 weights: Literal["final", "best"] = "final") -> None:
+        if weights not in ("final", "best"):
+            raise SettingError(f"ExportHuggingFace weights must be final or best, got {weights!r}")
         self.dirpath = dirpath
         self.adapter = adapter
+        self.weights = weights
+        self.selected: dict[str, Any] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.adapter and pl_module.hparams.get("lora") is None:  # say so before training, not after
             raise ValueError(
                 "ExportHuggingFace(adapter=True) needs LoRA training (--model.lora); this run trains the full model"
             )
+        if stage == "fit" and self.weights == "best" and monitoring_checkpoint(trainer) is None:
+            raise SettingError(
+                "ExportHuggingFace(weights=best) exports the checkpoint a ModelCheckpoint with a monitor keeps; this "
+                "run has none (add one with monitor and mode, as configs/oracle.yaml does)"
+            )
 
     def directory(self, trainer: L.Trainer) -> Path:
         """Where the export goes: ``dirpath``, or ``<trainer.default_root_dir>/export``."""
         return Path(self.dirpath) if self.dirpath else default_export_dir(trainer)
 
+    def _best(self, trainer: L.Trainer) -> dict[str, Any] | None:
+        """The monitored best checkpoint (path, monitor, score; its step once read), None when nothing was selected."""
+        checkpoint = monitoring_checkpoint(trainer)
+        if checkpoint is None or not checkpoint.best_model_path or checkpoint.best_model_score is None:
+            return None
+        return {"checkpoint": Path(checkpoint.best_model_path), "step": None, "monitor": checkpoint.monitor,
+                "score": float(checkpoint.best_model_score)}
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = self.directory(trainer)
         state_dict = None  # the policy's own weights
-        if getattr(trainer.strategy, "zero_stage_3", False):
+        best = self._best(trainer) if self.weights == "best" else None
+        if self.weights == "best" and best is None:
+            rank_zero_warn("ExportHuggingFace(weights=best): no validation ran, so no checkpoint was selected; "
+                           "exporting the final weights")
+        if best is not None:
+            self.selected = best
+            if trainer.is_global_zero:
+                state_dict, rest = read_checkpoint(best["checkpoint"])
+                best["step"] = rest.get("global_step", best["step"])
+            for logger in trainer.loggers:
+                step = {} if best["step"] is None else {"selected/step": best["step"]}
+                logger.log_metrics({f"selected/{best['monitor']}": best["score"], **step}, step=trainer.global_step)
+                logger.save()
+        elif getattr(trainer.strategy, "zero_stage_3", False):
             # Collective: every rank sends its shards; rank 0 receives the full weights, on CPU.
             # (DeepSpeed's own gatherer, the one transformers' Trainer uses for ZeRO-3 saves.)
             state_dict = trainer.strategy.deepspeed_engine._zero3_consolidated_16bit_state_dict()
@@ -240,5 +290,9 @@ class ExportHuggingFace(L.Callback):
                 policy = _lora_export(policy, pl_module.hparams.model, self.adapter)
                 state_dict = None  # the rebuilt policy holds the weights
             policy.save_pretrained(path, tokenizer=tokenizer, state_dict=state_dict)
-            rank_zero_info(f"Exported the trained model to {path}")
+            if best is not None:
+                rank_zero_info(f"Exported the best checkpoint, {best['checkpoint'].name} (step {best['step']}, "
+                               f"{best['monitor']} {best['score']:.4f}), to {path}")
+            else:
+                rank_zero_info(f"Exported the trained model to {path}")
         trainer.strategy.barrier("export")

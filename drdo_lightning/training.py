@@ -135,7 +135,10 @@ class FitResult:
         checkpoint_dir: Where checkpoints went (None without checkpointing).
         log_dir: The logger's folder of this run (None without a logger).
         global_step: Optimizer steps taken.
-        metrics: The last value of every logged metric (``train/loss``, ``val/loss``, ...).
+        metrics: The last value of every logged metric (``train/loss``, ``val/loss``, ...); with an
+            export of the best checkpoint (``ExportHuggingFace(weights="best")``), also the exported
+            checkpoint's monitored score and step, ``selected/<monitor>`` (e.g.
+            ``selected/val/reward_accuracy``) and ``selected/step``.
     """
 
     run_dir: Path
@@ -257,13 +260,20 @@ def run_fit(
 
 def fit_result(trainer) -> FitResult:
     """A :class:`FitResult` from a trainer that has finished ``fit``."""
-    exports = [cb.directory(trainer) for cb in trainer.callbacks if isinstance(cb, ExportHuggingFace)]
+    callbacks = [cb for cb in trainer.callbacks if isinstance(cb, ExportHuggingFace)]
+    exports = [cb.directory(trainer) for cb in callbacks]
     checkpoint = trainer.checkpoint_callback
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    for cb in callbacks:
+        if cb.selected is not None:  # what the export holds: the best checkpoint's score, not the last validation's
+            metrics[f"selected/{cb.selected['monitor']}"] = cb.selected["score"]
+            if cb.selected["step"] is not None:
+                metrics["selected/step"] = float(cb.selected["step"])
     return FitResult(
         run_dir=Path(trainer.default_root_dir),
         export_dir=exports[-1] if exports else None,
         checkpoint_dir=Path(checkpoint.dirpath) if checkpoint is not None and checkpoint.dirpath else None,
         log_dir=Path(trainer.log_dir) if trainer.logger is not None else None,
         global_step=trainer.global_step,
-        metrics={k: float(v) for k, v in trainer.callback_metrics.items()},
+        metrics=metrics,
     )

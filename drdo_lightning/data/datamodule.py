@@ -142,7 +142,7 @@ class PreferenceDataModule(L.LightningDataModule):
         drop_long: Drop pairs that do not fit ``max_length`` instead of truncating them.
         label_flip_rate: Fraction of *training* pairs whose labels are swapped, for robustness
             experiments: drawn at random (seeded) by ``label_noise uniform``, the pairs of smallest
-            margin by ``low_margin``. Validation data is never flipped.
+            margin by ``low_margin``. Validation data is not flipped, but see ``noise_validation``.
         label_noise: Which training labels are flipped (docs/data.md, "Label noise"): ``uniform``
             (``label_flip_rate`` of them at random), ``bt`` (every label resampled from
             Bradley-Terry on the margin Δ: kept with probability σ(noise_temperature · Δ)) or
@@ -152,6 +152,12 @@ class PreferenceDataModule(L.LightningDataModule):
         noise_score_columns: Instead, two columns ``[chosen, rejected]`` of scores whose
             difference is Δ (e.g. ``[gold_chosen, gold_rejected]`` in the embedded default).
         noise_temperature: ``s`` in ``bt``'s σ(s · Δ), at least 0 (0: every label a coin flip).
+        noise_validation: Apply the same label-noise model to the validation split carved from
+            ``train_file`` by ``val_fraction`` (needs ``val_fraction``; a ``val_file`` is never
+            flipped): ``uniform`` and ``low_margin`` flip ``label_flip_rate`` of the validation
+            pairs (at random; the smallest |Δ| among them), ``bt`` resamples each. Model selection
+            on such a split (best checkpoint, early stopping) sees labels as noisy as training's,
+            and no clean label reaches the model.
         on_bad_row: ``error`` stops at the first bad row; ``skip`` drops bad rows and logs
             counts by reason.
         num_proc: The most processes that tokenize (default: the cores not busy with other
@@ -184,6 +190,7 @@ class PreferenceDataModule(L.LightningDataModule):
         noise_margin_column: str | None = None,
         noise_score_columns: list[str] | None = None,
         noise_temperature: float = 1.0,
+        noise_validation: bool = False,
         seed: int = 0,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -210,6 +217,10 @@ class PreferenceDataModule(L.LightningDataModule):
             raise SettingError(f"label_flip_rate must be in [0, 1], got {label_flip_rate}")
         margin = _check_label_noise(label_noise, label_flip_rate, noise_margin_column, noise_score_columns,
                                     noise_temperature, rejected_column)
+        if noise_validation and val_fraction is None:
+            raise SettingError("noise_validation applies the training labels' noise to the validation split that "
+                               "val_fraction carves from train_file: give val_fraction (a val_file is never flipped; "
+                               "set it aside with --data.val_file null)")
         if tokenizer is None:
             raise SettingError("a tokenizer path or hub id is required (the CLI links it to the model path)")
         if (chosen_score_column is None) != (rejected_score_column is None):
@@ -242,6 +253,8 @@ class PreferenceDataModule(L.LightningDataModule):
         if keys["label_noise"] == "uniform":  # the margin-based models' settings change nothing: keys as before them
             for k in NOISE_SETTINGS:
                 del keys[k]
+        if not keys["noise_validation"]:  # off: keys as before the option
+            del keys["noise_validation"]
         material = json.dumps(
             {
                 "version": CACHE_FORMAT_VERSION,
@@ -295,15 +308,18 @@ class PreferenceDataModule(L.LightningDataModule):
             if n_val >= len(train):
                 raise DataError(f"val_fraction={hp.val_fraction} leaves no training rows out of {len(train)}")
             splits = {"train": (train, order[n_val:]), "val": (train, order[:n_val])}
-        flipped = self._flipped(train, splits["train"][1])
+        flipped = {"train": self._flipped(train, splits["train"][1])}
+        if hp.noise_validation and "val" in splits:  # carved from train_file: its rows have the margin too
+            flipped["val"] = self._flipped(train, splits["val"][1], "validation")
         return {
-            name: self._tokenize(texts, order, flipped if name == "train" else frozenset(), name, work)
+            name: self._tokenize(texts, order, flipped.get(name, frozenset()), name, work)
             for name, (texts, order) in splits.items()
         }
 
-    def _flipped(self, texts: datasets.Dataset, order: list[int]) -> frozenset[int]:
-        """The positions of the training split (rows ``order`` of ``texts``) whose labels the
-        label-noise settings flip, logged once (a warning when there are any)."""
+    def _flipped(self, texts: datasets.Dataset, order: list[int], split: str = "training") -> frozenset[int]:
+        """The positions of a split (rows ``order`` of ``texts``) whose labels the label-noise
+        settings flip, logged once (a warning when there are any). The ``training`` split draws
+        with ``seed``; the ``validation`` split (``noise_validation``) with a stream of its own."""
         hp = self.hparams
         noise = hp.label_noise
         if noise != "bt" and hp.label_flip_rate == 0:  # bt flips whatever the rate (which it requires to be 0)
@@ -311,14 +327,16 @@ class PreferenceDataModule(L.LightningDataModule):
         if texts[0]["rejected"] is None:
             raise SettingError("label_flip_rate needs preference pairs (rejected_column is None)")
         n_train = len(order)
+        # The training split's draws are today's (seed); the validation split's are independent of them.
+        seed = hp.seed if split == "training" else random.Random(f"{split}:{hp.seed}")
         if noise == "uniform":
-            flipped = frozenset(noise_flip_indices("uniform", n_train, rate=hp.label_flip_rate, seed=hp.seed))
+            flipped = frozenset(noise_flip_indices("uniform", n_train, rate=hp.label_flip_rate, seed=seed))
             settings = f"label_flip_rate {hp.label_flip_rate:g}, seed {hp.seed}"
         else:
             column = texts.data.column("margin").to_pylist()
             margins = [column[i] for i in order]
             flipped = frozenset(noise_flip_indices(noise, n_train, rate=hp.label_flip_rate, margins=margins,
-                                                   temperature=hp.noise_temperature, seed=hp.seed))
+                                                   temperature=hp.noise_temperature, seed=seed))
             margin = hp.noise_margin_column or " - ".join(hp.noise_score_columns)
             if noise == "bt":
                 settings = f"label_noise bt on margin {margin}, noise_temperature {hp.noise_temperature:g}, seed {hp.seed}"
@@ -327,8 +345,8 @@ class PreferenceDataModule(L.LightningDataModule):
                             "the pairs of smallest |margin|")
         log.log(
             logging.WARNING if flipped else logging.INFO,
-            "label noise: swapped chosen and rejected (and their scores) in %d of %d training pairs (%s)",
-            len(flipped), n_train, settings,
+            "label noise: swapped chosen and rejected (and their scores) in %d of %d %s pairs (%s)",
+            len(flipped), n_train, split, settings,
         )
         return flipped
 
