@@ -20,7 +20,14 @@ from drdo_lightning.evaluation.generation import generate, load_policy
 from drdo_lightning.evaluation.judges import RewardModelJudge
 from drdo_lightning.evaluation.plots import plot_training_curves, read_training_log
 from drdo_lightning.evaluation.sampling import read_prompts
-from drdo_lightning.evaluation.statistics import bootstrap_mean, distinct_n, paired_comparison, summarize
+from drdo_lightning.evaluation.statistics import (
+    bootstrap_mean,
+    distinct_n,
+    margin_bin_accuracy,
+    paired_comparison,
+    summarize,
+    wilson_interval,
+)
 from drdo_lightning.jsonl import write_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -296,3 +303,68 @@ def test_distinct_2_counts_distinct_word_bigrams_over_all_of_them():
     assert distinct_n(["the plot was great"] * 10) == pytest.approx(3 / 30)
     assert distinct_n(["one", ""]) == 0.0
     assert distinct_n(["a b a b"]) == 2 / 3
+
+
+# -- ranking accuracy by margin bin -------------------------------------------------------------
+
+
+def test_margin_bins_give_each_rankers_accuracy_against_the_gold_sign_with_ties_as_halves():
+    # Ten pairs with |gold| 0.1 .. 1.0 (given shuffled) and one exact gold tie, which has no sign.
+    gold = [0.1, -0.2, 0.3, -0.4, 0.5, -0.6, 0.7, -0.8, 0.9, -1.0, 0.0]
+    a = [1.0, -2.0, 0.0, -1.0, 3.0, 1.0, 1.0, -1.0, 2.0, -5.0, 7.0]  # a tie in bin 1, a wrong sign in bin 2
+    perm = [7, 2, 10, 0, 9, 4, 1, 6, 3, 8, 5]
+    shuffled = lambda xs: [xs[i] for i in perm]  # noqa: E731
+    rows = margin_bin_accuracy(shuffled(gold), {"a": shuffled(a), "b": [-x for x in shuffled(a)]}, bins=5)
+    table = {(r["ranker"], r["bin"]): r for r in rows}
+    assert [table["a", b]["accuracy"] for b in range(5)] == [1.0, 0.75, 0.5, 1.0, 1.0]
+    assert [table["b", b]["accuracy"] for b in range(5)] == [0.0, 0.25, 0.5, 0.0, 0.0]
+    assert [table["a", b]["ties"] for b in range(5)] == [0, 1, 0, 0, 0]
+    assert all(r["n"] == 2 and r["excluded"] == 1 for r in rows)
+    assert [(table["a", b]["low"], table["a", b]["high"]) for b in range(5)] == [
+        (0.1, 0.2), (0.3, 0.4), (0.5, 0.6), (0.7, 0.8), (0.9, 1.0)]
+    # Wilson intervals: 2 of 2 right at 95% is [0.342, 1].
+    assert (table["a", 0]["ci_low"], table["a", 0]["ci_high"]) == (pytest.approx(0.3424, abs=1e-4), 1.0)
+    assert table["a", 1]["ci_low"] < 0.75 < table["a", 1]["ci_high"]
+    # Unequal bins: sizes differ by at most one, the larger first.
+    assert [r["n"] for r in margin_bin_accuracy(gold, {"a": a}, bins=3)] == [4, 3, 3]
+    with pytest.raises(ValueError, match="cannot fill"):
+        margin_bin_accuracy(gold[:3], {"a": a[:3]}, bins=5)
+    with pytest.raises(ValueError, match="has 2 predictions for 11 pairs"):
+        margin_bin_accuracy(gold, {"a": a[:2]})
+
+
+def test_wilson_interval_on_known_values():
+    low, high = wilson_interval(8, 10)
+    assert (low, high) == (pytest.approx(0.4902, abs=1e-4), pytest.approx(0.9433, abs=1e-4))
+    assert wilson_interval(0, 5)[0] == 0.0 and all(np.isnan(wilson_interval(0, 0)))
+
+
+# -- head to head against a named baseline, and KL to the starting policy ------------------------------
+
+
+def test_evaluate_names_a_baseline_for_head_to_head_and_reports_kl_to_the_start(
+        tmp_path, tiny_model_dir, other_policy_dir, tiny_task):
+    prompts = tmp_path / "eval.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in tiny_task["eval"]))
+    policies = {"sft": str(tiny_model_dir), "dpo": str(other_policy_dir), "drdo": str(tiny_model_dir)}
+    rows = run_evaluate(tmp_path / "out", policies, {"gold": "vader"}, prompts, "--baseline", "dpo")
+    get = {(r["judge"], r["policy"], r["opponent"], r["temperature"], r["statistic"]): r for r in rows}
+    records = [json.loads(line) for line in (tmp_path / "out" / "generations.jsonl").read_text().splitlines()]
+    for t in ("0.5", "1.0", "all"):
+        for name in ("sft", "drdo"):  # the baseline's paired win rates, with bootstrap intervals
+            row = get[("gold", name, "dpo", t, "win_rate")]
+            assert row["low"] <= row["value"] <= row["high"]
+            assert get[("gold", name, "dpo", t, "advantage")]["low"] is not None
+        # KL to sft per policy and temperature: 0 for sft itself and its twin, the mean log-ratio for dpo.
+        assert get[("", "sft", "sft", t, "kl")]["value"] == 0.0 and get[("", "drdo", "sft", t, "kl")]["value"] == 0.0
+    for t in (0.5, 1.0):
+        ratios = [r["logp"] - r["reference_logp"] for r in records if r["policy"] == "dpo" and r["temperature"] == t]
+        kl = get[("", "dpo", "sft", str(t), "kl")]
+        assert kl["value"] == pytest.approx(np.mean(ratios)) and kl["low"] <= kl["value"] <= kl["high"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Head to head against `dpo`" in report and "Reward advantage over `dpo`" in report
+    assert "KL(policy || `sft`)" in report
+    # No reference among the policies: no KL, and the report says nothing of it.
+    rows = run_evaluate(tmp_path / "b", {"dpo": str(other_policy_dir)}, {"gold": "vader"}, prompts)
+    assert not any(r["statistic"] == "kl" for r in rows)
+    assert "KL(" not in (tmp_path / "b" / "report.md").read_text()

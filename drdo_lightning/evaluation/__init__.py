@@ -8,19 +8,31 @@ The protocol is the paper's (``docs/evaluation.md``), with the confidence interv
    or any directory with ``reward_head.safetensors``) or a judge registered by name.
 3. **Compare** (:mod:`.statistics`): policy A *wins* over B on a prompt and temperature when
    r(x, y_A) > r(x, y_B); ties are counted apart. Win rates, mean rewards and the reward advantage
-   over a baseline policy (SFT) get 95% percentile-bootstrap intervals that resample prompts.
+   over a baseline policy (SFT) get 95% percentile-bootstrap intervals that resample prompts;
+   :mod:`.divergence` estimates each policy's KL to the starting policy on its own samples, and
+   :func:`.statistics.margin_bin_accuracy` rankers' accuracy by bin of gold margin.
 4. **Write** (:mod:`.plots`, :mod:`.report`) the generations (JSONL), every estimate (CSV and JSON),
    PNG plots and a markdown report that embeds them; :mod:`.command` is ``evaluate`` itself.
 """
 
 from drdo_lightning.evaluation.command import evaluate
-from drdo_lightning.evaluation.generation import Prompt, generate, load_policy
+from drdo_lightning.evaluation.divergence import kl_estimate, log_ratios, response_logps
+from drdo_lightning.evaluation.generation import Prompt, generate, generate_ids, load_policy
 from drdo_lightning.evaluation.judges import Judge, RewardModelJudge, load_judge, register_judge
 from drdo_lightning.evaluation.sampling import PAPER_TEMPERATURES, read_prompts, sample_and_score
-from drdo_lightning.evaluation.statistics import Estimate, bootstrap_mean, distinct_n, paired_comparison, summarize
+from drdo_lightning.evaluation.statistics import (
+    Estimate,
+    bootstrap_mean,
+    distinct_n,
+    margin_bin_accuracy,
+    paired_comparison,
+    summarize,
+    wilson_interval,
+)
 
 __all__ = [
     "PAPER_TEMPERATURES", "Estimate", "Judge", "Prompt", "RewardModelJudge", "bootstrap_mean", "distinct_n", "evaluate",
-    "generate", "load_judge", "load_policy", "paired_comparison", "read_prompts", "register_judge", "sample_and_score",
-    "summarize",
+    "generate", "generate_ids", "kl_estimate", "load_judge", "load_policy", "log_ratios", "margin_bin_accuracy",
+    "paired_comparison", "read_prompts", "register_judge", "response_logps", "sample_and_score", "summarize",
+    "wilson_interval",
 ]

@@ -11,7 +11,7 @@ from drdo_lightning.evaluation.judges import load_judge, require_judge
 from drdo_lightning.evaluation.plots import plot_reward_vs_temperature, plot_training_curves, plot_win_matrix
 from drdo_lightning.evaluation.report import write_report
 from drdo_lightning.evaluation.sampling import PAPER_TEMPERATURES, read_prompts, sample_and_score
-from drdo_lightning.evaluation.statistics import diversity, summarize
+from drdo_lightning.evaluation.statistics import divergence, diversity, summarize
 from drdo_lightning.export import export
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.reports import write_csv
@@ -26,6 +26,19 @@ def _policy_dir(name: str, path: str, out: Path) -> str:
         return str(export(path, str(out / "policies" / name)))
     require_pretrained(path, f"policy {name!r}:")
     return path
+
+
+def _reference_dir(reference: str | None, policy_dirs: dict[str, str]) -> str | None:
+    """The model KL is measured to: one of the policies by name, or a directory; None to skip."""
+    if reference is None:
+        return None
+    if reference in policy_dirs:
+        return policy_dirs[reference]
+    if Path(reference).is_dir():
+        return reference
+    log.warning("kl_reference %r is neither one of the policies %s nor a directory: no KL reported",
+                reference, list(policy_dirs))
+    return None
 
 
 def evaluate(
@@ -48,12 +61,14 @@ def evaluate(
     logs: dict[str, str] | None = None,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    kl_reference: str | None = "sft",
 ) -> list[dict]:
     """Sample from every policy, score with every judge, and write win rates, rewards, plots and a report.
 
     Writes under ``out``: ``generations.jsonl`` (one record per policy, temperature and
-    prompt, with every judge's reward), ``results.csv`` / ``results.json`` (every estimate with
-    its 95% interval; see :func:`summarize`), ``win_rate_<judge>.png``,
+    prompt, with every judge's reward, and with ``kl_reference`` the log-probs ``logp`` and
+    ``reference_logp``), ``results.csv`` / ``results.json`` (every estimate with its 95% interval;
+    see :func:`summarize`, :func:`diversity`, :func:`divergence`), ``win_rate_<judge>.png``,
     ``reward_vs_temperature.png``, ``training_curves.png`` (with ``logs``) and ``report.md``.
 
     Args:
@@ -71,10 +86,17 @@ def evaluate(
         max_prompt_length, max_length: Truncation for sampling and for the reward-model judges,
             as in training.
         seed: Sampling and bootstrap seed; the same seed gives the same generations.
-        baseline: Policy the reward advantage is measured against (skipped when absent).
+        baseline: Policy the reward advantage and the head-to-head win rates of the report are
+            measured against, e.g. ``dpo`` (skipped when absent). Every pair's win rate is in the
+            results either way.
         bootstrap_samples: Bootstrap resamples per interval.
         logs: Name -> run directory or ``metrics.csv`` of training runs, for the training curves.
         device: ``cpu`` or ``cuda``.
+        kl_reference: KL(policy || reference) of every policy on its own samples, per temperature
+            (statistic ``kl``, next to ``distinct_2``; temperature-1 log-probs, see
+            :mod:`evaluation.divergence`): the name of one of ``policies`` (default ``sft``, the
+            starting policy) or a model directory. Skipped with a warning when it is neither;
+            ``None`` skips it.
     """
     for name, spec in judges.items():
         require_judge(name, spec)
@@ -82,6 +104,7 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     prompt_list = read_prompts(prompts, prompt_column, num_prompts, as_chat=chat_prompts)
     policy_dirs = {name: _policy_dir(name, path, out_dir) for name, path in policies.items()}
+    reference_dir = _reference_dir(kl_reference, policy_dirs)
     judge_fns = {
         name: load_judge(spec, batch_size=batch_size, max_prompt_length=max_prompt_length, max_length=max_length,
                          device=device, trust_remote_code=trust_remote_code)
@@ -90,12 +113,14 @@ def evaluate(
     records, scores = sample_and_score(
         policy_dirs, prompt_list, judge_fns, temperatures=temperatures, top_p=top_p, max_new_tokens=max_new_tokens,
         max_prompt_length=max_prompt_length, batch_size=batch_size, seed=seed, device=device,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, kl_reference=reference_dir,
     )
     if baseline is not None and baseline not in policies:
         log.warning("baseline %r is not among the policies %s: no reward advantage reported", baseline, list(policies))
     rows = summarize(scores, temperatures, baseline=baseline, samples=bootstrap_samples, seed=seed)
     rows += diversity(records, temperatures)
+    if reference_dir is not None:
+        rows += divergence(records, temperatures, kl_reference, samples=bootstrap_samples, seed=seed)
 
     write_jsonl(out_dir / "generations.jsonl", records)
     (out_dir / "results.json").write_text(json.dumps(rows, indent=1))
@@ -108,7 +133,8 @@ def evaluate(
         plots["training"] = plot_training_curves(logs, out_dir / "training_curves.png")
     settings = {"policies": names, "judges": list(judges), "prompts": prompts, "num_prompts": len(prompt_list),
                 "temperatures": list(temperatures), "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
-                "baseline": baseline, "bootstrap_samples": bootstrap_samples}
+                "baseline": baseline, "bootstrap_samples": bootstrap_samples,
+                "kl_reference": kl_reference if reference_dir is not None else None}
     report = write_report(rows, settings, plots, out_dir)
     print(f"Wrote {len(records)} generations and {len(rows)} estimates; report: {report}")
     return rows

@@ -25,9 +25,11 @@ def _matrix(rows: list[dict], judge: str, policies: Sequence[str], statistic: st
     return markdown_table(["policy", *policies], body)
 
 
-def _by_temperature(rows: list[dict], judge: str, policies: Sequence[str], statistic: str, columns: list[str]) -> str:
+def _by_temperature(rows: list[dict], judge: str, policies: Sequence[str], statistic: str, columns: list[str],
+                    percent: bool = False, **where) -> str:
     """Markdown table of a per-policy statistic, one column per temperature."""
-    body = [[p] + [_fmt(lookup(rows, judge=judge, policy=p, temperature=t, statistic=statistic), False) for t in columns]
+    body = [[p] + [_fmt(lookup(rows, judge=judge, policy=p, temperature=t, statistic=statistic, **where), percent)
+                   for t in columns]
             for p in policies]
     return markdown_table(["policy", *columns], body)
 
@@ -52,12 +54,21 @@ def write_report(rows: list[dict], settings: dict, plots: dict[str, Path], out: 
         ]
         if baseline in policies:
             others = [p for p in policies if p != baseline]
-            lines += ["", f"Reward advantage over `{baseline}` (same prompts):", "",
+            lines += ["", f"Head to head against `{baseline}`: win rate of each policy over `{baseline}` "
+                      "(ties half), by temperature:", "",
+                      _by_temperature(rows, judge, others, "win_rate", columns, percent=True, opponent=baseline),
+                      "", f"Reward advantage over `{baseline}` (same prompts):", "",
                       _by_temperature(rows, judge, others, "advantage", columns)]
     lines += ["", "## Diversity", "", "Distinct-2 of the generations (distinct word bigrams / all word bigrams; "
               "1 = no bigram repeats), by temperature:", "",
               markdown_table(["policy", *columns], [[p] + [f"{lookup(rows, policy=p, temperature=t, statistic='distinct_2')['value']:.3f}"
                                                    for t in columns] for p in policies])]
+    reference = settings.get("kl_reference")
+    if reference is not None:
+        lines += ["", f"KL(policy || `{reference}`) on the policy's own samples, by temperature: the mean over "
+                  "prompts of log π(y|x) − log π_ref(y|x), both at temperature 1, of the response sampled at "
+                  "that temperature (exactly the KL only at temperature 1 and top-p 1); nats:", "",
+                  _by_temperature(rows, "", policies, "kl", columns, opponent=reference)]
     lines += ["", "## Mean reward vs temperature", "", f"![reward vs temperature]({plots['temperature'].name})"]
     if "training" in plots:
         lines += ["", "## Training curves", "", f"![training curves]({plots['training'].name})"]

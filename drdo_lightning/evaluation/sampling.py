@@ -12,7 +12,8 @@ from tqdm import tqdm
 from drdo_lightning.data.pairs import RowError, check_messages, is_conversation, user_turn
 from drdo_lightning.data.readers import read_rows
 from drdo_lightning.errors import DataError
-from drdo_lightning.evaluation.generation import Prompt, generate, load_policy
+from drdo_lightning.evaluation.divergence import response_logps
+from drdo_lightning.evaluation.generation import Prompt, generate_ids, load_policy
 from drdo_lightning.evaluation.judges import Judge
 from drdo_lightning.evaluation.statistics import Scores
 
@@ -57,31 +58,69 @@ def sample_and_score(
     seed: int = 0,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    kl_reference: str | None = None,
 ) -> tuple[list[dict], Scores]:
     """Sample every policy at every temperature and score every response with every judge.
 
     Every policy gets the same seeds at a given temperature (common random numbers), which
     lowers the variance of paired comparisons. Returns the generation records and
     ``scores[judge][policy]``, an array ``[len(prompts), len(temperatures)]``.
+
+    With ``kl_reference`` (a model directory or hub id, e.g. the SFT policy) every record also
+    holds ``logp``, the response's log-probability under the policy that sampled it, and
+    ``reference_logp``, under the reference, both at temperature 1 over the sampled token ids
+    (:mod:`.divergence`); their difference is a one-sample estimate of KL(policy || reference)
+    (:func:`statistics.divergence`). The reference is loaded once, after the policies, so one model
+    is in memory at a time; it must share the policies' tokenizer.
     """
     n_batches = -(-len(prompts) // batch_size)
     records: list[dict] = []
     scores: Scores = {judge: {} for judge in judges}
+    sampled: dict[str, tuple[list[list[int]], list[list[int]], dict[str, int]]] = {}  # name -> ids, vocabulary
     with tqdm(total=len(policies) * len(temperatures) * n_batches, desc="sampling", unit="batch") as progress:
         for name, path in policies.items():
             model, tokenizer = load_policy(path, device=device, trust_remote_code=trust_remote_code)
-            responses = [
-                generate(model, tokenizer, prompts, temperature=t, top_p=top_p, max_new_tokens=max_new_tokens,
-                         max_prompt_length=max_prompt_length, batch_size=batch_size, seed=seed, progress=progress)
+            generated = [
+                generate_ids(model, tokenizer, prompts, temperature=t, top_p=top_p, max_new_tokens=max_new_tokens,
+                             max_prompt_length=max_prompt_length, batch_size=batch_size, seed=seed, progress=progress)
                 for t in temperatures
             ]
             flat_prompts = [p for _ in temperatures for p in prompts]
-            flat_responses = [r for per_t in responses for r in per_t]
+            flat_responses = [r for g in generated for r in g.texts]
             rewards = {}
             for judge, score in judges.items():
                 rewards[judge] = np.asarray(score(flat_prompts, flat_responses), dtype=float)
                 scores[judge][name] = rewards[judge].reshape(len(temperatures), len(prompts)).T
+            logps = None
+            if kl_reference is not None:
+                ids = ([p for g in generated for p in g.prompt_ids], [r for g in generated for r in g.response_ids])
+                sampled[name] = (*ids, tokenizer.get_vocab())
+                logps = response_logps(model, *ids, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size)
             for k, (t, i) in enumerate(itertools.product(temperatures, range(len(prompts)))):
                 records.append({"policy": name, "temperature": t, "prompt_index": i, "prompt": prompts[i],
                                 "response": flat_responses[k], "rewards": {j: float(r[k]) for j, r in rewards.items()}})
+                if logps is not None:
+                    records[-1]["logp"] = float(logps[k])
+            del model
+    if kl_reference is not None:
+        _add_reference_logps(records, sampled, kl_reference, batch_size=batch_size, device=device,
+                             trust_remote_code=trust_remote_code)
     return records, scores
+
+
+def _add_reference_logps(records: list[dict], sampled: dict, reference: str, *, batch_size: int, device: str,
+                         trust_remote_code: bool) -> None:
+    """``reference_logp`` in every record: the reference's temperature-1 log-prob of the sampled ids."""
+    model, tokenizer = load_policy(reference, device=device, trust_remote_code=trust_remote_code)
+    vocabulary = tokenizer.get_vocab()
+    by_policy: dict[str, list[dict]] = {}
+    for r in records:
+        by_policy.setdefault(r["policy"], []).append(r)
+    for name, (prompt_ids, response_ids, policy_vocabulary) in sampled.items():
+        if policy_vocabulary != vocabulary:
+            raise DataError(f"KL to {reference}: policy {name!r} has another tokenizer than the reference, so their "
+                            "log-probabilities are of different token sequences; give a reference of the same family")
+        logps = response_logps(model, prompt_ids, response_ids, pad_token_id=tokenizer.pad_token_id,
+                               batch_size=batch_size)
+        for record, logp in zip(by_policy[name], logps, strict=True):
+            record["reference_logp"] = float(logp)
