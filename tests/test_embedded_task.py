@@ -3,16 +3,22 @@
 import json
 import re
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
+from drdo_lightning.embedded_default import OOD_PROMPTS
 from drdo_lightning.embedded_default import task as embedded
+from drdo_lightning.embedded_default.build import write_ood_prompts
+from drdo_lightning.experiments.sweeps import EvalSettings
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(n_sft=200, n_train=300, n_val=50, n_eval=200)
 LEXICON = SentimentIntensityAnalyzer().lexicon
+DETERMINERS = {"this", "the"}  # every subject starts with one; no opening holds one
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +30,16 @@ def task():
 def written(tmp_path_factory):
     out = tmp_path_factory.mktemp("embedded_default")
     return out, embedded.write_task(out, seed=3, **SMALL)
+
+
+def _words(texts):
+    return {word for text in texts for word in text.split()}
+
+
+def _opening(prompt):
+    """The words before the subject: up to the first determiner."""
+    words = prompt.split()
+    return " ".join(words[:min(words.index(d) for d in DETERMINERS if d in words)])
 
 
 def _golds(rows):
@@ -45,7 +61,8 @@ def test_sentiment_vocabulary_is_in_vader_with_the_right_sign():
 
 def test_prompts_and_filler_are_neutral_to_vader():
     filler = embedded.NEUTRAL_CLAUSES + embedded.ASPECTS + embedded.FILM_NOUNS + embedded.MODIFIERS + embedded.CONNECTORS
-    prompt_parts = embedded.PROMPT_LEADS + embedded.PROMPT_SUBJECTS + embedded.PROMPT_TAILS
+    prompt_parts = (embedded.PROMPT_LEADS + embedded.PROMPT_SUBJECTS + embedded.PROMPT_TAILS
+                    + embedded.OOD_PROMPT_LEADS + embedded.OOD_PROMPT_SUBJECTS)
     words = set(re.findall(r"[a-z]+", " ".join(filler + prompt_parts).lower()))
     assert not {word for word in words if word in LEXICON}
     assert embedded.gold_reward(embedded.NEUTRAL_CLAUSES) == [0.0] * len(embedded.NEUTRAL_CLAUSES)
@@ -191,3 +208,67 @@ def test_describe_task_summarises_a_written_task(tmp_path):
     described = embedded.describe_task(tmp_path, paths)
     assert "rows: sft=200, train=300, val=50, eval=200" in described
     assert "flipped=30" in described and "model.safetensors" in described
+
+
+# --- out-of-distribution evaluation prompts ---------------------------------------------------
+
+
+def test_ood_prompt_parts_share_no_opening_or_subject_with_the_task():
+    ood_leads, ood_subjects = embedded.OOD_PROMPT_LEADS, embedded.OOD_PROMPT_SUBJECTS
+    assert set(ood_leads).isdisjoint(embedded.PROMPT_LEADS) and set(ood_subjects).isdisjoint(embedded.PROMPT_SUBJECTS)
+    for ood in ood_leads:  # no opening begins another family's opening
+        assert not any(f"{ood} ".startswith(f"{lead} ") or f"{lead} ".startswith(f"{ood} ") for lead in embedded.PROMPT_LEADS)
+    # no word of a training subject (movie, film, the genres) in an OOD opening or subject ...
+    assert not (_words(embedded.PROMPT_SUBJECTS) - DETERMINERS) & _words(ood_leads + ood_subjects)
+    # ... and each OOD subject holds a word that no part of a training prompt has
+    task_words = _words(embedded.PROMPT_LEADS + embedded.PROMPT_SUBJECTS + embedded.PROMPT_TAILS)
+    assert all(_words([subject]) - task_words for subject in ood_subjects)
+    assert len(ood_leads) * len(ood_subjects) * len(embedded.PROMPT_TAILS) >= 200
+
+
+def test_ood_prompts_share_no_opening_or_subject_with_any_task_prompt(task):
+    ood = [row["prompt"] for row in embedded.generate_ood_prompts(0)]
+    assert len(set(ood)) == len(ood) == 200
+    used = {row["prompt"] for split in ("sft", "train", "val", "eval") for row in task[split]}
+    assert used.isdisjoint(ood)
+    assert {_opening(p) for p in used} == set(embedded.PROMPT_LEADS)
+    assert {_opening(p) for p in ood}.isdisjoint(_opening(p) for p in used)
+    used_words = _words(used)
+    assert all(_words([p]) - used_words for p in ood)  # its subject: a word no task prompt has
+    assert not (_words(embedded.PROMPT_SUBJECTS) - DETERMINERS) & _words(ood)
+    assert embedded.gold_reward(ood) == [0.0] * len(ood)
+
+
+def test_ood_prompts_are_deterministic_per_seed():
+    first = embedded.generate_ood_prompts(0)
+    assert first == embedded.generate_ood_prompts(0) and set(first[0]) == {"prompt"}
+    assert {r["prompt"] for r in first} != {r["prompt"] for r in embedded.generate_ood_prompts(1)}
+    assert embedded.generate_ood_prompts(0, n=20) == first[:20]
+    with pytest.raises(ValueError):
+        embedded.generate_ood_prompts(0, n=10_000)
+
+
+def test_ood_prompts_tokenize_like_the_training_prompts(task, tiny_tokenizer):
+    ood = [row["prompt"] for row in embedded.generate_ood_prompts(0)]
+    shipped = AutoTokenizer.from_pretrained(ROOT / "embedded_default" / "base_model")
+    for tokenizer in (shipped, tiny_tokenizer):
+        for prompt in ood:
+            ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == prompt
+    # every word is one the tokenizer was trained on, and the shipped one encodes each as one
+    # token, as it does the task's prompts
+    texts = [row[key] for rows in task.values() for row in rows for key in ("prompt", "chosen", "rejected") if key in row]
+    assert _words(ood) <= set(re.findall(r"[A-Za-z]+", " ".join(texts)))
+    task_prompts = [row["prompt"] for row in task["train"][:200]] + [row["prompt"] for row in task["eval"]]
+    for prompt in ood + task_prompts:
+        assert len(shipped(prompt, add_special_tokens=False)["input_ids"]) == len(prompt.split())
+
+
+def test_shipped_ood_prompts_are_the_generated_ones(tmp_path):
+    shipped = ROOT / OOD_PROMPTS
+    with shipped.open(encoding="utf-8") as f:
+        assert [json.loads(line) for line in f] == embedded.generate_ood_prompts(0)
+    assert write_ood_prompts(tmp_path).read_bytes() == shipped.read_bytes()
+    with (ROOT / "embedded_default" / "data" / "eval.jsonl").open(encoding="utf-8") as f:
+        assert sum(1 for _ in f) == 200  # as many as the in-distribution family
+    assert EvalSettings().prompts.endswith("eval.jsonl") and EvalSettings().ood().prompts == OOD_PROMPTS

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from drdo_lightning.embedded_default import task
+from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.stages import oracle_accuracy, train_judges_and_score, train_sft
 from drdo_lightning.training import DataSpec, RunSpec
 
@@ -22,8 +23,18 @@ def _install(src: Path, dst: Path) -> None:
 EMBEDDED_SPEC = DataSpec(max_prompt_length=64, max_length=128)
 
 
+def write_ood_prompts(out: str = "embedded_default", seed: int = 0, n: int = 200) -> Path:
+    """Write ``out/data/eval_ood.jsonl``: the out-of-distribution evaluation prompts of
+    :func:`task.generate_ood_prompts`. Nothing else of the build depends on them, so this alone
+    refreshes them in an existing build."""
+    return write_jsonl(Path(out) / "data" / "eval_ood.jsonl", task.generate_ood_prompts(seed, n))
+
+
 def build_embedded_default(out: str = "embedded_default", work: str = "runs/embedded_default_build", seed: int = 0) -> Path:
     """Rebuild the embedded default (data, base model, SFT policy, Oracle, scored pairs) from scratch.
+
+    The data are ``data/{sft,train,val,eval}.jsonl`` and the out-of-distribution evaluation prompts
+    ``data/eval_ood.jsonl`` (:func:`write_ood_prompts`).
 
     The Oracle starts from its own SFT policy, 5.5x the student's size (:data:`task.ORACLE_SHAPE`),
     and is shipped in bfloat16; the e-DPO ensemble starts from the student's SFT policy.
@@ -40,6 +51,7 @@ def build_embedded_default(out: str = "embedded_default", work: str = "runs/embe
     _install(raw["base_model"], out_dir / "base_model")
     for split in ("sft", "eval"):
         _install(raw[split], out_dir / "data" / f"{split}.jsonl")
+    write_ood_prompts(out, seed)
     sft_run = RunSpec("sft", train_file=raw["sft"], val_file=raw["val"], data=EMBEDDED_SPEC, seed=seed)
     sft = train_sft(replace(sft_run, run_dir=work_dir / "sft", model=raw["base_model"]))
     _install(sft, out_dir / "sft_policy")

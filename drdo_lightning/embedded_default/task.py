@@ -143,6 +143,20 @@ PROMPT_TAILS = (
     "at the cinema and", "over the weekend and", "on a long flight and",
     "after work and",
 )
+# The out-of-distribution evaluation family (``data/eval_ood.jsonl``): openings and subjects that no
+# training, SFT, validation or in-distribution evaluation prompt uses (no film genre, no "movie" or
+# "film"), composed with the same tails. Every word is one the tokenizer was trained on (from the
+# neutral clauses and the prompts) and encodes as one token, as the training prompts' words do, and
+# none is in VADER's lexicon.
+OOD_PROMPT_LEADS = (
+    "I saw", "We watched", "I streamed", "My brother picked", "My brother and I caught",
+    "I took my brother to see",
+)
+OOD_PROMPT_SUBJECTS = (
+    "this picture", "the black and white picture", "this story about a small town",
+    "the short picture about the city", "this story set on a train", "the picture based on a book",
+    "this long story about three characters",
+)
 
 MIN_RESPONSE_WORDS = 8
 MAX_RESPONSE_WORDS = 25
@@ -222,6 +236,20 @@ def _split_prompts(seed: int, n_eval: int) -> tuple[list[str], list[str]]:
     return prompts[:n_eval], prompts[n_eval:]
 
 
+def generate_ood_prompts(seed: int = 0, n: int = 200) -> list[dict]:
+    """``n`` distinct out-of-distribution evaluation prompts for ``seed``, as rows ``{"prompt"}``.
+
+    They combine :data:`OOD_PROMPT_LEADS` and :data:`OOD_PROMPT_SUBJECTS`, which no prompt of
+    :func:`generate_task` uses, with the usual :data:`PROMPT_TAILS`; a seeded shuffle of all
+    combinations picks them, from a stream of its own (the task's splits do not move).
+    """
+    prompts = [" ".join(parts) for parts in itertools.product(OOD_PROMPT_LEADS, OOD_PROMPT_SUBJECTS, PROMPT_TAILS)]
+    if not 0 < n <= len(prompts):
+        raise ValueError(f"n must be in [1, {len(prompts)}], got {n}")
+    random.Random(f"drdo-demo/{seed}/ood_prompts").shuffle(prompts)
+    return [{"prompt": prompt} for prompt in prompts[:n]]
+
+
 def _sample_pairs(rng: random.Random, prompts: list[str], n: int, bt_scale: float) -> list[dict]:
     """Pairs of independent responses with a Bradley-Terry label sampled on the gold difference."""
     rows = []
@@ -261,7 +289,8 @@ def generate_task(
 
     sft rows are {"prompt", "chosen"}; train/val rows are {"prompt", "chosen",
     "rejected", "gold_chosen", "gold_rejected", "label_flipped"}; eval rows are
-    {"prompt"} with distinct prompts never used by the other splits.
+    {"prompt"} with distinct prompts never used by the other splits (:func:`generate_ood_prompts`
+    gives a second, out-of-distribution family of evaluation prompts).
     ``label_flip_rate`` applies to the training pairs only. Each split draws
     from its own seeded stream, so changing one size leaves the others intact.
     """

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from drdo_lightning.embedded_default import EMBEDDED, GOLD
+from drdo_lightning.embedded_default import EMBEDDED, EVAL_PROMPTS, GOLD, OOD_PROMPTS
 from drdo_lightning.evaluation.judges import Judge, load_judge
 from drdo_lightning.evaluation.sampling import PAPER_TEMPERATURES, read_prompts, sample_and_score
 from drdo_lightning.evaluation.statistics import Estimate, distinct_n
@@ -41,9 +41,12 @@ class EvalSettings:
     The defaults fit the embedded default: its responses are at most ~35 tokens.
     ``max_prompt_length`` and ``max_length`` are the token budgets of the whole sweep: training,
     scoring and judging.
+    ``prompts`` are the embedded default's held-out prompts; its out-of-distribution family,
+    :data:`OOD_PROMPTS` (``embedded_default/data/eval_ood.jsonl``), is one option away:
+    :meth:`ood`, or ``--evaluation.prompts embedded_default/data/eval_ood.jsonl`` on a sweep's command line.
     """
 
-    prompts: str = str(EMBEDDED / "data" / "eval.jsonl")
+    prompts: str = EVAL_PROMPTS
     num_prompts: int | None = None
     judges: dict[str, str] = field(default_factory=lambda: {"gold": GOLD, "oracle": str(EMBEDDED / "oracle")})
     temperatures: list[float] = field(default_factory=lambda: list(PAPER_TEMPERATURES))
@@ -56,6 +59,10 @@ class EvalSettings:
 
     def data_spec(self) -> DataSpec:
         return DataSpec(max_prompt_length=self.max_prompt_length, max_length=self.max_length)
+
+    def ood(self) -> EvalSettings:
+        """These settings on the embedded default's out-of-distribution prompts."""
+        return replace(self, prompts=OOD_PROMPTS)
 
 
 class Evaluator:
