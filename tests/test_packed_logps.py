@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 from architectures import ARCHITECTURES, build
-from test_chunked_head import VOCAB, assert_same, values_and_grads, with_head
+from test_chunked_head import VOCAB, assert_same, values_and_grads, with_head, with_lora
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -31,15 +31,7 @@ def test_packed_batches_give_the_padded_values_and_gradients(name, caplog):
 
 
 def test_packed_batches_under_lora_adapters():
-    pytest.importorskip("peft")
-    from drdo_lightning.lora import add_adapters
-
-    model = with_head(build("llama", VOCAB))
-    model.lm = add_adapters(model.lm, {"r": 4, "alpha": 8, "target_modules": "all-linear"})
-    with torch.no_grad():  # adapters start as a no-op; make them count
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.1)
+    model = with_lora(with_head(build("llama", VOCAB)))
     reference = values_and_grads(model, "right", None)
     assert_same(reference, values_and_grads(model, "right", None, packed=True), "llama with LoRA, packed")
     assert model._packs is True
