@@ -432,7 +432,8 @@ def step_flops(p: Preset, name: str, batch: list[int], device: str = "cpu") -> f
     """
     from drdo_lightning.models import CHUNKED_HEAD_MIN_VOCABULARY
 
-    sequences, length, response, _, rows, computed_length = batch
+    sequences, length, response = batch[:3]
+    rows, computed_length = batch[4:6] if len(batch) > 4 else (sequences, length)  # packed rows, when recorded
     base = name.removesuffix(PACKED).removesuffix(GROUPED)
     lora = base.endswith("_lora")
     objective = base.removesuffix("_lora")

@@ -262,8 +262,12 @@ class CausalLMWithRewardHead(nn.Module):
         return packing.unpack(hidden)[keep[attention_mask.bool()]]
 
     def packing_for(self, attention_mask: Tensor) -> Packing | None:
-        """The batch's packing (:func:`packing.pack`), or None for a model whose forward does not
-        honour packed position ids (checked once, :func:`packing.supports_packing`; one notice)."""
+        """The batch's packing (:func:`packing.pack`), or None for a batch without padding (packing
+        would change nothing but the attention kernel: a causal one is faster than a mask) and for a
+        model whose forward does not honour packed position ids (checked once,
+        :func:`packing.supports_packing`; one notice)."""
+        if bool(attention_mask.all()):
+            return None
         if self._packs is None:
             self._packs = supports_packing(self.lm)
             if not self._packs:

@@ -203,6 +203,15 @@ def test_choose_takes_the_best_gold_but_drdo_only_among_settings_that_still_dist
     assert comparison.choose("dpo", [{"setting": {}, "gold": g} for g in (0.1, 0.3, 0.2)], 0.1)["gold"] == 0.3
 
 
+def test_a_grid_grows_past_the_edge_its_choice_sits_on():
+    assert comparison.beyond_edge(1e-3, [1e-4, 3e-4, 1e-3]) == pytest.approx(3e-3)
+    assert comparison.beyond_edge(3e-3, [1e-4, 3e-4, 1e-3, 3e-3]) == pytest.approx(1e-2)
+    assert comparison.beyond_edge(1e-4, [1e-4, 3e-4, 1e-3]) == pytest.approx(3e-5)
+    assert comparison.beyond_edge(3e-5, [3e-5, 1e-4]) == pytest.approx(1e-5)
+    assert comparison.beyond_edge(3e-4, [1e-4, 3e-4, 1e-3]) is None  # interior
+    assert comparison.beyond_edge(1e-3, [1e-3]) == pytest.approx(3e-3)  # one value: grow upwards
+
+
 def test_compare_tunes_on_held_out_prompts_then_runs_flips_and_seeds(tmp_path, tiny_model_dir, pair_files, eval_file,
                                                                     monkeypatch):
     out = tmp_path / "compare"
@@ -210,6 +219,7 @@ def test_compare_tunes_on_held_out_prompts_then_runs_flips_and_seeds(tmp_path, t
         "compare", "--out", str(out), "--methods", "[drdo, dpo]", "--learning_rates", "[1e-3]",
         "--grid", json.dumps({"drdo": {"variant": ["paper", "corrected"]}, "dpo": {"model.beta": [0.1, 0.5]}}),
         "--flip_rates", "[0.0, 0.25]", "--seeds", "[0, 1]", "--max_steps", "2", "--judge_steps", "2", "--members", "1",
+        "--max_grid_extensions", "1",
         "--num_tuning_prompts", "5", "--policy", str(tiny_model_dir), "--sft_data", str(pair_files["sft"]),
         "--train_data", str(pair_files["train"]), "--val_data", str(pair_files["val"]),
         "--oracle_shape", json.dumps({"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
@@ -234,15 +244,18 @@ def test_compare_tunes_on_held_out_prompts_then_runs_flips_and_seeds(tmp_path, t
     member_config = next((out / "flip_0.25" / "judges" / "ensemble").rglob("config.yaml")).read_text()
     assert f"model: {tiny_model_dir}" in member_config
 
-    # Every tuning cell was judged on the tuning prompts; DRDO's also measured how it distils.
+    # Every tuning cell was judged on the tuning prompts; DRDO's also measured how it distils. A
+    # one-rate grid's choice sits at its edge, so each method's grid grew once (every knob at 3e-3).
     tuned = list(csv.DictReader((out / "tuning.csv").open()))
-    assert sorted(t["setting"] for t in tuned) == sorted(["learning_rate=0.001,variant=paper",
-        "learning_rate=0.001,variant=corrected", "learning_rate=0.001,beta=0.1", "learning_rate=0.001,beta=0.5"])
+    assert sorted(t["setting"] for t in tuned) == sorted(
+        f"learning_rate={lr},{knob}" for lr in ("0.001", "0.003")
+        for knob in ("variant=paper", "variant=corrected", "beta=0.1", "beta=0.5"))
     assert all(-1 <= float(t["reward_corr"]) <= 1 for t in tuned if t["method"] == "drdo")
     corrected = next((out / "tuning" / "drdo" / "learning_rate=0.001,variant=corrected").rglob("config.yaml")).read_text()
     assert "preference_form: corrected" in corrected and "label_flip_rate: 0.0" in corrected
     tuning_md = (out / "tuning.md").read_text()
     assert tuning_md.count("| **") == 2  # one chosen setting per method
+    assert "Learning rates tried: drdo: 0.001, 0.003 (chosen at an edge); dpo: 0.001, 0.003 (chosen at an edge)." in tuning_md
 
     # The chosen settings ran at every flip rate with every seed, on that rate's judges.
     chosen = {t["method"]: t for t in tuned if f"**{t['setting']}**" in tuning_md}

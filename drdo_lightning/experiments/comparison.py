@@ -9,7 +9,10 @@
 2. **Tuning at flip 0.** Every method trains at every learning rate and every value of its main
    knob (DPO beta, IPO tau, e-DPO beta; DRDO alpha and the form of its loss, ``variant``) with
    one seed, and is judged by the gold reward on *tuning prompts*: prompts of the validation pairs,
-   none of them an evaluation prompt. The best mean gold reward wins. DRDO must also still
+   none of them an evaluation prompt. The best mean gold reward wins; where a method's best
+   learning rate is the grid's largest or smallest, its grid grows one step past that edge on the
+   1-3-10 ladder (every knob value at the new rate) until the choice is interior or
+   ``max_grid_extensions`` steps were added (:func:`beyond_edge`). DRDO must also still
    distil: a DRDO setting qualifies only if its student/Oracle reward-margin correlation on the
    validation pairs is within ``distill_tolerance`` of the paper form's at the same learning rate
    and alpha.
@@ -203,6 +206,23 @@ def _layers_and_knobs(method: str, setting: dict[str, Any]) -> tuple[tuple[str, 
     return (method,) + ((str(config_path(f"ablations/{variant}")),) if variant != PAPER_FORM else ()), knobs
 
 
+def beyond_edge(chosen: float, tried: list[float]) -> float | None:
+    """The next learning rate past the edge of ``tried`` that ``chosen`` sits on, or None if it is interior.
+
+    A tuning grid whose best value is its largest (smallest) says nothing about larger (smaller)
+    values, so the grid grows by one step of the 1-3-10 ladder: 1e-3 -> 3e-3 -> 1e-2 upwards,
+    1e-4 -> 3e-5 -> 1e-5 downwards. A one-value grid is its own edge both ways; it grows upwards.
+    """
+    mantissa = round(chosen / 10 ** math.floor(math.log10(chosen)), 6)
+    if chosen == max(tried):
+        step = chosen * (3.0 if mantissa < 3 else 10 / 3)
+    elif chosen == min(tried):
+        step = chosen / (10 / 3 if mantissa < 3 else 3.0)
+    else:
+        return None
+    return float(f"{step:.3g}")  # 1e-2, not 0.009999999999999998: it names run folders
+
+
 def choose(method: str, tuned: list[dict], tolerance: float) -> dict:
     """The tuned setting with the highest gold reward; for DRDO among those that still distil
     (correlation at least the paper form's at the same learning rate and alpha minus ``tolerance``)."""
@@ -232,6 +252,7 @@ def compare(
     distill_tolerance: float = 0.1,
     max_steps: int = 150,
     judge_steps: int = 125,
+    max_grid_extensions: int = 2,
     members: int = 3,
     policy: str = str(EMBEDDED / "sft_policy"),
     sft_data: str = str(EMBEDDED / "data" / "sft.jsonl"),
@@ -262,6 +283,8 @@ def compare(
         distill_tolerance: How far below the paper form's correlation a DRDO setting may distil.
         max_steps: Optimiser steps of every student.
         judge_steps: Optimiser steps of the Oracle and of each ensemble member.
+        max_grid_extensions: How many learning rates a method's grid may grow past its edge
+            (:func:`beyond_edge`) while its chosen rate sits there; 0 keeps ``learning_rates`` as given.
         members: e-DPO ensemble size.
         policy: The students' SFT policy; its tokenizer builds the Oracle's base model.
         sft_data: The SFT data the Oracle's larger SFT policy trains on.
@@ -310,11 +333,23 @@ def compare(
                           max_steps=max_steps, one_model_in_memory=True, overrides={**quiet, **(overrides or {}), **knobs})
             return pool.submit(_cell, run_dir, how, run, teacher_pairs=data["val"] if method == "drdo" else None, spec=spec)
 
-        tuned_runs = {(m, setting_name(s)): (s, student(0.0, tuning_seed, m, s, root / "tuning" / m / setting_name(s), tuning))
-                      for m in methods for s in settings_of(m, grid[m], learning_rates)}
-        tuned = [{"method": m, "setting": s, **{k: v["mean"] for k, v in f.result()["scores"].items()}}
-                 for (m, _), (s, f) in tuned_runs.items()]
-        chosen = {m: choose(m, [t for t in tuned if t["method"] == m], distill_tolerance)["setting"] for m in methods}
+        def tune(m: str, rates: list[float]) -> list[tuple[dict, Future]]:
+            return [(s, student(0.0, tuning_seed, m, s, root / "tuning" / m / setting_name(s), tuning))
+                    for s in settings_of(m, grid[m], rates)]
+
+        rates = {m: list(learning_rates) for m in methods}
+        runs = {m: tune(m, rates[m]) for m in methods}
+        for extension in range(max_grid_extensions + 1):
+            tuned = [{"method": m, "setting": s, **{k: v["mean"] for k, v in f.result()["scores"].items()}}
+                     for m in methods for s, f in runs[m]]
+            chosen = {m: choose(m, [t for t in tuned if t["method"] == m], distill_tolerance)["setting"] for m in methods}
+            beyond = {m: beyond_edge(chosen[m]["model.learning_rate"], rates[m]) for m in methods}
+            beyond = {m: lr for m, lr in beyond.items() if lr is not None}
+            if not beyond or extension == max_grid_extensions:
+                break
+            for m, lr in beyond.items():
+                rates[m].append(lr)
+                runs[m] += tune(m, [lr])
         final = [(rate, seed, m, student(rate, seed, m, chosen[m], root / f"flip_{rate}" / f"seed_{seed}" / m, evaluation))
                  for rate in flip_rates for seed in seeds for m in methods]
         cells = [c for rate, seed, m, f in final
@@ -324,7 +359,7 @@ def compare(
 
     write_csv([{"method": t["method"], "setting": setting_name(t["setting"]),
                 **{k: v for k, v in t.items() if k not in ("method", "setting")}} for t in tuned], root / "tuning.csv")
-    tuning_table = _tuning_table(tuned, chosen, reference["tuning"])
+    tuning_table = _tuning_table(tuned, chosen, reference["tuning"], rates)
     (root / "tuning.md").write_text(tuning_table + "\n")
     write_csv(cells, root / "cells.csv")
     summary = aggregate(cells, ("flip_rate", "method", "temperature"))
@@ -341,7 +376,7 @@ def compare(
     return table
 
 
-def _tuning_table(tuned: list[dict], chosen: dict[str, dict], start: dict[str, dict]) -> str:
+def _tuning_table(tuned: list[dict], chosen: dict[str, dict], start: dict[str, dict], rates: dict[str, list[float]]) -> str:
     measures = list(dict.fromkeys(["gold", *(k for t in tuned for k in t if k not in ("method", "setting"))]))
     body = []
     for t in tuned:
@@ -350,9 +385,13 @@ def _tuning_table(tuned: list[dict], chosen: dict[str, dict], start: dict[str, d
             name = f"**{name}**"
         body.append([t["method"], name, *(f"{t[m]:+.3f}" if m in t and not math.isnan(t[m]) else "-" for m in measures)])
     header = ["method", "setting", *(m if m != CORRELATION else "margin corr." for m in measures)]
+    grids = "; ".join(
+        f"{m}: {', '.join(f'{lr:g}' for lr in sorted(lrs))}"
+        + (" (chosen at an edge)" if beyond_edge(chosen[m]["model.learning_rate"], lrs) is not None else "")
+        for m, lrs in rates.items())
     return "\n".join(["Tuning at flip 0 (one seed), judged on the tuning prompts; **bold**: the chosen setting. "
                       "Starting policy: " + ", ".join(f"{m} {s['mean']:+.3f}" for m, s in start.items()), "",
-                      markdown_table(header, body)])
+                      f"Learning rates tried: {grids}.", "", markdown_table(header, body)])
 
 
 def _comparison_table(summary, methods, flip_rates, measures, temperatures, start, chosen, accuracy) -> str:
