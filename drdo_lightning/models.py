@@ -385,8 +385,9 @@ class CausalLMWithRewardHead(nn.Module):
         # Every kept row gets a target (0 where it predicts nothing) and is then weighted by
         # whether it predicts: selecting the predicting rows instead would copy the logits.
         targets = torch.where(labels != -100, labels, input_ids if prompt_logps else 0).roll(-1, dims=1)[keep]
-        if (chunk_rows is not None or packed) and self.head_is_reproduced(input_ids):
-            packing = self.packing_for(attention_mask) if packed else None
+        reproduced = (chunk_rows is not None or packed) and self.head_is_reproduced(input_ids)
+        packing = self.packing_for(attention_mask) if reproduced and packed else None
+        if reproduced and (chunk_rows is not None or packing is not None):  # else the one-piece head, as before
             hidden = self._final_hidden(input_ids, attention_mask, keep, packing)
             if chunk_rows is None:
                 token = logprobs.token_logps(self.project(hidden), targets)

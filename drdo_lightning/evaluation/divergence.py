@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.evaluation.statistics import Estimate, bootstrap_mean
 from drdo_lightning.models import CausalLMWithRewardHead
 
@@ -42,25 +43,20 @@ def response_logps(
     """``log π(y|x)`` at temperature 1 of each response given its prompt, summed over the response's tokens ``[N]``.
 
     ``model`` is a :class:`CausalLMWithRewardHead` or a causal LM (wrapped in one, without a head);
-    the log-probs come from :meth:`CausalLMWithRewardHead.sequence_logps` over ``prompt + response``,
-    right-padded with ``pad_token_id`` (masked out), with only the response's tokens as labels.
+    the log-probs come from :meth:`CausalLMWithRewardHead.sequence_logps` over ``prompt + response``
+    as training batches them (:class:`data.collation.PairCollator`: right-padded with ``pad_token_id``,
+    only the response's tokens as labels).
     """
     if len(prompt_ids) != len(response_ids):
         raise ValueError(f"{len(prompt_ids)} prompts and {len(response_ids)} responses")
     policy = _as_policy(model)
     device = next(policy.parameters()).device
+    collate = PairCollator(pad_token_id)
     out: list[float] = []
     for start in range(0, len(prompt_ids), batch_size):
-        rows = [(list(p), list(r)) for p, r in zip(prompt_ids[start:start + batch_size], response_ids[start:start + batch_size])]
-        width = max(len(p) + len(r) for p, r in rows)
-        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        labels = torch.full_like(input_ids, -100)
-        for b, (p, r) in enumerate(rows):
-            input_ids[b, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-            attention_mask[b, : len(p) + len(r)] = 1
-            labels[b, len(p): len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
-        logps, _ = policy.sequence_logps(input_ids.to(device), attention_mask.to(device), labels.to(device))
+        batch = collate([{"prompt_ids": list(p), "chosen_ids": list(r)}
+                         for p, r in zip(prompt_ids[start:start + batch_size], response_ids[start:start + batch_size])])
+        logps, _ = policy.sequence_logps(*(batch[f"chosen_{k}"].to(device) for k in ("input_ids", "attention_mask", "labels")))
         out += logps.float().cpu().tolist()
     return np.asarray(out, dtype=float)
 

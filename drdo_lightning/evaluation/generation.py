@@ -48,8 +48,15 @@ def generate_ids(
     seed: int = 0,
     progress: tqdm | None = None,
 ) -> Generated:
-    """:func:`generate`, with the token ids it sampled: the prompt's and the response's (what a
-    log-probability of the response, e.g. :func:`evaluation.divergence.response_logps`, scores)."""
+    """One sampled response per prompt, as text (special tokens removed) and as the token ids of the
+    prompt and of the response (what a log-probability of the response, e.g.
+    :func:`evaluation.divergence.response_logps`, scores).
+
+    Batches are left-padded so every row continues from its last prompt token. Batch ``b`` is
+    sampled right after ``torch.manual_seed(seed + b)`` inside a forked RNG: the same seed,
+    prompts and batch size give the same responses whatever ran before, and the caller's RNG
+    state is untouched. ``temperature=0`` decodes greedily.
+    """
     device = next(model.parameters()).device
     # Prompt ids as in training (:func:`data.tokenization.encode_prompts`, the BOS rule and rule 1).
     texts, templated = zip(*(_prompt_text(p, tokenizer) for p in prompts)) if prompts else ((), ())
@@ -89,28 +96,10 @@ def _until_eos(ids: list[int], eos_token_id: int | None) -> list[int]:
     return ids
 
 
-def generate(
-    model,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Prompt],
-    *,
-    temperature: float,
-    top_p: float = 0.8,
-    max_new_tokens: int = 256,
-    max_prompt_length: int = 512,
-    batch_size: int = 32,
-    seed: int = 0,
-    progress: tqdm | None = None,
-) -> list[str]:
-    """One sampled response per prompt (text after the prompt, special tokens removed).
-
-    Batches are left-padded so every row continues from its last prompt token. Batch ``b`` is
-    sampled right after ``torch.manual_seed(seed + b)`` inside a forked RNG: the same seed,
-    prompts and batch size give the same responses whatever ran before, and the caller's RNG
-    state is untouched. ``temperature=0`` decodes greedily.
-    """
-    return generate_ids(model, tokenizer, prompts, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                        max_prompt_length=max_prompt_length, batch_size=batch_size, seed=seed, progress=progress).texts
+def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], **options) -> list[str]:
+    """One sampled response per prompt (text after the prompt, special tokens removed); ``options``
+    are :func:`generate_ids`'s."""
+    return generate_ids(model, tokenizer, prompts, **options).texts
 
 
 def load_policy(path: str, *, device: str = "cpu", trust_remote_code: bool = False):
