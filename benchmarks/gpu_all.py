@@ -8,11 +8,14 @@ Parts, in this order, each a subprocess with its own time limit, cut to what is 
 out is reported and the next one runs):
 
 1. ``train_throughput.py --preset gpu --device cuda --dtype bf16`` with fixed lengths: TRL DPO
-   against DRDO and our DPO (precomputed and live reference), with the bf16 (and fp32) matmul peak
-   as the anchor; one round, 2 warm-up steps and 3 windows of 5 steps per configuration.
-2. ``gpu_deepspeed.py``: DRDO under DeepSpeed ZeRO-2 and ZeRO-3 in bf16, 5 warm-up + 20 steps each.
-3. ``train_throughput.py --lengths real``: TRL DPO and DRDO on long-tailed lengths, each with
-   and without length-grouped batches.
+   against DRDO and our DPO with a precomputed reference, with the bf16 (and fp32) matmul peak as
+   the anchor; one round, 2 warm-up steps and 3 windows of 5 steps per configuration.
+2. ``gpu_deepspeed.py``: DRDO under DeepSpeed ZeRO-2 and ZeRO-3 with bf16-mixed, 5 warm-up + 15
+   steps each.
+3. ``train_throughput.py --preset vocab128k``: TRL DPO against DRDO with the chunked LM head (the
+   default from 100k tokens) and with the head in one piece, bf16; 2 windows of 3 steps.
+4. ``train_throughput.py --lengths real --packed``: TRL DPO and DRDO on long-tailed lengths,
+   padded, length-grouped, packed, and grouped + packed.
 
 Each configuration is a fresh process whose imports and model set-up take ~20-30 s on the lent
 machine, so the steps are few: these are a first look, not the quiet-machine figures. Never run
@@ -37,18 +40,25 @@ def parts(dry_run: bool, work: Path) -> list[tuple[str, list[str], float, Path]]
     """(name, command, time cap in s, JSON output) of every part."""
     py = sys.executable
     if dry_run:
-        device = ["--device", "cpu", "--dtype", "fp32", "--preset", "tiny", "--threads", "1"]
+        device, presets = ["--device", "cpu", "--dtype", "fp32", "--threads", "1"], {"gpu": "tiny", "vocab128k": "tiny"}
         steps = ["--rounds", "1", "--warmup-steps", "1", "--windows", "2", "--steps-per-window", "1"]
+        large_vocabulary_steps = steps
     else:
-        device = ["--device", "cuda", "--dtype", "bf16", "--preset", "gpu"]
+        device, presets = ["--device", "cuda", "--dtype", "bf16"], {"gpu": "gpu", "vocab128k": "vocab128k"}
         steps = ["--rounds", "1", "--warmup-steps", "2", "--windows", "3", "--steps-per-window", "5"]
-    throughput = [py, str(BENCH / "train_throughput.py"), *device, *steps]
-    out = {name: work / f"{name}.json" for name in ("fixed", "deepspeed", "real")}
+        large_vocabulary_steps = ["--rounds", "1", "--warmup-steps", "1", "--windows", "2", "--steps-per-window", "3"]
+    benchmark = [py, str(BENCH / "train_throughput.py"), *device]
+    throughput = [*benchmark, "--preset", presets["gpu"], *steps]
+    vocab = [*benchmark, "--preset", presets["vocab128k"], *large_vocabulary_steps]
+    out = {name: work / f"{name}.json" for name in ("fixed", "deepspeed", "vocab128k", "real")}
     listed = [
-        ("fixed", [*throughput, "--json", str(out["fixed"])], 240.0, out["fixed"]),
-        ("deepspeed", [py, str(BENCH / "gpu_deepspeed.py"), "--steps", "20", "--warmup", "5", "--batch-size", "16",
-                       "--json", str(out["deepspeed"])], 200.0, out["deepspeed"]),
-        ("real", [*throughput, "--lengths", "real", "--only", "drdo", "--json", str(out["real"])], 200.0, out["real"]),
+        ("fixed", [*throughput, "--only", "drdo", "dpo_precomputed", "--json", str(out["fixed"])], 110.0, out["fixed"]),
+        ("deepspeed", [py, str(BENCH / "gpu_deepspeed.py"), "--steps", "15", "--warmup", "5", "--batch-size", "16",
+                       "--json", str(out["deepspeed"])], 150.0, out["deepspeed"]),
+        ("vocab128k", [*vocab, "--only", "drdo", "drdo_one_piece", "--json", str(out["vocab128k"])], 110.0,
+         out["vocab128k"]),
+        ("real", [*throughput, "--lengths", "real", "--packed", "--only", "drdo", "--json", str(out["real"])], 170.0,
+         out["real"]),
     ]
     return [p for p in listed if not (dry_run and p[0] == "deepspeed")]  # DeepSpeed's benchmark needs CUDA
 
@@ -106,7 +116,7 @@ def table(listed, status: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU smoke: tiny preset, fp32, no DeepSpeed")
-    parser.add_argument("--budget", type=float, default=560.0, help="seconds for all parts together")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for all parts together")
     parser.add_argument("--keep", type=Path, default=None, help="copy every part's JSON into this folder")
     args = parser.parse_args(argv)
     if not args.dry_run:
