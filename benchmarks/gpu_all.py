@@ -52,12 +52,12 @@ def parts(dry_run: bool, work: Path) -> list[tuple[str, list[str], float, Path]]
     vocab = [*benchmark, "--preset", presets["vocab128k"], *large_vocabulary_steps]
     out = {name: work / f"{name}.json" for name in ("fixed", "deepspeed", "vocab128k", "real")}
     listed = [
-        ("fixed", [*throughput, "--only", "drdo", "dpo_precomputed", "--json", str(out["fixed"])], 110.0, out["fixed"]),
+        ("fixed", [*throughput, "--only", "drdo", "dpo_precomputed", "--json", str(out["fixed"])], 100.0, out["fixed"]),
         ("deepspeed", [py, str(BENCH / "gpu_deepspeed.py"), "--steps", "15", "--warmup", "5", "--batch-size", "16",
-                       "--json", str(out["deepspeed"])], 150.0, out["deepspeed"]),
-        ("vocab128k", [*vocab, "--only", "drdo", "drdo_one_piece", "--json", str(out["vocab128k"])], 110.0,
+                       "--json", str(out["deepspeed"])], 140.0, out["deepspeed"]),
+        ("vocab128k", [*vocab, "--only", "drdo", "drdo_one_piece", "--json", str(out["vocab128k"])], 100.0,
          out["vocab128k"]),
-        ("real", [*throughput, "--lengths", "real", "--packed", "--only", "drdo", "--json", str(out["real"])], 170.0,
+        ("real", [*throughput, "--lengths", "real", "--packed", "--only", "drdo", "--json", str(out["real"])], 160.0,
          out["real"]),
     ]
     return [p for p in listed if not (dry_run and p[0] == "deepspeed")]  # DeepSpeed's benchmark needs CUDA
@@ -116,7 +116,7 @@ def table(listed, status: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU smoke: tiny preset, fp32, no DeepSpeed")
-    parser.add_argument("--budget", type=float, default=540.0, help="seconds for all parts together")
+    parser.add_argument("--budget", type=float, default=500.0, help="seconds for all parts together")
     parser.add_argument("--keep", type=Path, default=None, help="copy every part's JSON into this folder")
     args = parser.parse_args(argv)
     if not args.dry_run:

@@ -6,6 +6,9 @@
 # installed into /tmp/site first, without touching the preinstalled torch. See benchmarks/gpu_all.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# transformers (5.2x) swaps in kernels from the Hugging Face Hub on CUDA by default; a machine without
+# the Hub then fails loading any model, so the benchmarks run on transformers' own layers.
+export USE_HUB_KERNELS="${USE_HUB_KERNELS:-0}"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:$PWD"
