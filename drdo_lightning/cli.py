@@ -26,6 +26,7 @@ from drdo_lightning.errors import DataError, UserError
 from drdo_lightning.evaluation.command import evaluate
 from drdo_lightning.experiments.ablations import ablations
 from drdo_lightning.experiments.comparison import compare
+from drdo_lightning.experiments.protocol import protocol
 from drdo_lightning.experiments.pipeline import paper_pipeline
 from drdo_lightning.experiments.robustness import robustness
 from drdo_lightning.export import export
@@ -72,6 +73,7 @@ COMMANDS: dict[str, Command] = {
         _function("train-ensemble", "data and models", train_ensemble),
         _function("evaluate", "evaluation", evaluate, embedded_default.EVALUATE_DEFAULTS),
         _function("compare", "experiments", compare),
+        _function("protocol", "experiments", protocol),
         _function("robustness", "experiments", robustness),
         _function("ablations", "experiments", ablations),
         _function("splits", "experiments", splits),

@@ -191,7 +191,7 @@ HELP_GROUPS = {
     "training": ["fit", "validate"],
     "data and models": ["score", "export", "train-ensemble"],
     "evaluation": ["evaluate"],
-    "experiments": ["compare", "robustness", "ablations", "splits", "paper-pipeline"],
+    "experiments": ["compare", "protocol", "robustness", "ablations", "splits", "paper-pipeline"],
     "embedded default": ["build-embedded-default"],
 }
 

@@ -204,12 +204,12 @@ def test_choose_takes_the_best_gold_but_drdo_only_among_settings_that_still_dist
 
 
 def test_a_grid_grows_past_the_edge_its_choice_sits_on():
-    assert comparison.beyond_edge(1e-3, [1e-4, 3e-4, 1e-3]) == pytest.approx(3e-3)
-    assert comparison.beyond_edge(3e-3, [1e-4, 3e-4, 1e-3, 3e-3]) == pytest.approx(1e-2)
-    assert comparison.beyond_edge(1e-4, [1e-4, 3e-4, 1e-3]) == pytest.approx(3e-5)
-    assert comparison.beyond_edge(3e-5, [3e-5, 1e-4]) == pytest.approx(1e-5)
-    assert comparison.beyond_edge(3e-4, [1e-4, 3e-4, 1e-3]) is None  # interior
-    assert comparison.beyond_edge(1e-3, [1e-3]) == pytest.approx(3e-3)  # one value: grow upwards
+    assert sweeps.beyond_edge(1e-3, [1e-4, 3e-4, 1e-3]) == pytest.approx(3e-3)
+    assert sweeps.beyond_edge(3e-3, [1e-4, 3e-4, 1e-3, 3e-3]) == pytest.approx(1e-2)
+    assert sweeps.beyond_edge(1e-4, [1e-4, 3e-4, 1e-3]) == pytest.approx(3e-5)
+    assert sweeps.beyond_edge(3e-5, [3e-5, 1e-4]) == pytest.approx(1e-5)
+    assert sweeps.beyond_edge(3e-4, [1e-4, 3e-4, 1e-3]) is None  # interior
+    assert sweeps.beyond_edge(1e-3, [1e-3]) == pytest.approx(3e-3)  # one value: grow upwards
 
 
 def test_compare_tunes_on_held_out_prompts_then_runs_flips_and_seeds(tmp_path, tiny_model_dir, pair_files, eval_file,

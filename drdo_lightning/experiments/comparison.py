@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import replace
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +48,15 @@ from drdo_lightning.experiments.sweeps import (
     EvalSettings,
     Evaluator,
     aggregate,
+    beyond_edge,
+    executor,
     cell_text,
     measure_label,
     noisy_judges,
     plot_against_flip_rate,
     run_cell,
+    tuning_prompts,
 )
-from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.recipes import config_path
 from drdo_lightning.reports import markdown_table, write_csv
 from drdo_lightning.scoring import score
@@ -125,29 +125,6 @@ def _oracle_policy(root: Path, tokenizer_source: str, shape: dict[str, int], sft
                                  seed=FLIP_SEED, overrides=overrides)))
 
 
-def _start_worker(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-class _InProcess(Executor):
-    """Runs each job when it is submitted: ``jobs=1`` without worker processes."""
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        future: Future = Future()
-        future.set_result(fn(*args, **kwargs))
-        return future
-
-
-def _executor(jobs: int, threads: int) -> Executor:
-    if jobs == 1:
-        return _InProcess()
-    # Threads are fixed before torch loads in each worker: OpenMP reads the variable once.
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    return ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_start_worker, initargs=(threads,))
-
-
 # ---------------------------------------------------------------------------------------
 # Measures
 
@@ -161,16 +138,6 @@ def margin_correlation(student: Path, teacher_pairs: str, scores_file: Path, spe
     student_margin = [r["student_chosen"] - r["student_rejected"] for r in rows]
     teacher_margin = [r["oracle_chosen"] - r["oracle_rejected"] for r in rows]
     return float(np.corrcoef(student_margin, teacher_margin)[0, 1])
-
-
-def tuning_prompts(pairs: str, exclude: str, out: Path, limit: int) -> Path:
-    """The first ``limit`` distinct prompts of ``pairs`` that are not prompts of ``exclude``, as a prompt file."""
-    excluded = {row["prompt"] for _, row in read_rows(exclude)}
-    prompts = [p for p in dict.fromkeys(row["prompt"] for _, row in read_rows(pairs)) if p not in excluded][:limit]
-    if not prompts:
-        raise UserError(f"--val_data {pairs}: no prompt that is not also an evaluation prompt of {exclude}")
-    write_jsonl(out, [{"prompt": p} for p in prompts])
-    return out
 
 
 def _cells(result: dict, temperatures: list[float], **labels) -> list[dict]:
@@ -204,23 +171,6 @@ def _layers_and_knobs(method: str, setting: dict[str, Any]) -> tuple[tuple[str, 
     knobs = {k: v for k, v in setting.items() if k != VARIANT}
     variant = setting.get(VARIANT, PAPER_FORM)
     return (method,) + ((str(config_path(f"ablations/{variant}")),) if variant != PAPER_FORM else ()), knobs
-
-
-def beyond_edge(chosen: float, tried: list[float]) -> float | None:
-    """The next learning rate past the edge of ``tried`` that ``chosen`` sits on, or None if it is interior.
-
-    A tuning grid whose best value is its largest (smallest) says nothing about larger (smaller)
-    values, so the grid grows by one step of the 1-3-10 ladder: 1e-3 -> 3e-3 -> 1e-2 upwards,
-    1e-4 -> 3e-5 -> 1e-5 downwards. A one-value grid is its own edge both ways; it grows upwards.
-    """
-    mantissa = round(chosen / 10 ** math.floor(math.log10(chosen)), 6)
-    if chosen == max(tried):
-        step = chosen * (3.0 if mantissa < 3 else 10 / 3)
-    elif chosen == min(tried):
-        step = chosen / (10 / 3 if mantissa < 3 else 3.0)
-    else:
-        return None
-    return float(f"{step:.3g}")  # 1e-2, not 0.009999999999999998: it names run folders
 
 
 def choose(method: str, tuned: list[dict], tolerance: float) -> dict:
@@ -308,7 +258,7 @@ def compare(
     tuning = EvalSettings(**{**vars(evaluation), "prompts": str(tuning_prompts(
         val_data, evaluation.prompts, root / "tuning_prompts.jsonl", num_tuning_prompts)), "num_prompts": None})
 
-    with _executor(jobs, threads) as pool:
+    with executor(jobs, threads) as pool:
         oracle_policy = pool.submit(_oracle_policy, root / "oracle_policy", policy, oracle_shape, sft_data, val_data,
                                     spec, overrides or {})
         starts = {name: pool.submit(_cell, root / "start" / name, s, None, policy=policy)

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
 import logging
 import math
 import shutil
 import statistics
 import time
 from collections import defaultdict
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from multiprocessing import get_context
 from typing import Any, Sequence
 
 import numpy as np
 
+from drdo_lightning.data.readers import read_rows
 from drdo_lightning.embedded_default import EMBEDDED, EVAL_PROMPTS, GOLD, OOD_PROMPTS
 from drdo_lightning.evaluation.judges import Judge, load_judge
 from drdo_lightning.evaluation.sampling import PAPER_TEMPERATURES, read_prompts, sample_and_score
+from drdo_lightning.errors import UserError
 from drdo_lightning.evaluation.statistics import Estimate, distinct_n
+from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.reports import interval_bars, new_figure
 from drdo_lightning.stages import scored_files, train_judges_and_score
 from drdo_lightning.training import DataSpec, RunSpec, run_fit
@@ -32,6 +38,7 @@ SEEDS = (0, 1, 2)
 FLIP_SEED = 0
 STUDENTS = ("drdo", "dpo", "ipo", "edpo")  # the paper's students
 DISTINCT = "distinct_2"  # reported next to the judges' rewards: the diversity of the generations
+KL = "kl"  # with EvalSettings.kl_reference: KL(policy || reference) on the policy's own samples
 
 
 @dataclass
@@ -44,6 +51,10 @@ class EvalSettings:
     ``prompts`` are the embedded default's held-out prompts; its out-of-distribution family,
     :data:`OOD_PROMPTS` (``embedded_default/data/eval_ood.jsonl``), is one option away:
     :meth:`ood`, or ``--evaluation.prompts embedded_default/data/eval_ood.jsonl`` on a sweep's command line.
+    ``kl_reference`` (e.g. the SFT policy) adds ``kl``: KL(policy || reference) on the policy's own
+    samples (:mod:`evaluation.divergence`), the measure a repetitive policy cannot game.
+    ``keep_prompt_rewards`` keeps each judge's rewards per prompt and temperature (``by_prompt``),
+    for paired win rates between policies.
     """
 
     prompts: str = EVAL_PROMPTS
@@ -56,6 +67,8 @@ class EvalSettings:
     max_length: int = 128
     batch_size: int = 50
     seed: int = 0
+    kl_reference: str | None = None
+    keep_prompt_rewards: bool = False
 
     def data_spec(self) -> DataSpec:
         return DataSpec(max_prompt_length=self.max_prompt_length, max_length=self.max_length)
@@ -78,18 +91,28 @@ class Evaluator:
         }
 
     def __call__(self, policy: Path) -> dict[str, dict[str, Any]]:
-        """Mean reward per judge, over all prompts and temperatures and per temperature; and the
-        generations' diversity (``distinct_2``, :func:`evaluation.distinct_n`), per temperature and its mean."""
+        """Mean reward per judge, over all prompts and temperatures and per temperature; the
+        generations' diversity (``distinct_2``, :func:`evaluation.distinct_n`), per temperature and its
+        mean; with ``kl_reference``, ``kl`` likewise (the mean over prompts of the summed log-ratio);
+        with ``keep_prompt_rewards``, each judge's ``by_prompt`` rewards ``[prompts][temperatures]``."""
         s = self.settings
         records, scores = sample_and_score(
             {"policy": str(policy)}, self.prompts, self.judges, temperatures=s.temperatures, top_p=s.top_p,
             max_new_tokens=s.max_new_tokens, max_prompt_length=s.max_prompt_length, batch_size=s.batch_size, seed=s.seed,
+            kl_reference=s.kl_reference,
         )
         measures = {judge: {"mean": float(by_policy["policy"].mean()),
                             "by_temperature": by_policy["policy"].mean(axis=0).tolist()}
                     for judge, by_policy in scores.items()}
+        if s.keep_prompt_rewards:
+            for judge, by_policy in scores.items():
+                measures[judge]["by_prompt"] = by_policy["policy"].tolist()
         distinct = [distinct_n([r["response"] for r in records if r["temperature"] == t]) for t in s.temperatures]
         measures[DISTINCT] = {"mean": statistics.fmean(distinct), "by_temperature": distinct}
+        if s.kl_reference is not None:
+            kl = [statistics.fmean(r["logp"] - r["reference_logp"] for r in records if r["temperature"] == t)
+                  for t in s.temperatures]
+            measures[KL] = {"mean": statistics.fmean(kl), "by_temperature": kl}
         return measures
 
 
@@ -148,6 +171,8 @@ def aggregate(cells: list[dict], group: Sequence[str]) -> list[dict]:
 
 def measure_label(name: str) -> str:
     """What a column of a sweep's tables measures: a judge's reward, or the generations' diversity."""
+    if name == KL:
+        return "KL to the starting policy (nats, on own samples)"
     return "distinct-2 of the generations" if name == DISTINCT else f"{name} reward"
 
 
@@ -193,3 +218,54 @@ def plot_against_flip_rate(summary, methods, judges, reference, path: Path) -> N
         ax.set_title(f"{measure_label(judge)} vs label noise (95% CI over seeds)", fontsize=9)
     fig.axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=110)
+
+
+def _start_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+class _InProcess(Executor):
+    """Runs each job when it is submitted: ``jobs=1`` without worker processes."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def executor(jobs: int, threads: int) -> Executor:
+    """``jobs`` worker processes of ``threads`` torch threads each; runs in this process for ``jobs=1``."""
+    if jobs == 1:
+        return _InProcess()
+    # Threads are fixed before torch loads in each worker: OpenMP reads the variable once.
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    return ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_start_worker, initargs=(threads,))
+
+
+def beyond_edge(chosen: float, tried: list[float]) -> float | None:
+    """The next learning rate past the edge of ``tried`` that ``chosen`` sits on, or None if it is interior.
+
+    A tuning grid whose best value is its largest (smallest) says nothing about larger (smaller)
+    values, so the grid grows by one step of the 1-3-10 ladder: 1e-3 -> 3e-3 -> 1e-2 upwards,
+    1e-4 -> 3e-5 -> 1e-5 downwards. A one-value grid is its own edge both ways; it grows upwards.
+    """
+    mantissa = round(chosen / 10 ** math.floor(math.log10(chosen)), 6)
+    if chosen == max(tried):
+        step = chosen * (3.0 if mantissa < 3 else 10 / 3)
+    elif chosen == min(tried):
+        step = chosen / (10 / 3 if mantissa < 3 else 3.0)
+    else:
+        return None
+    return float(f"{step:.3g}")  # 1e-2, not 0.009999999999999998: it names run folders
+
+
+def tuning_prompts(pairs: str, exclude: str, out: Path, limit: int) -> Path:
+    """The first ``limit`` distinct prompts of ``pairs`` that are not prompts of ``exclude``, as a prompt file."""
+    excluded = {row["prompt"] for _, row in read_rows(exclude)}
+    prompts = [p for p in dict.fromkeys(row["prompt"] for _, row in read_rows(pairs)) if p not in excluded][:limit]
+    if not prompts:
+        raise UserError(f"--val_data {pairs}: no prompt that is not also an evaluation prompt of {exclude}")
+    write_jsonl(out, [{"prompt": p} for p in prompts])
+    return out

@@ -1,0 +1,151 @@
+"""The paper-regime protocol: its data (Table 1 splits, relabelled control), the margins it ranks
+pairs by, the KL next to the rewards, and one tiny run of the whole command."""
+
+from __future__ import annotations
+
+import json
+import numpy as np
+import pytest
+import torch
+
+from drdo_lightning.cli import main
+from drdo_lightning.data.readers import read_rows
+from drdo_lightning.evaluation.margins import IMPLICIT, LOGP, REWARD_HEAD, pair_margins
+from drdo_lightning.experiments import protocol
+from drdo_lightning.experiments.sweeps import KL, EvalSettings, Evaluator
+from drdo_lightning.jsonl import write_jsonl
+from drdo_lightning.models import CausalLMWithRewardHead
+from drdo_lightning.scoring import score
+
+
+@pytest.fixture(scope="module")
+def eval_file(tmp_path_factory, tiny_task):
+    return write_jsonl(tmp_path_factory.mktemp("eval") / "eval.jsonl", tiny_task["eval"])
+
+
+def _rows(path) -> list[dict]:
+    return [row for _, row in read_rows(str(path))]
+
+
+def _summed_logp(lm, tokenizer, prompt: str, response: str) -> float:
+    """log π(response | prompt) by hand: BOS + prompt, response + EOS, one forward, summed log-softmax."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = torch.tensor([prompt_ids + response_ids])
+    with torch.no_grad():
+        logps = torch.log_softmax(lm(ids).logits.float(), -1)[0, :-1]
+    targets = ids[0, 1:]
+    picked = logps.gather(-1, targets[:, None])[:, 0]
+    return float(picked[len(prompt_ids) - 1:].sum())
+
+
+def test_pair_margins_equal_a_hand_computation(tmp_path, tiny_model_dir, tiny_tokenizer, pair_files):
+    torch.manual_seed(1)
+    with_head = CausalLMWithRewardHead.from_pretrained(tiny_model_dir)  # a new, random reward head
+    with_head.save_pretrained(tmp_path / "with_head", tokenizer=tiny_tokenizer)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", _rows(pair_files["val"])[:6])
+    margins = pair_margins(tmp_path / "with_head", pairs, reference=tiny_model_dir, batch_size=4)
+    assert set(margins) == {LOGP, IMPLICIT, REWARD_HEAD}
+
+    lm = with_head.lm.eval()
+    for k, row in enumerate(_rows(pairs)):
+        chosen, rejected = (_summed_logp(lm, tiny_tokenizer, row["prompt"], row[side]) for side in ("chosen", "rejected"))
+        assert margins[LOGP][k] == pytest.approx(chosen - rejected, abs=1e-4)
+    # The same weights as the reference: every implicit reward difference is 0.
+    assert np.abs(margins[IMPLICIT]).max() < 1e-4
+    # The reward-head margin is chosen minus rejected, in file order, as `score` writes the rewards.
+    scored = score([str(tmp_path / "with_head")], str(pairs), str(tmp_path / "scored.jsonl"), max_length=1024)
+    expected = [r["oracle_chosen"] - r["oracle_rejected"] for r in _rows(scored)]
+    assert margins[REWARD_HEAD] == pytest.approx(expected, abs=1e-5)
+
+    headless = pair_margins(tiny_model_dir, pairs)
+    assert set(headless) == {LOGP} and np.allclose(headless[LOGP], margins[LOGP], atol=1e-5)
+
+
+def test_relabelling_orders_each_pair_by_its_oracle(tmp_path):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b", "oracle_chosen": 1.0, "oracle_rejected": 2.0,
+             "ensemble_chosen": [1], "ensemble_rejected": [2], "gold_chosen": 0.1, "gold_rejected": 0.3},
+            {"prompt": "q", "chosen": "c", "rejected": "d", "oracle_chosen": 3.0, "oracle_rejected": 2.0,
+             "ensemble_chosen": [3], "ensemble_rejected": [4], "gold_chosen": 0.5, "gold_rejected": 0.2}]
+    out = protocol.relabelled_by_teacher(write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
+    first, second = _rows(out)
+    assert (first["chosen"], first["rejected"], first["oracle_chosen"], first["oracle_rejected"]) == ("b", "a", 2.0, 1.0)
+    assert (first["ensemble_chosen"], first["gold_chosen"], first["gold_rejected"]) == ([2], 0.3, 0.1)
+    assert second == rows[1]
+
+
+def test_table1_splits_are_equal_sized_and_split_by_confidence_and_distance(tmp_path, pair_files):
+    files = protocol.table1_splits(str(pair_files["train"]), tmp_path / "splits")
+    halves = {name: _rows(path) for name, path in files.items()}
+    sizes = {name: len(rows) for name, rows in halves.items()}
+    assert len(set(sizes.values())) == 1 and sizes["easy"] > 0
+    confidence = {name: np.mean([r["confidence"] for r in rows]) for name, rows in halves.items()}
+    distance = {name: np.mean([r["edit_distance"] for r in rows]) for name, rows in halves.items()}
+    assert confidence["easy"] > confidence["sample"] > confidence["hard"]
+    assert distance["easy"] > distance["hard"]
+    gold = {(r["prompt"], r["chosen"]): abs(r["gold_chosen"] - r["gold_rejected"]) for r in _rows(pair_files["train"])}
+    assert all(r["confidence"] == pytest.approx(gold[(r["prompt"], r["chosen"])]) for r in halves["hard"])
+    # Seeded: a second call in another folder writes the same pairs.
+    again = protocol.table1_splits(str(pair_files["train"]), tmp_path / "again")
+    assert all(_rows(again[name]) == halves[name] for name in files)
+
+
+def test_the_evaluator_reports_kl_to_the_start_next_to_the_rewards(tiny_model_dir, tiny_task, tmp_path):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", tiny_task["eval"][:4])
+    settings = EvalSettings(prompts=str(prompts), judges={"gold": "vader"}, temperatures=[0.7, 1.0], max_new_tokens=6,
+                            kl_reference=str(tiny_model_dir), keep_prompt_rewards=True)
+    measures = Evaluator(settings)(tiny_model_dir)
+    # The policy is its own reference: every log-ratio is 0, so is the KL.
+    assert measures[KL]["by_temperature"] == pytest.approx([0.0, 0.0], abs=1e-5)
+    assert np.array(measures["gold"]["by_prompt"]).shape == (4, 2)
+    assert measures["gold"]["mean"] == pytest.approx(np.mean(measures["gold"]["by_prompt"]))
+
+
+def test_a_condition_names_a_known_split_and_teacher(tiny_model_dir, pair_files):
+    bad = {"name": "x", "split": "medium"}
+    with pytest.raises(Exception, match="split must be one of"):
+        protocol.protocol(conditions=[bad], tuning_condition="x", policy=str(tiny_model_dir),
+                          train_data=str(pair_files["train"]), val_data=str(pair_files["val"]))
+
+
+@pytest.mark.slow
+def test_protocol_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file):
+    out = tmp_path / "protocol"
+    conditions = [{"name": "bt", "data": {"label_noise": "bt", "noise_temperature": 1.0,
+                                          "noise_score_columns": ["gold_chosen", "gold_rejected"]}},
+                  {"name": "hard_all", "split": "hard", "teacher": "all_pairs", "seeds": 1}]
+    table = main([
+        "protocol", "--out", str(out), "--conditions", json.dumps(conditions),
+        "--methods", json.dumps({"drdo": ["drdo"], "dpo": ["dpo"]}), "--seeds", "[0, 1]",
+        "--learning_rates", "[1e-3]", "--max_grid_extensions", "1", "--max_steps", "2", "--judge_steps", "2",
+        "--members", "2", "--num_tuning_prompts", "4", "--policy", str(tiny_model_dir),
+        "--train_data", str(pair_files["train"]), "--val_data", str(pair_files["val"]),
+        "--evaluation.prompts", str(eval_file), "--evaluation.num_prompts", "4", "--evaluation.max_new_tokens", "6",
+        "--evaluation.judges", json.dumps({"gold": "vader"}), "--ood_prompts", str(eval_file), "--jobs", "1",
+        "--overrides", json.dumps({"data.cache_dir": str(tmp_path / "cache")}),
+    ])
+    # Teachers: held out from their own (noisy) pairs, never the clean validation file.
+    oracle_config = next((out / "teachers" / "bt" / "oracle").rglob("config.yaml")).read_text()
+    assert "noise_validation: true" in oracle_config and "val_fraction: 0.1" in oracle_config
+    assert "label_noise: bt" in oracle_config
+    # The split's students distil the all-pairs teachers' scores of the split's pairs.
+    assert (out / "teachers" / "all_pairs_on_hard.jsonl").is_file()
+    split_pairs = {r["prompt"] + r["chosen"] for r in _rows(out / "splits" / "hard.jsonl")}
+    trained = next((out / "hard_all" / "seed_0" / "drdo").rglob("config.yaml")).read_text()
+    assert "all_pairs_on_hard.jsonl" in trained
+    relabelled = _rows(out / "hard_all" / "seed_0" / "relabelled.jsonl")
+    assert {r["prompt"] + r["chosen"] for r in relabelled} <= split_pairs | {r["prompt"] + r["rejected"] for r in _rows(
+        out / "splits" / "hard.jsonl")}
+    assert all(r["oracle_chosen"] >= r["oracle_rejected"] for r in relabelled)
+    # One grid step past the one-rate grid; every cell of both conditions; the secondary one with 1 seed.
+    assert "lr 0.001" in (out / "tuning.md").read_text() and "lr 0.003" in (out / "tuning.md").read_text()
+    for seed in (0, 1):
+        for method in ("drdo", "dpo"):
+            scores = json.loads((out / "bt" / f"seed_{seed}" / method / "scores.json").read_text())["scores"]
+            assert {"in", "ood", "margins"} <= set(scores) and KL in scores["in"]
+    assert not (out / "hard_all" / "seed_1").exists()
+    assert {"dpo_relabelled"} <= {p.name for p in (out / "hard_all" / "seed_0").iterdir()}
+    for heading in ("## Teachers", "## bt", "## hard_all (secondary: 1 seeds)", "gold win rate vs dpo",
+                    "drdo reward head", "dpo implicit reward", "Oracle"):
+        assert heading in table
+    assert (out / "frontier.png").stat().st_size > 0
