@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torchmetrics import PearsonCorrCoef
+from torchmetrics import Metric, PearsonCorrCoef
 from transformers import get_cosine_schedule_with_warmup
 
 from drdo_lightning import lora, losses
@@ -140,6 +140,21 @@ class PreferenceModule(L.LightningModule):
         head = self.policy.reward_head
         if head is not None and self.trainer.precision.endswith("-true") and not isinstance(self.trainer.strategy, DeepSpeedStrategy):
             head.float()
+        self.metrics_to_device()
+
+    def on_validation_start(self) -> None:
+        self.metrics_to_device()
+
+    def metrics_to_device(self) -> None:
+        """Put every torchmetrics state on the strategy's device. Under DeepSpeed ZeRO-3 nothing moves
+        the module as a whole (DeepSpeed places the partitioned parameters itself), so states built
+        on the CPU would meet CUDA inputs at the first update."""
+        if self._trainer is None:
+            return
+        device = self.trainer.strategy.root_device
+        for module in self.modules():
+            if isinstance(module, Metric) and module.device != device:
+                module.to(device)
 
     # -- forward ------------------------------------------------------------------------
 
@@ -382,10 +397,10 @@ class DRDO(PreferenceModule):
         return self.hparams.preference_form == "token_unlikelihood"
 
     def on_fit_start(self) -> None:
-        super().on_fit_start()
         # The norms come from autograd on whole parameters, which sharded strategies do not hold.
         if self.hparams.balance_terms and isinstance(self.trainer.strategy, (DeepSpeedStrategy, FSDPStrategy)):
             raise ValueError("balance_terms needs whole parameters on each process: train on one device or with DDP")
+        super().on_fit_start()
 
     def _balance_weights(self, distillation: Tensor, preference: Tensor, stage: str) -> tuple[Tensor, Tensor]:
         """``(w_d, w_p)`` from the running gradient norms, updated first at a training step."""

@@ -105,3 +105,16 @@ def test_balanced_validation_uses_the_weights_training_set_and_logs_none(tiny_mo
     with torch.no_grad():
         loss, metrics = module.objective(batch, module.forward_pairs(batch), "val")
     assert loss.item() == pytest.approx((0.5 * metrics["distillation"] + 1.5 * metrics["preference"]).item())
+
+
+def test_metric_states_follow_the_strategy_device_at_fit_and_validation_start(tiny_model_dir):
+    # DeepSpeed ZeRO-3 never moves the module as a whole, so on a GPU the correlation's states stayed on
+    # the CPU and the first update failed (seen on an H200). "meta" stands in for the GPU here.
+    for hook in ("on_fit_start", "on_validation_start"):
+        module = DRDO(str(tiny_model_dir))
+        module.configure_model()
+        module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")), precision="32-true")
+        assert module.train_reward_corr.device == torch.device("cpu")
+        getattr(module, hook)()
+        assert module.train_reward_corr.device == module.val_reward_corr.device == torch.device("meta")
+        assert next(module.policy.parameters()).device == torch.device("cpu")  # the parameters are DeepSpeed's to place

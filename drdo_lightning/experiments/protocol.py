@@ -466,12 +466,12 @@ def protocol(
                           overrides={**run_of(c).overrides, "model.learning_rate": lr})
             return pool.submit(_cell, folder, run, how, family_ood, val_data, policy)
 
-        # Tuning on one condition, growing a grid past the edge its choice sits on; the first
-        # condition's teachers train beside the tuning condition's (one teacher set ahead, so the
-        # cells of a condition never wait behind every teacher of the protocol).
+        # Tuning on one condition, growing a grid past the edge its choice sits on; the next teacher
+        # set trains beside the tuning condition's (one set ahead, so the cells of a condition never
+        # wait behind every teacher of the protocol).
         tuned_on = by_name[tuning_condition]
         teachers_of(tuned_on)
-        teachers_of(conditions[0])
+        teachers_of(next((c for c in conditions if teacher_key(c) != teacher_key(tuned_on)), tuned_on))
         rates = {m: list(learning_rates) for m in methods}
         runs = {m: {lr: student(tuned_on, m, lr, tuning_seed, root / "tuning" / m / f"lr={lr:g}", tuning, None)
                     for lr in rates[m]} for m in methods}
