@@ -114,7 +114,7 @@ def test_protocol_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file
     conditions = [{"name": "bt", "data": {"label_noise": "bt", "noise_temperature": 1.0,
                                           "noise_score_columns": ["gold_chosen", "gold_rejected"]}},
                   {"name": "hard_all", "split": "hard", "teacher": "all_pairs", "seeds": 1}]
-    table = main([
+    args = [
         "protocol", "--out", str(out), "--conditions", json.dumps(conditions),
         "--methods", json.dumps({"drdo": ["drdo"], "dpo": ["dpo"]}), "--seeds", "[0, 1]",
         "--learning_rates", "[1e-3]", "--max_grid_extensions", "1", "--max_steps", "2", "--judge_steps", "2",
@@ -123,7 +123,8 @@ def test_protocol_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file
         "--evaluation.prompts", str(eval_file), "--evaluation.num_prompts", "4", "--evaluation.max_new_tokens", "6",
         "--evaluation.judges", json.dumps({"gold": "vader"}), "--ood_prompts", str(eval_file), "--jobs", "1",
         "--overrides", json.dumps({"data.cache_dir": str(tmp_path / "cache")}),
-    ])
+    ]
+    table = main(args)
     # Teachers: held out from their own (noisy) pairs, never the clean validation file.
     oracle_config = next((out / "teachers" / "bt" / "oracle").rglob("config.yaml")).read_text()
     assert "noise_validation: true" in oracle_config and "val_fraction: 0.1" in oracle_config
@@ -149,3 +150,6 @@ def test_protocol_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file
                     "drdo reward head", "dpo implicit reward", "Oracle"):
         assert heading in table
     assert (out / "frontier.png").stat().st_size > 0
+    # The tables of what is finished, without training anything: the same, read back from disk.
+    (out / "protocol.md").unlink()
+    assert main([*args, "--report_only", "true"]) == table and (out / "protocol.md").read_text() == table + "\n"

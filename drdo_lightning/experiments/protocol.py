@@ -375,6 +375,7 @@ def protocol(
     jobs: int = 2,
     threads: int = 1,
     overrides: dict[str, Any] | None = None,
+    report_only: bool = False,
 ) -> str:
     """Teachers, tuning, then every method on every condition and seed; the tables in ``out/protocol.md``.
 
@@ -401,6 +402,8 @@ def protocol(
             embedded default's second family, openings and subjects no training prompt uses).
         jobs, threads: Runs at a time, and torch threads per run.
         overrides: Dotted config keys for every training run.
+        report_only: Train nothing: write the tables of what is finished under ``out`` (a run still
+            going, or one interrupted), each row with the seeds it has.
     """
     require_pretrained(policy, "policy")
     conditions = [as_condition(c) for c in conditions]
@@ -432,7 +435,13 @@ def protocol(
         return replace(base, overrides={**base.overrides, **{f"data.{k}": v for k, v in c.data.items()}})
 
     def teacher_key(c: Condition) -> str:
-        return "all_pairs" if c.teacher == ALL_PAIRS else c.name
+        return ALL_PAIRS if c.teacher == ALL_PAIRS else c.name
+
+    if report_only:
+        results, teacher_sets = finished(root, conditions, [*methods, RELABELLED], seeds, teacher_key)
+        report = _report(results, [*methods, RELABELLED], conditions, teacher_sets, val_data, teacher_key, root)
+        print(report)
+        return report
 
     with executor(jobs, threads) as pool:
         teacher_futures: dict[str, Future] = {}
@@ -486,6 +495,7 @@ def protocol(
                 rates[m].append(lr)
                 runs[m][lr] = student(tuned_on, m, lr, tuning_seed, root / "tuning" / m / f"lr={lr:g}", tuning, None)
         (root / "tuning.md").write_text(_tuning_table(gold, chosen, rates) + "\n")
+        (root / "chosen.json").write_text(json.dumps(chosen, indent=1))
         chosen[RELABELLED] = chosen.get("dpo", learning_rates[len(learning_rates) // 2])
 
         # Evaluation: seeds in order within each condition, conditions in the given order.
@@ -500,9 +510,9 @@ def protocol(
         teacher_sets = {key: f.result() for key, f in teacher_futures.items()}
 
     report = _report(results, [*methods, RELABELLED], conditions, teacher_sets, val_data, teacher_key, root)
+    print(report)
     (root / "timing.json").write_text(json.dumps({"seconds_this_invocation": time.perf_counter() - began,
                                                   "jobs": jobs, "threads": threads}))
-    print(report)
     return report
 
 
@@ -516,25 +526,51 @@ def _tuning_table(gold: dict[str, dict[float, float]], chosen: dict[str, float],
     return "\n".join([*lines, "", "Chosen at an edge of its grid: " + (", ".join(edge) if edge else "none")])
 
 
+def finished(root: Path, conditions: list[Condition], methods: list[str], seeds: list[int],
+             teacher_key) -> tuple[dict[str, dict[tuple[str, int], dict]], dict[str, dict]]:
+    """The cells and teacher sets already finished under ``root`` (their ``scores.json``/``teachers.json``)."""
+    results = {}
+    for c in conditions:
+        files = {(m, seed): root / c.name / f"seed_{seed}" / m / "scores.json" for seed in seeds[:c.seeds] for m in methods}
+        results[c.name] = {k: json.loads(f.read_text()) for k, f in files.items() if f.is_file()}
+    keys = dict.fromkeys(map(teacher_key, conditions))
+    teacher_sets = {k: json.loads((root / "teachers" / k / "teachers.json").read_text()) for k in keys
+                    if (root / "teachers" / k / "teachers.json").is_file()}
+    return results, teacher_sets
+
+
 def _report(results, methods, conditions, teacher_sets, val_data, teacher_key, root: Path) -> str:
+    """``protocol.md`` (teachers, then a section per condition with cells), ``teachers.md``, ``cells.csv``,
+    ``frontier.png``, from the finished cells; a condition without any is listed as not run yet."""
     measures = ["gold", "oracle", DISTINCT, KL]
     cells_rows = []
     lines = ["## Teachers", "", teacher_table(teacher_sets), ""]
+    if (root / "chosen.json").is_file():
+        chosen = json.loads((root / "chosen.json").read_text())
+        lines += ["Learning rates chosen on the tuning condition (`tuning.md`): "
+                  + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()), ""]
     for c in conditions:
         cells = results.get(c.name, {})
+        note = f" (secondary: {c.seeds} seeds)" if c.seeds else ""
+        if not cells:
+            lines += [f"## {c.name}{note}", "", "Not run yet.", ""]
+            continue
         present = [m for m in methods if any(k[0] == m for k in cells)]
         for (m, seed), r in cells.items():
             for family in (IN_DISTRIBUTION, OUT_OF_DISTRIBUTION):
                 cells_rows += [{"condition": c.name, "method": m, "seed": seed, "prompts": family, "measure": k,
                                 "value": v["mean"]} for k, v in r["scores"][family].items()]
-        note = f" (secondary: {c.seeds} seeds)" if c.seeds else ""
-        lines += [f"## {c.name}{note}", "",
+        seconds = sum(r["train_seconds"] + r["eval_seconds"] for r in cells.values())
+        lines += [f"## {c.name}{note}", "", f"{len(cells)} cells, {seconds / 60:.0f} min of training and judging "
+                  "(one torch thread each).", "",
                   "Evaluation prompts (mean over seeds, 95% t-interval):", "",
                   condition_table(cells, present, measures, IN_DISTRIBUTION), "",
                   "Out-of-distribution prompts:", "", condition_table(cells, present, measures, OUT_OF_DISTRIBUTION), "",
-                  win_rates(cells, present), "",
-                  "Ranking accuracy on the validation pairs by quintile of |gold margin| (mean over seeds):", "",
-                  margin_bins(cells, val_data, teacher_sets[teacher_key(c)]["val"]), ""]
+                  win_rates(cells, present), ""]
+        key = teacher_key(c)
+        if key in teacher_sets:
+            lines += ["Ranking accuracy on the validation pairs by quintile of |gold margin| (mean over seeds):", "",
+                      margin_bins(cells, val_data, teacher_sets[key]["val"]), ""]
     write_csv(cells_rows, root / "cells.csv")
     frontier_plot(results, methods, root / "frontier.png")
     text = "\n".join(lines)
