@@ -43,25 +43,25 @@ from drdo_lightning.data.readers import read_rows
 from drdo_lightning.data.splits import splits
 from drdo_lightning.embedded_default import EMBEDDED, OOD_PROMPTS
 from drdo_lightning.errors import UserError, require_pretrained
-from drdo_lightning.evaluation.margins import IMPLICIT, LOGP, REWARD_HEAD, pair_margins
-from drdo_lightning.evaluation.statistics import margin_bin_accuracy, paired_comparison
+from drdo_lightning.evaluation.margins import pair_margins
+from drdo_lightning.experiments.protocol_report import (
+    IN_DISTRIBUTION,
+    MARGINS,
+    OUT_OF_DISTRIBUTION,
+    tuning_table,
+    write_report,
+)
 from drdo_lightning.experiments.sweeps import (
-    DISTINCT,
     FLIP_SEED,
-    KL,
     EvalSettings,
     Evaluator,
     beyond_edge,
-    cell_text,
     executor,
-    measure_label,
     run_cell,
-    seed_interval,
     tuning_prompts,
 )
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.recipes import config_path
-from drdo_lightning.reports import markdown_table, new_figure, write_csv
 from drdo_lightning.scoring import score
 from drdo_lightning.stages import train_judges_and_score
 from drdo_lightning.training import RunSpec
@@ -71,8 +71,6 @@ log = logging.getLogger(__name__)
 GOLD_COLUMNS = ["gold_chosen", "gold_rejected"]
 OWN, ALL_PAIRS = "own", "all_pairs"  # the teacher arms of a condition
 RELABELLED = "dpo_relabelled"  # DPO on the pairs ordered by the all-pairs Oracle (the control of that arm)
-IN_DISTRIBUTION, OUT_OF_DISTRIBUTION = "in", "ood"
-MARGINS = "margins"
 
 
 @dataclass(frozen=True)
@@ -248,109 +246,6 @@ def _cell(root: Path, run: RunSpec | None, settings: EvalSettings, ood: EvalSett
 
 
 # ---------------------------------------------------------------------------------------
-# Reports
-
-
-def _measures(result: dict, family: str) -> dict[str, dict]:
-    return result["scores"][family]
-
-
-def condition_table(cells: dict[tuple[str, int], dict], methods: list[str], measures: list[str], family: str) -> str:
-    """Per method, each measure's mean over seeds with its 95% t-interval, on one prompt family."""
-    body = []
-    for method in methods:
-        runs = [r for (m, _), r in sorted(cells.items()) if m == method]
-        if not runs:
-            continue
-        row = [method, str(len(runs))]
-        for measure in measures:
-            values = [_measures(r, family)[measure]["mean"] for r in runs if measure in _measures(r, family)]
-            row.append(cell_text(seed_interval(values)._asdict()) if values else "-")
-        body.append(row)
-    return markdown_table(["method", "seeds", *map(measure_label, measures)], body)
-
-
-def win_rates(cells: dict[tuple[str, int], dict], methods: list[str], baseline: str = "dpo",
-              family: str = IN_DISTRIBUTION) -> str:
-    """Each method's gold win rate against ``baseline`` trained with the same seed (ties half), per
-    seed over prompts and temperatures; the mean over seeds with the seeds' 95% t-interval."""
-    body = []
-    for method in methods:
-        if method == baseline:
-            continue
-        rates = [paired_comparison(np.array(r["scores"][family]["gold"]["by_prompt"]),
-                                   np.array(cells[(baseline, seed)]["scores"][family]["gold"]["by_prompt"]))
-                 ["win_rate"].value for (m, seed), r in sorted(cells.items()) if m == method and (baseline, seed) in cells]
-        if rates:
-            estimate = seed_interval(rates)
-            body.append([method, str(len(rates)), cell_text(estimate._asdict())])
-    return markdown_table(["method", "seeds", f"gold win rate vs {baseline}"], body)
-
-
-def margin_bins(cells: dict[tuple[str, int], dict], val_file: str, oracle_val: str, bins: int = 5) -> str:
-    """Ranking accuracy against the gold sign on the validation pairs, by quintile of |gold margin|:
-    DRDO's reward head and log-prob margin, the others' implicit reward, the condition's Oracle."""
-    rows = [row for _, row in read_rows(val_file)]
-    gold = [r["gold_chosen"] - r["gold_rejected"] for r in rows]
-    oracle = [r["oracle_chosen"] - r["oracle_rejected"] for _, r in read_rows(oracle_val)]
-    rankers = {"Oracle": [[float(x) for x in oracle]]}
-    for (method, _), r in sorted(cells.items()):
-        margins = r["scores"][MARGINS]
-        if method.startswith("drdo"):
-            rankers.setdefault(f"{method} reward head", []).append(margins[REWARD_HEAD])
-            rankers.setdefault(f"{method} log-prob margin", []).append(margins[LOGP])
-        elif method == "simpo":
-            rankers.setdefault(f"{method} log-prob margin", []).append(margins[LOGP])
-        else:
-            rankers.setdefault(f"{method} implicit reward", []).append(margins[IMPLICIT])
-    body = []
-    edges = None
-    for name, runs in rankers.items():
-        per_seed = [margin_bin_accuracy(gold, {name: m}, bins=bins) for m in runs]
-        edges = [(r["low"], r["high"]) for r in per_seed[0]]
-        accuracies = [[r["accuracy"] for r in seed] for seed in per_seed]
-        body.append([name, str(len(runs))] + [cell_text(seed_interval([a[b] for a in accuracies])._asdict())
-                                              for b in range(bins)])
-    header = ["ranker", "seeds", *(f"|Δ| {lo:.2f}-{hi:.2f}" for lo, hi in edges or [])]
-    return markdown_table(header, body)
-
-
-def frontier_plot(results: dict[str, dict[tuple[str, int], dict]], methods: list[str], path: Path) -> None:
-    """Gold reward against KL to the starting policy, one point per seed, a panel per condition."""
-    names = [n for n, cells in results.items() if cells]
-    if not names:
-        return
-    fig = new_figure(figsize=(4 * len(names), 3.6), layout="constrained")
-    for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
-        for method in methods:
-            points = [(_measures(r, IN_DISTRIBUTION)[KL]["mean"], _measures(r, IN_DISTRIBUTION)["gold"]["mean"])
-                      for (m, _), r in results[name].items() if m == method]
-            if points:
-                ax.scatter(*zip(*points), label=method, s=14)
-        ax.set_xlabel("KL(π || π_SFT), nats")
-        ax.set_ylabel("gold reward")
-        ax.set_title(name, fontsize=9)
-    fig.axes[0].legend(fontsize=7)
-    fig.savefig(path, dpi=110)
-
-
-def _accuracy(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def teacher_table(teacher_sets: dict[str, dict[str, Any]]) -> str:
-    """Each teacher set's accuracy on its own held-out labels (as exported) and the Oracle's against the gold sign."""
-    body = []
-    for name, t in teacher_sets.items():
-        oracle = t["validation"]["oracle"]
-        members = [v["reward_accuracy"] for k, v in t["validation"].items() if k.startswith("member_")]
-        body.append([name, _accuracy(oracle["reward_accuracy"]), str(oracle["step"]),
-                     _accuracy(t["oracle_gold_accuracy"]), ", ".join(map(_accuracy, members))])
-    return markdown_table(["teachers", "Oracle held-out accuracy (own labels)", "Oracle step kept",
-                           "Oracle vs gold sign (validation pairs)", "ensemble held-out accuracy"], body)
-
-
-# ---------------------------------------------------------------------------------------
 # The command
 
 
@@ -439,7 +334,7 @@ def protocol(
 
     if report_only:
         results, teacher_sets = finished(root, conditions, [*methods, RELABELLED], seeds, teacher_key)
-        report = _report(results, [*methods, RELABELLED], conditions, teacher_sets, val_data, teacher_key, root)
+        report = write_report(results, [*methods, RELABELLED], conditions, teacher_sets, val_data, teacher_key, root)
         print(report)
         return report
 
@@ -494,7 +389,7 @@ def protocol(
             for m, lr in beyond.items():
                 rates[m].append(lr)
                 runs[m][lr] = student(tuned_on, m, lr, tuning_seed, root / "tuning" / m / f"lr={lr:g}", tuning, None)
-        (root / "tuning.md").write_text(_tuning_table(gold, chosen, rates) + "\n")
+        (root / "tuning.md").write_text(tuning_table(gold, chosen, rates) + "\n")
         (root / "chosen.json").write_text(json.dumps(chosen, indent=1))
         chosen[RELABELLED] = chosen.get("dpo", learning_rates[len(learning_rates) // 2])
 
@@ -509,21 +404,11 @@ def protocol(
         results = {name: {k: f.result() for k, f in fs.items()} for name, fs in futures.items()}
         teacher_sets = {key: f.result() for key, f in teacher_futures.items()}
 
-    report = _report(results, [*methods, RELABELLED], conditions, teacher_sets, val_data, teacher_key, root)
+    report = write_report(results, [*methods, RELABELLED], conditions, teacher_sets, val_data, teacher_key, root)
     print(report)
     (root / "timing.json").write_text(json.dumps({"seconds_this_invocation": time.perf_counter() - began,
                                                   "jobs": jobs, "threads": threads}))
     return report
-
-
-def _tuning_table(gold: dict[str, dict[float, float]], chosen: dict[str, float], rates: dict[str, list[float]]) -> str:
-    """Per method, the mean gold reward at every learning rate tried; whether a choice sits at an edge."""
-    lines = ["Mean gold reward on the tuning prompts (one seed) per learning rate:", ""]
-    for m in gold:
-        lines.append(f"- {m}: " + ", ".join(f"lr {lr:g}: {gold[m][lr]:+.3f}{' (chosen)' if lr == chosen[m] else ''}"
-                                            for lr in sorted(gold[m])))
-    edge = [m for m in gold if beyond_edge(chosen[m], rates[m]) is not None]
-    return "\n".join([*lines, "", "Chosen at an edge of its grid: " + (", ".join(edge) if edge else "none")])
 
 
 def finished(root: Path, conditions: list[Condition], methods: list[str], seeds: list[int],
@@ -537,43 +422,3 @@ def finished(root: Path, conditions: list[Condition], methods: list[str], seeds:
     teacher_sets = {k: json.loads((root / "teachers" / k / "teachers.json").read_text()) for k in keys
                     if (root / "teachers" / k / "teachers.json").is_file()}
     return results, teacher_sets
-
-
-def _report(results, methods, conditions, teacher_sets, val_data, teacher_key, root: Path) -> str:
-    """``protocol.md`` (teachers, then a section per condition with cells), ``teachers.md``, ``cells.csv``,
-    ``frontier.png``, from the finished cells; a condition without any is listed as not run yet."""
-    measures = ["gold", "oracle", DISTINCT, KL]
-    cells_rows = []
-    lines = ["## Teachers", "", teacher_table(teacher_sets), ""]
-    if (root / "chosen.json").is_file():
-        chosen = json.loads((root / "chosen.json").read_text())
-        lines += ["Learning rates chosen on the tuning condition (`tuning.md`): "
-                  + ", ".join(f"{m} {lr:g}" for m, lr in chosen.items()), ""]
-    for c in conditions:
-        cells = results.get(c.name, {})
-        note = f" (secondary: {c.seeds} seeds)" if c.seeds else ""
-        if not cells:
-            lines += [f"## {c.name}{note}", "", "Not run yet.", ""]
-            continue
-        present = [m for m in methods if any(k[0] == m for k in cells)]
-        for (m, seed), r in cells.items():
-            for family in (IN_DISTRIBUTION, OUT_OF_DISTRIBUTION):
-                cells_rows += [{"condition": c.name, "method": m, "seed": seed, "prompts": family, "measure": k,
-                                "value": v["mean"]} for k, v in r["scores"][family].items()]
-        seconds = sum(r["train_seconds"] + r["eval_seconds"] for r in cells.values())
-        lines += [f"## {c.name}{note}", "", f"{len(cells)} cells, {seconds / 60:.0f} min of training and judging "
-                  "(one torch thread each).", "",
-                  "Evaluation prompts (mean over seeds, 95% t-interval):", "",
-                  condition_table(cells, present, measures, IN_DISTRIBUTION), "",
-                  "Out-of-distribution prompts:", "", condition_table(cells, present, measures, OUT_OF_DISTRIBUTION), "",
-                  win_rates(cells, present), ""]
-        key = teacher_key(c)
-        if key in teacher_sets:
-            lines += ["Ranking accuracy on the validation pairs by quintile of |gold margin| (mean over seeds):", "",
-                      margin_bins(cells, val_data, teacher_sets[key]["val"]), ""]
-    write_csv(cells_rows, root / "cells.csv")
-    frontier_plot(results, methods, root / "frontier.png")
-    text = "\n".join(lines)
-    (root / "teachers.md").write_text(teacher_table(teacher_sets) + "\n")
-    (root / "protocol.md").write_text(text + "\n")
-    return text
