@@ -140,6 +140,7 @@ def test_protocol_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file
     assert all(r["oracle_chosen"] >= r["oracle_rejected"] for r in relabelled)
     # One grid step past the one-rate grid; every cell of both conditions; the secondary one with 1 seed.
     assert "lr 0.001" in (out / "tuning.md").read_text() and "lr 0.003" in (out / "tuning.md").read_text()
+    assert (out / "start" / "tuning" / "scores.json").is_file()  # the diversity floor's reference
     for seed in (0, 1):
         for method in ("drdo", "dpo"):
             scores = json.loads((out / "bt" / f"seed_{seed}" / method / "scores.json").read_text())["scores"]
@@ -153,3 +154,13 @@ def test_protocol_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file
     # The tables of what is finished, without training anything: the same, read back from disk.
     (out / "protocol.md").unlink()
     assert main([*args, "--report_only", "true"]) == table and (out / "protocol.md").read_text() == table + "\n"
+
+
+def test_tuning_takes_the_best_gold_among_rates_that_keep_half_the_diversity():
+    scores = lambda gold, distinct: {"gold": {"mean": gold}, "distinct_2": {"mean": distinct}}
+    tried = {3e-4: scores(0.81, 0.15), 1e-3: scores(0.94, 0.24), 3e-3: scores(1.00, 0.005)}
+    # 3e-3 repeats itself (distinct-2 0.005): the gold reward alone would take it.
+    assert protocol.choose_rate(tried, floor=0.08) == 1e-3
+    assert protocol.choose_rate(tried, floor=0.0) == 3e-3
+    # No rate keeps the diversity: the most diverse one, not the collapsed best.
+    assert protocol.choose_rate(tried, floor=0.5) == 1e-3

@@ -52,6 +52,7 @@ from drdo_lightning.experiments.protocol_report import (
     write_report,
 )
 from drdo_lightning.experiments.sweeps import (
+    DISTINCT,
     FLIP_SEED,
     EvalSettings,
     Evaluator,
@@ -245,6 +246,15 @@ def _cell(root: Path, run: RunSpec | None, settings: EvalSettings, ood: EvalSett
     return run_cell(root, evaluator, run, policy)
 
 
+def choose_rate(tried: dict[float, dict[str, dict]], floor: float) -> float:
+    """The learning rate with the highest mean gold reward among those whose distinct-2 reaches
+    ``floor``; the most diverse one if none does (a collapsed grid is then visible in ``tuning.md``)."""
+    qualified = {lr: s for lr, s in tried.items() if s[DISTINCT]["mean"] >= floor}
+    if not qualified:
+        return max(tried, key=lambda lr: tried[lr][DISTINCT]["mean"])
+    return max(qualified, key=lambda lr: qualified[lr]["gold"]["mean"])
+
+
 # ---------------------------------------------------------------------------------------
 # The command
 
@@ -256,6 +266,7 @@ def protocol(
     seeds: list[int] = [0, 1, 2, 3, 4],
     learning_rates: list[float] = list(LEARNING_RATES),
     max_grid_extensions: int = 2,
+    min_distinct_ratio: float = 0.5,
     tuning_condition: str | None = None,
     tuning_seed: int = 0,
     num_tuning_prompts: int = 200,
@@ -285,6 +296,9 @@ def protocol(
         seeds: Training seeds of the evaluation.
         learning_rates: The tuning grid (grown past an edge its choice sits on).
         max_grid_extensions: How many rates a method's grid may grow past its edge.
+        min_distinct_ratio: A tuned rate qualifies only if its generations' distinct-2 is at least this
+            share of the starting policy's: the gold reward alone rewards a policy that repeats one
+            sentence it likes (:func:`choose_rate`).
         tuning_condition: The condition the learning rates are tuned on (default: the first).
         num_tuning_prompts: Prompts of ``val_data`` (no evaluation prompt among them) that judge the tuning.
         max_steps: Optimiser steps of every student.
@@ -370,6 +384,9 @@ def protocol(
                           overrides={**run_of(c).overrides, "model.learning_rate": lr})
             return pool.submit(_cell, folder, run, how, family_ood, val_data, policy)
 
+        # The diversity floor of the tuning: a share of the starting policy's distinct-2 on the tuning prompts.
+        start = pool.submit(_cell, root / "start" / "tuning", None, tuning, None, val_data, policy, policy=policy)
+        floor = min_distinct_ratio * start.result()["scores"][DISTINCT]["mean"]
         # Tuning on one condition, growing a grid past the edge its choice sits on; the next teacher
         # set trains beside the tuning condition's (one set ahead, so the cells of a condition never
         # wait behind every teacher of the protocol).
@@ -380,8 +397,8 @@ def protocol(
         runs = {m: {lr: student(tuned_on, m, lr, tuning_seed, root / "tuning" / m / f"lr={lr:g}", tuning, None)
                     for lr in rates[m]} for m in methods}
         for extension in range(max_grid_extensions + 1):
-            gold = {m: {lr: f.result()["scores"]["gold"]["mean"] for lr, f in runs[m].items()} for m in methods}
-            chosen = {m: max(gold[m], key=gold[m].get) for m in methods}
+            tried = {m: {lr: f.result()["scores"] for lr, f in runs[m].items()} for m in methods}
+            chosen = {m: choose_rate(tried[m], floor) for m in methods}
             beyond = {m: beyond_edge(chosen[m], rates[m]) for m in methods}
             beyond = {m: lr for m, lr in beyond.items() if lr is not None}
             if not beyond or extension == max_grid_extensions:
@@ -389,7 +406,10 @@ def protocol(
             for m, lr in beyond.items():
                 rates[m].append(lr)
                 runs[m][lr] = student(tuned_on, m, lr, tuning_seed, root / "tuning" / m / f"lr={lr:g}", tuning, None)
-        (root / "tuning.md").write_text(tuning_table(gold, chosen, rates) + "\n")
+        (root / "tuning.md").write_text(tuning_table(tried, chosen, rates, floor) + "\n")
+        if (root / "chosen.json").is_file() and json.loads((root / "chosen.json").read_text()) != chosen:
+            raise UserError(f"{root}: the learning rates chosen now, {chosen}, differ from those its evaluation cells "
+                            f"were trained with ({root / 'chosen.json'}); give a new --out")
         (root / "chosen.json").write_text(json.dumps(chosen, indent=1))
         chosen[RELABELLED] = chosen.get("dpo", learning_rates[len(learning_rates) // 2])
 

@@ -123,13 +123,17 @@ def teacher_table(teacher_sets: dict[str, dict[str, Any]]) -> str:
                            "Oracle vs gold sign (validation pairs)", "ensemble held-out accuracy"], body)
 
 
-def tuning_table(gold: dict[str, dict[float, float]], chosen: dict[str, float], rates: dict[str, list[float]]) -> str:
-    """Per method, the mean gold reward at every learning rate tried; whether a choice sits at an edge."""
-    lines = ["Mean gold reward on the tuning prompts (one seed) per learning rate:", ""]
-    for m in gold:
-        lines.append(f"- {m}: " + ", ".join(f"lr {lr:g}: {gold[m][lr]:+.3f}{' (chosen)' if lr == chosen[m] else ''}"
-                                            for lr in sorted(gold[m])))
-    edge = [m for m in gold if beyond_edge(chosen[m], rates[m]) is not None]
+def tuning_table(tried: dict[str, dict[float, dict]], chosen: dict[str, float], rates: dict[str, list[float]],
+                 floor: float) -> str:
+    """Per method, the gold reward and distinct-2 at every learning rate tried, the choice, and
+    whether it sits at an edge of its grid."""
+    lines = [f"Mean gold reward and distinct-2 on the tuning prompts (one seed) per learning rate; a rate qualifies "
+             f"with distinct-2 of at least {floor:.3f}:", ""]
+    for m, by_rate in tried.items():
+        lines.append(f"- {m}: " + ", ".join(
+            f"lr {lr:g}: {by_rate[lr]['gold']['mean']:+.3f} ({by_rate[lr][DISTINCT]['mean']:.3f})"
+            + (" **chosen**" if lr == chosen[m] else "") for lr in sorted(by_rate)))
+    edge = [m for m in tried if beyond_edge(chosen[m], rates[m]) is not None]
     return "\n".join([*lines, "", "Chosen at an edge of its grid: " + (", ".join(edge) if edge else "none")])
 
 
