@@ -178,10 +178,18 @@ def train_judges_and_score(
     options = (shared.data or DataSpec()).score_options()
     scored = scored_files(work)
     for split, path in scored.items():
-        with_oracle = path.with_name(f"{split}.oracle.jsonl")
-        score([str(oracle)], str(data[split]), str(with_oracle), overwrite=True, **options)
-        score([str(m) for m in ensemble], str(with_oracle), str(path), output_prefix="ensemble_", overwrite=True, **options)
+        score_with_judges(oracle, ensemble, data[split], path, options)
     return Judges(oracle, ensemble, scored, validation)
+
+
+def score_with_judges(oracle: Path | str, ensemble: list[Path] | list[str], pairs: Path | str, out: Path,
+                      options: dict[str, Any]) -> Path:
+    """``pairs`` with ``oracle_*`` columns from the Oracle and ``ensemble_*`` lists from the ensemble,
+    written to ``out`` (the Oracle's pass goes to ``<out stem>.oracle.jsonl`` beside it)."""
+    with_oracle = out.with_name(f"{out.name.split('.')[0]}.oracle.jsonl")
+    score([str(oracle)], str(pairs), str(with_oracle), overwrite=True, **options)
+    score([str(m) for m in ensemble], str(with_oracle), str(out), output_prefix="ensemble_", overwrite=True, **options)
+    return out
 
 
 def oracle_accuracy(scored_val: Path) -> float:

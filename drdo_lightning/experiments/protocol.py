@@ -64,8 +64,7 @@ from drdo_lightning.experiments.sweeps import (
 )
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.recipes import config_path
-from drdo_lightning.scoring import score
-from drdo_lightning.stages import train_judges_and_score
+from drdo_lightning.stages import score_with_judges, train_judges_and_score
 from drdo_lightning.training import RunSpec
 
 log = logging.getLogger(__name__)
@@ -207,9 +206,7 @@ def teachers(work: Path, train: str, val: str, policy: str, members: int, shared
 def scored_by(teacher: dict[str, Any], pairs: Path, out: Path, options: dict[str, Any]) -> str:
     """``pairs`` scored by another condition's teachers (the Oracle, then the ensemble)."""
     if not out.is_file():
-        with_oracle = out.with_name(out.stem + ".oracle.jsonl")
-        score([teacher["oracle"]], str(pairs), str(with_oracle), overwrite=True, **options)
-        score(teacher["ensemble"], str(with_oracle), str(out), output_prefix="ensemble_", overwrite=True, **options)
+        score_with_judges(teacher["oracle"], teacher["ensemble"], pairs, out, options)
     return str(out)
 
 
