@@ -11,7 +11,7 @@ import torch
 from drdo_lightning.cli import main
 from drdo_lightning.data.readers import read_rows
 from drdo_lightning.evaluation.margins import IMPLICIT, LOGP, REWARD_HEAD, pair_margins
-from drdo_lightning.experiments import protocol
+from drdo_lightning.experiments import protocol, protocol_report
 from drdo_lightning.experiments.sweeps import KL, EvalSettings, Evaluator
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.models import CausalLMWithRewardHead
@@ -148,12 +148,28 @@ def test_protocol_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file
     assert not (out / "hard_all" / "seed_1").exists()
     assert {"dpo_relabelled"} <= {p.name for p in (out / "hard_all" / "seed_0").iterdir()}
     for heading in ("## Teachers", "## bt", "## hard_all (secondary: 1 seeds)", "gold win rate vs dpo",
-                    "drdo reward head", "dpo implicit reward", "Oracle"):
+                    "drdo reward head", "dpo implicit reward", "Oracle", "## The splits side by side"):
         assert heading in table
     assert (out / "frontier.png").stat().st_size > 0
     # The tables of what is finished, without training anything: the same, read back from disk.
     (out / "protocol.md").unlink()
     assert main([*args, "--report_only", "true"]) == table and (out / "protocol.md").read_text() == table + "\n"
+
+
+def test_the_splits_table_puts_each_arms_splits_side_by_side():
+    cell = lambda gold: {"scores": {"in": {"gold": {"mean": gold}}}}
+    conditions = [protocol.as_condition(c) for c in (
+        {"name": "bt", "data": {"label_noise": "bt"}}, {"name": "hard_all", "split": "hard", "teacher": "all_pairs"},
+        {"name": "easy_all", "split": "easy", "teacher": "all_pairs"}, {"name": "hard_own", "split": "hard"})]
+    results = {"bt": {("dpo", 0): cell(9.0)},
+               "hard_all": {("dpo", 0): cell(0.2), ("dpo", 1): cell(0.4), ("drdo", 0): cell(0.7)},
+               "easy_all": {("dpo", 0): cell(0.5)}, "hard_own": {("drdo", 0): cell(0.1)}}
+    all_pairs, own = protocol_report.splits_table(results, conditions, ["drdo", "dpo"]).split("\n\n")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in all_pairs.splitlines()[2:]}
+    assert "hard: hard_all" in all_pairs.splitlines()[0] and "easy: easy_all" in all_pairs.splitlines()[0]
+    assert rows["drdo"] == ["+0.700 (1)", "-"]
+    assert rows["dpo"][0].startswith("+0.300 [") and rows["dpo"][0].endswith("(2)") and rows["dpo"][1] == "+0.500 (1)"
+    assert "own teachers" in own and "+0.100 (1)" in own and "9.0" not in all_pairs + own  # no noise-model condition
 
 
 def test_tuning_takes_the_best_gold_among_rates_that_keep_half_the_diversity():

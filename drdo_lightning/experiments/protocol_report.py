@@ -88,6 +88,30 @@ def margin_bins(cells: dict[tuple[str, int], dict], val_file: str, oracle_val: s
     return markdown_table(header, body)
 
 
+def splits_table(results: dict[str, dict[tuple[str, int], dict]], conditions, methods: list[str],
+                 measure: str = "gold", family: str = IN_DISTRIBUTION) -> str:
+    """The paper's Table 1 view: per teacher arm, each method's ``measure`` (mean over seeds, 95%
+    t-interval) on each split it was trained on, the conditions of the same arm side by side."""
+    arms: dict[str, list] = {}
+    for c in conditions:
+        if c.split and results.get(c.name):
+            arms.setdefault(c.teacher, []).append(c)
+    tables = []
+    for arm, arm_conditions in arms.items():
+        body = []
+        for method in methods:
+            row = [method]
+            for c in arm_conditions:
+                values = [_measures(r, family)[measure]["mean"] for (m, _), r in sorted(results[c.name].items())
+                          if m == method]
+                row.append(f"{cell_text(seed_interval(values)._asdict())} ({len(values)})" if values else "-")
+            if any(cell != "-" for cell in row[1:]):
+                body.append(row)
+        header = [f"method ({arm} teachers)", *(f"{c.split}: {c.name}" for c in arm_conditions)]
+        tables.append(markdown_table(header, body))
+    return "\n\n".join(tables)
+
+
 def frontier_plot(results: dict[str, dict[tuple[str, int], dict]], methods: list[str], path: Path) -> None:
     """Gold reward against KL to the starting policy, one point per seed, a panel per condition."""
     names = [n for n, cells in results.items() if cells]
@@ -169,6 +193,11 @@ def write_report(results, methods, conditions, teacher_sets, val_data, teacher_k
         if key in teacher_sets:
             lines += ["Ranking accuracy on the validation pairs by quintile of |gold margin| (mean over seeds):", "",
                       margin_bins(cells, val_data, teacher_sets[key]["val"]), ""]
+    table1 = splits_table(results, conditions, methods)
+    if table1:
+        lines += ["## The splits side by side", "",
+                  f"{measure_label('gold')} on the evaluation prompts (mean over seeds, 95% t-interval; seeds):", "",
+                  table1, ""]
     write_csv(cells_rows, root / "cells.csv")
     frontier_plot(results, methods, root / "frontier.png")
     text = "\n".join(lines)
