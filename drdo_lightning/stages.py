@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -133,6 +134,7 @@ def train_judges_and_score(
     work: Path, data: dict[str, Path], policy: Path, members: int, shared: RunSpec,
     oracle_policy: Path | None = None, oracle_in_bf16: bool = False,
     selection: Literal["auto", "held_out", "val_file"] = "auto", held_out_fraction: float = 0.1,
+    epochs_scale: float = 1.0,
 ) -> Judges:
     """Oracle (Eq. 5) and reward-model ensemble (Eq. 2) from ``policy``, then score train/val.
 
@@ -155,6 +157,10 @@ def train_judges_and_score(
       the choice of checkpoint would see clean labels.
     - ``auto`` (default): ``held_out`` when ``shared`` (or its recipe) sets label noise, else ``val_file``.
 
+    ``epochs_scale`` multiplies each recipe's ``trainer.max_epochs`` (rounded up): judges of a
+    subset holding a fraction f of some pairs, at ``1 / f``, get the step ceiling of judges of all
+    of them (:func:`scaled_epochs`).
+
     Each judge's validation reward accuracy as exported (:func:`teacher_validation`) is in
     :attr:`Judges.validation` and in ``<work>/judges.json``.
     """
@@ -165,11 +171,14 @@ def train_judges_and_score(
                     overrides=overrides)
     if selection == "held_out":
         judge = replace(judge, val_file=None)
-    oracle_run = run_fit(replace(judge, recipe="oracle", model=oracle_policy or policy, run_dir=work / "oracle"))
+    oracle_run = run_fit(replace(judge, recipe="oracle", model=oracle_policy or policy, run_dir=work / "oracle",
+                                 overrides={**overrides, **scaled_epochs("oracle", epochs_scale)}))
     oracle = oracle_run.export_dir
     if oracle_in_bf16:
         store_in_bf16(oracle)
-    member_runs = ensemble_runs(replace(judge, recipe="reward_model"), members, work / "ensemble")
+    member_runs = ensemble_runs(replace(judge, recipe="reward_model",
+                                        overrides={**overrides, **scaled_epochs("reward_model", epochs_scale)}),
+                                members, work / "ensemble")
     ensemble = [r.export_dir for r in member_runs]
     runs = {"oracle": oracle_run, **{f"member_{k}": r for k, r in enumerate(member_runs)}}
     validation = {name: {**teacher_validation(r), "selection": selection} for name, r in runs.items()}
@@ -180,6 +189,15 @@ def train_judges_and_score(
     for split, path in scored.items():
         score_with_judges(oracle, ensemble, data[split], path, options)
     return Judges(oracle, ensemble, scored, validation)
+
+
+def scaled_epochs(recipe: str, scale: float) -> dict[str, int]:
+    """The override that runs ``recipe`` for ``scale`` times its ``trainer.max_epochs``, rounded up
+    (none at scale 1, or for a recipe without an epoch limit)."""
+    epochs = read_config(recipe).get("trainer", {}).get("max_epochs")
+    if scale == 1 or epochs is None or epochs < 0:
+        return {}
+    return {"trainer.max_epochs": math.ceil(epochs * scale)}
 
 
 def score_with_judges(oracle: Path | str, ensemble: list[Path] | list[str], pairs: Path | str, out: Path,

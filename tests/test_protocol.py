@@ -4,6 +4,8 @@ pairs by, the KL next to the rewards, and one tiny run of the whole command."""
 from __future__ import annotations
 
 import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -113,7 +115,8 @@ def test_protocol_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file
     out = tmp_path / "protocol"
     conditions = [{"name": "bt", "data": {"label_noise": "bt", "noise_temperature": 1.0,
                                           "noise_score_columns": ["gold_chosen", "gold_rejected"]}},
-                  {"name": "hard_all", "split": "hard", "teacher": "all_pairs", "seeds": 1}]
+                  {"name": "hard_all", "split": "hard", "teacher": "all_pairs", "seeds": 1},
+                  {"name": "hard_own", "split": "hard", "seeds": 1}]
     args = [
         "protocol", "--out", str(out), "--conditions", json.dumps(conditions),
         "--methods", json.dumps({"drdo": ["drdo"], "dpo": ["dpo"]}), "--seeds", "[0, 1]",
@@ -138,6 +141,10 @@ def test_protocol_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file
     assert {r["prompt"] + r["chosen"] for r in relabelled} <= split_pairs | {r["prompt"] + r["rejected"] for r in _rows(
         out / "splits" / "hard.jsonl")}
     assert all(r["oracle_chosen"] >= r["oracle_rejected"] for r in relabelled)
+    # The split's own teachers run as many more epochs as all pairs outnumber the split's.
+    scale = len(_rows(pair_files["train"])) / len(_rows(out / "splits" / "hard.jsonl"))
+    own_config = next((out / "teachers" / "hard_own" / "oracle").rglob("config.yaml")).read_text()
+    assert f"max_epochs: {math.ceil(3 * scale)}" in own_config and scale > 1
     # One grid step past the one-rate grid; every cell of both conditions; the secondary one with 1 seed.
     assert "lr 0.001" in (out / "tuning.md").read_text() and "lr 0.003" in (out / "tuning.md").read_text()
     assert (out / "start" / "tuning" / "scores.json").is_file()  # the diversity floor's reference

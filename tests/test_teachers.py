@@ -249,3 +249,18 @@ def test_judges_trained_under_label_noise_select_on_a_noisy_held_out_split(tmp_p
         best, _ = read_checkpoint(tmp_path / "judges" / run_dir / "checkpoints" / "best.ckpt")
         assert same_weights(tmp_path / "judges" / run_dir / "export", best)
     assert all(p.is_file() for p in judges.scored.values())
+
+
+def test_judges_of_a_subset_run_more_epochs_to_keep_the_step_ceiling_of_all_pairs(tmp_path, monkeypatch):
+    """A quarter of the pairs: each recipe's epochs (Oracle 3, reward model 2) times four; at scale 1 unchanged."""
+    runs: list[RunSpec] = []
+    monkeypatch.setattr(stages, "run_fit", lambda run: runs.append(run) or FitResult(
+        run.run_dir, Path(run.run_dir) / "export", None, None, 20, {}))
+    monkeypatch.setattr(stages, "score", lambda *args, **kwargs: None)
+    data = {"train": Path("t.jsonl"), "val": Path("v.jsonl")}
+    for scale in (1.0, 4000 / 932):
+        stages.train_judges_and_score(tmp_path / str(scale), data, Path("sft"), 2, RunSpec("oracle", max_steps=375),
+                                      selection="val_file", epochs_scale=scale)
+    epochs = [r.settings().get("trainer.max_epochs") for r in runs]
+    assert epochs == [None, None, None, 13, 9, 9]
+    assert [read_config(r)["trainer"]["max_epochs"] for r in ("oracle", "reward_model")] == [3, 2]

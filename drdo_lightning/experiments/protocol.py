@@ -187,20 +187,30 @@ def gold_accuracy(scored: Path, prefix: str = "oracle") -> float:
     return statistics.fmean((m > 0) == (g > 0) for m, g in pairs if g != 0)
 
 
-def teachers(work: Path, train: str, val: str, policy: str, members: int, shared: RunSpec) -> dict[str, Any]:
+def teachers(work: Path, train: str, val: str, policy: str, members: int, shared: RunSpec,
+             all_pairs: str | None = None) -> dict[str, Any]:
     """The teacher set of one training file (trained unless ``work/teachers.json`` exists): the scored
-    pairs (``train``, ``val``), the models (``oracle``, ``ensemble``) and their accuracies."""
+    pairs (``train``, ``val``), the models (``oracle``, ``ensemble``) and their accuracies.
+
+    ``all_pairs``: the file ``train`` is a subset of; its teachers then run as many more epochs as
+    ``all_pairs`` has more pairs, so they get the step ceiling of teachers of all pairs (a split's
+    teachers would otherwise stop after a quarter of the steps, before they learned anything)."""
     record = work / "teachers.json"
     if record.is_file():
         return json.loads(record.read_text())
     shutil.rmtree(work, ignore_errors=True)  # an interrupted set is redone whole, never mixed with a new one
+    scale = _count(all_pairs) / _count(train) if all_pairs else 1.0
     judges = train_judges_and_score(work, {"train": Path(train), "val": Path(val)}, Path(policy), members, shared,
-                                    selection="held_out")
+                                    selection="held_out", epochs_scale=scale)
     result = {"train": str(judges.scored["train"]), "val": str(judges.scored["val"]), "oracle": str(judges.oracle),
               "ensemble": [str(m) for m in judges.ensemble], "validation": judges.validation,
               "oracle_gold_accuracy": gold_accuracy(judges.scored["val"])}
     record.write_text(json.dumps(result, indent=1))
     return result
+
+
+def _count(path: str) -> int:
+    return sum(1 for _ in read_rows(path))
 
 
 def scored_by(teacher: dict[str, Any], pairs: Path, out: Path, options: dict[str, Any]) -> str:
@@ -358,9 +368,11 @@ def protocol(
         def teachers_of(c: Condition) -> Future:
             key = teacher_key(c)
             if key not in teacher_futures:
-                train = train_data if c.teacher == ALL_PAIRS or c.split is None else str(split_files[c.split])
+                on_split = c.teacher == OWN and c.split is not None
+                train = str(split_files[c.split]) if on_split else train_data
                 teacher_futures[key] = pool.submit(teachers, root / "teachers" / key, train, val_data, policy, members,
-                                                   replace(run_of(c), max_steps=judge_steps))
+                                                   replace(run_of(c), max_steps=judge_steps),
+                                                   train_data if on_split else None)
             return teacher_futures[key]
 
         def student_data(c: Condition) -> dict[str, str]:

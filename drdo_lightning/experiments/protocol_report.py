@@ -141,9 +141,9 @@ def teacher_table(teacher_sets: dict[str, dict[str, Any]]) -> str:
     for name, t in teacher_sets.items():
         oracle = t["validation"]["oracle"]
         members = [v["reward_accuracy"] for k, v in t["validation"].items() if k.startswith("member_")]
-        body.append([name, _accuracy(oracle["reward_accuracy"]), str(oracle["step"]),
+        body.append([name, _accuracy(oracle["reward_accuracy"]), f"{oracle['step']} ({oracle['global_step']})",
                      _accuracy(t["oracle_gold_accuracy"]), ", ".join(map(_accuracy, members))])
-    return markdown_table(["teachers", "Oracle held-out accuracy (own labels)", "Oracle step kept",
+    return markdown_table(["teachers", "Oracle held-out accuracy (own labels)", "Oracle step kept (steps run)",
                            "Oracle vs gold sign (validation pairs)", "ensemble held-out accuracy"], body)
 
 
