@@ -9,6 +9,7 @@ and, for the judges, ``by_prompt``) and ``scores[MARGINS]``, the validation pair
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -112,13 +113,20 @@ def splits_table(results: dict[str, dict[tuple[str, int], dict]], conditions, me
     return "\n\n".join(tables)
 
 
-def frontier_plot(results: dict[str, dict[tuple[str, int], dict]], methods: list[str], path: Path) -> None:
-    """Gold reward against KL to the starting policy, one point per seed, a panel per condition."""
+def frontier_plot(results: dict[str, dict[tuple[str, int], dict]], methods: list[str], path: Path,
+                  columns: int = 4) -> None:
+    """Gold reward against KL to the starting policy, one point per seed, a panel per condition
+    (``columns`` panels to a row)."""
     names = [n for n, cells in results.items() if cells]
     if not names:
         return
-    fig = new_figure(figsize=(4 * len(names), 3.6), layout="constrained")
-    for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+    cols = min(columns, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = new_figure(figsize=(4 * cols, 3.6 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes, names):
         for method in methods:
             points = [(_measures(r, IN_DISTRIBUTION)[KL]["mean"], _measures(r, IN_DISTRIBUTION)["gold"]["mean"])
                       for (m, _), r in results[name].items() if m == method]
