@@ -135,7 +135,11 @@ def frontier_plot(results: dict[str, dict[tuple[str, int], dict]], methods: list
         ax.set_xlabel("KL(π || π_SFT), nats")
         ax.set_ylabel("gold reward")
         ax.set_title(name, fontsize=9)
-    fig.axes[0].legend(fontsize=7)
+    handles = {}  # one legend for every panel: a method may be missing from the first (dpo_relabelled)
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7)
     fig.savefig(path, dpi=110)
 
 
