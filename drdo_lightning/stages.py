@@ -171,14 +171,15 @@ def train_judges_and_score(
                     overrides=overrides)
     if selection == "held_out":
         judge = replace(judge, val_file=None)
-    oracle_run = run_fit(replace(judge, recipe="oracle", model=oracle_policy or policy, run_dir=work / "oracle",
-                                 overrides={**overrides, **scaled_epochs("oracle", epochs_scale)}))
+
+    def judge_of(recipe: str, **changes) -> RunSpec:
+        return replace(judge, recipe=recipe, overrides={**overrides, **scaled_epochs(recipe, epochs_scale)}, **changes)
+
+    oracle_run = run_fit(judge_of("oracle", model=oracle_policy or policy, run_dir=work / "oracle"))
     oracle = oracle_run.export_dir
     if oracle_in_bf16:
         store_in_bf16(oracle)
-    member_runs = ensemble_runs(replace(judge, recipe="reward_model",
-                                        overrides={**overrides, **scaled_epochs("reward_model", epochs_scale)}),
-                                members, work / "ensemble")
+    member_runs = ensemble_runs(judge_of("reward_model"), members, work / "ensemble")
     ensemble = [r.export_dir for r in member_runs]
     runs = {"oracle": oracle_run, **{f"member_{k}": r for k, r in enumerate(member_runs)}}
     validation = {name: {**teacher_validation(r), "selection": selection} for name, r in runs.items()}
