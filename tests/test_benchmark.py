@@ -55,6 +55,8 @@ def test_smoke_run_produces_every_row(tmp_path):
             assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
         # AdamW keeps two float32 moments per trained parameter (and a step count per tensor).
         assert row["optimizer_state_mb"] * 2**20 >= 8 * row["trainable_params"], name
+        # The floor (the process before its model, weights, gradients, optimizer state) is under the peak it bounds.
+        assert row["optimizer_state_mb"] < row["floor_mb"] < row["peak_mb"], name
         assert f"| {configs[name]} |" in proc.stdout
     for name in bench.LORA_CONFIGS:  # LoRA trains, and keeps optimizer state for, a fraction of the model
         full = rows[name.removesuffix("_lora")]
@@ -67,20 +69,34 @@ def test_smoke_run_produces_every_row(tmp_path):
 def test_smoke_run_with_real_lengths_and_grouping(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, str(SCRIPT), "--preset", "tiny", "--lengths", "real", "--rounds", "1", "--windows", "4",
-               "--steps-per-window", "1", "--warmup-steps", "1", "--only", "drdo", "--json", str(out)]
+               "--steps-per-window", "1", "--warmup-steps", "1", "--only", "drdo", "--packed", "--json", str(out)]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(out.read_text())
     rows = {row["name"]: row for row in summary["rows"]}
-    assert list(rows) == ["trl_dpo", "trl_dpo_grouped", "drdo", "drdo_grouped"]
+    assert list(rows) == ["trl_dpo", "trl_dpo_grouped", "drdo", "drdo_packed", "drdo_grouped", "drdo_grouped_packed"]
+    # Packing is judged against the length-grouped row, in its own target lines.
+    ratio = rows["drdo_packed"]["useful_tokens_per_s"] / rows["drdo_grouped"]["useful_tokens_per_s"]
+    assert f"target DRDO (ours), packed: useful_vs_grouped {ratio:.2f} >= 1.3" in proc.stdout
+    assert rows["drdo_packed"]["padding"] < rows["drdo"]["padding"]
     for name, row in rows.items():
-        assert 0 < row["useful_tokens_per_s"] < row["tokens_per_s"], name  # long-tailed lengths: batches pad
+        assert 0 < row["useful_tokens_per_s"] < row["tokens_per_s"], name  # long-tailed lengths: batches pad (packed rows too: a few leftover slots)
         assert 0 < row["padding"] < 1 and 0 < row["peak_fraction"] < 1, name
     # One epoch over the same pairs each (the script checks it too); grouping pads less.
     epochs = {name: sorted(b[3] for b in runs[0]["batches"]) for name, runs in summary["raw"].items()}
     assert len({sum(v) for v in epochs.values()}) == 1
     padded = {name: sum(b[0] * b[1] for b in runs[0]["batches"]) for name, runs in summary["raw"].items()}
     assert padded["drdo_grouped"] <= padded["drdo"] and padded["trl_dpo_grouped"] <= padded["trl_dpo"]
+
+
+def test_a_missed_target_says_what_meeting_it_would_take():
+    bench = load_benchmark()
+    trl = bench.Row("trl_dpo", 10.0, 1.0, 1.0, 1.0, 0.0, 1000.0, 10, 1.0, 400.0, peak_fraction=0.45)
+    ours = bench.Row("drdo", 5.0, 2.0, 2.0, 2.0, 0.0, 500.0, 10, 1.0, 380.0, peak_fraction=0.6)
+    # Twice TRL's pairs/s at 60% of the peak: three times would take 90% at the same FLOPs.
+    assert bench.what_it_takes(ours, "speedup", 3.0, 2.0, trl).startswith("at this row's FLOPs it takes 90% of the matmul peak")
+    assert "380 MiB, 0.38x TRL's peak" in bench.what_it_takes(ours, "memory_ratio", 0.35, 0.5, trl)
+    assert bench.what_it_takes(ours, "padding", 0.05, 0.06, trl) == ""
 
 
 def test_real_lengths_are_long_tailed_within_the_budget():
