@@ -24,7 +24,8 @@ The configurations:
 - ``trl_dpo``: ``trl.DPOTrainer`` with its defaults: sigmoid DPO loss, reference model computed
   live. Two settings differ from TRL's defaults so that both sides do the same work:
   ``gradient_checkpointing=False`` (TRL turns it on by default, which recomputes the forward;
-  ours is off by default) and ``bf16`` only when ``--dtype bf16``.
+  ours is off by default; ``--checkpointing`` turns it on for every configuration) and ``bf16``
+  only when ``--dtype bf16``.
 - ``drdo``: our DRDO student (no reference model; Oracle rewards are data columns).
 - ``dpo_precomputed``: our DPO with reference log-probs precomputed before training.
 - ``dpo_live``: our DPO with a live frozen reference.
@@ -279,7 +280,7 @@ def _lightning_run(name: str, args, clock: StepClock):
     grouped, name = name.endswith(GROUPED), name.removesuffix(GROUPED)
     objective = name.removesuffix("_lora")
     optim = dict(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, lora=LORA if name != objective else None,
-                 pack_sequences=packed)
+                 pack_sequences=packed, gradient_checkpointing=args.checkpointing)
     if objective == "drdo_one_piece":
         module = DRDO(path, chunked_head=False, **optim)
     elif objective == "drdo":
@@ -361,7 +362,7 @@ def _trl_run(args, clock: StepClock, lora: bool = False, grouped: bool = False):
     config = DPOConfig(
         output_dir=str(args.workdir / f"trl-{os.getpid()}"), per_device_train_batch_size=preset.pairs,
         max_length=preset.prompt + preset.response, max_steps=total_steps(args), learning_rate=LEARNING_RATE,
-        weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM, gradient_checkpointing=False,
+        weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM, gradient_checkpointing=args.checkpointing,
         bf16=args.dtype == "bf16", use_cpu=args.device == "cpu", report_to=[], save_strategy="no",
         disable_tqdm=True, seed=0, **({"train_sampling_strategy": "group_by_length"} if grouped else {}),
     )
@@ -408,7 +409,7 @@ def head_flops(p: Preset, positions: int) -> float:
     return 2.0 * positions * p.hidden * p.vocab
 
 
-def step_flops(p: Preset, name: str, batch: list[int], device: str = "cpu") -> float:
+def step_flops(p: Preset, name: str, batch: list[int], device: str = "cpu", checkpointing: bool = False) -> float:
     """The matmul FLOPs one training step of configuration ``name`` does on ``batch``
     (``[sequences, padded length, response tokens, useful tokens]``, as :class:`StepClock` records it).
 
@@ -428,7 +429,8 @@ def step_flops(p: Preset, name: str, batch: list[int], device: str = "cpu") -> f
 
     A live reference (TRL's and ``dpo_live``) adds one forward of the body and of the head at the
     same positions as the policy's; a precomputed one costs nothing in the step. The reward head
-    (``h x 1``) and the loss are negligible and not counted.
+    (``h x 1``) and the loss are negligible and not counted. With gradient ``checkpointing`` the
+    backward recomputes the body's forward: one more forward of the body.
     """
     from drdo_lightning.models import CHUNKED_HEAD_MIN_VOCABULARY
 
@@ -438,8 +440,8 @@ def step_flops(p: Preset, name: str, batch: list[int], device: str = "cpu") -> f
     lora = base.endswith("_lora")
     objective = base.removesuffix("_lora")
     linear, attention = forward_flops(p, rows, computed_length)
-    body_train = (2 if lora else 3) * linear + 3 * attention
     body_forward = linear + attention
+    body_train = (2 if lora else 3) * linear + 3 * attention + (body_forward if checkpointing else 0.0)
     if objective == "trl_dpo":
         positions = response if device == "cuda" else sequences * (length - 1)
         return body_train + (3 if lora else 4) * head_flops(p, positions) + body_forward + head_flops(p, positions)
@@ -559,7 +561,8 @@ def wait_for_quiet(threshold: float, timeout_s: float, poll_s: float = 30.0) -> 
         time.sleep(poll_s)
 
 
-WORKER_OPTIONS = ("preset", "device", "dtype", "threads", "warmup_steps", "windows", "steps_per_window", "lengths")
+WORKER_OPTIONS = ("preset", "device", "dtype", "threads", "warmup_steps", "windows", "steps_per_window", "lengths",
+                  "checkpointing")
 
 
 def run_worker(name: str, args, result_file: Path) -> dict:
@@ -635,7 +638,7 @@ def run_rates(name: str, run: dict, args) -> dict[str, float]:
     return {"step_s": seconds / len(batches), "pairs_per_s": sum(b[0] for b in batches) / 2 / seconds,
             "tokens_per_s": processed / seconds, "useful_tokens_per_s": sum(b[3] for b in batches) / seconds,
             "padding": 1 - sum(b[3] for b in batches) / processed,
-            "flops_per_s": sum(step_flops(preset, name, b, args.device) for b in batches) / seconds}
+            "flops_per_s": sum(step_flops(preset, name, b, args.device, args.checkpointing) for b in batches) / seconds}
 
 
 def summarize(results: dict[str, list[dict]], args) -> list[Row]:
@@ -651,7 +654,7 @@ def summarize(results: dict[str, list[dict]], args) -> list[Row]:
         if args.lengths == "fixed":  # as before: the median window, and the batch shape's tokens
             sequences, length, _ = runs[0]["batch_shape"]
             step = statistics.median(w for run in runs for w in run["windows_s"]) / args.steps_per_window
-            flops = step_flops(preset, name, runs[0]["batches"][0], args.device)
+            flops = step_flops(preset, name, runs[0]["batches"][0], args.device, args.checkpointing)
             median |= {"step_s": step, "pairs_per_s": preset.pairs / step, "tokens_per_s": sequences * length / step,
                        "useful_tokens_per_s": sequences * length / step, "flops_per_s": flops / step}
         memory = max(run["peak_gpu_mb"] if args.device == "cuda" else run["peak_rss_mb"] for run in runs)
@@ -781,6 +784,8 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--packed", action="store_true",
                         help="with --lengths real: also run our trainers on packed batches (and packed + grouped)")
     parser.add_argument("--lora", action="store_true", help="also run each chosen trainer with LoRA adapters (LORA)")
+    parser.add_argument("--checkpointing", type=lambda v: v == "True", nargs="?", const=True, default=False,
+                        help="gradient checkpointing in every configuration (TRL's default; off here by default)")
     parser.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
                         help="first wait (up to --wait-timeout s) until the 1-minute load average is below LOAD")
     parser.add_argument("--wait-timeout", type=float, default=2400.0)

@@ -141,6 +141,10 @@ def test_step_flops_match_a_hand_count():
     assert bench.step_flops(p, "dpo_precomputed_lora", batch) == 2 * linear + 3 * attention + 2 * 4 * head
     assert bench.step_flops(p, "trl_dpo_lora", batch) == (2 * linear + 3 * attention + 3 * 4 * head
                                                           + linear + attention + 4 * head)
+    # Gradient checkpointing: the backward recomputes the body's forward, on either side.
+    assert bench.step_flops(p, "drdo", batch, checkpointing=True) == body + linear + attention + 3 * 6 * head
+    assert bench.step_flops(p, "trl_dpo", batch, checkpointing=True) == (body + linear + attention + 4 * 4 * head
+                                                                         + linear + attention + 4 * head)
 
 
 def test_matmul_peak_measures_positive_flops():
