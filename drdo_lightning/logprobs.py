@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 # log(1 - pi) is -inf at pi = 1. A sequence log-prob of exactly 0 is reachable in float32
@@ -114,3 +115,93 @@ def log1mexp(x: Tensor) -> Tensor:
     from_expm1 = torch.log(-torch.expm1(torch.where(near_zero, x, -math.log(2.0))))
     from_log1p = torch.log1p(-torch.exp(torch.where(near_zero, -math.log(2.0), x)))
     return torch.where(near_zero, from_expm1, from_log1p)
+
+
+class HeadChunk(NamedTuple):
+    """One chunk of the fused head: ``rows`` of the hidden states, which hold all the tokens of ``groups``."""
+
+    rows: Tensor
+    groups: Tensor
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """The loss and its gradients in one pass over the LM head, a chunk of whole groups at a time.
+
+    Each chunk's logits ``h W^T + b`` are computed once (the first of the head's three matrix
+    products); its token log-probs give the chunk's groups their loss terms, and with them the
+    gradient of the loss in each token log-prob, ``g``; the gradient in the logits,
+    ``g * (onehot - softmax)``, is written over the logits themselves, and gives the chunk's
+    hidden-state and weight gradients (the other two products). Backward only scales the stored
+    gradients by the loss's own gradient, so no logits are kept or recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, extra, targets, chunks, loss_of):
+        token = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        extra_leaf = extra.detach().requires_grad_() if extra is not None else None
+        grad_extra = torch.zeros_like(extra) if extra is not None else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for chunk in chunks:
+            h = hidden[chunk.rows]
+            chunk_targets = targets[chunk.rows].unsqueeze(-1)
+            logits = nn.functional.linear(h, weight, bias)
+            rows = max(1, _TOKEN_LOGPS_CHUNK // max(1, logits[:1].numel()))
+            lse = torch.cat([torch.logsumexp(part.float(), dim=-1) for part in logits.split(rows)])
+            chunk_token = logits.gather(-1, chunk_targets).squeeze(-1).float() - lse
+            token[chunk.rows] = chunk_token
+            leaf = chunk_token.detach().requires_grad_()
+            with torch.enable_grad():
+                placed = token.detach().index_put((chunk.rows,), leaf)
+                chunk_loss = loss_of(placed, extra_leaf)[chunk.groups].sum()
+                wanted = [leaf] if extra_leaf is None else [leaf, extra_leaf]
+                grads = torch.autograd.grad(chunk_loss, wanted, allow_unused=True)
+            g = grads[0] if grads[0] is not None else torch.zeros_like(leaf)
+            if extra_leaf is not None and grads[1] is not None:
+                grad_extra += grads[1]
+            loss += chunk_loss.detach()
+            for part, part_lse, part_g in zip(logits.split(rows), lse.split(rows), g.split(rows)):
+                part.copy_((part.float() - part_lse.unsqueeze(-1)).exp_().mul_(-part_g.unsqueeze(-1)))
+            logits.scatter_add_(-1, chunk_targets, g.unsqueeze(-1).to(logits.dtype))
+            grad_hidden[chunk.rows] = (logits @ weight.to(logits.dtype)).to(grad_hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(logits.t().to(weight.dtype), h.to(weight.dtype))
+            if grad_bias is not None:
+                grad_bias += logits.sum(0).to(bias.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_extra)
+        ctx.mark_non_differentiable(token)
+        return loss, token
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_token):
+        grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return (*grads, None, None, None)
+
+
+def fused_head_loss(
+    hidden: Tensor,
+    targets: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    extra: Tensor | None,
+    chunks: list[HeadChunk],
+    loss_of: Callable[[Tensor, Tensor | None], Tensor],
+) -> tuple[Tensor, Tensor]:
+    """A loss of per-group terms and the token log-probs ``log softmax(h W^T + b)[target]``, with the
+    LM head's three matrix products and no logits kept for backward.
+
+    ``hidden`` ``[N, H]`` are the head's inputs and ``targets`` ``[N]`` their next tokens; each row
+    belongs to one group (a preference pair: its chosen and rejected tokens), and each chunk in
+    ``chunks`` holds every row of its groups. ``loss_of(token_logps [N], extra)`` returns one term
+    per group, ``[G]``; the loss is their sum, and a group's term must depend only on its own rows'
+    log-probs and its own entries of ``extra`` (a tensor the terms share with the rest of the model,
+    such as reward-head outputs), since each chunk evaluates ``loss_of`` with the other rows' values
+    not yet known. Returns ``(loss, token_logps)``; the log-probs carry no gradient (the loss does).
+
+    Against :func:`chunked_token_logps`, which recomputes each chunk's logits in backward (four
+    products), this needs the loss while the chunk is there: every objective whose loss is a sum over
+    pairs can give it. The peak is one chunk's logits, reused for their gradient.
+    """
+    return _FusedHeadLoss.apply(hidden, weight, bias, extra, targets, chunks, loss_of)

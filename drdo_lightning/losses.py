@@ -321,7 +321,7 @@ NLL_REDUCTIONS = ("sequence", "token")
 
 def chosen_nll(logps_sum: Tensor, token_counts: Tensor, reduction: str = "sequence") -> Tensor:
     """Negative log-likelihood of the chosen responses, a scalar, from their summed log-probs ``[B]``
-    and token counts ``[B]``.
+    and token counts ``[B]``: the sum of :func:`chosen_nll_terms`.
 
     - ``"sequence"``: ``mean_b (-z_b / n_b)``, each response's mean token NLL, then the batch mean
       (every pair weighs the same, whatever its length; the same on any split of the batch).
@@ -329,10 +329,16 @@ def chosen_nll(logps_sum: Tensor, token_counts: Tensor, reduction: str = "sequen
       DPO ``"sft"`` term, its ORPO and CPO NLL): long responses weigh more, and a batch split across
       processes averages per-process means, which differs from one process's value.
     """
+    return chosen_nll_terms(logps_sum, token_counts, reduction).sum()
+
+
+def chosen_nll_terms(logps_sum: Tensor, token_counts: Tensor, reduction: str = "sequence") -> Tensor:
+    """Each pair's share ``[B]`` of :func:`chosen_nll`: ``-z_b / n_b / B`` (``"sequence"``) or
+    ``-z_b / sum_b n_b`` (``"token"``); pair ``b``'s depends on its own log-probs only."""
     if reduction == "sequence":
-        return -(logps_sum / token_counts).mean()
+        return -(logps_sum / token_counts) / logps_sum.numel()
     if reduction == "token":
-        return -logps_sum.sum() / token_counts.sum()
+        return -logps_sum / token_counts.sum()
     raise ValueError(f"unknown NLL reduction {reduction!r}; one of {NLL_REDUCTIONS}")
 
 

@@ -43,6 +43,17 @@ HEAD_CHUNK_ELEMENTS = 1 << 26
 CHUNKED_HEAD_MIN_VOCABULARY = 100_000
 
 
+class KeptPositions(NamedTuple):
+    """The positions of a batch that go through the LM head (:meth:`CausalLMWithRewardHead.sequence_logps`)."""
+
+    keep: Tensor  # [B, T] bool: projected onto the vocabulary
+    predicts: Tensor  # [B, T] bool: predicts a response token
+    predicts_prompt: Tensor  # [B, T] bool: predicts a prompt token (only when prompt log-probs are asked for)
+    last: Tensor  # [B, T] bool: each row's last token, where the reward head reads
+    targets: Tensor  # [K]: each kept position's next token (0 where it predicts nothing)
+    rows: Tensor  # [K]: each kept position's row
+
+
 class LMOutput(NamedTuple):
     logits: Tensor  # [B, T, V]
     rewards: Tensor | None  # [B], or None when the model has no reward head
@@ -68,11 +79,11 @@ def prompt_prediction_mask(attention_mask: Tensor, labels: Tensor) -> Tensor:
     return mask
 
 
-def logits_after_head(lm: PreTrainedModel) -> Callable[[Tensor], Tensor]:
+def logits_after_head(lm: PreTrainedModel) -> Callable[[Tensor], Tensor] | None:
     """What the model's forward does to its LM head's output before returning logits.
 
     Known families: Gemma-2/3's soft-capping ``c * tanh(x / c)``, Cohere's ``x * logit_scale``,
-    Granite's ``x / logits_scaling``; the identity for the rest. An architecture not listed here
+    Granite's ``x / logits_scaling``; None (nothing) for the rest. An architecture not listed here
     that transforms its logits is caught by :meth:`CausalLMWithRewardHead.head_is_reproduced`.
     """
     config = backbone(lm).config.get_text_config()
@@ -83,7 +94,7 @@ def logits_after_head(lm: PreTrainedModel) -> Callable[[Tensor], Tensor]:
         return lambda x: x * config.logit_scale
     if getattr(config, "logits_scaling", None) is not None:
         return lambda x: x / config.logits_scaling
-    return lambda x: x
+    return None
 
 
 def vocabulary_size(lm: PreTrainedModel) -> int:
@@ -280,10 +291,11 @@ class CausalLMWithRewardHead(nn.Module):
 
     def project(self, hidden: Tensor) -> Tensor:
         """Logits from final hidden states: the LM head, then what the model does after it (:func:`logits_after_head`)."""
-        return self._after_head(self.lm.get_output_embeddings()(hidden))
+        logits = self.lm.get_output_embeddings()(hidden)
+        return logits if self._after_head is None else self._after_head(logits)
 
     @functools.cached_property
-    def _after_head(self) -> Callable[[Tensor], Tensor]:
+    def _after_head(self) -> Callable[[Tensor], Tensor] | None:
         return logits_after_head(self.lm)
 
     def head_is_reproduced(self, input_ids: Tensor) -> bool:
@@ -376,6 +388,22 @@ class CausalLMWithRewardHead(nn.Module):
         padded batch, with one notice, for a model that cannot keep packed sequences apart
         (:meth:`packing_for`) or whose head :meth:`project` does not reproduce.
         """
+        kept = self._kept_positions(input_ids, attention_mask, labels, prompt_logps)
+        reproduced = (chunk_rows is not None or packed) and self.head_is_reproduced(input_ids)
+        packing = self.packing_for(attention_mask) if reproduced and packed else None
+        if reproduced and (chunk_rows is not None or packing is not None):  # else the one-piece head, as before
+            hidden = self._final_hidden(input_ids, attention_mask, kept.keep, packing)
+            if chunk_rows is None:
+                token = logprobs.token_logps(self.project(hidden), kept.targets)
+            else:
+                token = logprobs.chunked_token_logps(hidden, kept.targets, self.project, chunk_rows=chunk_rows)
+        else:
+            logits, hidden = self._head_path(input_ids, attention_mask, keep=kept.keep)
+            token = logprobs.token_logps(logits, kept.targets)
+        rewards = self._rewards(hidden[kept.last[kept.keep]]) if self.reward_head is not None else None
+        return self._sequence_values(token, rewards, kept, average, token_unlikelihood, prompt_logps)
+
+    def _kept_positions(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, prompt_logps: bool) -> KeptPositions:
         predicts = torch.zeros_like(attention_mask, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
         predicts_prompt = prompt_prediction_mask(attention_mask, labels) if prompt_logps else torch.zeros_like(predicts)
@@ -385,31 +413,86 @@ class CausalLMWithRewardHead(nn.Module):
         # Every kept row gets a target (0 where it predicts nothing) and is then weighted by
         # whether it predicts: selecting the predicting rows instead would copy the logits.
         targets = torch.where(labels != -100, labels, input_ids if prompt_logps else 0).roll(-1, dims=1)[keep]
-        reproduced = (chunk_rows is not None or packed) and self.head_is_reproduced(input_ids)
-        packing = self.packing_for(attention_mask) if reproduced and packed else None
-        if reproduced and (chunk_rows is not None or packing is not None):  # else the one-piece head, as before
-            hidden = self._final_hidden(input_ids, attention_mask, keep, packing)
-            if chunk_rows is None:
-                token = logprobs.token_logps(self.project(hidden), targets)
-            else:
-                token = logprobs.chunked_token_logps(hidden, targets, self.project, chunk_rows=chunk_rows)
-        else:
-            logits, hidden = self._head_path(input_ids, attention_mask, keep=keep)
-            token = logprobs.token_logps(logits, targets)
-        rewards = self._rewards(hidden[last[keep]]) if self.reward_head is not None else None
-        rows = keep.nonzero()[:, 0]
-        count = predicts.sum(-1).clamp(min=1) if average else None
+        return KeptPositions(keep, predicts, predicts_prompt, last, targets, keep.nonzero()[:, 0])
 
-        def per_row(values: Tensor, weight: Tensor = predicts[keep], mean: bool = average) -> Tensor:
-            total = values.new_zeros(labels.shape[0]).index_add(0, rows, values * weight)
+    @staticmethod
+    def _sequence_values(
+        token: Tensor, rewards: Tensor | None, kept: KeptPositions, average: bool, token_unlikelihood: bool, prompt_logps: bool
+    ) -> tuple[Tensor, ...]:
+        """What :meth:`sequence_logps` returns, from the kept positions' token log-probs ``[K]``."""
+        count = kept.predicts.sum(-1).clamp(min=1) if average else None
+        sequences = kept.keep.shape[0]
+
+        def per_row(values: Tensor, weight: Tensor = kept.predicts[kept.keep], mean: bool = average) -> Tensor:
+            total = values.new_zeros(sequences).index_add(0, kept.rows, values * weight)
             return total / count if mean else total
 
         out = [per_row(token), rewards]
         if token_unlikelihood:
             out.append(per_row(logprobs.log1mexp(token)))
         if prompt_logps:
-            out.append(per_row(token, predicts_prompt[keep], mean=False))
+            out.append(per_row(token, kept.predicts_prompt[kept.keep], mean=False))
         return tuple(out)
+
+    def fuses_head(self, input_ids: Tensor, groups: int, chunk_rows: int | None) -> bool:
+        """Whether :meth:`loss_and_sequence_logps` can take the fused head (:func:`logprobs.fused_head_loss`):
+        the chunked head is on, the LM head is a plain linear layer whose output the model returns as
+        its logits, and no group's response positions hold more than twice a chunk's rows."""
+        head = self.lm.get_output_embeddings()
+        if chunk_rows is None or type(head) is not nn.Linear or self._after_head is not None:
+            return False
+        return self.head_is_reproduced(input_ids) and input_ids.shape[0] % groups == 0
+
+    def loss_and_sequence_logps(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Tensor,
+        loss_of: Callable[[tuple[Tensor, ...]], Tensor],
+        *,
+        groups: int,
+        average: bool = False,
+        token_unlikelihood: bool = False,
+        prompt_logps: bool = False,
+        chunk_rows: int | None = None,
+        packed: bool = False,
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """``(loss, values)``: ``values`` what :meth:`sequence_logps` returns, and the loss
+        ``loss_of(values).sum()``, a sum of one term per group (a preference pair: rows ``i`` and
+        ``i + groups``, ``i + 2 groups``, ... of the batch).
+
+        Where :meth:`fuses_head` allows, the LM head runs fused with the loss
+        (:func:`logprobs.fused_head_loss`): a chunk of whole groups at a time, each chunk's gradient
+        computed in the forward pass, three head matrix products instead of the chunked head's four,
+        and one chunk's logits in memory. Each term of ``loss_of`` must then depend on its own
+        group's values only. The log-probs in ``values`` then carry no gradient (the loss does; the
+        rewards keep theirs). Otherwise the loss is computed from :meth:`sequence_logps`' values.
+        """
+        options = dict(average=average, token_unlikelihood=token_unlikelihood, prompt_logps=prompt_logps)
+        kept = self._kept_positions(input_ids, attention_mask, labels, prompt_logps)
+        group = kept.rows % groups
+        sizes = torch.bincount(group, minlength=groups).tolist()
+        if not self.fuses_head(input_ids, groups, chunk_rows) or max(sizes, default=0) > 2 * chunk_rows:
+            values = self.sequence_logps(input_ids, attention_mask, labels, chunk_rows=chunk_rows, packed=packed, **options)
+            return loss_of(values).sum(), values
+        hidden = self._final_hidden(input_ids, attention_mask, kept.keep, self.packing_for(attention_mask) if packed else None)
+        rewards = self._rewards(hidden[kept.last[kept.keep]]) if self.reward_head is not None else None
+        chunks, members, filled = [], [], 0
+        for g, size in enumerate(sizes):  # consecutive groups, up to chunk_rows rows (at least one group)
+            if members and filled + size > chunk_rows:
+                chunks.append(members)
+                members, filled = [], 0
+            members.append(g)
+            filled += size
+        chunks.append(members)
+        head = self.lm.get_output_embeddings()
+        loss, token = logprobs.fused_head_loss(
+            hidden, kept.targets, head.weight, head.bias, rewards,
+            [logprobs.HeadChunk(torch.isin(group, torch.tensor(m, device=group.device)).nonzero().squeeze(-1),
+                                torch.tensor(m, device=group.device)) for m in chunks],
+            lambda token, rewards: loss_of(self._sequence_values(token, rewards, kept, **options)),
+        )
+        return loss, self._sequence_values(token, rewards, kept, **options)
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write the model (and tokenizer) to ``path`` atomically: a temp dir, then a rename.

@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import lightning as L
@@ -166,48 +167,98 @@ class PreferenceModule(L.LightningModule):
         """One forward of ``model`` (default: the policy) over ``[chosen; rejected]`` (``[2B, T]``),
         split per side."""
         model = self.policy if model is None else model
+        inputs, to_pairs = self._pair_inputs(batch)
+        # Logits only at response positions (models.CausalLMWithRewardHead.sequence_logps).
+        return to_pairs(model.sequence_logps(*inputs, **self._logps_options(model)))
+
+    def forward_pairs_with_loss(
+        self, batch: dict[str, Tensor], loss_terms: Callable[[PairOutputs], Tensor]
+    ) -> tuple[Tensor, PairOutputs]:
+        """The policy's :meth:`forward_pairs` and the loss ``loss_terms(out).sum()`` in one pass,
+        through the fused LM head where the model allows it
+        (:meth:`CausalLMWithRewardHead.loss_and_sequence_logps`); its log-probs then carry no gradient."""
+        inputs, to_pairs = self._pair_inputs(batch)
+        loss, values = self.policy.loss_and_sequence_logps(
+            *inputs, lambda values: loss_terms(to_pairs(values)), groups=batch["chosen_input_ids"].shape[0],
+            **self._logps_options(self.policy),
+        )
+        return loss, to_pairs(values)
+
+    def _logps_options(self, model: CausalLMWithRewardHead) -> dict[str, Any]:
+        return dict(
+            average=self.hparams.average_logps, token_unlikelihood=self.uses_token_unlikelihood,
+            prompt_logps=self.uses_prompt_logps, chunk_rows=head_chunk_rows(model.lm, self.hparams.chunked_head),
+            packed=self.hparams.pack_sequences,
+        )
+
+    def _pair_inputs(self, batch: dict[str, Tensor]) -> tuple[tuple[Tensor, Tensor, Tensor], Callable[[tuple], PairOutputs]]:
+        """The model's inputs ``[chosen; rejected]`` and the map from its per-sequence values to :class:`PairOutputs`."""
         input_ids = torch.cat([batch[f"{s}_input_ids"] for s in self.sides])
         attention_mask = torch.cat([batch[f"{s}_attention_mask"] for s in self.sides])
         labels = torch.cat([batch[f"{s}_labels"] for s in self.sides])
-        # Logits only at response positions (models.CausalLMWithRewardHead.sequence_logps).
-        logps, rewards, *extra = model.sequence_logps(
-            input_ids, attention_mask, labels, average=self.hparams.average_logps,
-            token_unlikelihood=self.uses_token_unlikelihood, prompt_logps=self.uses_prompt_logps,
-            chunk_rows=head_chunk_rows(model.lm, self.hparams.chunked_head), packed=self.hparams.pack_sequences,
-        )
-        unlikelihood = extra.pop(0) if self.uses_token_unlikelihood else None
-        prompt = extra.pop(0) if self.uses_prompt_logps else None
         lengths = (labels[:, 1:] != -100).sum(-1).clamp(min=1)
         n = batch["chosen_input_ids"].shape[0]
-        return PairOutputs(
-            chosen_logps=logps[:n],
-            rejected_logps=logps[n:] if self.uses_rejected else None,
-            chosen_rewards=rewards[:n] if rewards is not None else None,
-            rejected_rewards=rewards[n:] if rewards is not None and self.uses_rejected else None,
-            rejected_token_unlikelihood=unlikelihood[n:] if unlikelihood is not None else None,
-            chosen_lengths=lengths[:n],
-            chosen_prompt_logps=prompt[:n] if prompt is not None else None,
-            chosen_prompt_lengths=prompt_prediction_mask(attention_mask[:n], labels[:n]).sum(-1) if prompt is not None else None,
-        )
+        prompt_lengths = prompt_prediction_mask(attention_mask[:n], labels[:n]).sum(-1) if self.uses_prompt_logps else None
+
+        def to_pairs(values: tuple) -> PairOutputs:
+            logps, rewards, *extra = values
+            unlikelihood = extra.pop(0) if self.uses_token_unlikelihood else None
+            prompt = extra.pop(0) if self.uses_prompt_logps else None
+            return PairOutputs(
+                chosen_logps=logps[:n],
+                rejected_logps=logps[n:] if self.uses_rejected else None,
+                chosen_rewards=rewards[:n] if rewards is not None else None,
+                rejected_rewards=rewards[n:] if rewards is not None and self.uses_rejected else None,
+                rejected_token_unlikelihood=unlikelihood[n:] if unlikelihood is not None else None,
+                chosen_lengths=lengths[:n],
+                chosen_prompt_logps=prompt[:n] if prompt is not None else None,
+                chosen_prompt_lengths=prompt_lengths,
+            )
+
+        return (input_ids, attention_mask, labels), to_pairs
 
     def chosen_nll(self, out: PairOutputs, reduction: str) -> Tensor:
-        """The chosen responses' NLL (:func:`losses.chosen_nll`), over their prompts too when the
-        objective asked for prompt log-probs (``uses_prompt_logps``)."""
+        """The chosen responses' NLL per pair (:func:`losses.chosen_nll`: its sum is the batch's NLL),
+        over their prompts too when the objective asked for prompt log-probs (``uses_prompt_logps``)."""
         total = out.chosen_logps * out.chosen_lengths if self.hparams.average_logps else out.chosen_logps
         count = out.chosen_lengths
         if out.chosen_prompt_logps is not None:
             total, count = total + out.chosen_prompt_logps, count + out.chosen_prompt_lengths
-        return losses.chosen_nll(total, count, reduction)
+        return losses.chosen_nll_terms(total, count, reduction)
+
+    def loss_terms(self, batch: dict[str, Tensor]) -> Callable[[PairOutputs], Tensor] | None:
+        """The training loss as a sum over pairs: a function of the batch's outputs returning one term
+        per pair ``[B]``, each depending on its own pair's outputs only (and on what the batch fixes:
+        lengths, reference log-probs, Oracle scores). The fused LM head
+        (:meth:`forward_pairs_with_loss`) needs this form. None where the loss is not such a sum."""
+        return None
 
     def objective(self, batch: dict[str, Tensor], out: PairOutputs, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         """Return the scalar loss and extra metrics for this batch. Implemented by subclasses."""
         raise NotImplementedError
 
+    def prepare_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch with whatever the step computes once before its forward (nothing here)."""
+        return batch
+
+    def _fuses_head(self, stage: str) -> bool:
+        # The fused head computes the head's gradients itself: it needs whole parameters (not a
+        # sharded strategy's) and a graph to give them to (training).
+        if stage != "train" or not torch.is_grad_enabled():
+            return False
+        return self._trainer is None or not isinstance(self.trainer.strategy, (DeepSpeedStrategy, FSDPStrategy))
+
     # -- steps --------------------------------------------------------------------------
 
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        out = self.forward_pairs(batch)
-        loss, metrics = self.objective(batch, out, stage)
+        batch = self.prepare_batch(batch)
+        terms = self.loss_terms(batch) if self._fuses_head(stage) else None
+        if terms is None:
+            out = self.forward_pairs(batch)
+            loss, metrics = self.objective(batch, out, stage)
+        else:
+            loss, out = self.forward_pairs_with_loss(batch, terms)
+            _, metrics = self.objective(batch, out, stage)  # its metrics; the loss with gradients is the fused one
         metrics = {"loss": loss, **metrics, "chosen_logps": out.chosen_logps.mean()}
         if out.rejected_logps is not None:
             metrics["rejected_logps"] = out.rejected_logps.mean()
@@ -306,8 +357,11 @@ class SFT(PreferenceModule):
     def __init__(self, model: str, disable_dropout: bool = False, **kwargs) -> None:
         super().__init__(model, disable_dropout=disable_dropout, **kwargs)
 
+    def loss_terms(self, batch):
+        return lambda out: -out.chosen_logps / out.chosen_logps.numel()
+
     def objective(self, batch, out, stage):
-        return -out.chosen_logps.mean(), {}
+        return self.loss_terms(batch)(out).sum(), {}
 
 
 class OracleRewardModel(PreferenceModule):
@@ -323,10 +377,13 @@ class OracleRewardModel(PreferenceModule):
         super().__init__(model, **kwargs)
         self.save_hyperparameters()
 
-    def objective(self, batch, out, stage):
-        loss = losses.oracle_loss(
+    def loss_terms(self, batch):
+        return lambda out: losses.oracle_loss(
             out.chosen_rewards, out.rejected_rewards, out.chosen_logps, alpha=self.hparams.alpha
-        ).mean()
+        ) / out.chosen_logps.numel()
+
+    def objective(self, batch, out, stage):
+        loss = self.loss_terms(batch)(out).sum()
         margin = out.chosen_rewards - out.rejected_rewards
         return loss, {"reward_accuracy": (margin > 0).float().mean(), "reward_margin": margin.mean()}
 
@@ -416,9 +473,9 @@ class DRDO(PreferenceModule):
             return torch.ones((), device=self.device), torch.ones((), device=self.device)
         return losses.balance_weights(*self.term_grad_norms)
 
-    def objective(self, batch, out, stage):
+    def _terms(self, batch: dict[str, Tensor], out: PairOutputs) -> losses.DRDOTerms:
         oracle_chosen, oracle_rejected = _oracle_scores(batch, "DRDO")
-        terms = losses.drdo_terms(
+        return losses.drdo_terms(
             out.chosen_logps,
             out.rejected_logps,
             out.chosen_rewards,
@@ -433,6 +490,15 @@ class DRDO(PreferenceModule):
             rejected_token_unlikelihood=out.rejected_token_unlikelihood,
             distill_form=self.hparams.distill_form,
         )
+
+    def loss_terms(self, batch):
+        if self.hparams.balance_terms:  # the weights come from both terms' gradient norms over the whole batch
+            return None
+        return lambda out: self._terms(batch, out).loss / out.chosen_logps.numel()
+
+    def objective(self, batch, out, stage):
+        oracle_chosen, oracle_rejected = _oracle_scores(batch, "DRDO")
+        terms = self._terms(batch, out)
         student_margin = (out.chosen_rewards - out.rejected_rewards).detach()
         corr = getattr(self, f"{stage}_reward_corr")
         corr(student_margin, (oracle_chosen - oracle_rejected).float())  # forward: batch value + epoch state
@@ -444,7 +510,7 @@ class DRDO(PreferenceModule):
             "reward_corr": corr,
         }
         if not self.hparams.balance_terms:
-            return terms.loss.mean(), metrics
+            return self.loss_terms(batch)(out).sum(), metrics
         distillation = self.hparams.distill_weight * terms.distillation.mean()
         w_distill, w_preference = self._balance_weights(distillation, metrics["preference"], stage)
         if stage == "train":  # validation only reuses the weights training set
@@ -575,6 +641,14 @@ class ReferenceModule(PreferenceModule):
                 split, {"ref_chosen_logps": logps[:, 0].tolist(), "ref_rejected_logps": logps[:, 1].tolist()}
             )
 
+    def prepare_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch with the reference's log-probs as columns: a live reference runs once per step,
+        whether the loss is then read per pair (the fused head) or whole."""
+        if "ref_chosen_logps" in batch:
+            return batch
+        chosen, rejected = self.reference_logps(batch)
+        return {**batch, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
     def reference_logps(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``(z_w^ref, z_l^ref)``: precomputed columns when present, else a no-grad reference forward."""
         if "ref_chosen_logps" in batch:
@@ -627,9 +701,13 @@ class DPO(ReferenceModule):
         """The per-pair loss on the log-ratio margin ``h``: DPO's ``-log sigmoid(beta h)``."""
         return losses.dpo_loss(out.chosen_logps, out.rejected_logps, *ref, beta=self.hparams.beta)
 
+    def loss_terms(self, batch):
+        ref = self.reference_logps(batch)
+        return lambda out: self.pair_loss(out, ref) / out.chosen_logps.numel()
+
     def objective(self, batch, out, stage):
         ref = self.reference_logps(batch)
-        return self.pair_loss(out, ref).mean(), self.margin_metrics(out, ref, self.hparams.beta)
+        return self.loss_terms(batch)(out).sum(), self.margin_metrics(out, ref, self.hparams.beta)
 
 
 class CDPO(DPO):
@@ -687,9 +765,14 @@ class RPO(DPO):
         self.save_hyperparameters()
 
     def objective(self, batch, out, stage):
-        loss, metrics = super().objective(batch, out, stage)
-        nll = self.chosen_nll(out, self.hparams.nll_reduction)
-        return loss + self.hparams.nll_weight * nll, {**metrics, "dpo_loss": loss.detach(), "nll": nll.detach()}
+        loss, metrics = super().objective(batch, out, stage)  # DPO's and the NLL: loss_terms is ours
+        nll = self.chosen_nll(out, self.hparams.nll_reduction).sum()
+        dpo_loss = loss - self.hparams.nll_weight * nll
+        return loss, {**metrics, "dpo_loss": dpo_loss.detach(), "nll": nll.detach()}
+
+    def loss_terms(self, batch):
+        preference = super().loss_terms(batch)
+        return lambda out: preference(out) + self.hparams.nll_weight * self.chosen_nll(out, self.hparams.nll_reduction)
 
 
 class IPO(ReferenceModule):
@@ -712,10 +795,12 @@ class IPO(ReferenceModule):
         super().__init__(model, average_logps=average_logps, **kwargs)
         self.save_hyperparameters()
 
-    def objective(self, batch, out, stage):
+    def loss_terms(self, batch):
         ref = self.reference_logps(batch)
-        loss = losses.ipo_loss(out.chosen_logps, out.rejected_logps, *ref, tau=self.hparams.tau).mean()
-        return loss, self.margin_metrics(out, ref, 1.0)
+        return lambda out: losses.ipo_loss(out.chosen_logps, out.rejected_logps, *ref, tau=self.hparams.tau) / out.chosen_logps.numel()
+
+    def objective(self, batch, out, stage):
+        return self.loss_terms(batch)(out).sum(), self.margin_metrics(out, self.reference_logps(batch), 1.0)
 
 
 class Distill(ReferenceModule):
@@ -735,14 +820,25 @@ class Distill(ReferenceModule):
         self.save_hyperparameters()
 
     def distillation(self, out: PairOutputs, ref: tuple[Tensor, Tensor], oracle: tuple[Tensor, Tensor]) -> Tensor:
-        return losses.distill_loss(out.chosen_logps, out.rejected_logps, *ref, *oracle, beta=self.hparams.beta).mean()
+        """The loss: paper Eq. 4's mean over the batch's pairs."""
+        return self._distillation_terms(out, ref, oracle).sum()
 
-    def objective(self, batch, out, stage):
+    def _distillation_terms(self, out: PairOutputs, ref: tuple[Tensor, Tensor], oracle: tuple[Tensor, Tensor]) -> Tensor:
+        return losses.distill_loss(out.chosen_logps, out.rejected_logps, *ref, *oracle, beta=self.hparams.beta) / out.chosen_logps.numel()
+
+    def _oracle(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         oracle = _oracle_scores(batch, type(self).__name__)
         if oracle[0].dim() != self.score_dims:
             raise ValueError(self.score_shape_error)
+        return oracle
+
+    def loss_terms(self, batch):
+        oracle, ref = self._oracle(batch), self.reference_logps(batch)
+        return lambda out: self._distillation_terms(out, ref, oracle)
+
+    def objective(self, batch, out, stage):
         ref = self.reference_logps(batch)
-        return self.distillation(out, ref, oracle), self.margin_metrics(out, ref, self.hparams.beta)
+        return self.distillation(out, ref, self._oracle(batch)), self.margin_metrics(out, ref, self.hparams.beta)
 
 
 class EDPO(Distill):
@@ -760,6 +856,9 @@ class EDPO(Distill):
 
     def distillation(self, out, ref, oracle):
         return losses.edpo_loss(out.chosen_logps, out.rejected_logps, *ref, *oracle, beta=self.hparams.beta)
+
+    def loss_terms(self, batch):
+        return None  # the worst ensemble member's batch mean: which member depends on every pair
 
 
 # ---------------------------------------------------------------------------------------
@@ -787,9 +886,13 @@ class SimPO(PreferenceModule):
         super().__init__(model, average_logps=average_logps, **kwargs)
         self.save_hyperparameters()
 
+    def loss_terms(self, batch):
+        return lambda out: losses.simpo_loss(
+            out.chosen_logps, out.rejected_logps, beta=self.hparams.beta, gamma=self.hparams.gamma
+        ) / out.chosen_logps.numel()
+
     def objective(self, batch, out, stage):
-        loss = losses.simpo_loss(out.chosen_logps, out.rejected_logps, beta=self.hparams.beta, gamma=self.hparams.gamma)
-        return loss.mean(), length_normalised_metrics(out, self.hparams.beta)
+        return self.loss_terms(batch)(out).sum(), length_normalised_metrics(out, self.hparams.beta)
 
 
 class ORPO(PreferenceModule):
@@ -821,9 +924,14 @@ class ORPO(PreferenceModule):
     def uses_prompt_logps(self) -> bool:
         return self.hparams.nll_on_prompt
 
+    def loss_terms(self, batch):
+        return lambda out: self.chosen_nll(out, self.hparams.nll_reduction) + self.hparams.odds_ratio_weight * (
+            losses.odds_ratio_loss(out.chosen_logps, out.rejected_logps) / out.chosen_logps.numel()
+        )
+
     def objective(self, batch, out, stage):
-        nll = self.chosen_nll(out, self.hparams.nll_reduction)
+        nll = self.chosen_nll(out, self.hparams.nll_reduction).sum()
         odds_ratio = losses.odds_ratio_loss(out.chosen_logps, out.rejected_logps).mean()
         metrics = {"nll": nll.detach(), "odds_ratio_loss": odds_ratio.detach(),
                    **length_normalised_metrics(out, self.hparams.odds_ratio_weight)}
-        return nll + self.hparams.odds_ratio_weight * odds_ratio, metrics
+        return self.loss_terms(batch)(out).sum(), metrics
