@@ -421,7 +421,8 @@ def step_flops(p: Preset, name: str, batch: list[int], device: str = "cpu", chec
 
     - ours: at the positions that predict a response token (``response tokens``), plus each row's
       last token for DRDO's reward head (``CausalLMWithRewardHead.sequence_logps``); trained like any
-      layer (3 forwards; 2 with LoRA: the head is not an adapter target);
+      layer (3 forwards, also where the chunked head is on: in training it is fused with the loss,
+      ``logprobs.fused_head_loss``; 2 with LoRA: the head is not an adapter target);
     - TRL 1.16 (``trl.kernels.chunked_logprob``): at every position but the last of every row
       (padding and prompt included) where Triton is not used (CPU), and only at the response
       positions on CUDA; its backward recomputes the logits tile by tile before the two gradient
@@ -432,8 +433,6 @@ def step_flops(p: Preset, name: str, batch: list[int], device: str = "cpu", chec
     (``h x 1``) and the loss are negligible and not counted. With gradient ``checkpointing`` the
     backward recomputes the body's forward: one more forward of the body.
     """
-    from drdo_lightning.models import CHUNKED_HEAD_MIN_VOCABULARY
-
     sequences, length, response = batch[:3]
     rows, computed_length = batch[4:6] if len(batch) > 4 else (sequences, length)  # packed rows, when recorded
     base = name.removesuffix(PACKED).removesuffix(GROUPED)
@@ -446,8 +445,7 @@ def step_flops(p: Preset, name: str, batch: list[int], device: str = "cpu", chec
         positions = response if device == "cuda" else sequences * (length - 1)
         return body_train + (3 if lora else 4) * head_flops(p, positions) + body_forward + head_flops(p, positions)
     positions = response + (sequences if objective.startswith("drdo") else 0)
-    chunked = objective != "drdo_one_piece" and p.vocab >= CHUNKED_HEAD_MIN_VOCABULARY  # recomputes the head's forward
-    flops = body_train + ((2 if lora else 3) + chunked) * head_flops(p, positions)
+    flops = body_train + (2 if lora else 3) * head_flops(p, positions)
     if objective == "dpo_live":
         flops += body_forward + head_flops(p, positions)
     return flops

@@ -124,6 +124,36 @@ class HeadChunk(NamedTuple):
     groups: Tensor
 
 
+def chunks_of_groups(group: Tensor, groups: int, rows: int) -> list[HeadChunk] | None:
+    """Consecutive groups per chunk, as many as fit in ``rows`` rows (at least one), from each row's
+    group ``group`` ``[N]``; None when a group alone has more than twice ``rows`` rows (its chunk
+    would hold more than twice the logits the chunk size allows)."""
+    sizes = torch.bincount(group, minlength=groups).tolist()
+    if max(sizes, default=0) > 2 * rows:
+        return None
+    members: list[list[int]] = [[]]
+    filled = 0
+    for g, size in enumerate(sizes):
+        if members[-1] and filled + size > rows:
+            members.append([])
+            filled = 0
+        members[-1].append(g)
+        filled += size
+    chunks = []
+    for m in members:
+        ids = torch.tensor(m, device=group.device)
+        chunks.append(HeadChunk(torch.isin(group, ids).nonzero().squeeze(-1), ids))
+    return chunks
+
+
+def _logits_to_their_gradient(logits: Tensor, lse: Tensor, g: Tensor, targets: Tensor, rows: int) -> None:
+    """Overwrite ``logits`` ``[c, V]`` with the gradient of ``sum_t g_t log softmax(logits_t)[target_t]``
+    in them, ``g * (onehot - softmax)``, ``rows`` rows at a time (bounded temporaries)."""
+    for part, part_lse, part_g in zip(logits.split(rows), lse.split(rows), g.split(rows)):
+        part.copy_((part.float() - part_lse.unsqueeze(-1)).exp_().mul_(-part_g.unsqueeze(-1)))
+    logits.scatter_add_(-1, targets, g.unsqueeze(-1).to(logits.dtype))
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """The loss and its gradients in one pass over the LM head, a chunk of whole groups at a time.
 
@@ -162,22 +192,22 @@ class _FusedHeadLoss(torch.autograd.Function):
             if extra_leaf is not None and grads[1] is not None:
                 grad_extra += grads[1]
             loss += chunk_loss.detach()
-            for part, part_lse, part_g in zip(logits.split(rows), lse.split(rows), g.split(rows)):
-                part.copy_((part.float() - part_lse.unsqueeze(-1)).exp_().mul_(-part_g.unsqueeze(-1)))
-            logits.scatter_add_(-1, chunk_targets, g.unsqueeze(-1).to(logits.dtype))
+            _logits_to_their_gradient(logits, lse, g, chunk_targets, rows)
             grad_hidden[chunk.rows] = (logits @ weight.to(logits.dtype)).to(grad_hidden.dtype)
             if grad_weight is not None:
                 grad_weight.addmm_(logits.t().to(weight.dtype), h.to(weight.dtype))
             if grad_bias is not None:
                 grad_bias += logits.sum(0).to(bias.dtype)
+            del logits, h  # freed before the next chunk's logits are allocated, not after
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_extra)
         ctx.mark_non_differentiable(token)
         return loss, token
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_token):
-        grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
-        return (*grads, None, None, None)
+        if bool(grad_loss == 1):  # the usual case: hand the gradients on without a copy of the weight's
+            return (*ctx.saved_tensors, None, None, None)
+        return (*(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors), None, None, None)
 
 
 def fused_head_loss(

@@ -436,8 +436,8 @@ class CausalLMWithRewardHead(nn.Module):
 
     def fuses_head(self, input_ids: Tensor, groups: int, chunk_rows: int | None) -> bool:
         """Whether :meth:`loss_and_sequence_logps` can take the fused head (:func:`logprobs.fused_head_loss`):
-        the chunked head is on, the LM head is a plain linear layer whose output the model returns as
-        its logits, and no group's response positions hold more than twice a chunk's rows."""
+        the chunked head is on and the LM head is a plain linear layer whose output the model returns
+        as its logits (checked against the model's own forward, :meth:`head_is_reproduced`)."""
         head = self.lm.get_output_embeddings()
         if chunk_rows is None or type(head) is not nn.Linear or self._after_head is not None:
             return False
@@ -464,32 +464,25 @@ class CausalLMWithRewardHead(nn.Module):
         Where :meth:`fuses_head` allows, the LM head runs fused with the loss
         (:func:`logprobs.fused_head_loss`): a chunk of whole groups at a time, each chunk's gradient
         computed in the forward pass, three head matrix products instead of the chunked head's four,
-        and one chunk's logits in memory. Each term of ``loss_of`` must then depend on its own
+        and one chunk's logits in memory; a batch with a group of more than twice ``chunk_rows``
+        positions takes the recomputing chunked head instead. Each term of ``loss_of`` must then depend on its own
         group's values only. The log-probs in ``values`` then carry no gradient (the loss does; the
         rewards keep theirs). Otherwise the loss is computed from :meth:`sequence_logps`' values.
         """
         options = dict(average=average, token_unlikelihood=token_unlikelihood, prompt_logps=prompt_logps)
-        kept = self._kept_positions(input_ids, attention_mask, labels, prompt_logps)
-        group = kept.rows % groups
-        sizes = torch.bincount(group, minlength=groups).tolist()
-        if not self.fuses_head(input_ids, groups, chunk_rows) or max(sizes, default=0) > 2 * chunk_rows:
+        fused = self.fuses_head(input_ids, groups, chunk_rows)
+        if fused:
+            kept = self._kept_positions(input_ids, attention_mask, labels, prompt_logps)
+            chunks = logprobs.chunks_of_groups(kept.rows % groups, groups, chunk_rows)
+            fused = chunks is not None
+        if not fused:
             values = self.sequence_logps(input_ids, attention_mask, labels, chunk_rows=chunk_rows, packed=packed, **options)
             return loss_of(values).sum(), values
         hidden = self._final_hidden(input_ids, attention_mask, kept.keep, self.packing_for(attention_mask) if packed else None)
         rewards = self._rewards(hidden[kept.last[kept.keep]]) if self.reward_head is not None else None
-        chunks, members, filled = [], [], 0
-        for g, size in enumerate(sizes):  # consecutive groups, up to chunk_rows rows (at least one group)
-            if members and filled + size > chunk_rows:
-                chunks.append(members)
-                members, filled = [], 0
-            members.append(g)
-            filled += size
-        chunks.append(members)
         head = self.lm.get_output_embeddings()
         loss, token = logprobs.fused_head_loss(
-            hidden, kept.targets, head.weight, head.bias, rewards,
-            [logprobs.HeadChunk(torch.isin(group, torch.tensor(m, device=group.device)).nonzero().squeeze(-1),
-                                torch.tensor(m, device=group.device)) for m in chunks],
+            hidden, kept.targets, head.weight, head.bias, rewards, chunks,
             lambda token, rewards: loss_of(self._sequence_values(token, rewards, kept, **options)),
         )
         return loss, self._sequence_values(token, rewards, kept, **options)

@@ -67,9 +67,11 @@ class PreferenceModule(L.LightningModule):
             short ``alpha``/``dropout`` (:mod:`drdo_lightning.lora`). The reward head stays fully
             trainable; a reference-based objective's reference is the base model (adapters off).
         chunked_head: Compute response log-probs through the LM head a chunk of positions at a
-            time, recomputing each chunk's logits in backward, so no ``[positions, vocabulary]``
-            logits are kept (:func:`logprobs.chunked_token_logps`): less memory, one more head
-            matrix product per step. ``None``: on for vocabularies of 100k tokens and more.
+            time, so no ``[positions, vocabulary]`` logits are kept: in training fused with the
+            loss where it is a sum over pairs (:func:`logprobs.fused_head_loss`, each chunk's
+            gradients computed in the forward pass), else recomputing each chunk's logits in
+            backward (:func:`logprobs.chunked_token_logps`, one more head matrix product per step).
+            ``None``: on for vocabularies of 100k tokens and more.
         pack_sequences: Run the model on each padded batch's sequences packed end to end, position
             ids restarting per sequence (:mod:`drdo_lightning.packing`), instead of padded rows: the
             same values without computing on padding (on long-tailed lengths 1.5x the useful tokens/s
