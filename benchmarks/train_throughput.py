@@ -87,7 +87,7 @@ CONFIGS = {
 }
 # Run only when named in --only: DRDO with the LM head in one piece (the logits of every response
 # position kept for backward), against the default that chunks it from 100k tokens on.
-EXTRA_CONFIGS = {"drdo_one_piece": "DRDO, one-piece LM head (ours)"}
+EXTRA_CONFIGS = {"drdo_one_piece": "DRDO, one-piece LM head (ours)", "drdo_chunked": "DRDO, chunked LM head (ours)"}
 # With --lora: the same trainers with LoRA adapters. With adapters, TRL's reference and our live
 # one are the base model with the adapters switched off.
 LORA_CONFIGS = {
@@ -281,8 +281,8 @@ def _lightning_run(name: str, args, clock: StepClock):
     objective = name.removesuffix("_lora")
     optim = dict(learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY, lora=LORA if name != objective else None,
                  pack_sequences=packed, gradient_checkpointing=args.checkpointing)
-    if objective == "drdo_one_piece":
-        module = DRDO(path, chunked_head=False, **optim)
+    if objective in ("drdo_one_piece", "drdo_chunked"):
+        module = DRDO(path, chunked_head=objective == "drdo_chunked", **optim)
     elif objective == "drdo":
         module = DRDO(path, **optim)
     elif objective in ("simpo", "orpo"):

@@ -434,14 +434,14 @@ class CausalLMWithRewardHead(nn.Module):
             out.append(per_row(token, kept.predicts_prompt[kept.keep], mean=False))
         return tuple(out)
 
-    def fuses_head(self, input_ids: Tensor, groups: int, chunk_rows: int | None) -> bool:
-        """Whether :meth:`loss_and_sequence_logps` can take the fused head (:func:`logprobs.fused_head_loss`):
-        the chunked head is on and the LM head is a plain linear layer whose output the model returns
-        as its logits (checked against the model's own forward, :meth:`head_is_reproduced`)."""
+    def fuses_head(self, input_ids: Tensor) -> bool:
+        """Whether :meth:`loss_and_sequence_logps` can fuse the LM head with the loss
+        (:func:`logprobs.fused_head_loss`): the head is a plain linear layer whose output the model
+        returns as its logits (checked against the model's own forward, :meth:`head_is_reproduced`)."""
         head = self.lm.get_output_embeddings()
-        if chunk_rows is None or type(head) is not nn.Linear or self._after_head is not None:
+        if type(head) is not nn.Linear or self._after_head is not None:
             return False
-        return self.head_is_reproduced(input_ids) and input_ids.shape[0] % groups == 0
+        return self.head_is_reproduced(input_ids)
 
     def loss_and_sequence_logps(
         self,
@@ -461,7 +461,7 @@ class CausalLMWithRewardHead(nn.Module):
         ``loss_of(values).sum()``, a sum of one term per group (a preference pair: rows ``i`` and
         ``i + groups``, ``i + 2 groups``, ... of the batch).
 
-        Where :meth:`fuses_head` allows, the LM head runs fused with the loss
+        With ``chunk_rows`` and where :meth:`fuses_head` allows, the LM head runs fused with the loss
         (:func:`logprobs.fused_head_loss`): a chunk of whole groups at a time, each chunk's gradient
         computed in the forward pass, three head matrix products instead of the chunked head's four,
         and one chunk's logits in memory; a batch with a group of more than twice ``chunk_rows``
@@ -470,7 +470,7 @@ class CausalLMWithRewardHead(nn.Module):
         rewards keep theirs). Otherwise the loss is computed from :meth:`sequence_logps`' values.
         """
         options = dict(average=average, token_unlikelihood=token_unlikelihood, prompt_logps=prompt_logps)
-        fused = self.fuses_head(input_ids, groups, chunk_rows)
+        fused = chunk_rows is not None and self.fuses_head(input_ids)
         if fused:
             kept = self._kept_positions(input_ids, attention_mask, labels, prompt_logps)
             chunks = logprobs.chunks_of_groups(kept.rows % groups, groups, chunk_rows)

@@ -71,7 +71,7 @@ def test_fused_head_equals_the_one_piece_head_across_architectures(name):
             assert_same(reference, got, f"{name}, {side} padding, packed {packed}", tolerance=5e-5)
     # Heads whose logits the model transforms afterwards (soft-capping, scales) keep the chunked head.
     transformed = name in ("gemma2", "gemma3-text", "cohere", "granite")
-    assert model.fuses_head(ids, 2, chunk_rows) is not transformed
+    assert model.fuses_head(ids) is not transformed
 
 
 def test_fused_head_keeps_no_logits_for_backward():
@@ -174,7 +174,7 @@ def test_a_fused_training_step_equals_the_unfused_one(objective, tiny_model_dir,
     monkeypatch.setattr(models.logprobs, "fused_head_loss", lambda *args: calls.append(len(args[5])) or fused_head_loss(*args))
 
     def step(fused: bool):
-        monkeypatch.setattr(type(module), "_fuses_head", lambda self, stage: fused)
+        monkeypatch.setattr(type(module), "_step_fuses_head", lambda self, stage: fused)
         module.policy.zero_grad()
         loss = module.training_step(batch, 0)
         loss.backward()
@@ -184,3 +184,28 @@ def test_a_fused_training_step_equals_the_unfused_one(objective, tiny_model_dir,
     assert not calls
     assert_same(unfused, step(True), f"{objective} step", tolerance=1e-5)
     assert len(calls) == 1 and calls[0] > 1  # the fused head ran, over more than one chunk
+
+
+def test_by_default_a_training_step_fuses_the_head_at_any_vocabulary(tiny_model_dir, monkeypatch):
+    """``chunked_head: null``: below 100k tokens the head is chunked exactly where the step fuses it
+    (measured never slower there); an objective whose loss is not a sum over pairs keeps the one-piece head."""
+    import drdo_lightning.models as models
+
+    calls = []
+    fused_head_loss = models.logprobs.fused_head_loss
+    monkeypatch.setattr(models.logprobs, "fused_head_loss", lambda *args: calls.append(1) or fused_head_loss(*args))
+    chunked_calls = []
+    chunked = models.logprobs.chunked_token_logps
+    monkeypatch.setattr(models.logprobs, "chunked_token_logps", lambda *a, **k: chunked_calls.append(1) or chunked(*a, **k))
+    ids, mask, labels = pair_rows(300, "right")
+    batch = {"chosen_input_ids": ids[:2], "chosen_attention_mask": mask[:2], "chosen_labels": labels[:2],
+             "rejected_input_ids": ids[2:], "rejected_attention_mask": mask[2:], "rejected_labels": labels[2:]}
+    one_oracle = {"chosen_score": ORACLE[0], "rejected_score": ORACLE[1]}
+    ensemble = {"chosen_score": torch.stack([ORACLE[0]] * 2, -1), "rejected_score": torch.stack([ORACLE[1]] * 2, -1)}
+    for module, scores, fuses in ((DRDO(str(tiny_model_dir)), one_oracle, True), (EDPO(str(tiny_model_dir)), ensemble, False)):
+        module.configure_model()
+        module.log = lambda *args, **kwargs: None
+        calls.clear()
+        module.training_step({**batch, **scores}, 0).backward()
+        assert bool(calls) is fuses, type(module).__name__
+    assert not chunked_calls  # the unfused objective kept the one-piece head
