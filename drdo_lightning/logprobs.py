@@ -20,6 +20,22 @@ LOG_PROB_CEILING = -1e-8
 _TOKEN_LOGPS_CHUNK = 1 << 22
 
 
+def _log_softmax_at(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, int]:
+    """``(log softmax(logits)[targets], logsumexp(logits), rows)``, in float32, the logsumexp taken
+    ``rows`` rows at a time so its temporaries stay small."""
+    rows = max(1, _TOKEN_LOGPS_CHUNK // max(1, logits[:1].numel()))
+    lse = torch.cat([torch.logsumexp(part.float(), dim=-1) for part in logits.split(rows)])
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float() - lse, lse, rows
+
+
+def _write_logit_gradient(out: Tensor, logits: Tensor, lse: Tensor, g: Tensor, targets: Tensor, rows: int) -> None:
+    """Write into ``out`` (``logits`` itself allowed) the gradient of ``sum_t g_t log softmax(logits_t)[target_t]``
+    in the logits, ``g * (onehot - softmax)``, ``rows`` rows at a time."""
+    for part_out, part, part_lse, part_g in zip(out.split(rows), logits.split(rows), lse.split(rows), g.split(rows)):
+        part_out.copy_((part.float() - part_lse.unsqueeze(-1)).exp_().mul_(-part_g.unsqueeze(-1)))
+    out.scatter_add_(-1, targets.unsqueeze(-1), g.unsqueeze(-1).to(out.dtype))
+
+
 class _TokenLogps(torch.autograd.Function):
     """``logit[target] - logsumexp(logit)``, with a lean backward.
 
@@ -31,20 +47,15 @@ class _TokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
-        rows = max(1, _TOKEN_LOGPS_CHUNK // max(1, logits[:1].numel()))
-        lse = torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(rows)])
+        token, lse, ctx.rows = _log_softmax_at(logits, targets)
         ctx.save_for_backward(logits, targets, lse)
-        ctx.rows = rows
-        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float() - lse
+        return token
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         logits, targets, lse = ctx.saved_tensors
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        chunks = zip(grad_logits.split(ctx.rows), logits.split(ctx.rows), lse.split(ctx.rows), grad.split(ctx.rows))
-        for out, chunk, chunk_lse, chunk_grad in chunks:
-            out.copy_((chunk.float() - chunk_lse.unsqueeze(-1)).exp_().mul_(-chunk_grad.unsqueeze(-1)))
-        grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad.unsqueeze(-1).to(grad_logits.dtype))
+        _write_logit_gradient(grad_logits, logits, lse, grad, targets, ctx.rows)
         return grad_logits, None
 
 
@@ -146,14 +157,6 @@ def chunks_of_groups(group: Tensor, groups: int, rows: int) -> list[HeadChunk] |
     return chunks
 
 
-def _logits_to_their_gradient(logits: Tensor, lse: Tensor, g: Tensor, targets: Tensor, rows: int) -> None:
-    """Overwrite ``logits`` ``[c, V]`` with the gradient of ``sum_t g_t log softmax(logits_t)[target_t]``
-    in them, ``g * (onehot - softmax)``, ``rows`` rows at a time (bounded temporaries)."""
-    for part, part_lse, part_g in zip(logits.split(rows), lse.split(rows), g.split(rows)):
-        part.copy_((part.float() - part_lse.unsqueeze(-1)).exp_().mul_(-part_g.unsqueeze(-1)))
-    logits.scatter_add_(-1, targets, g.unsqueeze(-1).to(logits.dtype))
-
-
 class _FusedHeadLoss(torch.autograd.Function):
     """The loss and its gradients in one pass over the LM head, a chunk of whole groups at a time.
 
@@ -176,11 +179,9 @@ class _FusedHeadLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for chunk in chunks:
             h = hidden[chunk.rows]
-            chunk_targets = targets[chunk.rows].unsqueeze(-1)
+            chunk_targets = targets[chunk.rows]
             logits = nn.functional.linear(h, weight, bias)
-            rows = max(1, _TOKEN_LOGPS_CHUNK // max(1, logits[:1].numel()))
-            lse = torch.cat([torch.logsumexp(part.float(), dim=-1) for part in logits.split(rows)])
-            chunk_token = logits.gather(-1, chunk_targets).squeeze(-1).float() - lse
+            chunk_token, lse, rows = _log_softmax_at(logits, chunk_targets)
             token[chunk.rows] = chunk_token
             leaf = chunk_token.detach().requires_grad_()
             with torch.enable_grad():
@@ -192,7 +193,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             if extra_leaf is not None and grads[1] is not None:
                 grad_extra += grads[1]
             loss += chunk_loss.detach()
-            _logits_to_their_gradient(logits, lse, g, chunk_targets, rows)
+            _write_logit_gradient(logits, logits, lse, g, chunk_targets, rows)
             grad_hidden[chunk.rows] = (logits @ weight.to(logits.dtype)).to(grad_hidden.dtype)
             if grad_weight is not None:
                 grad_weight.addmm_(logits.t().to(weight.dtype), h.to(weight.dtype))
