@@ -176,17 +176,18 @@ class PreferenceModule(L.LightningModule):
 
     def forward_pairs_with_loss(
         self, batch: dict[str, Tensor], loss_terms: Callable[[PairOutputs], Tensor]
-    ) -> tuple[Tensor, PairOutputs]:
-        """The policy's :meth:`forward_pairs` and the loss ``loss_terms(out).sum()`` in one pass,
-        through the fused LM head where the model allows it
-        (:meth:`CausalLMWithRewardHead.loss_and_sequence_logps`); its log-probs then carry no gradient."""
+    ) -> tuple[Tensor, PairOutputs] | None:
+        """The policy's :meth:`forward_pairs` and the loss ``loss_terms(out).sum()`` in one pass through
+        the LM head fused with the loss (:meth:`CausalLMWithRewardHead.loss_and_sequence_logps`; its
+        log-probs then carry no gradient); None, computing nothing, where the head is not chunked or
+        the model's head cannot be fused."""
         inputs, to_pairs = self._pair_inputs(batch)
-        chunked = self.hparams.chunked_head
-        if chunked is None and self.policy.fuses_head(inputs[0]):  # fused, the chunked head is never slower (measured)
-            chunked = True
+        if self.hparams.chunked_head is False or not self.policy.fuses_head(inputs[0]):
+            return None
+        # Fused, the chunked head is never slower (measured): on at any vocabulary unless switched off.
         loss, values = self.policy.loss_and_sequence_logps(
             *inputs, lambda values: loss_terms(to_pairs(values)), groups=batch["chosen_input_ids"].shape[0],
-            **self._logps_options(self.policy, chunked),
+            **self._logps_options(self.policy, chunked=True),
         )
         return loss, to_pairs(values)
 
@@ -247,6 +248,16 @@ class PreferenceModule(L.LightningModule):
         """The batch with whatever the step computes once before its forward (nothing here)."""
         return batch
 
+    def _check_fused_loss(self, whole: Tensor, fused: Tensor) -> None:
+        """A fused step trains on :meth:`loss_terms`; :meth:`objective` must give the same loss (a
+        subclass that changes one and not the other would otherwise train on a loss it did not mean)."""
+        if not torch.allclose(whole.detach().float(), fused.detach().float(), rtol=1e-4, atol=1e-6, equal_nan=True):
+            raise UserError(
+                f"{type(self).__name__}.objective gives a loss of {whole.item():.6g}, but the sum of its loss_terms is "
+                f"{fused.item():.6g}: a step with the LM head fused to the loss trains on loss_terms. Give loss_terms the "
+                "same loss, or set --model.chunked_head false to train on objective's loss unfused."
+            )
+
     def _step_fuses_head(self, stage: str) -> bool:
         # The fused head computes the head's gradients itself: it needs whole parameters (not a
         # sharded strategy's) and a graph to give them to (training).
@@ -259,12 +270,14 @@ class PreferenceModule(L.LightningModule):
     def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         batch = self.prepare_batch(batch)
         terms = self.loss_terms(batch) if self._step_fuses_head(stage) else None
-        if terms is None:
+        fused = self.forward_pairs_with_loss(batch, terms) if terms is not None else None
+        if fused is None:
             out = self.forward_pairs(batch)
             loss, metrics = self.objective(batch, out, stage)
         else:
-            loss, out = self.forward_pairs_with_loss(batch, terms)
-            _, metrics = self.objective(batch, out, stage)  # its metrics; the loss with gradients is the fused one
+            loss, out = fused
+            whole, metrics = self.objective(batch, out, stage)  # its metrics; the loss with gradients is the fused one
+            self._check_fused_loss(whole, loss)
         metrics = {"loss": loss, **metrics, "chosen_logps": out.chosen_logps.mean()}
         if out.rejected_logps is not None:
             metrics["rejected_logps"] = out.rejected_logps.mean()

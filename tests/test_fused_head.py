@@ -209,3 +209,24 @@ def test_by_default_a_training_step_fuses_the_head_at_any_vocabulary(tiny_model_
         module.training_step({**batch, **scores}, 0).backward()
         assert bool(calls) is fuses, type(module).__name__
     assert not chunked_calls  # the unfused objective kept the one-piece head
+
+
+def test_an_objective_that_disagrees_with_its_loss_terms_is_named_in_a_fused_step(tiny_model_dir):
+    from drdo_lightning.errors import UserError
+
+    class Regularised(DRDO):  # a user's subclass that adds a term to objective() and not to loss_terms()
+        def objective(self, batch, out, stage):
+            loss, metrics = super().objective(batch, out, stage)
+            return loss + 1.0, metrics
+
+    module = Regularised(str(tiny_model_dir))
+    module.configure_model()
+    module.log = lambda *args, **kwargs: None
+    ids, mask, labels = pair_rows(300, "right")
+    batch = {"chosen_input_ids": ids[:2], "chosen_attention_mask": mask[:2], "chosen_labels": labels[:2],
+             "rejected_input_ids": ids[2:], "rejected_attention_mask": mask[2:], "rejected_labels": labels[2:],
+             "chosen_score": ORACLE[0], "rejected_score": ORACLE[1]}
+    with pytest.raises(UserError, match=r"Regularised.objective gives a loss of .* --model.chunked_head false"):
+        module.training_step(batch, 0)
+    module.hparams.chunked_head = False  # unfused, objective's loss is the loss
+    assert module.training_step(batch, 0).isfinite()

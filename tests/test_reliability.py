@@ -417,7 +417,9 @@ def poison_sft(monkeypatch, nan_loss_steps=(), nan_grad_steps=()) -> dict[int, l
 
 
 def sft_args(root, tiny_model_dir, pair_files, *extra):
-    return fit_args(root, tiny_model_dir, pair_files["sft"], "--data.rejected_column", "null", *extra, objective="SFT")
+    # One-piece head: the poisoned objective's loss is the loss trained on (a fused step trains on loss_terms).
+    return fit_args(root, tiny_model_dir, pair_files["sft"], "--data.rejected_column", "null", "--model.chunked_head",
+                    "false", *extra, objective="SFT")
 
 
 def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
