@@ -12,8 +12,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import lightning as L
