@@ -465,17 +465,16 @@ class CausalLMWithRewardHead(nn.Module):
         (:func:`logprobs.fused_head_loss`): a chunk of whole groups at a time, each chunk's gradient
         computed in the forward pass, three head matrix products instead of the chunked head's four,
         and one chunk's logits in memory; a batch with a group of more than twice ``chunk_rows``
-        positions takes the recomputing chunked head instead. Each term of ``loss_of`` must then depend on its own
-        group's values only. The log-probs in ``values`` then carry no gradient (the loss does; the
+        positions takes the recomputing chunked head instead. Each term of ``loss_of`` must then
+        depend on its own group's values only. The log-probs in ``values`` then carry no gradient (the loss does; the
         rewards keep theirs). Otherwise the loss is computed from :meth:`sequence_logps`' values.
         """
         options = dict(average=average, token_unlikelihood=token_unlikelihood, prompt_logps=prompt_logps)
-        fused = chunk_rows is not None and self.fuses_head(input_ids)
-        if fused:
+        chunks = None
+        if chunk_rows is not None and self.fuses_head(input_ids):
             kept = self._kept_positions(input_ids, attention_mask, labels, prompt_logps)
             chunks = logprobs.chunks_of_groups(kept.rows % groups, groups, chunk_rows)
-            fused = chunks is not None
-        if not fused:
+        if chunks is None:  # not fused: the loss of sequence_logps' values
             values = self.sequence_logps(input_ids, attention_mask, labels, chunk_rows=chunk_rows, packed=packed, **options)
             return loss_of(values).sum(), values
         hidden = self._final_hidden(input_ids, attention_mask, kept.keep, self.packing_for(attention_mask) if packed else None)

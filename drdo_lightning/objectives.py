@@ -181,9 +181,9 @@ class PreferenceModule(L.LightningModule):
         the LM head fused with the loss (:meth:`CausalLMWithRewardHead.loss_and_sequence_logps`; its
         log-probs then carry no gradient); None, computing nothing, where the head is not chunked or
         the model's head cannot be fused."""
-        inputs, to_pairs = self._pair_inputs(batch)
-        if self.hparams.chunked_head is False or not self.policy.fuses_head(inputs[0]):
+        if self.hparams.chunked_head is False or not self.policy.fuses_head(batch["chosen_input_ids"]):
             return None
+        inputs, to_pairs = self._pair_inputs(batch)
         # Fused, the chunked head is never slower (measured): on at any vocabulary unless switched off.
         loss, values = self.policy.loss_and_sequence_logps(
             *inputs, lambda values: loss_terms(to_pairs(values)), groups=batch["chosen_input_ids"].shape[0],
