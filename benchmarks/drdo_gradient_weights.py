@@ -19,6 +19,7 @@ import argparse
 import torch
 
 from drdo_lightning.data.datamodule import PreferenceDataModule
+from drdo_lightning.heads import sequence_values
 from drdo_lightning.losses import drdo_terms
 from drdo_lightning.models import CausalLMWithRewardHead
 
@@ -36,7 +37,7 @@ def response_logps(policy: str, train_file: str, pairs: int, max_prompt_length: 
     with torch.no_grad():
         for batch in data.train_dataloader():
             for side, out in (("chosen", zw), ("rejected", zl)):
-                z, _ = model.sequence_logps(batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"])
+                z = sequence_values(model, batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"]).logps
                 out.append(z)
             if sum(len(z) for z in zw) >= pairs:
                 break

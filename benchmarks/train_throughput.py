@@ -420,7 +420,7 @@ def step_flops(p: Preset, name: str, batch: list[int], device: str = "cpu", chec
     The LM head runs only where logits are computed:
 
     - ours: at the positions that predict a response token (``response tokens``), plus each row's
-      last token for DRDO's reward head (``CausalLMWithRewardHead.sequence_logps``); trained like any
+      last token for DRDO's reward head (``heads.sequence_values``); trained like any
       layer (3 forwards, also where the chunked head is on: in training it is fused with the loss,
       ``logprobs.fused_head_loss``; 2 with LoRA: the head is not an adapter target);
     - TRL 1.16 (``trl.kernels.chunked_logprob``): at every position but the last of every row

@@ -26,32 +26,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 
-from drdo_lightning import logprobs
 from drdo_lightning.errors import REWARD_MODEL_MADE_BY, UserError, require_pretrained
 from drdo_lightning.lora import backbone
 from drdo_lightning.packing import Packing, pack, supports_packing
+from drdo_lightning.positions import KeptPositions, last_token_mask, position_ids_from_mask
 
 REWARD_HEAD_FILE = "reward_head.safetensors"
 
 log = logging.getLogger(__name__)
-
-# Logits elements per chunk of the chunked head (256 MiB in fp32, 523 positions at 128k tokens).
-# Each chunk's backward adds its share into the head's whole weight gradient, so many small chunks
-# cost time (measured at 128k: 130 positions per chunk 1.7x the one-piece step's time, 512 about
-# 1.35x) while the step's peak memory did not depend on the chunk size in that range.
-HEAD_CHUNK_ELEMENTS = 1 << 26
-CHUNKED_HEAD_MIN_VOCABULARY = 100_000
-
-
-class KeptPositions(NamedTuple):
-    """The positions of a batch that go through the LM head (:meth:`CausalLMWithRewardHead.sequence_logps`)."""
-
-    keep: Tensor  # [B, T] bool: projected onto the vocabulary
-    predicts: Tensor  # [B, T] bool: predicts a response token
-    predicts_prompt: Tensor  # [B, T] bool: predicts a prompt token (only when prompt log-probs are asked for)
-    last: Tensor  # [B, T] bool: each row's last token, where the reward head reads
-    targets: Tensor  # [K]: each kept position's next token (0 where it predicts nothing)
-    rows: Tensor  # [K]: each kept position's row
 
 
 class LMOutput(NamedTuple):
@@ -59,24 +41,12 @@ class LMOutput(NamedTuple):
     rewards: Tensor | None  # [B], or None when the model has no reward head
 
 
-def last_token_index(attention_mask: Tensor) -> Tensor:
-    """Index of the last attended position of each row; correct for left and right padding."""
-    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    return (positions * attention_mask.bool()).argmax(-1)
+class HeadInputs(NamedTuple):
+    """One backbone pass at a batch's kept positions (:class:`positions.KeptPositions`), row-major."""
 
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Positions that count attended tokens only, so a left-padded row sees the same positions as
-    its right-padded twin (models with absolute positions, e.g. GPT-2 and OPT, depend on this)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def prompt_prediction_mask(attention_mask: Tensor, labels: Tensor) -> Tensor:
-    """``[B, T]``: the attended positions whose next token is an attended prompt token (not a
-    response token, ``labels`` ``-100``); the first token of a row has no predicting position."""
-    mask = torch.zeros_like(attention_mask, dtype=torch.bool)
-    mask[:, :-1] = attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool() & (labels[:, 1:] == -100)
-    return mask
+    hidden: Tensor  # [K, H]: the final hidden states the LM head reads
+    logits: Tensor | None  # [K, V]: the model's own logits there (the one-piece head), else None
+    rewards: Tensor | None  # [B]: r̂ at each row's last token, or None without a reward head
 
 
 def logits_after_head(lm: PreTrainedModel) -> Callable[[Tensor], Tensor] | None:
@@ -101,17 +71,6 @@ def vocabulary_size(lm: PreTrainedModel) -> int:
     """Rows of the LM head: the vocabulary the logits span."""
     weight = lm.get_output_embeddings().weight
     return int(getattr(weight, "ds_shape", weight.shape)[0])  # ZeRO-3 keeps the real shape in ds_shape
-
-
-def head_chunk_rows(lm: PreTrainedModel, chunked: bool | None) -> int | None:
-    """Positions per chunk of the chunked LM head (``HEAD_CHUNK_ELEMENTS`` logits), or None for the one-piece head.
-
-    ``chunked=None`` decides by the vocabulary: chunked from ``CHUNKED_HEAD_MIN_VOCABULARY`` tokens on.
-    """
-    vocabulary = vocabulary_size(lm)
-    if chunked is None:
-        chunked = vocabulary >= CHUNKED_HEAD_MIN_VOCABULARY
-    return max(1, HEAD_CHUNK_ELEMENTS // vocabulary) if chunked else None
 
 
 def head_input_width(lm: PreTrainedModel) -> int:
@@ -218,7 +177,7 @@ class CausalLMWithRewardHead(nn.Module):
                     head.load_state_dict(load_file(head_file))
         return cls(lm, head)
 
-    def _head_path(self, input_ids: Tensor, attention_mask: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
+    def logits_and_hidden(self, input_ids: Tensor, attention_mask: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
         """The wrapped LM's own forward, projecting only the positions where ``keep`` ``[B, T]`` is True.
 
         Returns ``(logits, head_inputs)`` at the kept positions, flattened row-major to ``[N, V]``
@@ -247,7 +206,7 @@ class CausalLMWithRewardHead(nn.Module):
             logits, hidden = logits[keep], hidden[keep]
         return logits, hidden
 
-    def _final_hidden(self, input_ids: Tensor, attention_mask: Tensor, keep: Tensor, packing: Packing | None) -> Tensor:
+    def final_hidden(self, input_ids: Tensor, attention_mask: Tensor, keep: Tensor, packing: Packing | None) -> Tensor:
         """``[K, H]``: the final hidden states the LM head reads at the positions where ``keep`` is
         True (row-major), from the model's own forward with the head given no positions to project
         (so no logits are computed at all). With ``packing`` the forward runs on the packed rows."""
@@ -271,6 +230,19 @@ class CausalLMWithRewardHead(nn.Module):
             return hidden[keep]
         # keep only marks attended positions: select among the real tokens, in their padded order
         return packing.unpack(hidden)[keep[attention_mask.bool()]]
+
+    def head_inputs(self, input_ids: Tensor, attention_mask: Tensor, kept: KeptPositions, *, logits: bool,
+                    packing: Packing | None) -> HeadInputs:
+        """One pass of the backbone for the kept positions: with ``logits``, the model's own forward
+        projecting them (:meth:`logits_and_hidden`); else the hidden states alone, the LM head given
+        nothing to project (:meth:`final_hidden`), on the packed rows with ``packing``. The rewards
+        come from the same pass."""
+        if logits:
+            projected, hidden = self.logits_and_hidden(input_ids, attention_mask, keep=kept.keep)
+        else:
+            projected, hidden = None, self.final_hidden(input_ids, attention_mask, kept.keep, packing)
+        rewards = self.reward_at(hidden[kept.last[kept.keep]]) if self.reward_head is not None else None
+        return HeadInputs(hidden, projected, rewards)
 
     def packing_for(self, attention_mask: Tensor) -> Packing | None:
         """The batch's packing (:func:`packing.pack`), or None for a batch without padding (packing
@@ -304,7 +276,7 @@ class CausalLMWithRewardHead(nn.Module):
         if self._head_reproduced is None:
             ids = input_ids[:1, :16]
             with torch.no_grad():
-                own, hidden = self._head_path(ids, torch.ones_like(ids), keep=None)
+                own, hidden = self.logits_and_hidden(ids, torch.ones_like(ids), keep=None)
                 ours = self.project(hidden)
             scale = own.detach().float().abs().max().clamp(min=1.0)
             self._head_reproduced = bool(((ours.float() - own.float()).abs().max() <= 1e-4 * scale).item())
@@ -321,7 +293,7 @@ class CausalLMWithRewardHead(nn.Module):
         # A peft wrapper's forward takes **kwargs and passes them on: ask the model inside.
         return "logits_to_keep" in inspect.signature(backbone(self.lm).forward).parameters
 
-    def _rewards(self, last_hidden: Tensor) -> Tensor:
+    def reward_at(self, last_hidden: Tensor) -> Tensor:
         """``r̂`` from the final hidden state at each sequence's last token, computed in float32
         (also under bf16 autocast or bf16 weights: the reward is a regression target)."""
         head = self.reward_head
@@ -330,161 +302,25 @@ class CausalLMWithRewardHead(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> LMOutput:
         """Logits ``[B, T, V]`` and rewards ``[B]`` from one pass of the backbone."""
-        logits, hidden = self._head_path(input_ids, attention_mask, keep=None)
-        rewards = self._rewards(hidden[self._last_token_mask(attention_mask)]) if self.reward_head is not None else None
+        logits, hidden = self.logits_and_hidden(input_ids, attention_mask, keep=None)
+        rewards = self.reward_at(hidden[last_token_mask(attention_mask)]) if self.reward_head is not None else None
         return LMOutput(logits, rewards)
 
     def rewards(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Rewards ``[B]`` only; projects one position per row onto the vocabulary (for scoring)."""
         if self.reward_head is None:
             raise ValueError("this model has no reward head")
-        _, hidden = self._head_path(input_ids, attention_mask, keep=self._last_token_mask(attention_mask))
-        return self._rewards(hidden)
-
-    @staticmethod
-    def _last_token_mask(attention_mask: Tensor) -> Tensor:
-        last = torch.zeros(attention_mask.shape, dtype=torch.bool, device=attention_mask.device)
-        last[torch.arange(last.shape[0], device=last.device), last_token_index(attention_mask)] = True
-        return last
-
-    def sequence_logps(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        labels: Tensor,
-        *,
-        average: bool = False,
-        token_unlikelihood: bool = False,
-        prompt_logps: bool = False,
-        chunk_rows: int | None = None,
-        packed: bool = False,
-    ) -> tuple[Tensor, ...]:
-        """Response log-probs ``z = log pi(y|x)`` ``[B]`` and rewards ``[B]`` (None without a head), one backbone pass.
-
-        The same values as ``logprobs.sequence_logps(self(input_ids, attention_mask).logits, labels)``
-        (``labels`` unshifted, ``-100`` at prompt and padding positions), but only the positions
-        that predict a response token (and each row's last token, for the reward) go through the
-        LM head: prompt and padding positions never get logits. That saves their share of the
-        largest matrix product and of the largest activation (``[B, T, V]``); e.g. a quarter of
-        both with 64-token prompts before 192-token responses.
-
-        With ``token_unlikelihood=True`` a third value follows: ``sum_t log(1 - p(y_t))`` ``[B]``
-        over the same response tokens (their mean with ``average``), from the same token log-probs
-        (the token-level unlikelihood of DRDO's ``token_unlikelihood`` preference form).
-
-        With ``prompt_logps=True`` the last value is the *sum* of the log-probs of the prompt tokens
-        (every attended token that is not a response token, but the first, which nothing predicts)
-        ``[B]``, from the same forward: what an NLL over the whole sequence adds to the response's
-        (TRL's ORPO convention). The prompt positions are then projected onto the vocabulary too.
-
-        With ``chunk_rows`` the kept positions go through the LM head ``chunk_rows`` at a time and
-        their logits are recomputed in backward (:func:`logprobs.chunked_token_logps`): the head's
-        memory is one chunk's ``[chunk_rows, V]``, not the batch's ``[N, V]`` kept for backward and
-        its gradient of the same size. Same values; for a model whose logits :meth:`project` does
-        not reproduce (:meth:`head_is_reproduced`), the one-piece path runs instead.
-
-        With ``packed=True`` the backbone runs on the batch's sequences packed end to end
-        (:mod:`drdo_lightning.packing`): no compute on padding, the same values. It falls back to the
-        padded batch, with one notice, for a model that cannot keep packed sequences apart
-        (:meth:`packing_for`) or whose head :meth:`project` does not reproduce.
-        """
-        kept = self._kept_positions(input_ids, attention_mask, labels, prompt_logps)
-        reproduced = (chunk_rows is not None or packed) and self.head_is_reproduced(input_ids)
-        packing = self.packing_for(attention_mask) if reproduced and packed else None
-        if reproduced and (chunk_rows is not None or packing is not None):  # else the one-piece head, as before
-            hidden = self._final_hidden(input_ids, attention_mask, kept.keep, packing)
-            if chunk_rows is None:
-                token = logprobs.token_logps(self.project(hidden), kept.targets)
-            else:
-                token = logprobs.chunked_token_logps(hidden, kept.targets, self.project, chunk_rows=chunk_rows)
-        else:
-            logits, hidden = self._head_path(input_ids, attention_mask, keep=kept.keep)
-            token = logprobs.token_logps(logits, kept.targets)
-        rewards = self._rewards(hidden[kept.last[kept.keep]]) if self.reward_head is not None else None
-        return self._sequence_values(token, rewards, kept, average, token_unlikelihood, prompt_logps)
-
-    def _kept_positions(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, prompt_logps: bool) -> KeptPositions:
-        predicts = torch.zeros_like(attention_mask, dtype=torch.bool)
-        predicts[:, :-1] = labels[:, 1:] != -100  # position t predicts token t + 1
-        predicts_prompt = prompt_prediction_mask(attention_mask, labels) if prompt_logps else torch.zeros_like(predicts)
-        last = self._last_token_mask(attention_mask)
-        keep = predicts | predicts_prompt
-        keep = keep | last if self.reward_head is not None else keep
-        # Every kept row gets a target (0 where it predicts nothing) and is then weighted by
-        # whether it predicts: selecting the predicting rows instead would copy the logits.
-        targets = torch.where(labels != -100, labels, input_ids if prompt_logps else 0).roll(-1, dims=1)[keep]
-        return KeptPositions(keep, predicts, predicts_prompt, last, targets, keep.nonzero()[:, 0])
-
-    @staticmethod
-    def _sequence_values(
-        token: Tensor, rewards: Tensor | None, kept: KeptPositions, average: bool, token_unlikelihood: bool, prompt_logps: bool
-    ) -> tuple[Tensor, ...]:
-        """What :meth:`sequence_logps` returns, from the kept positions' token log-probs ``[K]``."""
-        count = kept.predicts.sum(-1).clamp(min=1) if average else None
-        sequences = kept.keep.shape[0]
-
-        def per_row(values: Tensor, weight: Tensor = kept.predicts[kept.keep], mean: bool = average) -> Tensor:
-            total = values.new_zeros(sequences).index_add(0, kept.rows, values * weight)
-            return total / count if mean else total
-
-        out = [per_row(token), rewards]
-        if token_unlikelihood:
-            out.append(per_row(logprobs.log1mexp(token)))
-        if prompt_logps:
-            out.append(per_row(token, kept.predicts_prompt[kept.keep], mean=False))
-        return tuple(out)
+        _, hidden = self.logits_and_hidden(input_ids, attention_mask, keep=last_token_mask(attention_mask))
+        return self.reward_at(hidden)
 
     def fuses_head(self, input_ids: Tensor) -> bool:
-        """Whether :meth:`loss_and_sequence_logps` can fuse the LM head with the loss
+        """Whether the LM head can be fused with the loss
         (:func:`logprobs.fused_head_loss`): the head is a plain linear layer whose output the model
         returns as its logits (checked against the model's own forward, :meth:`head_is_reproduced`)."""
         head = self.lm.get_output_embeddings()
         if type(head) is not nn.Linear or self._after_head is not None:
             return False
         return self.head_is_reproduced(input_ids)
-
-    def loss_and_sequence_logps(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        labels: Tensor,
-        loss_of: Callable[[tuple[Tensor, ...]], Tensor],
-        *,
-        groups: int,
-        average: bool = False,
-        token_unlikelihood: bool = False,
-        prompt_logps: bool = False,
-        chunk_rows: int | None = None,
-        packed: bool = False,
-    ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """``(loss, values)``: ``values`` what :meth:`sequence_logps` returns, and the loss
-        ``loss_of(values).sum()``, a sum of one term per group (a preference pair: rows ``i`` and
-        ``i + groups``, ``i + 2 groups``, ... of the batch).
-
-        With ``chunk_rows`` and where :meth:`fuses_head` allows, the LM head runs fused with the loss
-        (:func:`logprobs.fused_head_loss`): a chunk of whole groups at a time, each chunk's gradient
-        computed in the forward pass, three head matrix products instead of the chunked head's four,
-        and one chunk's logits in memory; a batch with a group of more than twice ``chunk_rows``
-        positions takes the recomputing chunked head instead. Each term of ``loss_of`` must then
-        depend on its own group's values only. The log-probs in ``values`` then carry no gradient (the loss does; the
-        rewards keep theirs). Otherwise the loss is computed from :meth:`sequence_logps`' values.
-        """
-        options = dict(average=average, token_unlikelihood=token_unlikelihood, prompt_logps=prompt_logps)
-        chunks = None
-        if chunk_rows is not None and self.fuses_head(input_ids):
-            kept = self._kept_positions(input_ids, attention_mask, labels, prompt_logps)
-            chunks = logprobs.chunks_of_groups(kept.rows % groups, groups, chunk_rows)
-        if chunks is None:  # not fused: the loss of sequence_logps' values
-            values = self.sequence_logps(input_ids, attention_mask, labels, chunk_rows=chunk_rows, packed=packed, **options)
-            return loss_of(values).sum(), values
-        hidden = self._final_hidden(input_ids, attention_mask, kept.keep, self.packing_for(attention_mask) if packed else None)
-        rewards = self._rewards(hidden[kept.last[kept.keep]]) if self.reward_head is not None else None
-        head = self.lm.get_output_embeddings()
-        loss, token = logprobs.fused_head_loss(
-            hidden, kept.targets, head.weight, head.bias, rewards, chunks,
-            lambda token, rewards: loss_of(self._sequence_values(token, rewards, kept, **options)),
-        )
-        return loss, self._sequence_values(token, rewards, kept, **options)
 
     def save_pretrained(self, path: str | os.PathLike, tokenizer=None, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write the model (and tokenizer) to ``path`` atomically: a temp dir, then a rename.

@@ -204,3 +204,19 @@ class NonFiniteGuard(L.Callback):
             if trainer.is_global_zero:
                 log.warning("%s (%d non-finite steps so far)", message, self.total)
         pl_module.log("train/nonfinite_steps", float(self.total), on_step=True, on_epoch=False)
+
+
+def warn_if_resume_repeats_an_epoch(trainer: L.Trainer) -> None:
+    """Warn at the start of training when Lightning will not resume this run exactly.
+
+    Lightning 2.6 restarts a max_steps-bounded run from a checkpoint written as an epoch ended
+    (ModelCheckpoint's per-epoch saving) by ending that epoch a second time: the epoch count runs one
+    ahead, so the sampler draws the following epoch's order and max_epochs comes early."""
+    if trainer.fit_loop.restarted_on_epoch_end and trainer.max_steps != -1:
+        rank_zero_warn(
+            f"resuming with --trainer.max_steps {trainer.max_steps} from a checkpoint written as epoch "
+            f"{trainer.current_epoch} ended: Lightning counts that epoch twice, so this run goes on with the "
+            "data order of the epoch after next and reaches max_epochs one epoch early; it will not match an "
+            "uninterrupted run. Runs bounded by max_epochs alone, and checkpoints saved by step "
+            "(ModelCheckpoint every_n_train_steps), resume exactly."
+        )

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from drdo_lightning import CausalLMWithRewardHead
 from drdo_lightning.cli import main
+from drdo_lightning.heads import Wanted, sequence_values
 from drdo_lightning.models import head_input_width, remove_dropout
 
 NAMES = sorted(ARCHITECTURES)
@@ -53,7 +54,7 @@ def test_response_logps_equal_the_models_own_forward_and_rewards_ignore_padding(
     rewards = {}
     for side in ("left", "right"):
         ids, mask, labels, unpadded = rows(lm, side)
-        logps, rewards[side] = model.sequence_logps(ids, mask, labels)
+        logps, rewards[side], *_ = sequence_values(model, ids, mask, labels)
         want = torch.stack([
             lm(input_ids=seq[None]).logits[0, p - 1 : -1].log_softmax(-1).gather(-1, seq[p:, None]).sum()
             for seq, p in unpadded
@@ -72,8 +73,9 @@ def test_prompt_logps_equal_the_models_own_forward_with_either_padding(arch):
     model = CausalLMWithRewardHead(lm).eval()
     for side in ("left", "right"):
         ids, mask, labels, unpadded = rows(lm, side)
-        logps, _, prompt = model.sequence_logps(ids, mask, labels, average=True, prompt_logps=True)
-        torch.testing.assert_close(logps, model.sequence_logps(ids, mask, labels, average=True)[0], atol=1e-6, rtol=0)
+        values = sequence_values(model, ids, mask, labels, Wanted(average=True, prompt_logps=True))
+        logps, prompt = values.logps, values.prompt_logps
+        torch.testing.assert_close(logps, sequence_values(model, ids, mask, labels, Wanted(average=True)).logps, atol=1e-6, rtol=0)
         want = torch.stack([
             lm(input_ids=seq[None]).logits[0, : p - 1].log_softmax(-1).gather(-1, seq[1:p, None]).sum() for seq, p in unpadded
         ])

@@ -23,6 +23,7 @@ import torch
 
 from drdo_lightning import CausalLMWithRewardHead, PreferenceDataModule, losses
 from drdo_lightning.data.sampling import group_by_length, padding_fraction
+from drdo_lightning.heads import Wanted, sequence_values
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
@@ -178,7 +179,7 @@ def test_response_only_logps_match_the_full_logits_path(tiny_lm, padded_response
         out = model(ids, mask)
         return losses.sequence_logps(out.logits, labels, average=average), out.rewards
 
-    lean = outputs_and_grads(lambda: model.sequence_logps(ids, mask, labels, average=average))
+    lean = outputs_and_grads(lambda: sequence_values(model, ids, mask, labels, Wanted(average=average))[:2])
     plain = outputs_and_grads(full_logits)
     torch.testing.assert_close(lean[0], plain[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lean[1], plain[1])

@@ -16,7 +16,8 @@ from test_architectures import rows
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from drdo_lightning import CausalLMWithRewardHead
-from drdo_lightning.models import head_chunk_rows, head_input_width, remove_dropout
+from drdo_lightning.heads import Wanted, head_chunk_rows, sequence_values
+from drdo_lightning.models import head_input_width, remove_dropout
 
 VOCAB = 96
 
@@ -28,13 +29,13 @@ def with_head(lm) -> CausalLMWithRewardHead:
 
 
 def values_and_grads(model: CausalLMWithRewardHead, side: str, chunk_rows: int | None, **options):
-    """Every output of ``sequence_logps`` (sum and mean forms, unlikelihood, prompt log-probs) and the
+    """Every output of ``sequence_values`` (sum and mean forms, unlikelihood, prompt log-probs) and the
     parameters' gradients of a loss that weighs each differently."""
     ids, mask, labels, _ = rows(model.lm, side)
     model.zero_grad()
-    z, rewards, unlikelihood, prompt = model.sequence_logps(
-        ids, mask, labels, token_unlikelihood=True, prompt_logps=True, chunk_rows=chunk_rows, **options)
-    mean_z = model.sequence_logps(ids, mask, labels, average=True, chunk_rows=chunk_rows, **options)[0]
+    z, rewards, unlikelihood, prompt, *_ = sequence_values(
+        model, ids, mask, labels, Wanted(token_unlikelihood=True, prompt_logps=True), chunk_rows=chunk_rows, **options)
+    mean_z = sequence_values(model, ids, mask, labels, Wanted(average=True), chunk_rows=chunk_rows, **options).logps
     (z @ torch.tensor([0.3, -1.0, 0.5]) + rewards.sum() + 0.1 * unlikelihood.sum() + 0.2 * prompt.sum() + mean_z.sum()).backward()
     values = torch.stack([z, rewards, unlikelihood, prompt, mean_z]).detach()
     return values, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -86,7 +87,7 @@ def test_no_logits_of_the_whole_batch_are_kept_for_backward():
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.sequence_logps(ids, mask, labels, chunk_rows=chunk_rows)
+            sequence_values(model, ids, mask, labels, chunk_rows=chunk_rows)
         return rows_seen
 
     responses = int((labels[:, 1:] != -100).sum())
@@ -107,8 +108,8 @@ def test_a_head_it_cannot_reproduce_falls_back_with_one_notice(caplog):
 
     lm.forward = forward_with_a_logit_offset.__get__(lm)
     with caplog.at_level(logging.WARNING, logger="drdo_lightning.models"):
-        model.sequence_logps(*rows(lm, "right")[:3], chunk_rows=4)
-        model.sequence_logps(*rows(lm, "right")[:3], chunk_rows=4)
+        sequence_values(model, *rows(lm, "right")[:3], chunk_rows=4)
+        sequence_values(model, *rows(lm, "right")[:3], chunk_rows=4)
     assert model._head_reproduced is False
     notices = [r for r in caplog.records if "chunked LM head" in r.getMessage()]
     assert len(notices) == 1 and "LlamaForCausalLM" in notices[0].getMessage()

@@ -14,8 +14,10 @@ import torch
 from architectures import ARCHITECTURES, build
 from test_chunked_head import VOCAB, assert_same, with_head
 
+import drdo_lightning.heads as heads
 from drdo_lightning import CDPO, DPO, DRDO, EDPO, IPO, ORPO, RDPO, RPO, SFT, Distill, OracleRewardModel, SimPO
-from drdo_lightning.objectives import PairOutputs
+from drdo_lightning.heads import Wanted, loss_and_sequence_values, sequence_values
+from drdo_lightning.objectives import PairLoss, PairOutputs, PreferenceModule
 
 # Two pairs (chosen rows 0-1, rejected rows 2-3) of different prompt and response lengths.
 PROMPTS, RESPONSES = [3, 5, 2, 4], [4, 2, 6, 3]
@@ -39,7 +41,7 @@ def pair_terms(values):
     """A loss per pair that every value reaches with a gradient of its own: a log-sigmoid of the
     log-prob margin (DPO-like, small enough not to saturate on large logits), the rejected response's
     token-level unlikelihood (DRDO's form) and the reward margin's squared distance to a target."""
-    z, rewards, unlikelihood = values
+    z, rewards, unlikelihood = values[:3]
     margin = torch.nn.functional.logsigmoid(0.01 * (z[:2] - z[2:]))
     return -margin + 0.1 * unlikelihood[2:] + 0.05 * z[:2] + (rewards[:2] - rewards[2:] - ORACLE[0]).square()
 
@@ -47,14 +49,15 @@ def pair_terms(values):
 def loss_values_grads(model, side: str, chunk_rows: int | None, fused: bool, packed: bool = False):
     ids, mask, labels = pair_rows(VOCAB, side)
     model.zero_grad()
+    fused = fused and loss_and_sequence_values(model, ids, mask, labels, pair_terms, Wanted(token_unlikelihood=True), groups=2,
+                                               chunk_rows=chunk_rows, packed=packed)
     if fused:
-        loss, values = model.loss_and_sequence_logps(ids, mask, labels, pair_terms, groups=2, token_unlikelihood=True,
-                                                     chunk_rows=chunk_rows, packed=packed)
-    else:
-        values = model.sequence_logps(ids, mask, labels, token_unlikelihood=True, chunk_rows=chunk_rows, packed=packed)
+        loss, values = fused
+    else:  # unfused, or a head whose logits the model transforms: the (chunked) head's values
+        values = sequence_values(model, ids, mask, labels, Wanted(token_unlikelihood=True), chunk_rows=chunk_rows, packed=packed)
         loss = pair_terms(values).sum()
     loss.backward()
-    return (torch.cat([loss.detach()[None], *(v.detach() for v in values)]),
+    return (torch.cat([loss.detach()[None], *(v.detach() for v in values[:3])]),
             {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
 
 
@@ -86,7 +89,7 @@ def test_fused_head_keeps_no_logits_for_backward():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        model.loss_and_sequence_logps(ids, mask, labels, pair_terms, groups=2, token_unlikelihood=True, chunk_rows=9)
+        loss_and_sequence_values(model, ids, mask, labels, pair_terms, Wanted(token_unlikelihood=True), groups=2, chunk_rows=9)
     assert saved, "nothing saved: the hook saw no graph"
     head_weight = tuple(model.lm.get_output_embeddings().weight.shape)
     # The fused function saves gradients: the head weight's own shape is allowed, nothing else of width V.
@@ -127,42 +130,90 @@ OBJECTIVES = {
 }
 
 
+def objective_batch() -> dict[str, torch.Tensor]:
+    return {"chosen_score": torch.tensor([1.0, 0.2, -0.4]), "rejected_score": torch.tensor([0.1, 0.5, -1.0]),
+            "ref_chosen_logps": torch.tensor([-12.0, -20.0, -5.0]), "ref_rejected_logps": torch.tensor([-14.0, -18.0, -6.0])}
+
+
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
-def test_each_objectives_loss_is_a_sum_of_its_own_pairs_terms(name):
+def test_each_objectives_loss_is_the_mean_of_its_own_pairs_losses(name):
     cls, kwargs = OBJECTIVES[name]
     module = cls("unused-model-path", **kwargs)
     generator = torch.Generator().manual_seed(0)
-    batch = {"chosen_score": torch.tensor([1.0, 0.2, -0.4]), "rejected_score": torch.tensor([0.1, 0.5, -1.0]),
-             "ref_chosen_logps": torch.tensor([-12.0, -20.0, -5.0]), "ref_rejected_logps": torch.tensor([-14.0, -18.0, -6.0])}
-    out = random_outputs(3, generator)
-    terms = module.loss_terms(batch)
-    loss, _ = module.objective(batch, out, "val")
-    torch.testing.assert_close(terms(out).sum(), loss)
-    # Another pair's outputs change; this pair's term does not (the fused head relies on it).
+    batch, out = objective_batch(), random_outputs(3, generator)
+    per_pair = module.pair_loss(batch, out)
+    assert per_pair.loss.shape == (3,)
+    loss, logged = module.batch_loss(batch, out, "val")  # the unfused step's loss
+    torch.testing.assert_close(loss, per_pair.loss.mean())
+    assert logged.keys() == per_pair.logged.keys()
+    # Another pair's outputs change; this pair's loss does not (the fused head relies on it).
     moved = out._replace(**{field: value.clone() if torch.is_floating_point(value) else value
                             for field, value in out._asdict().items()})
     for value in moved:
         if torch.is_floating_point(value):
             value[1:] += 3.0 * torch.rand(2, generator=generator)
-    first, changed = terms(out), terms(moved)
+    first, changed = per_pair.loss, module.pair_loss(batch, moved).loss
     assert first[0] == changed[0] and not torch.equal(first[1:], changed[1:])
 
 
-def test_losses_over_the_whole_batch_are_not_split_into_pair_terms():
-    assert EDPO("unused").loss_terms({}) is None  # the worst ensemble member's batch mean
-    assert DRDO("unused", balance_terms=True).loss_terms({}) is None  # weights from gradient norms
+def objective_classes() -> list[type]:
+    found, todo = [], [PreferenceModule]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo += cls.__subclasses__()
+    return [c for c in found if c.__module__.startswith("drdo_lightning.objectives.")]
+
+
+def test_every_objective_defines_its_loss_in_one_place():
+    """The loss has one definition: ``pair_loss``, from which the base builds the fused and the unfused
+    step; an objective that overrides ``batch_loss`` says its loss is not a mean over pairs (never fused)
+    where it does, and no class keeps a second definition under another name."""
+    classes = objective_classes()
+    assert {c.__name__ for c in classes} >= {"DRDO", "DPO", "EDPO", "SFT", "OracleRewardModel", "ORPO", "SimPO", "IPO"}
+    for cls in classes:
+        assert not {"objective", "loss_terms", "loss"} & set(vars(cls)), f"{cls.__name__} defines its loss under another name"
+        if "batch_loss" in vars(cls) and cls is not PreferenceModule:
+            assert "sums_over_pairs" in vars(cls), f"{cls.__name__}.batch_loss without saying whether its loss is a mean over pairs"
+    assert not EDPO("unused").sums_over_pairs  # the worst ensemble member's batch mean
+    assert not DRDO("unused", balance_terms=True).sums_over_pairs  # weights from gradient norms
+    assert DRDO("unused").sums_over_pairs
+
+
+def test_a_subclass_that_adds_a_term_to_its_loss_trains_on_it_fused_or_not(tiny_model_dir):
+    """A user's subclass changes ``pair_loss`` alone, and both steps train on its loss."""
+
+    class Regularised(DRDO):
+        def pair_loss(self, batch, out):
+            loss = super().pair_loss(batch, out)
+            return PairLoss(loss.loss + 1.0, loss.logged)
+
+    ids, mask, labels = pair_rows(300, "right")
+    batch = {"chosen_input_ids": ids[:2], "chosen_attention_mask": mask[:2], "chosen_labels": labels[:2],
+             "rejected_input_ids": ids[2:], "rejected_attention_mask": mask[2:], "rejected_labels": labels[2:],
+             "chosen_score": ORACLE[0], "rejected_score": ORACLE[1]}
+    losses = {}
+    for cls in (DRDO, Regularised):
+        for chunked in (None, False):
+            module = cls(str(tiny_model_dir), chunked_head=chunked)
+            torch.manual_seed(0)
+            module.configure_model()
+            module.log = lambda *args, **kwargs: None
+            assert module.step_may_fuse("train") is (chunked is None)
+            losses[cls, chunked] = module.training_step(batch, 0).item()
+    for chunked in (None, False):
+        assert losses[Regularised, chunked] == pytest.approx(losses[DRDO, chunked] + 1.0, abs=1e-5)
+    assert losses[DRDO, None] == pytest.approx(losses[DRDO, False], abs=1e-5)
 
 
 @pytest.mark.parametrize("objective", ["drdo", "dpo", "orpo"])
 def test_a_fused_training_step_equals_the_unfused_one(objective, tiny_model_dir, monkeypatch):
-    import drdo_lightning.models as models
-
     module = {"drdo": lambda p: DRDO(p, preference_form="token_unlikelihood"), "dpo": DPO,
               "orpo": lambda p: ORPO(p, nll_on_prompt=True)}[objective](str(tiny_model_dir))
     module.hparams.chunked_head = True
     module.configure_model()
     vocab = module.policy.lm.config.vocab_size
-    monkeypatch.setattr(models, "HEAD_CHUNK_ELEMENTS", 9 * vocab)  # 9 rows a chunk: a few chunks per batch
+    monkeypatch.setattr(heads, "HEAD_CHUNK_ELEMENTS", 9 * vocab)  # 9 rows a chunk: a few chunks per batch
     ids, mask, labels = pair_rows(vocab, "left")
     batch = {"chosen_input_ids": ids[:2], "chosen_attention_mask": mask[:2], "chosen_labels": labels[:2],
              "rejected_input_ids": ids[2:], "rejected_attention_mask": mask[2:], "rejected_labels": labels[2:],
@@ -170,11 +221,11 @@ def test_a_fused_training_step_equals_the_unfused_one(objective, tiny_model_dir,
     module.log = lambda *args, **kwargs: None  # no trainer to log to
 
     calls = []
-    fused_head_loss = models.logprobs.fused_head_loss
-    monkeypatch.setattr(models.logprobs, "fused_head_loss", lambda *args: calls.append(len(args[5])) or fused_head_loss(*args))
+    fused_head_loss = heads.logprobs.fused_head_loss
+    monkeypatch.setattr(heads.logprobs, "fused_head_loss", lambda *args: calls.append(len(args[5])) or fused_head_loss(*args))
 
     def step(fused: bool):
-        monkeypatch.setattr(type(module), "_step_fuses_head", lambda self, stage: fused)
+        monkeypatch.setattr(type(module), "step_may_fuse", lambda self, stage: fused)
         module.policy.zero_grad()
         loss = module.training_step(batch, 0)
         loss.backward()
@@ -189,14 +240,12 @@ def test_a_fused_training_step_equals_the_unfused_one(objective, tiny_model_dir,
 def test_by_default_a_training_step_fuses_the_head_at_any_vocabulary(tiny_model_dir, monkeypatch):
     """``chunked_head: null``: below 100k tokens the head is chunked exactly where the step fuses it
     (measured never slower there); an objective whose loss is not a sum over pairs keeps the one-piece head."""
-    import drdo_lightning.models as models
-
     calls = []
-    fused_head_loss = models.logprobs.fused_head_loss
-    monkeypatch.setattr(models.logprobs, "fused_head_loss", lambda *args: calls.append(1) or fused_head_loss(*args))
+    fused_head_loss = heads.logprobs.fused_head_loss
+    monkeypatch.setattr(heads.logprobs, "fused_head_loss", lambda *args: calls.append(1) or fused_head_loss(*args))
     chunked_calls = []
-    chunked = models.logprobs.chunked_token_logps
-    monkeypatch.setattr(models.logprobs, "chunked_token_logps", lambda *a, **k: chunked_calls.append(1) or chunked(*a, **k))
+    chunked = heads.logprobs.chunked_token_logps
+    monkeypatch.setattr(heads.logprobs, "chunked_token_logps", lambda *a, **k: chunked_calls.append(1) or chunked(*a, **k))
     ids, mask, labels = pair_rows(300, "right")
     batch = {"chosen_input_ids": ids[:2], "chosen_attention_mask": mask[:2], "chosen_labels": labels[:2],
              "rejected_input_ids": ids[2:], "rejected_attention_mask": mask[2:], "rejected_labels": labels[2:]}
@@ -209,24 +258,3 @@ def test_by_default_a_training_step_fuses_the_head_at_any_vocabulary(tiny_model_
         module.training_step({**batch, **scores}, 0).backward()
         assert bool(calls) is fuses, type(module).__name__
     assert not chunked_calls  # the unfused objective kept the one-piece head
-
-
-def test_an_objective_that_disagrees_with_its_loss_terms_is_named_in_a_fused_step(tiny_model_dir):
-    from drdo_lightning.errors import UserError
-
-    class Regularised(DRDO):  # a user's subclass that adds a term to objective() and not to loss_terms()
-        def objective(self, batch, out, stage):
-            loss, metrics = super().objective(batch, out, stage)
-            return loss + 1.0, metrics
-
-    module = Regularised(str(tiny_model_dir))
-    module.configure_model()
-    module.log = lambda *args, **kwargs: None
-    ids, mask, labels = pair_rows(300, "right")
-    batch = {"chosen_input_ids": ids[:2], "chosen_attention_mask": mask[:2], "chosen_labels": labels[:2],
-             "rejected_input_ids": ids[2:], "rejected_attention_mask": mask[2:], "rejected_labels": labels[2:],
-             "chosen_score": ORACLE[0], "rejected_score": ORACLE[1]}
-    with pytest.raises(UserError, match=r"Regularised.objective gives a loss of .* --model.chunked_head false"):
-        module.training_step(batch, 0)
-    module.hparams.chunked_head = False  # unfused, objective's loss is the loss
-    assert module.training_step(batch, 0).isfinite()

@@ -28,6 +28,8 @@ from transformers import AutoModelForCausalLM
 from drdo_lightning import DRDO, CausalLMWithRewardHead, lora
 from drdo_lightning.cli import main
 from drdo_lightning.data.collation import PairCollator
+from drdo_lightning.heads import sequence_values
+from drdo_lightning.objectives.reference import reference_of
 
 LORA = "{r: 4, alpha: 8, dropout: 0.0, target_modules: all-linear}"
 ORACLE = ("--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected")
@@ -41,7 +43,7 @@ def first_pairs(datamodule, n: int = 8) -> dict[str, torch.Tensor]:
 def logps_and_rewards(model: CausalLMWithRewardHead, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Chosen responses' log-probs and rewards (rewards only when the model has a head)."""
     with torch.no_grad():
-        logps, rewards = model.sequence_logps(batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"])
+        logps, rewards, *_ = sequence_values(model, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"])
     return (logps,) if rewards is None else (logps, rewards)
 
 
@@ -76,7 +78,7 @@ def test_every_objective_trains_the_adapters_and_reward_head_only(tmp_path, tiny
 
     trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
     head = {"reward_head.weight", "reward_head.bias"}
-    assert (head <= trainable) == module.uses_reward_head
+    assert (head <= trainable) == module.needs.reward_head
     adapters = trainable - head
     assert adapters and all(".lora_A." in n or ".lora_B." in n for n in adapters)
     optimised = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
@@ -121,7 +123,7 @@ def test_reference_is_the_base_model_with_adapters_off_live_or_precomputed(tmp_p
     with torch.no_grad():
         want = module.forward_pairs(batch, model=base)
         trained = module.forward_pairs(batch)
-    reference = module.reference_logps(batch)
+    reference = reference_of(module.prepare_batch(batch))
     torch.testing.assert_close(reference, (want.chosen_logps, want.rejected_logps))
     assert not torch.allclose(trained.chosen_logps, reference[0], atol=1e-3)  # the policy moved away from it
     with torch.no_grad():  # and the adapters are back on afterwards

@@ -3,7 +3,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from drdo_lightning import CausalLMWithRewardHead, losses
-from drdo_lightning.models import REWARD_HEAD_FILE, last_token_index
+from drdo_lightning.heads import Wanted, sequence_values
+from drdo_lightning.models import REWARD_HEAD_FILE
+from drdo_lightning.positions import last_token_index
 
 
 @pytest.fixture
@@ -96,11 +98,12 @@ def test_loading_a_plain_lm_adds_a_fresh_head_only_when_asked(tiny_model_dir):
 
 
 @pytest.mark.parametrize("average", [False, True])
-def test_sequence_logps_returns_the_token_unlikelihood_from_the_same_forward_when_asked(model, padded_responses, average):
+def test_sequence_values_returns_the_token_unlikelihood_from_the_same_forward_when_asked(model, padded_responses, average):
     torch.manual_seed(0)
     ids, mask, labels = padded_responses("left")
-    logps, rewards, unlikelihood = model.sequence_logps(ids, mask, labels, average=average, token_unlikelihood=True)
-    assert [torch.equal(a, b) for a, b in zip((logps, rewards), model.sequence_logps(ids, mask, labels, average=average))] == [True, True]
+    logps, rewards, unlikelihood, *_ = sequence_values(model, ids, mask, labels, Wanted(average=average, token_unlikelihood=True))
+    plain = sequence_values(model, ids, mask, labels, Wanted(average=average))
+    assert [torch.equal(a, b) for a, b in zip((logps, rewards), plain[:2])] == [True, True]
     token = torch.log_softmax(model(ids, mask).logits[:, :-1].double(), -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1))[..., 0]
     response = labels[:, 1:] != -100
     want = (torch.log(-torch.expm1(token)) * response).sum(-1)

@@ -32,14 +32,14 @@ def test_drdo_module_loss_is_the_public_drdo_loss_with_every_weight(tiny_model_d
     module.configure_model()
     out = module.forward_pairs(batch)
     assert (out.rejected_token_unlikelihood is not None) == (weights.get("preference_form") == "token_unlikelihood")
-    loss, metrics = module.objective(batch, out, "val")
+    loss, metrics = module.batch_loss(batch, out, "val")
     loss_weights = {k: v for k, v in weights.items() if k != "average_logps"}
-    expected = losses.drdo_loss(out.chosen_logps, out.rejected_logps, out.chosen_rewards, out.rejected_rewards,
-                                batch["chosen_score"], batch["rejected_score"], **loss_weights,
-                                rejected_token_unlikelihood=out.rejected_token_unlikelihood).mean()
-    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
-    weighted = weights["distill_weight"] * metrics["distillation"] + metrics["preference"]
-    assert metrics["distillation"].item() > 0 and weighted.item() == pytest.approx(loss.item(), rel=1e-6)
+    expected = losses.drdo_terms(out.chosen_logps, out.rejected_logps, out.chosen_rewards, out.rejected_rewards,
+                                 batch["chosen_score"], batch["rejected_score"], **loss_weights,
+                                 rejected_token_unlikelihood=out.rejected_token_unlikelihood).loss.mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-7, atol=0)
+    weighted = weights["distill_weight"] * metrics["distillation"].mean() + metrics["preference"].mean()
+    assert metrics["distillation"].mean().item() > 0 and weighted.item() == pytest.approx(loss.item(), rel=1e-6)
 
 
 def backbone_grad_norm(module, term):
@@ -58,7 +58,8 @@ def test_balanced_drdo_gives_both_terms_the_same_backbone_gradient_norm(tiny_mod
         batch = pair_batch(tiny_tokenizer, tiny_task["train"][4 * step:4 * step + 4])
         out = module.forward_pairs(batch)
         before = module.term_grad_norms.clone()
-        loss, metrics = module.objective(batch, out, "train")
+        loss, metrics = module.batch_loss(batch, out, "train")
+        metrics = {name: value.mean() for name, value in metrics.items()}
         w_distill, w_preference = metrics["distill_balance_weight"], metrics["preference_balance_weight"]
         distill, preference = (backbone_grad_norm(module, metrics[t]) for t in ("distillation", "preference"))
         # The running means follow this step's norms (the first step sets them).
@@ -98,13 +99,13 @@ def test_balanced_validation_uses_the_weights_training_set_and_logs_none(tiny_mo
     module.configure_model()
     batch = pair_batch(tiny_tokenizer, tiny_task["train"][:4])
     with torch.no_grad():
-        loss, metrics = module.objective(batch, module.forward_pairs(batch), "val")
+        loss, metrics = module.batch_loss(batch, module.forward_pairs(batch), "val")
     assert "distill_balance_weight" not in metrics  # nothing measured yet: the terms unweighted
-    assert loss.item() == pytest.approx((metrics["distillation"] + metrics["preference"]).item())
+    assert loss.item() == pytest.approx((metrics["distillation"].mean() + metrics["preference"].mean()).item())
     module.term_grad_norms.copy_(torch.tensor([3.0, 1.0]))
     with torch.no_grad():
-        loss, metrics = module.objective(batch, module.forward_pairs(batch), "val")
-    assert loss.item() == pytest.approx((0.5 * metrics["distillation"] + 1.5 * metrics["preference"]).item())
+        loss, metrics = module.batch_loss(batch, module.forward_pairs(batch), "val")
+    assert loss.item() == pytest.approx((0.5 * metrics["distillation"].mean() + 1.5 * metrics["preference"].mean()).item())
 
 
 def test_metric_states_follow_the_strategy_device_at_fit_and_validation_start(tiny_model_dir):

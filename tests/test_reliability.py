@@ -256,7 +256,7 @@ def test_epoch_end_checkpoint_resumes_exactly_by_max_epochs_and_warns_by_max_ste
 ):
     """A checkpoint written as an epoch ends (a user's per-epoch ModelCheckpoint beside the recipe's
     step one); Lightning 2.6 resumes it exactly only without ``max_steps`` (see
-    ``PreferenceModule.on_train_start``)."""
+    ``reliability.warn_if_resume_repeats_an_epoch``)."""
 
     def run(root: Path, *more: str):
         root.mkdir(exist_ok=True)

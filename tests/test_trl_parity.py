@@ -38,7 +38,7 @@ def ours(module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     module.configure_model()
     module.policy.eval()
     with torch.no_grad():
-        loss, _ = module.objective(batch, module.forward_pairs(batch), "val")
+        loss, _, _ = module.loss_and_outputs(batch, "val")
     return loss
 
 

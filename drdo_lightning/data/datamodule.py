@@ -40,6 +40,7 @@ from transformers import PreTrainedTokenizerBase
 
 from drdo_lightning.data.building import SplitTokenizer, tokenize_split, worker_processes, write_texts
 from drdo_lightning.data.collation import PairCollator
+from drdo_lightning.data.columns import ExampleColumns, Split
 from drdo_lightning.data.pairs import LABEL_NOISE_MODELS, Columns, iter_pairs, noise_flip_indices
 from drdo_lightning.data.sampling import ResumableDataLoader, ResumableSampler, padding_fraction, sequence_lengths
 from drdo_lightning.data.tokenization import chat_renderer, describe_counts, load_tokenizer, warn_trailing_whitespace
@@ -123,7 +124,7 @@ def _check_label_noise(noise: str, rate: float, margin_column: str | None, score
     return margin_column if margin_column is not None else tuple(score_columns)
 
 
-class PreferenceDataModule(L.LightningDataModule):
+class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
     """Preference pairs (or SFT texts) for every objective in this package.
 
     Args:
@@ -447,7 +448,10 @@ class PreferenceDataModule(L.LightningDataModule):
             return []
         return self._loader(self.val_dataset, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
 
-    def add_columns(self, split: str, columns: dict[str, list[float]]) -> None:
+    def has_split(self, split: Split) -> bool:
+        return getattr(self, f"{split}_dataset") is not None
+
+    def add_columns(self, split: Split, columns: dict[str, list[float]]) -> None:
         """Attach per-example columns to the ``train`` or ``val`` split (e.g. reference log-probs)."""
         name = f"{split}_dataset"
         dataset = getattr(self, name)
@@ -457,7 +461,7 @@ class PreferenceDataModule(L.LightningDataModule):
             dataset = dataset.add_column(key, values)
         setattr(self, name, dataset)
 
-    def ordered_dataloader(self, split: str) -> DataLoader:
+    def ordered_dataloader(self, split: Split) -> DataLoader:
         """The ``train`` or ``val`` split in dataset order (for precomputing per-example values)."""
         batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
         return self._loader(getattr(self, f"{split}_dataset"), batch_size, shuffle=False)

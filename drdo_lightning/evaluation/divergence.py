@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from drdo_lightning import heads
 from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.evaluation.statistics import Estimate, bootstrap_mean
 from drdo_lightning.models import CausalLMWithRewardHead
@@ -43,7 +44,7 @@ def response_logps(
     """``log π(y|x)`` at temperature 1 of each response given its prompt, summed over the response's tokens ``[N]``.
 
     ``model`` is a :class:`CausalLMWithRewardHead` or a causal LM (wrapped in one, without a head);
-    the log-probs come from :meth:`CausalLMWithRewardHead.sequence_logps` over ``prompt + response``
+    the log-probs come from :func:`heads.sequence_values` over ``prompt + response``
     as training batches them (:class:`data.collation.PairCollator`: right-padded with ``pad_token_id``,
     only the response's tokens as labels).
     """
@@ -56,7 +57,7 @@ def response_logps(
     for start in range(0, len(prompt_ids), batch_size):
         batch = collate([{"prompt_ids": list(p), "chosen_ids": list(r)}
                          for p, r in zip(prompt_ids[start:start + batch_size], response_ids[start:start + batch_size])])
-        logps, _ = policy.sequence_logps(*(batch[f"chosen_{k}"].to(device) for k in ("input_ids", "attention_mask", "labels")))
+        logps = heads.sequence_values(policy, *(batch[f"chosen_{k}"].to(device) for k in ("input_ids", "attention_mask", "labels"))).logps
         out += logps.float().cpu().tolist()
     return np.asarray(out, dtype=float)
 

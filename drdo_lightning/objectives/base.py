@@ -1,0 +1,236 @@
+"""The one LightningModule every objective trains through.
+
+An objective is a small subclass that says what its loss reads (:attr:`PreferenceModule.needs`) and
+gives its loss once, per pair (:meth:`PreferenceModule.pair_loss`); the base builds every step from
+that: one forward over chosen and rejected concatenated, the LM head fused with the loss where the
+step allows it (the same per-pair loss, evaluated a chunk of pairs at a time) or not, logging, and
+AdamW. An objective whose loss is not a mean over pairs (e-DPO's worst ensemble member over the
+batch) overrides :meth:`PreferenceModule.batch_loss` instead and is never fused.
+
+The rest lives in small places of its own: the policy's set-up (:mod:`drdo_lightning.policy_setup`),
+the optimizer (:mod:`drdo_lightning.optimization`), device and precision fixes
+(:mod:`drdo_lightning.device_placement`), the resume check (:mod:`drdo_lightning.reliability`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from torch import Tensor
+
+from drdo_lightning import device_placement, heads, optimization, policy_setup, reliability
+from drdo_lightning.errors import UserError
+from drdo_lightning.models import CausalLMWithRewardHead
+from drdo_lightning.objectives.outputs import HeadSettings, Needs, PairLoss, PairOutputs, forward_pairs
+
+
+def mean_over_pairs(per_pair: Tensor) -> Tensor:
+    """The batch's loss from per-pair losses ``[B]``: their mean, summed as the fused head sums it."""
+    return (per_pair / per_pair.numel()).sum()
+
+
+def missing_scores_error(objective: str) -> UserError:
+    return UserError(
+        f"{objective} distils Oracle rewards and the data has none: set --data.chosen_score_column and "
+        "--data.rejected_score_column to the columns that `python -m drdo_lightning score` adds "
+        "(oracle_chosen, oracle_rejected)"
+    )
+
+
+SCORE_SHAPE_ERRORS = {
+    1: "takes one Oracle score per response; use EDPO for an ensemble (list) column",
+    2: "needs ensemble scores: score columns holding one list of K numbers per response",
+}
+
+
+def oracle_scores(batch: dict[str, Tensor], objective: str, dims: int) -> tuple[Tensor, Tensor]:
+    """``(r*(x, y_w), r*(x, y_l))`` from the batch's score columns, ``[B]`` (``dims`` 1) or ``[B, K]`` (2)."""
+    if "chosen_score" not in batch:
+        raise missing_scores_error(objective)
+    scores = batch["chosen_score"], batch["rejected_score"]
+    if scores[0].dim() != dims:
+        raise ValueError(f"{objective} {SCORE_SHAPE_ERRORS[dims]}")
+    return scores
+
+
+class PreferenceModule(L.LightningModule):
+    """Shared machinery for every objective.
+
+    Args:
+        model: Path or hub id of the starting causal LM (a reward head saved beside it is
+            loaded; otherwise a new one is initialised when the objective needs one).
+        learning_rate: AdamW peak learning rate (paper: 5e-6 for policies, 1e-5 for SFT).
+        weight_decay: AdamW weight decay on matrices (not on biases or norms); paper: 0.05.
+        warmup_steps: Linear warm-up steps before the cosine decay.
+        average_logps: Use the mean token log-prob per response instead of the sum
+            (length-normalised variant).
+        gradient_checkpointing: Recompute activations in backward (non-reentrant).
+        reward_head_seed: Seed of a new reward head's initialisation (ensemble members differ
+            only here); default: the global seed.
+        trust_remote_code: Allow model code from the model directory/hub to run. Off by default.
+        disable_dropout: Set every dropout probability of the policy to 0, as TRL and the original
+            DPO code do: with dropout on, the log-probs and rewards a loss compares are noisy (DPO's
+            first loss is not log 2 against an identical reference). The reference never drops out.
+        lora: Train LoRA adapters (``peft``) instead of the LM's weights, e.g. ``{r: 16, alpha: 32,
+            dropout: 0.0, target_modules: all-linear}``; keys are ``peft.LoraConfig``'s fields or the
+            short ``alpha``/``dropout`` (:mod:`drdo_lightning.lora`). The reward head stays fully
+            trainable; a reference-based objective's reference is the base model (adapters off).
+        chunked_head: Compute response log-probs through the LM head a chunk of positions at a
+            time, so no ``[positions, vocabulary]`` logits are kept: in training fused with the
+            loss where it is a mean over pairs (:func:`logprobs.fused_head_loss`, each chunk's
+            gradients computed in the forward pass), else recomputing each chunk's logits in
+            backward (:func:`logprobs.chunked_token_logps`, one more head matrix product per step).
+            ``None``: on for vocabularies of 100k tokens and more, and at any vocabulary for a
+            training step that fuses (measured never slower than the one-piece head, at 32k and 128k).
+        pack_sequences: Run the model on each padded batch's sequences packed end to end, position
+            ids restarting per sequence (:mod:`drdo_lightning.packing`), instead of padded rows: the
+            same values without computing on padding (on long-tailed lengths 1.5x the useful tokens/s
+            of padded batches, measured). Models that cannot keep packed sequences apart (OPT in
+            transformers 5) train padded, with a notice.
+    """
+
+    needs = Needs()
+    # False where the loss is not a mean of per-pair losses (the objective overrides batch_loss).
+    sums_over_pairs = True
+
+    def __init__(
+        self,
+        model: str,
+        learning_rate: float = 5e-6,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        average_logps: bool = False,
+        gradient_checkpointing: bool = False,
+        reward_head_seed: int | None = None,
+        trust_remote_code: bool = False,
+        disable_dropout: bool = True,
+        lora: dict[str, Any] | None = None,
+        chunked_head: bool | None = None,
+        pack_sequences: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.policy: CausalLMWithRewardHead | None = None
+
+    # -- the contract -------------------------------------------------------------------
+
+    def pair_loss(self, batch: dict[str, Tensor], out: PairOutputs) -> PairLoss:
+        """The loss of each pair ``[B]`` and what to log beside it. Pair ``b``'s loss may read the whole
+        of ``batch`` (lengths, reference log-probs, Oracle scores) but only pair ``b`` of ``out``: the
+        fused LM head evaluates it a chunk of pairs at a time. Implemented by every objective."""
+        raise NotImplementedError
+
+    def batch_loss(self, batch: dict[str, Tensor], out: PairOutputs, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """The batch's loss (a scalar) and what to log: the mean of :meth:`pair_loss`. An objective whose
+        loss is not such a mean overrides this instead of :meth:`pair_loss` and sets ``sums_over_pairs`` False."""
+        result = self.pair_loss(batch, out)
+        return mean_over_pairs(result.loss), result.logged
+
+    def epoch_metrics(self, batch: dict[str, Tensor], out: PairOutputs, stage: str) -> dict[str, Any]:
+        """Metrics with state over the epoch (torchmetrics), updated once per step; none here."""
+        return {}
+
+    def prepare_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch with what the step computes once before its forward (a live reference's log-probs)."""
+        return batch
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        self.policy = policy_setup.build_policy(
+            hp.model, reward_head=self.needs.reward_head, reward_head_seed=hp.reward_head_seed,
+            trust_remote_code=hp.trust_remote_code, disable_dropout=hp.disable_dropout,
+            gradient_checkpointing=hp.gradient_checkpointing, lora_config=hp.lora,
+        )
+        self._matrices = policy_setup.matrix_ids(self.policy)
+
+    def check_data(self, datamodule) -> None:
+        """Raise a :class:`UserError` now, before any model loads or data tokenizes, when the data
+        module does not provide what this objective reads."""
+        columns = getattr(datamodule, "columns", None)
+        if self.needs.oracle_scores and columns is not None and columns.chosen_score is None:
+            raise missing_scores_error(type(self).__name__)
+
+    def on_fit_start(self) -> None:
+        device_placement.keep_reward_head_fp32(self.policy.reward_head, self.trainer)
+        device_placement.metrics_to_device(self, self.trainer)
+
+    def on_validation_start(self) -> None:
+        device_placement.metrics_to_device(self, self.trainer)
+
+    def on_train_start(self) -> None:
+        reliability.warn_if_resume_repeats_an_epoch(self.trainer)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        return optimization.adamw_with_cosine_schedule(
+            list(self.policy.parameters()), self._matrices, self.trainer, learning_rate=hp.learning_rate,
+            weight_decay=hp.weight_decay, betas=hp.adam_betas, warmup_steps=hp.warmup_steps,
+            fused=optimization.fused_adamw_allowed(self.device, self.trainer),
+        )
+
+    # -- forward ------------------------------------------------------------------------
+
+    def head_settings(self, model: CausalLMWithRewardHead, stage: str | None = None) -> HeadSettings:
+        """How ``model``'s forward goes through the LM head; fused with the loss at a step that may fuse it
+        (:meth:`step_may_fuse`), where the chunked head is never slower (measured) at any vocabulary."""
+        hp = self.hparams
+        return HeadSettings(
+            average=hp.average_logps, chunk_rows=heads.head_chunk_rows(model.lm, hp.chunked_head), packed=hp.pack_sequences,
+            fused_chunk_rows=heads.head_chunk_rows(model.lm, True) if stage is not None and self.step_may_fuse(stage) else None,
+        )
+
+    def forward_pairs(self, batch: dict[str, Tensor], model: CausalLMWithRewardHead | None = None) -> PairOutputs:
+        """One forward of ``model`` (default: the policy) over ``[chosen; rejected]``, split per pair."""
+        model = self.policy if model is None else model
+        return forward_pairs(model, batch, self.needs, self.head_settings(model))[1]
+
+    def step_may_fuse(self, stage: str) -> bool:
+        """Whether this step may compute the loss fused with the LM head: a training step (the fused head
+        computes the head's gradients itself, so it needs a graph to give them to and whole parameters,
+        not a sharded strategy's) of an objective whose loss is a mean over pairs, unless switched off.
+        It then fuses where the model's head allows (:meth:`CausalLMWithRewardHead.fuses_head`)."""
+        if stage != "train" or not torch.is_grad_enabled() or not self.sums_over_pairs or self.hparams.chunked_head is False:
+            return False
+        return self._trainer is None or not isinstance(self.trainer.strategy, (DeepSpeedStrategy, FSDPStrategy))
+
+    def loss_and_outputs(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, PairOutputs, dict[str, Tensor]]:
+        """The step's loss, the policy's outputs and what to log, from the one loss definition."""
+        batch = self.prepare_batch(batch)
+        settings = self.head_settings(self.policy, stage)
+        loss, out = forward_pairs(self.policy, batch, self.needs, settings, lambda o: self.pair_loss(batch, o).loss)
+        if loss is None:
+            loss, logged = self.batch_loss(batch, out, stage)
+        else:
+            logged = self.pair_loss(batch, out).logged  # the values of the whole batch, once it is complete
+        return loss, out, {**logged, **self.epoch_metrics(batch, out, stage)}
+
+    # -- steps --------------------------------------------------------------------------
+
+    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        loss, out, logged = self.loss_and_outputs(batch, stage)
+        metrics = {"loss": loss, **logged, "chosen_logps": out.chosen_logps}
+        if out.rejected_logps is not None:
+            metrics["rejected_logps"] = out.rejected_logps
+            metrics["implicit_accuracy"] = (out.chosen_logps > out.rejected_logps).float()
+        on_step = stage == "train"
+        batch_size = batch["chosen_input_ids"].shape[0]
+        for name, value in metrics.items():
+            if isinstance(value, Tensor):
+                value = value.detach().float().mean() if value.dim() else value.detach()
+            self.log(f"{stage}/{name}", value, prog_bar=name == "loss", on_step=on_step, on_epoch=not on_step,
+                     batch_size=batch_size, sync_dist=not on_step)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")

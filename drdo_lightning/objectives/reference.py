@@ -1,0 +1,123 @@
+"""The base of the objectives that compare the policy with a frozen reference policy (DPO and its
+variants, IPO, reward distillation, e-DPO)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor
+
+from drdo_lightning import lora
+from drdo_lightning.models import CausalLMWithRewardHead
+from drdo_lightning.objectives import reference_logps
+from drdo_lightning.objectives.base import PreferenceModule
+from drdo_lightning.objectives.outputs import PairOutputs
+
+
+def frozen(model: CausalLMWithRewardHead) -> CausalLMWithRewardHead:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def implicit_reward_metrics(out: PairOutputs, ref: tuple[Tensor, Tensor], beta: float) -> dict[str, Tensor]:
+    """Per pair: DPO-style implicit rewards ``beta * (z - z_ref)``, whether the chosen one is larger, and their margin."""
+    chosen = beta * (out.chosen_logps - ref[0]).detach()
+    rejected = beta * (out.rejected_logps - ref[1]).detach()
+    return {
+        "reward_accuracy": (chosen > rejected).float(),
+        "reward_margin": chosen - rejected,
+        "chosen_rewards": chosen,
+        "rejected_rewards": rejected,
+    }
+
+
+class ReferenceModule(PreferenceModule):
+    """Adds a frozen reference policy, whose log-probs the batch carries as ``ref_chosen_logps`` and
+    ``ref_rejected_logps`` when the loss is computed.
+
+    The reference is a frozen copy of the starting policy (no second download), or the model at
+    ``reference_model``. With LoRA (``lora``) it is the policy itself with its adapters switched off,
+    which computes the starting policy: no copy at all. With ``precompute_reference=True`` its
+    log-probs are computed once before training and attached to the data as columns, cached beside
+    the tokenized data (:mod:`drdo_lightning.objectives.reference_logps`), so training holds one model
+    in memory. A live reference runs once per step, before the policy's forward.
+
+    Args:
+        reference_model: Path or hub id of the reference; default: the starting ``model``.
+        precompute_reference: Precompute reference log-probs instead of running the
+            reference live.
+    """
+
+    def __init__(
+        self, model: str, reference_model: str | None = None, precompute_reference: bool = False, **kwargs
+    ) -> None:
+        super().__init__(model, **kwargs)
+        self.save_hyperparameters()
+        self.reference: CausalLMWithRewardHead | None = None
+
+    @property
+    def reference_path(self) -> str:
+        return self.hparams.reference_model or self.hparams.model
+
+    def load_reference(self) -> CausalLMWithRewardHead:
+        return frozen(CausalLMWithRewardHead.from_pretrained(
+            self.reference_path, reward_head=False, trust_remote_code=self.hparams.trust_remote_code
+        ))
+
+    @property
+    def reference_is_base(self) -> bool:
+        """The reference is the policy's base model, run with its adapters off."""
+        return self.hparams.lora is not None and self.hparams.reference_model is None
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.reference is not None or self.hparams.precompute_reference or self.reference_is_base:
+            return
+        if hasattr(next(self.policy.parameters()), "ds_shape"):
+            raise ValueError(
+                "a live reference model is not supported under DeepSpeed ZeRO-3 (its parameters are sharded); "
+                "use --model.precompute_reference true"
+            )
+        if self.hparams.reference_model is None:
+            self.reference = frozen(CausalLMWithRewardHead(copy.deepcopy(self.policy.lm)))
+        else:
+            self.reference = self.load_reference()
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.precompute_reference:
+            data = self.trainer.datamodule
+            device = self.trainer.strategy.root_device
+            reference_logps.attach(
+                data, self.trainer, reference_logps.cache_file(data, self.reference_path, self.hparams.average_logps),
+                lambda: reference_logps.compute(data, self.load_reference(), lambda b, m: self.forward_pairs(b, model=m), device),
+            )
+
+    def prepare_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch with the reference's log-probs as columns: precomputed ones as they are, else a
+        no-grad forward of the live reference (once per step, whether the loss is then fused or not)."""
+        if reference_logps.COLUMNS[0] in batch:
+            return batch
+        with torch.no_grad():
+            if self.reference is not None:
+                out = self.forward_pairs(batch, model=self.reference)
+            elif self.reference_is_base:
+                with lora.adapters_disabled(self.policy) as base:
+                    out = self.forward_pairs(batch, model=base)
+            else:
+                raise RuntimeError("precompute_reference=True but the batch has no reference log-probs")
+        return {**batch, reference_logps.COLUMNS[0]: out.chosen_logps, reference_logps.COLUMNS[1]: out.rejected_logps}
+
+    # The reference is frozen and rebuilt from disk at start: keep it out of checkpoints.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("reference.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.reference is not None:
+            checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+
+
+def reference_of(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(z_w^ref, z_l^ref)`` from a batch that :meth:`ReferenceModule.prepare_batch` prepared."""
+    return batch[reference_logps.COLUMNS[0]], batch[reference_logps.COLUMNS[1]]
