@@ -21,6 +21,7 @@ tokenizer beside it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,7 @@ from drdo_lightning import lora
 from drdo_lightning.data.tokenization import load_tokenizer
 from drdo_lightning.errors import MissingPathError, SettingError
 from drdo_lightning.models import CausalLMWithRewardHead, head_input_width
+from drdo_lightning.objectives.base import TRAINING_TARGET_KEY
 from drdo_lightning.strategies.fsdp import FSDPStrategy, is_sharded_checkpoint, read_sharded_checkpoint
 
 POLICY_PREFIX = "policy."  # the LightningModule's attribute holding the CausalLMWithRewardHead
@@ -120,6 +122,16 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]
     return weights, rest
 
 
+TRAINING_TARGET_FILE = "training_target.json"
+
+
+def write_training_target(path: Path, target: dict[str, Any] | None) -> None:
+    """Write what a distilling student was trained against (the Oracle margins' scale, the reading of
+    its reward) beside its export; nothing for other objectives."""
+    if target is not None:
+        (path / TRAINING_TARGET_FILE).write_text(json.dumps(target, indent=2) + "\n")
+
+
 def export(
     checkpoint: str, output: str, tokenizer: str | None = None, model: str | None = None, adapter: bool = False
 ) -> Path:
@@ -161,6 +173,7 @@ def export(
     else:
         tok = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
     path = policy.save_pretrained(output, tokenizer=tok)
+    write_training_target(path, rest.get(TRAINING_TARGET_KEY))
     print(f"Exported {checkpoint} (step {rest.get('global_step', '?')}) to {path}")
     return path
 
@@ -290,6 +303,7 @@ class ExportHuggingFace(L.Callback):
                 policy = _lora_export(policy, pl_module.hparams.model, self.adapter)
                 state_dict = None  # the rebuilt policy holds the weights
             policy.save_pretrained(path, tokenizer=tokenizer, state_dict=state_dict)
+            write_training_target(path, pl_module.training_target())
             if best is not None:
                 rank_zero_info(f"Exported the best checkpoint, {best['checkpoint'].name} (step {best['step']}, "
                                f"{best['monitor']} {best['score']:.4f}), to {path}")

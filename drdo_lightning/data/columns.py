@@ -23,5 +23,8 @@ class ExampleColumns(Protocol):
     def ordered_dataloader(self, split: Split) -> DataLoader:
         """``split``'s batches in dataset order, one column value per example in that order."""
 
+    def column(self, split: Split, name: str) -> list:
+        """The values of column ``name`` of ``split``, one per example in dataset order."""
+
     def add_columns(self, split: Split, columns: dict[str, list[float]]) -> None:
         """Attach per-example columns to ``split``; the batches then carry them."""

@@ -451,6 +451,12 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
     def has_split(self, split: Split) -> bool:
         return getattr(self, f"{split}_dataset") is not None
 
+    def column(self, split: Split, name: str) -> list:
+        dataset = getattr(self, f"{split}_dataset")
+        if name not in dataset.column_names:
+            raise DataError(f"the {split} split has no column {name!r} (columns: {', '.join(dataset.column_names)})")
+        return list(dataset[name])
+
     def add_columns(self, split: Split, columns: dict[str, list[float]]) -> None:
         """Attach per-example columns to the ``train`` or ``val`` split (e.g. reference log-probs)."""
         name = f"{split}_dataset"

@@ -24,7 +24,12 @@ from torch import Tensor
 from drdo_lightning import device_placement, heads, optimization, policy_setup, reliability
 from drdo_lightning.errors import UserError
 from drdo_lightning.models import CausalLMWithRewardHead
+from drdo_lightning.objectives.oracle_target import OracleTarget
 from drdo_lightning.objectives.outputs import HeadSettings, Needs, PairLoss, PairOutputs, forward_pairs
+
+
+# A checkpoint's entry for PreferenceModule.training_target, which exports write beside the model.
+TRAINING_TARGET_KEY = "training_target"
 
 
 def mean_over_pairs(per_pair: Tensor) -> Tensor:
@@ -95,6 +100,8 @@ class PreferenceModule(L.LightningModule):
     needs = Needs()
     # False where the loss is not a mean of per-pair losses (the objective overrides batch_loss).
     sums_over_pairs = True
+    # The scale of the Oracle margins a distilling objective regresses onto (set by those objectives).
+    oracle_target: OracleTarget | None = None
 
     def __init__(
         self,
@@ -135,8 +142,14 @@ class PreferenceModule(L.LightningModule):
         return {}
 
     def prepare_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The batch with what the step computes once before its forward (a live reference's log-probs)."""
-        return batch
+        """The batch with what the step computes once before its forward: the Oracle scores at the
+        target's scale (a live reference's log-probs, in :class:`ReferenceModule`)."""
+        return self.oracle_target.scaled(batch) if self.oracle_target is not None else batch
+
+    def training_target(self) -> dict[str, Any] | None:
+        """What a distilling student was trained against (the Oracle margins' scale), for checkpoints
+        and exports; None for the other objectives."""
+        return self.oracle_target.record() if self.oracle_target is not None else None
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -158,9 +171,24 @@ class PreferenceModule(L.LightningModule):
         if self.needs.oracle_scores and columns is not None and columns.chosen_score is None:
             raise missing_scores_error(type(self).__name__)
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.oracle_target is not None:
+            self.oracle_target.fit_to(self.trainer.datamodule)
+            for logger in self.trainer.loggers:
+                logger.log_hyperparams(self.training_target())
+
     def on_fit_start(self) -> None:
         device_placement.keep_reward_head_fp32(self.policy.reward_head, self.trainer)
         device_placement.metrics_to_device(self, self.trainer)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        target = self.training_target()
+        if target is not None:
+            checkpoint[TRAINING_TARGET_KEY] = target
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.oracle_target is not None and TRAINING_TARGET_KEY in checkpoint:
+            self.oracle_target.restore(checkpoint[TRAINING_TARGET_KEY])
 
     def on_validation_start(self) -> None:
         device_placement.metrics_to_device(self, self.trainer)

@@ -3,8 +3,11 @@ and pessimistically from an ensemble (e-DPO)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from drdo_lightning import losses
 from drdo_lightning.objectives.base import oracle_scores
+from drdo_lightning.objectives.oracle_target import OracleTarget
 from drdo_lightning.objectives.outputs import Needs, PairLoss
 from drdo_lightning.objectives.reference import ReferenceModule, implicit_reward_metrics, reference_of
 
@@ -15,13 +18,19 @@ class Distill(ReferenceModule):
 
     Args:
         beta: Scale of the policy's implicit reward (paper: 0.1).
+        target_scale: Factor on the Oracle margins ``Δr*`` the student regresses onto
+            (:mod:`drdo_lightning.objectives.oracle_target`); 1 keeps them as scored.
+        target_normalization: ``std`` divides ``Δr*`` by its standard deviation over the training
+            pairs (measured once, logged, kept in checkpoints and written beside exports); ``none`` does not.
     """
 
     needs = Needs(oracle_scores=1)
 
-    def __init__(self, model: str, beta: float = 0.1, **kwargs) -> None:
+    def __init__(self, model: str, beta: float = 0.1, target_scale: float = 1.0,
+                 target_normalization: Literal["none", "std"] = "none", **kwargs) -> None:
         super().__init__(model, **kwargs)
         self.save_hyperparameters()
+        self.oracle_target = OracleTarget(target_scale, target_normalization)
 
     def pair_loss(self, batch, out):
         ref = reference_of(batch)
@@ -40,14 +49,20 @@ class EDPO(ReferenceModule):
 
     Args:
         beta: Scale of the policy's implicit reward (paper: 0.1).
+        target_scale: Factor on the Oracle margins ``Δr*`` the student regresses onto
+            (:mod:`drdo_lightning.objectives.oracle_target`); 1 keeps them as scored.
+        target_normalization: ``std`` divides ``Δr*`` by its standard deviation over the training
+            pairs, per ensemble member (measured once, logged, kept in checkpoints and written beside exports); ``none`` does not.
     """
 
     needs = Needs(oracle_scores=2)
     sums_over_pairs = False
 
-    def __init__(self, model: str, beta: float = 0.1, **kwargs) -> None:
+    def __init__(self, model: str, beta: float = 0.1, target_scale: float = 1.0,
+                 target_normalization: Literal["none", "std"] = "none", **kwargs) -> None:
         super().__init__(model, **kwargs)
         self.save_hyperparameters()
+        self.oracle_target = OracleTarget(target_scale, target_normalization)
 
     def batch_loss(self, batch, out, stage):
         ref = reference_of(batch)

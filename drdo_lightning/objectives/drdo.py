@@ -16,7 +16,10 @@ from torchmetrics import PearsonCorrCoef
 
 from drdo_lightning import losses
 from drdo_lightning.objectives.base import PreferenceModule, oracle_scores
+from drdo_lightning.objectives.oracle_target import OracleTarget
 from drdo_lightning.objectives.outputs import Needs, PairLoss, PairOutputs
+
+STUDENT_REWARDS = ("reward_head", "logps")
 
 
 def gradient_norm(term: Tensor, params: list[Tensor]) -> Tensor:
@@ -52,6 +55,17 @@ class DRDO(PreferenceModule):
         distill_form: The distillation term (:func:`losses.reward_distillation`): ``mse``, the
             paper's squared regression of the reward margins; ``bt_soft``, the cross-entropy between
             the Oracle's Bradley-Terry probability ``sigmoid(Δr*)`` and the student's ``sigmoid(Δr̂)``.
+        target_scale: Factor on the Oracle margins ``Δr*`` the student regresses onto
+            (:mod:`drdo_lightning.objectives.oracle_target`); 1 keeps them as scored. With the squared
+            distillation term this scale, not only ``alpha``, sets how hard distillation pulls.
+        target_normalization: ``std`` divides ``Δr*`` by its standard deviation over the training
+            pairs (measured once, logged, kept in checkpoints and written beside exports); ``none`` does not.
+        student_reward: How the student's reward ``r̂`` is read. ``reward_head`` (the paper's reading:
+            a linear head on the last hidden state, beside the LM head; distillation reaches the policy
+            only through the shared backbone); ``logps``, ``r̂ = logps_reward_scale * z``, the policy's
+            own response log-probability (an interpretation the paper does not make: distillation then
+            moves the policy's probabilities directly, a reference-free reward distillation; no head).
+        logps_reward_scale: The factor on ``z`` in ``r̂`` with ``student_reward: logps``.
     """
 
     def __init__(
@@ -65,10 +79,17 @@ class DRDO(PreferenceModule):
         balance_terms: bool = False,
         balance_momentum: float = 0.9,
         distill_form: Literal["mse", "bt_soft"] = "mse",
+        target_scale: float = 1.0,
+        target_normalization: Literal["none", "std"] = "none",
+        student_reward: Literal["reward_head", "logps"] = "reward_head",
+        logps_reward_scale: float = 1.0,
         **kwargs,
     ) -> None:
         super().__init__(model, **kwargs)
         self.save_hyperparameters()
+        if student_reward not in STUDENT_REWARDS:
+            raise ValueError(f"student_reward must be one of {STUDENT_REWARDS}, not {student_reward!r}")
+        self.oracle_target = OracleTarget(target_scale, target_normalization)
         if distill_form not in losses.DISTILL_FORMS:
             raise ValueError(f"distill_form must be one of {losses.DISTILL_FORMS}, not {distill_form!r}")
         if preference_form not in losses.PREFERENCE_FORMS:
@@ -84,16 +105,27 @@ class DRDO(PreferenceModule):
 
     @property
     def needs(self) -> Needs:
-        return Needs(reward_head=True, oracle_scores=1,
+        return Needs(reward_head=self.hparams.student_reward == "reward_head", oracle_scores=1,
                      token_unlikelihood=self.hparams.preference_form == "token_unlikelihood")
 
     @property
     def sums_over_pairs(self) -> bool:
         return not self.hparams.balance_terms
 
+    def student_rewards(self, out: PairOutputs) -> tuple[Tensor, Tensor]:
+        """``(r̂_w, r̂_l)``: the reward head's, or ``logps_reward_scale * z`` (``student_reward``)."""
+        if self.hparams.student_reward == "logps":
+            return self.hparams.logps_reward_scale * out.chosen_logps, self.hparams.logps_reward_scale * out.rejected_logps
+        return out.chosen_rewards, out.rejected_rewards
+
+    def training_target(self):
+        return {**super().training_target(), "student_reward": self.hparams.student_reward,
+                "logps_reward_scale": self.hparams.logps_reward_scale}
+
     def pair_loss(self, batch, out):
         terms = self.terms(batch, out)
-        student_margin = (out.chosen_rewards - out.rejected_rewards).detach()
+        chosen, rejected = self.student_rewards(out)
+        student_margin = (chosen - rejected).detach()
         logged = {"distillation": terms.distillation, "preference": terms.preference, "p_chosen": terms.p_chosen,
                   "reward_accuracy": (student_margin > 0).float()}
         return PairLoss(terms.loss, logged)
@@ -101,7 +133,7 @@ class DRDO(PreferenceModule):
     def terms(self, batch: dict[str, Tensor], out: PairOutputs) -> losses.DRDOTerms:
         hp = self.hparams
         return losses.drdo_terms(
-            out.chosen_logps, out.rejected_logps, out.chosen_rewards, out.rejected_rewards, *oracle_scores(batch, "DRDO", 1),
+            out.chosen_logps, out.rejected_logps, *self.student_rewards(out), *oracle_scores(batch, "DRDO", 1),
             alpha=hp.alpha, gamma=hp.gamma, detach_focal=hp.detach_focal, distill_weight=hp.distill_weight,
             preference_form=hp.preference_form, rejected_token_unlikelihood=out.rejected_token_unlikelihood,
             distill_form=hp.distill_form,
@@ -110,7 +142,8 @@ class DRDO(PreferenceModule):
     def epoch_metrics(self, batch, out, stage):
         corr = getattr(self, f"{stage}_reward_corr")
         oracle_chosen, oracle_rejected = oracle_scores(batch, "DRDO", 1)
-        corr((out.chosen_rewards - out.rejected_rewards).detach(), (oracle_chosen - oracle_rejected).float())  # batch value + epoch state
+        chosen, rejected = self.student_rewards(out)
+        corr((chosen - rejected).detach().float(), (oracle_chosen - oracle_rejected).float())  # batch value + epoch state
         return {"reward_corr": corr}
 
     # -- balance_terms ------------------------------------------------------------------

@@ -85,6 +85,7 @@ class ReferenceModule(PreferenceModule):
             self.reference = self.load_reference()
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if stage == "fit" and self.hparams.precompute_reference:
             data = self.trainer.datamodule
             device = self.trainer.strategy.root_device
@@ -96,6 +97,7 @@ class ReferenceModule(PreferenceModule):
     def prepare_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The batch with the reference's log-probs as columns: precomputed ones as they are, else a
         no-grad forward of the live reference (once per step, whether the loss is then fused or not)."""
+        batch = super().prepare_batch(batch)
         if reference_logps.COLUMNS[0] in batch:
             return batch
         with torch.no_grad():
@@ -110,10 +112,12 @@ class ReferenceModule(PreferenceModule):
 
     # The reference is frozen and rebuilt from disk at start: keep it out of checkpoints.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("reference.")}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         if self.reference is not None:
             checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
 
