@@ -13,7 +13,7 @@ from conftest import fit_argv
 from data_support import SCORES, as_tuples, flipped_positions, make_dm, setup_dm, write_csv
 
 from drdo_lightning.cli import main
-from drdo_lightning.data.pairs import (
+from drdo_lightning.data.noise import (
     bt_flip_indices,
     flip_indices,
     low_margin_flip_indices,
