@@ -25,10 +25,8 @@ from drdo_lightning.embedded_default.build import build_embedded_default
 from drdo_lightning.errors import DataError, UserError
 from drdo_lightning.evaluation.command import evaluate
 from drdo_lightning.experiments.ablations import ablations
-from drdo_lightning.experiments.comparison import compare
 from drdo_lightning.experiments.protocol import protocol
 from drdo_lightning.experiments.pipeline import paper_pipeline
-from drdo_lightning.experiments.robustness import robustness
 from drdo_lightning.export import export
 from drdo_lightning.recipes import expand_config_args, recipe_names
 from drdo_lightning.scoring import score
@@ -72,9 +70,7 @@ COMMANDS: dict[str, Command] = {
         _function("export", "data and models", export),
         _function("train-ensemble", "data and models", train_ensemble),
         _function("evaluate", "evaluation", evaluate, embedded_default.EVALUATE_DEFAULTS),
-        _function("compare", "experiments", compare),
         _function("protocol", "experiments", protocol),
-        _function("robustness", "experiments", robustness),
         _function("ablations", "experiments", ablations),
         _function("splits", "experiments", splits),
         _function("paper-pipeline", "experiments", paper_pipeline),

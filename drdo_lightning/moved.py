@@ -18,7 +18,6 @@ OLD_TO_NEW = {
     "drdo_lightning.free_cores": "drdo_lightning.cpu_cores",
     "drdo_lightning.demo": "drdo_lightning.embedded_default.task",
     "drdo_lightning.pipeline": "drdo_lightning.experiments.pipeline",
-    "drdo_lightning.comparison": "drdo_lightning.experiments.comparison",
 }
 
 

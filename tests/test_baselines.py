@@ -276,18 +276,19 @@ def test_soft_label_distillation_trains_drdo_and_is_checked(tmp_path, tiny_model
 
 @pytest.mark.parametrize("method", ["cdpo", "rdpo", "rpo", "simpo", "orpo"])
 def test_compare_tunes_each_new_method_over_a_real_option_of_its_objective(method):
-    """``compare --methods`` takes the new recipes by name: each grid key is an argument of the
+    """configs/compare.yaml tunes the new recipes too: each grid key is an argument of the
     objective the recipe trains, so no tuning run fails on (or silently ignores) a misspelt knob."""
     import inspect
 
-    from drdo_lightning.comparison import TUNING_GRID, settings_of
+    import yaml
 
-    from drdo_lightning.recipes import recipe_objective
+    from drdo_lightning.experiments.tuning import settings_of
+    from drdo_lightning.recipes import config_path, recipe_objective
 
     objective = recipe_objective(method)
     accepted = {name for cls in objective.__mro__ if "__init__" in vars(cls)
                 for name in inspect.signature(cls.__init__).parameters}
-    grid = TUNING_GRID[method]
+    grid = yaml.safe_load(config_path("compare").read_text())["grid"][method]
     assert {key.removeprefix("model.") for key in grid} <= accepted
-    settings = settings_of(method, grid, [1e-4, 1e-3])
+    settings = settings_of(grid, [1e-4, 1e-3])
     assert len(settings) == 2 * len(next(iter(grid.values())))

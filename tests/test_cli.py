@@ -45,6 +45,8 @@ def command_for(config: Path) -> list[str]:
         return ["fit", "--config", str(ROOT / "configs/drdo.yaml"), "--config", str(config)]
     if rel.stem in COMMANDS:
         return [rel.stem, "--config", str(config)]
+    if "conditions" in yaml.safe_load(config.read_text()):  # a configuration of the experiment engine
+        return ["protocol", "--config", str(config)]
     return ["fit", "--config", str(config)]
 
 
@@ -191,7 +193,7 @@ HELP_GROUPS = {
     "training": ["fit", "validate"],
     "data and models": ["score", "export", "train-ensemble"],
     "evaluation": ["evaluate"],
-    "experiments": ["compare", "protocol", "robustness", "ablations", "splits", "paper-pipeline"],
+    "experiments": ["protocol", "ablations", "splits", "paper-pipeline"],
     "embedded default": ["build-embedded-default"],
 }
 

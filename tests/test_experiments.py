@@ -1,5 +1,6 @@
 """Experiments: intervals over seeds, the edit-distance splits on hand-made data, the ablation
-configs, and the robustness sweep end to end at a tiny size."""
+configs, the tuning rule, and the engine's robustness and comparison configurations end to end at a
+tiny size."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import yaml
 from drdo_lightning import stages
 from drdo_lightning.cli import main
 from drdo_lightning.data.splits import edit_distance, normalized_edit_distance
-from drdo_lightning.experiments import ablations, comparison, sweeps
+from drdo_lightning.experiments import ablations, conditions, sweeps, tuning
 from drdo_lightning.experiments.sweeps import seed_interval
 from drdo_lightning.jsonl import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 
 
 def test_seed_interval_is_the_student_t_interval():
@@ -120,51 +122,64 @@ def eval_file(tmp_path_factory, tiny_task) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("eval") / "eval.jsonl", tiny_task["eval"])
 
 
-def test_robustness_sweep_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file, monkeypatch, capsys):
+def _cells(out: Path) -> list[dict]:
+    with (out / "cells.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _config(run: Path) -> str:
+    return next(run.rglob("config.yaml")).read_text()
+
+
+def test_the_robustness_configuration_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file, monkeypatch,
+                                                     capsys):
+    """configs/robustness.yaml: every method at its recipe's settings at each flip rate, on teachers
+    retrained on that rate's noisy labels; the measures side by side across the rates."""
     out = tmp_path / "sweep"
     args = [
-        "robustness", "--out", str(out), "--flip_rates", "[0.25]", "--methods", "[drdo]", "--seeds", "[0]",
+        "protocol", "--config", str(CONFIGS / "robustness.yaml"), "--out", str(out),
+        "--conditions", json.dumps([{"name": "flip_0.25", "data": {"label_flip_rate": 0.25}}]),
+        "--methods", json.dumps({"drdo": ["drdo"]}), "--seeds", "[0]",
         "--max_steps", "2", "--judge_steps", "2", "--members", "1", "--policy", str(tiny_model_dir),
         "--train_data", str(pair_files["train"]), "--val_data", str(pair_files["val"]),
         "--evaluation.prompts", str(eval_file), "--evaluation.num_prompts", "4", "--evaluation.temperatures", "[0.7]",
-        "--evaluation.max_new_tokens", "6", "--evaluation.judges", json.dumps({"gold": "vader"}),
-        "--overrides", json.dumps({"data.cache_dir": str(tmp_path / "cache"), "trainer.enable_progress_bar": False}),
+        "--evaluation.max_new_tokens", "6", "--evaluation.judges", json.dumps({"gold": "vader"}), "--jobs", "1",
+        "--overrides", json.dumps({"data.cache_dir": str(tmp_path / "cache")}),
     ]
     table = main(args)
-    assert "flip 0.25" in table and "| drdo |" in table and "Retrained Oracle's accuracy" in table
+    assert "## Across conditions" in table and "| method | flip_0.25 |" in table and "| drdo |" in table
+    assert "Oracle vs validation labels" in table and not (out / "tuning.md").exists()  # no tuning
 
-    # The judges were retrained on the flipped labels and rescored the data the student read.
-    judges = out / "flip_0.25" / "judges"
-    oracle_config = next((judges / "oracle").rglob("config.yaml")).read_text()
-    assert "label_flip_rate: 0.25" in oracle_config
+    # The teachers were retrained on the flipped labels and rescored the data the student read.
+    judges = out / "teachers" / "flip_0.25"
+    assert "label_flip_rate: 0.25" in _config(judges / "oracle")
     scored = [json.loads(line) for line in (judges / "data" / "train.scored.jsonl").read_text().splitlines()]
     assert all(isinstance(r["ensemble_chosen"], float) for r in scored)  # one member: a number, not a list
     assert any(r["oracle_chosen"] != r["gold_chosen"] for r in scored)  # no longer the fixture's stand-in scores
     student = out / "flip_0.25" / "seed_0" / "drdo"
-    student_config = next(student.rglob("config.yaml")).read_text()
+    student_config = _config(student)
     assert "label_flip_rate: 0.25" in student_config and str(judges / "data" / "train.scored.jsonl") in student_config
 
-    with (out / "cells.csv").open() as f:
-        (cell,) = [c for c in csv.DictReader(f) if c["judge"] == "gold"]
-    assert (cell["flip_rate"], cell["method"], cell["seed"], cell["judge"]) == ("0.25", "drdo", "0", "gold")
+    (cell,) = [c for c in _cells(out) if c["measure"] == "gold" and c["temperature"] == "all"]
+    assert (cell["condition"], cell["method"], cell["seed"], cell["prompts"]) == ("flip_0.25", "drdo", "0", "in")
     result = json.loads((student / "scores.json").read_text())
-    assert float(cell["reward"]) == pytest.approx(result["scores"]["gold"]["mean"])
-    assert (out / "robustness.png").read_bytes().startswith(b"\x89PNG")
+    assert float(cell["value"]) == pytest.approx(result["scores"]["in"]["gold"]["mean"])
+    assert f"{result['scores']['in']['gold']['mean']:+.3f}" in table  # one seed: the mean, no interval
+    assert (out / "across.png").read_bytes().startswith(b"\x89PNG")
 
-    # Resuming redoes nothing: finished cells and judges are read back.
+    # Resuming redoes nothing: finished cells and teachers are read back.
     monkeypatch.setattr(sweeps, "run_fit", lambda *a, **k: pytest.fail("retrained a finished cell"))
-    monkeypatch.setattr(sweeps, "train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
+    monkeypatch.setattr(conditions, "train_judges_and_score", lambda *a, **k: pytest.fail("retrained the teachers"))
     assert main(args) == table
 
-    # A variant sweep reuses these judges instead of training its own; a rate without judges is an error.
+    # A variant reuses these teachers instead of training its own; a condition without them is an error.
     monkeypatch.undo()
-    monkeypatch.setattr(sweeps, "train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
-    variant = [*args[:2], str(tmp_path / "variant"), *args[3:], "--judges_from", str(out)]
-    assert "Retrained Oracle's accuracy" in main(variant)
-    variant_config = next((tmp_path / "variant" / "flip_0.25" / "seed_0" / "drdo").rglob("config.yaml")).read_text()
-    assert str(judges / "data" / "train.scored.jsonl") in variant_config
+    monkeypatch.setattr(conditions, "train_judges_and_score", lambda *a, **k: pytest.fail("retrained the teachers"))
+    variant = [*args[:4], str(tmp_path / "variant"), *args[5:], "--teachers_from", str(out)]
+    assert "| drdo |" in main(variant)
+    assert str(judges / "data" / "train.scored.jsonl") in _config(tmp_path / "variant" / "flip_0.25" / "seed_0" / "drdo")
     with pytest.raises(SystemExit) as exit_info:
-        main([*variant, "--flip_rates", "[0.5]"])
+        main([*variant, "--conditions", json.dumps([{"name": "flip_0.5", "data": {"label_flip_rate": 0.5}}])])
     assert exit_info.value.code == 2 and "flip_0.5" in capsys.readouterr().err.splitlines()[-1]
 
 
@@ -194,13 +209,37 @@ def test_ablations_train_each_variant_and_tabulate(tmp_path, tiny_model_dir, pai
 
 def test_choose_takes_the_best_gold_but_drdo_only_among_settings_that_still_distil():
     entry = lambda lr, variant, gold, corr: {"setting": {"model.learning_rate": lr, "variant": variant}, "gold": gold,
-                                            "reward_corr": corr}
+                                            "reward_corr": corr, "distinct_2": 0.3}
     tuned = [entry(1e-4, "paper", 0.1, 0.90), entry(1e-4, "token_unlikelihood", 0.5, 0.70),
              entry(1e-4, "corrected", 0.3, 0.85), entry(1e-3, "paper", 0.2, 0.50), entry(1e-3, "corrected", 0.4, 0.45)]
     # 0.5 does not distil (0.70 < 0.90 - 0.1); 0.4 does, against the paper form at its own learning rate.
-    assert comparison.choose("drdo", tuned, 0.1) is tuned[4]
-    assert comparison.choose("drdo", tuned, 0.3) is tuned[1]
-    assert comparison.choose("dpo", [{"setting": {}, "gold": g} for g in (0.1, 0.3, 0.2)], 0.1)["gold"] == 0.3
+    assert tuning.choose(tuned, floor=0.0, tolerance=0.1) is tuned[4]
+    assert tuning.choose(tuned, floor=0.0, tolerance=0.3) is tuned[1]
+    # Without a tolerance (or a variant knob) only the gold reward and the diversity floor count.
+    assert tuning.choose(tuned, floor=0.0, tolerance=None) is tuned[1]
+    plain = [{"setting": {"model.beta": b}, "gold": g, "distinct_2": 0.3} for b, g in ((0.1, 0.1), (0.5, 0.3), (1.0, 0.2))]
+    assert tuning.choose(plain, floor=0.0, tolerance=0.1)["gold"] == 0.3
+
+
+def test_tuning_takes_the_best_gold_among_rates_that_keep_the_diversity():
+    entry = lambda lr, gold, distinct: {"setting": {"model.learning_rate": lr}, "gold": gold, "distinct_2": distinct}
+    tried = [entry(3e-4, 0.81, 0.15), entry(1e-3, 0.94, 0.24), entry(3e-3, 1.00, 0.005)]
+    # 3e-3 repeats itself (distinct-2 0.005): the gold reward alone would take it.
+    assert tuning.choose(tried, floor=0.08, tolerance=None)["setting"]["model.learning_rate"] == 1e-3
+    assert tuning.choose(tried, floor=0.0, tolerance=None)["setting"]["model.learning_rate"] == 3e-3
+    # No rate keeps the diversity: the most diverse one, not the collapsed best.
+    assert tuning.choose(tried, floor=0.5, tolerance=None)["setting"]["model.learning_rate"] == 1e-3
+
+
+def test_a_grid_is_every_learning_rate_times_every_knob_and_a_variant_is_a_layer():
+    settings = tuning.settings_of({"variant": ["paper", "corrected"], "model.alpha": [0.1, 1.0]}, [1e-3, 3e-3])
+    assert len(settings) == 8 and {"model.learning_rate": 3e-3, "variant": "corrected", "model.alpha": 1.0} in settings
+    assert tuning.setting_name(settings[0]) == "learning_rate=0.001,variant=paper,alpha=0.1"
+    assert tuning.setting_name({}) == "recipe"
+    recipe, knobs = tuning.recipe_of(["drdo"], {"model.learning_rate": 1e-3, "variant": "corrected"})
+    assert recipe[0] == "drdo" and recipe[1].endswith("ablations/corrected.yaml") and len(recipe) == 2
+    assert knobs == {"model.learning_rate": 1e-3}
+    assert tuning.recipe_of(["drdo", "ablations/gamma0"], {"variant": "paper"})[0][1].endswith("ablations/gamma0.yaml")
 
 
 def test_a_grid_grows_past_the_edge_its_choice_sits_on():
@@ -212,13 +251,16 @@ def test_a_grid_grows_past_the_edge_its_choice_sits_on():
     assert sweeps.beyond_edge(1e-3, [1e-3]) == pytest.approx(3e-3)  # one value: grow upwards
 
 
-def test_compare_tunes_on_held_out_prompts_then_runs_flips_and_seeds(tmp_path, tiny_model_dir, pair_files, eval_file,
-                                                                    monkeypatch):
+def test_the_comparison_configuration_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file, monkeypatch):
+    """configs/compare.yaml: tuned on held-out prompts at flip 0 (learning rate times the main knob, DRDO
+    forms that still distil), then the chosen settings at each flip rate and seed, per temperature."""
     out = tmp_path / "compare"
     args = [
-        "compare", "--out", str(out), "--methods", "[drdo, dpo]", "--learning_rates", "[1e-3]",
+        "protocol", "--config", str(CONFIGS / "compare.yaml"), "--out", str(out),
+        "--conditions", json.dumps([{"name": f"flip_{r}", "data": {"label_flip_rate": r}} for r in (0.0, 0.25)]),
+        "--methods", json.dumps({"drdo": ["drdo"], "dpo": ["dpo"]}), "--learning_rates", "[1e-3]",
         "--grid", json.dumps({"drdo": {"variant": ["paper", "corrected"]}, "dpo": {"model.beta": [0.1, 0.5]}}),
-        "--flip_rates", "[0.0, 0.25]", "--seeds", "[0, 1]", "--max_steps", "2", "--judge_steps", "2", "--members", "1",
+        "--seeds", "[0, 1]", "--max_steps", "2", "--judge_steps", "2", "--members", "1",
         "--max_grid_extensions", "1",
         "--num_tuning_prompts", "5", "--policy", str(tiny_model_dir), "--sft_data", str(pair_files["sft"]),
         "--train_data", str(pair_files["train"]), "--val_data", str(pair_files["val"]),
@@ -226,23 +268,21 @@ def test_compare_tunes_on_held_out_prompts_then_runs_flips_and_seeds(tmp_path, t
                                       "num_attention_heads": 2, "num_key_value_heads": 2}),
         "--evaluation.prompts", str(eval_file), "--evaluation.temperatures", "[0.7, 1.0]", "--evaluation.max_new_tokens",
         "6", "--evaluation.judges", json.dumps({"gold": "vader"}), "--jobs", "2",
-        "--overrides", json.dumps({"data.cache_dir": str(tmp_path / "cache"), "trainer.max_steps": 2,
-                                   "trainer.enable_progress_bar": False}),
+        "--overrides", json.dumps({"data.cache_dir": str(tmp_path / "cache"), "trainer.max_steps": 2}),
     ]
     table = main(args)
 
     # Tuning prompts: prompts of the validation pairs, none of them an evaluation prompt.
-    tuning = [json.loads(line)["prompt"] for line in (out / "tuning_prompts.jsonl").read_text().splitlines()]
+    tuning_prompts = [json.loads(line)["prompt"] for line in (out / "tuning_prompts.jsonl").read_text().splitlines()]
     evaluation = {json.loads(line)["prompt"] for line in eval_file.read_text().splitlines()}
-    assert len(tuning) == 5 and not set(tuning) & evaluation
-    assert {json.loads(line)["prompt"] for line in pair_files["val"].read_text().splitlines()} >= set(tuning)
+    assert len(tuning_prompts) == 5 and not set(tuning_prompts) & evaluation
+    assert {json.loads(line)["prompt"] for line in pair_files["val"].read_text().splitlines()} >= set(tuning_prompts)
 
     # The Oracle starts from its own, larger SFT policy; the ensemble from the students' policy.
-    oracle_config = next((out / "flip_0.25" / "judges" / "oracle").rglob("config.yaml")).read_text()
+    oracle_config = _config(out / "teachers" / "flip_0.25" / "oracle")
     assert str(out / "oracle_policy" / "sft" / "export") in oracle_config and "label_flip_rate: 0.25" in oracle_config
     assert json.loads((out / "oracle_policy" / "sft" / "export" / "config.json").read_text())["hidden_size"] == 48
-    member_config = next((out / "flip_0.25" / "judges" / "ensemble").rglob("config.yaml")).read_text()
-    assert f"model: {tiny_model_dir}" in member_config
+    assert f"model: {tiny_model_dir}" in _config(out / "teachers" / "flip_0.25" / "ensemble")
 
     # Every tuning cell was judged on the tuning prompts; DRDO's also measured how it distils. A
     # one-rate grid's choice sits at its edge, so each method's grid grew once (every knob at 3e-3).
@@ -251,32 +291,34 @@ def test_compare_tunes_on_held_out_prompts_then_runs_flips_and_seeds(tmp_path, t
         f"learning_rate={lr},{knob}" for lr in ("0.001", "0.003")
         for knob in ("variant=paper", "variant=corrected", "beta=0.1", "beta=0.5"))
     assert all(-1 <= float(t["reward_corr"]) <= 1 for t in tuned if t["method"] == "drdo")
-    corrected = next((out / "tuning" / "drdo" / "learning_rate=0.001,variant=corrected").rglob("config.yaml")).read_text()
+    corrected = _config(out / "tuning" / "drdo" / "learning_rate=0.001,variant=corrected")
     assert "preference_form: corrected" in corrected and "label_flip_rate: 0.0" in corrected
     tuning_md = (out / "tuning.md").read_text()
     assert tuning_md.count("| **") == 2  # one chosen setting per method
     assert "Learning rates tried: drdo: 0.001, 0.003 (chosen at an edge); dpo: 0.001, 0.003 (chosen at an edge)." in tuning_md
 
-    # The chosen settings ran at every flip rate with every seed, on that rate's judges.
+    # The chosen settings ran at every flip rate with every seed, on that rate's teachers.
     chosen = {t["method"]: t for t in tuned if f"**{t['setting']}**" in tuning_md}
     for rate in ("0.0", "0.25"):
         for seed in (0, 1):
-            config = next((out / f"flip_{rate}" / f"seed_{seed}" / "dpo").rglob("config.yaml")).read_text()
+            config = _config(out / f"flip_{rate}" / f"seed_{seed}" / "dpo")
             assert f"beta: {chosen['dpo']['setting'].split('beta=')[1]}" in config
-            assert str(out / f"flip_{rate}" / "judges" / "data" / "train.scored.jsonl") in config
+            assert str(out / "teachers" / f"flip_{rate}" / "data" / "train.scored.jsonl") in config
             assert f"seed_everything: {seed}" in config
-    summary = list(csv.DictReader((out / "comparison.csv").open()))
-    gold = [s for s in summary if s["judge"] == "gold"]
-    assert {(s["flip_rate"], s["method"], s["temperature"]) for s in gold} == {
-        (r, m, t) for r in ("0.0", "0.25") for m in ("drdo", "dpo") for t in ("all", "0.7", "1.0")}
+    summary = list(csv.DictReader((out / "summary.csv").open()))
+    gold = [s for s in summary if s["measure"] == "gold"]
+    assert {(s["condition"], s["method"], s["temperature"]) for s in gold} == {
+        (f"flip_{r}", m, t) for r in ("0.0", "0.25") for m in ("drdo", "dpo") for t in ("all", "0.7", "1.0")}
     assert all(s["seeds"] == "2" for s in summary)
-    assert {s["judge"] for s in summary} == {"gold", "distinct_2", "reward_corr"}
-    for heading in ("gold reward", "distinct-2 of the generations", "reward-margin correlation"):
+    assert {s["measure"] for s in summary} == {"gold", "distinct_2", "kl", "reward_corr"}
+    for heading in ("## By temperature", "gold reward", "distinct-2 of the generations", "reward-margin correlation",
+                    "| condition | method | pooled | T = 0.7 | T = 1.0 |"):
         assert heading in table
-    assert (out / "comparison.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "across.png").read_bytes().startswith(b"\x89PNG")
 
     # Resuming redoes nothing.
     monkeypatch.setattr(sweeps, "run_fit", lambda *a, **k: pytest.fail("retrained a finished cell"))
-    monkeypatch.setattr(sweeps, "train_judges_and_score", lambda *a, **k: pytest.fail("retrained the judges"))
+    monkeypatch.setattr(conditions, "train_judges_and_score", lambda *a, **k: pytest.fail("retrained the teachers"))
     monkeypatch.setattr(stages, "run_fit", lambda *a, **k: pytest.fail("retrained the Oracle's policy"))
     assert main([*args[:-4], "--jobs", "1", *args[-2:]]) == table
+

@@ -1,6 +1,6 @@
 """Label-noise models: ``uniform`` (an exact fraction at random), ``bt`` (every label resampled from
 Bradley-Terry on the pair's margin) and ``low_margin`` (an exact fraction, the smallest |margin|),
-as pure functions and through the data module."""
+as pure functions and through the data module; flipping rows held as dicts."""
 
 from __future__ import annotations
 
@@ -13,11 +13,14 @@ from conftest import fit_argv
 from data_support import SCORES, as_tuples, flipped_positions, make_dm, setup_dm, write_csv
 
 from drdo_lightning.cli import main
-from drdo_lightning.data.pairs import (
+from drdo_lightning.data.noise import (
+    against_margin_indices,
     bt_flip_indices,
     flip_indices,
+    flip_rows,
     low_margin_flip_indices,
     noise_flip_indices,
+    swap_row,
 )
 from drdo_lightning.errors import DataError, SettingError
 from drdo_lightning.jsonl import write_jsonl
@@ -86,6 +89,28 @@ def test_bt_flip_frequency_matches_the_sigmoid(margin, temperature):
     flips = sum(bool(bt_flip_indices([margin], temperature, seed)) for seed in range(seeds))
     p = 1 - sigmoid(temperature * margin)
     assert abs(flips / seeds - p) <= 4 * math.sqrt(p * (1 - p) / seeds) + 1e-9
+
+
+def test_against_margin_flips_exactly_the_pairs_a_scorer_ranks_the_other_way():
+    margins = [0.5, -0.1, 0.0, -3.0, 2.0]
+    assert against_margin_indices(margins) == [1, 3]  # a tie keeps its label
+    untied = [m for m in margins if m != 0]
+    assert against_margin_indices(untied) == bt_flip_indices(untied, 1e9, seed=0) == [1, 2]  # bt's s -> inf limit
+
+
+def test_a_flipped_row_swaps_every_chosen_rejected_column_pair_and_keeps_its_order():
+    row = {"prompt": "p", "chosen": "a", "rejected": "b", "gold_chosen": 0.1, "gold_rejected": 0.3,
+           "ensemble_chosen": [1.0, 2.0], "ensemble_rejected": [3.0, 4.0], "chosenness": 7, "label_flipped": False}
+    flipped = swap_row(row)
+    assert list(flipped) == list(row) and row["chosen"] == "a"  # a new row, columns in their order
+    assert (flipped["chosen"], flipped["rejected"], flipped["gold_chosen"], flipped["gold_rejected"]) == ("b", "a", 0.3, 0.1)
+    assert (flipped["ensemble_chosen"], flipped["ensemble_rejected"]) == ([3.0, 4.0], [1.0, 2.0])
+    assert (flipped["prompt"], flipped["chosenness"], flipped["label_flipped"]) == ("p", 7, False)
+    assert swap_row(flipped) == row
+    rows = [dict(row, prompt=str(i)) for i in range(4)]
+    assert flip_rows(rows, [3, 1], mark="label_flipped") == 2
+    assert [r["label_flipped"] for r in rows] == [False, True, False, True]
+    assert [r["chosen"] for r in rows] == ["a", "b", "a", "b"] and [r["prompt"] for r in rows] == ["0", "1", "2", "3"]
 
 
 def test_pure_functions_reject_bad_settings():

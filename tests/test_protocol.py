@@ -1,23 +1,29 @@
-"""The paper-regime protocol: its data (Table 1 splits, relabelled control), the margins it ranks
-pairs by, the KL next to the rewards, and one tiny run of the whole command."""
+"""The experiment engine in the paper's regime: its data (Table 1 splits, relabelled control), the
+margins it ranks pairs by, the KL next to the rewards, its tables, every shipped configuration parsed,
+and one tiny run of configs/protocol.yaml's kind of conditions."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from drdo_lightning.cli import main
 from drdo_lightning.data.readers import read_rows
+from drdo_lightning.errors import UserError
 from drdo_lightning.evaluation.margins import IMPLICIT, LOGP, REWARD_HEAD, pair_margins
-from drdo_lightning.experiments import protocol, protocol_report
+from drdo_lightning.experiments import conditions, protocol, protocol_report
 from drdo_lightning.experiments.sweeps import KL, EvalSettings, Evaluator
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.models import CausalLMWithRewardHead
 from drdo_lightning.scoring import score
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +75,7 @@ def test_relabelling_orders_each_pair_by_its_oracle(tmp_path):
              "ensemble_chosen": [1], "ensemble_rejected": [2], "gold_chosen": 0.1, "gold_rejected": 0.3},
             {"prompt": "q", "chosen": "c", "rejected": "d", "oracle_chosen": 3.0, "oracle_rejected": 2.0,
              "ensemble_chosen": [3], "ensemble_rejected": [4], "gold_chosen": 0.5, "gold_rejected": 0.2}]
-    out = protocol.relabelled_by_teacher(write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
+    out = conditions.relabelled_by_teacher(write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl")
     first, second = _rows(out)
     assert (first["chosen"], first["rejected"], first["oracle_chosen"], first["oracle_rejected"]) == ("b", "a", 2.0, 1.0)
     assert (first["ensemble_chosen"], first["gold_chosen"], first["gold_rejected"]) == ([2], 0.3, 0.1)
@@ -77,7 +83,7 @@ def test_relabelling_orders_each_pair_by_its_oracle(tmp_path):
 
 
 def test_table1_splits_are_equal_sized_and_split_by_confidence_and_distance(tmp_path, pair_files):
-    files = protocol.table1_splits(str(pair_files["train"]), tmp_path / "splits")
+    files = conditions.table1_splits(str(pair_files["train"]), tmp_path / "splits")
     halves = {name: _rows(path) for name, path in files.items()}
     sizes = {name: len(rows) for name, rows in halves.items()}
     assert len(set(sizes.values())) == 1 and sizes["easy"] > 0
@@ -88,7 +94,7 @@ def test_table1_splits_are_equal_sized_and_split_by_confidence_and_distance(tmp_
     gold = {(r["prompt"], r["chosen"]): abs(r["gold_chosen"] - r["gold_rejected"]) for r in _rows(pair_files["train"])}
     assert all(r["confidence"] == pytest.approx(gold[(r["prompt"], r["chosen"])]) for r in halves["hard"])
     # Seeded: a second call in another folder writes the same pairs.
-    again = protocol.table1_splits(str(pair_files["train"]), tmp_path / "again")
+    again = conditions.table1_splits(str(pair_files["train"]), tmp_path / "again")
     assert all(_rows(again[name]) == halves[name] for name in files)
 
 
@@ -108,6 +114,33 @@ def test_a_condition_names_a_known_split_and_teacher(tiny_model_dir, pair_files)
     with pytest.raises(Exception, match="split must be one of"):
         protocol.protocol(conditions=[bad], tuning_condition="x", policy=str(tiny_model_dir),
                           train_data=str(pair_files["train"]), val_data=str(pair_files["val"]))
+    for fields, message in (({"name": "x", "teacher": "mine"}, "teacher must be one of"),
+                            ({"name": "x", "split": "hard", "teacher": "given"}, "not on a split"),
+                            ({"name": "x", "seed": 2}, r"unknown fields \['seed'\]")):
+        with pytest.raises(UserError, match=message):
+            conditions.as_condition(fields)
+    assert conditions.as_condition({"name": "x", "teacher": "all_pairs"}).teacher_key() == "all_pairs"
+    assert conditions.as_condition({"name": "x"}).teacher_key() == "x"
+
+
+PROTOCOLS = {"protocol": ("bt_s2", ["conditions", "splits"]), "compare": ("flip_0.0", ["temperatures"]),
+             "robustness": ("flip_0.0", ["across"])}
+
+
+@pytest.mark.parametrize("name", sorted(PROTOCOLS))
+def test_every_configuration_of_the_engine_parses(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["protocol", "--config", str(ROOT / "configs" / f"{name}.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    first, views = PROTOCOLS[name]
+    assert printed["conditions"][0]["name"] == first and printed["views"] == views
+    assert all(conditions.as_condition(c) for c in printed["conditions"])
+    if name == "compare":  # tuned over the knobs, on the larger Oracle; judged at the paper's temperatures
+        assert printed["grid"]["drdo"]["variant"][0] == "paper" and printed["distill_tolerance"] == 0.1
+        assert printed["oracle_shape"]["hidden_size"] == 256 and printed["evaluation"]["temperatures"] == [0.2, 0.5, 0.7, 0.9]
+    if name == "robustness":  # no tuning: the recipes' settings
+        assert printed["learning_rates"] is None and list(printed["methods"]) == ["drdo", "dpo", "ipo", "edpo"]
 
 
 @pytest.mark.slow
@@ -146,7 +179,8 @@ def test_protocol_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file
     own_config = next((out / "teachers" / "hard_own" / "oracle").rglob("config.yaml")).read_text()
     assert f"max_epochs: {math.ceil(3 * scale)}" in own_config and scale > 1
     # One grid step past the one-rate grid; every cell of both conditions; the secondary one with 1 seed.
-    assert "lr 0.001" in (out / "tuning.md").read_text() and "lr 0.003" in (out / "tuning.md").read_text()
+    tuning_md = (out / "tuning.md").read_text()
+    assert "drdo: 0.001, 0.003" in tuning_md and "dpo: 0.001, 0.003" in tuning_md and tuning_md.count("| **") == 2
     assert (out / "start" / "tuning" / "scores.json").is_file()  # the diversity floor's reference
     for seed in (0, 1):
         for method in ("drdo", "dpo"):
@@ -165,13 +199,14 @@ def test_protocol_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file
 
 def test_the_splits_table_puts_each_arms_splits_side_by_side():
     cell = lambda gold: {"scores": {"in": {"gold": {"mean": gold}}}}
-    conditions = [protocol.as_condition(c) for c in (
+    conds = [conditions.as_condition(c) for c in (
         {"name": "bt", "data": {"label_noise": "bt"}}, {"name": "hard_all", "split": "hard", "teacher": "all_pairs"},
         {"name": "easy_all", "split": "easy", "teacher": "all_pairs"}, {"name": "hard_own", "split": "hard"})]
     results = {"bt": {("dpo", 0): cell(9.0)},
                "hard_all": {("dpo", 0): cell(0.2), ("dpo", 1): cell(0.4), ("drdo", 0): cell(0.7)},
                "easy_all": {("dpo", 0): cell(0.5)}, "hard_own": {("drdo", 0): cell(0.1)}}
-    all_pairs, own = protocol_report.splits_table(results, conditions, ["drdo", "dpo"]).split("\n\n")
+    summary = protocol_report.summarize(protocol_report.cell_rows(results, [0.7], {}))
+    all_pairs, own = protocol_report.splits_table(summary, conds, ["drdo", "dpo"]).split("\n\n")
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in all_pairs.splitlines()[2:]}
     assert "hard: hard_all" in all_pairs.splitlines()[0] and "easy: easy_all" in all_pairs.splitlines()[0]
     assert rows["drdo"] == ["+0.700 (1)", "-"]
@@ -179,11 +214,12 @@ def test_the_splits_table_puts_each_arms_splits_side_by_side():
     assert "own teachers" in own and "+0.100 (1)" in own and "9.0" not in all_pairs + own  # no noise-model condition
 
 
-def test_tuning_takes_the_best_gold_among_rates_that_keep_half_the_diversity():
-    scores = lambda gold, distinct: {"gold": {"mean": gold}, "distinct_2": {"mean": distinct}}
-    tried = {3e-4: scores(0.81, 0.15), 1e-3: scores(0.94, 0.24), 3e-3: scores(1.00, 0.005)}
-    # 3e-3 repeats itself (distinct-2 0.005): the gold reward alone would take it.
-    assert protocol.choose_rate(tried, floor=0.08) == 1e-3
-    assert protocol.choose_rate(tried, floor=0.0) == 3e-3
-    # No rate keeps the diversity: the most diverse one, not the collapsed best.
-    assert protocol.choose_rate(tried, floor=0.5) == 1e-3
+def test_a_reward_heads_correlation_with_its_teacher_is_a_measure_of_the_validation_pairs():
+    margins = lambda head: {"scores": {"in": {"gold": {"mean": 0.0, "by_temperature": [0.0]}}, "margins": head}}
+    results = {"c": {("drdo", 0): margins({"reward_head": [1.0, 2.0, 3.0], "logp": [0.0, 0.0, 1.0]}),
+                     ("dpo", 0): margins({"implicit": [3.0, 2.0, 1.0], "logp": [0.0, 0.0, 1.0]})}}
+    rows = protocol_report.cell_rows(results, [0.7], {"c": [2.0, 4.0, 6.5]})
+    (corr,) = [r for r in rows if r["measure"] == "reward_corr"]
+    assert (corr["method"], corr["prompts"]) == ("drdo", "pairs")
+    assert corr["value"] == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 6.5])[0, 1])
+    assert {(r["temperature"], r["value"]) for r in rows if r["method"] == "dpo"} == {("all", 0.0), ("0.7", 0.0)}

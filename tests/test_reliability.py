@@ -27,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from drdo_lightning import SFT
 from drdo_lightning.cli import main
 from drdo_lightning.data.datamodule import PreferenceDataModule
+from drdo_lightning.objectives import PairLoss
 from drdo_lightning.reliability import AtomicCheckpointIO, CheckpointError, NonFiniteError, NonFiniteGuard, unreadable_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -400,24 +401,25 @@ def poison_sft(monkeypatch, nan_loss_steps=(), nan_grad_steps=()) -> dict[int, l
     Returns the weights seen at the start of every training step, by step.
     """
     weights: dict[int, list[torch.Tensor]] = {}
-    original = SFT.objective
+    original = SFT.pair_loss
 
-    def objective(self, batch, out, stage):
-        loss, metrics = original(self, batch, out, stage)
+    def pair_loss(self, batch, out):
+        loss, logged = original(self, batch, out)
         step = self.trainer.global_step
         weights[step] = [p.detach().clone() for p in self.parameters()]
         if step in nan_loss_steps:
             loss = loss * float("nan")
         if step in nan_grad_steps:  # d sqrt(x)/dx = inf at 0, times 0: a NaN gradient, a finite loss
             loss = loss + 0.0 * torch.sqrt(0.0 * self.policy.lm.model.norm.weight.sum())
-        return loss, metrics
+        return PairLoss(loss, logged)
 
-    monkeypatch.setattr(SFT, "objective", objective)
+    monkeypatch.setattr(SFT, "pair_loss", pair_loss)
     return weights
 
 
 def sft_args(root, tiny_model_dir, pair_files, *extra):
-    # One-piece head: the poisoned objective's loss is the loss trained on (a fused step trains on loss_terms).
+    # Unfused: the NaN gradient is poisoned through a weight outside the LM head, which the fused head's
+    # per-chunk loss does not differentiate.
     return fit_args(root, tiny_model_dir, pair_files["sft"], "--data.rejected_column", "null", "--model.chunked_head",
                     "false", *extra, objective="SFT")
 

@@ -79,7 +79,7 @@ def test_the_circle_finder_finds_a_circle():
 
 
 def test_the_module_list_sees_the_subpackages():
-    assert {"data", "data.pairs", "evaluation.judges", "experiments.robustness", "embedded_default.task"} <= set(MODULES)
+    assert {"data", "data.pairs", "evaluation.judges", "experiments.protocol", "embedded_default.task"} <= set(MODULES)
     assert layer("data.pairs") == "library" and layer("experiments.sweeps") == "experiments"
 
 

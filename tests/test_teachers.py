@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from drdo_lightning import stages
 from drdo_lightning.cli import main
-from drdo_lightning.data.pairs import bt_flip_indices, flip_indices, low_margin_flip_indices
+from drdo_lightning.data.noise import bt_flip_indices, flip_indices, low_margin_flip_indices
 from drdo_lightning.errors import SettingError
 from drdo_lightning.export import read_checkpoint
 from drdo_lightning.jsonl import write_jsonl

@@ -1,9 +1,9 @@
 """Preference data, from files to batches, one concern a module.
 
 :mod:`.readers` (rows from JSON/JSONL/CSV/Parquet, folders, the hub) -> :mod:`.pairs` (validated
-prompt/response texts, chat rendering, label noise) -> :mod:`.tokenization` (token ids, truncation)
--> :mod:`.building` (splits tokenized in bounded memory) -> :mod:`.sampling` (resumable, length-grouped
-order) -> :mod:`.collation` (padded tensors); :mod:`.datamodule` ties them into the
+prompt/response texts, chat rendering; :mod:`.noise` picks the pairs label noise flips) ->
+:mod:`.tokenization` (token ids, truncation) -> :mod:`.building` (splits tokenized in bounded memory)
+-> :mod:`.sampling` (resumable, length-grouped order) -> :mod:`.collation` (padded tensors); :mod:`.datamodule` ties them into the
 :class:`PreferenceDataModule` that every recipe uses. :mod:`.splits` builds the paper's
 non-deterministic splits of a labelled dataset.
 
@@ -12,16 +12,8 @@ The names re-exported here are the ones recipes and user code import from ``drdo
 
 from drdo_lightning.data.collation import FLOAT_COLUMNS, PairCollator
 from drdo_lightning.data.datamodule import PreferenceDataModule
-from drdo_lightning.data.pairs import (
-    Columns,
-    RowError,
-    TextPair,
-    bt_flip_indices,
-    flip_labels,
-    iter_pairs,
-    load_pairs,
-    low_margin_flip_indices,
-)
+from drdo_lightning.data.noise import bt_flip_indices, flip_rows, low_margin_flip_indices
+from drdo_lightning.data.pairs import Columns, RowError, TextPair, iter_pairs, load_pairs
 from drdo_lightning.data.readers import read_rows
 from drdo_lightning.data.sampling import ResumableDataLoader, ResumableSampler, group_by_length, padding_fraction
 from drdo_lightning.data.tokenization import IGNORE_INDEX, load_tokenizer, tokenize_pairs, truncate_prompt
@@ -29,7 +21,7 @@ from drdo_lightning.errors import DataError
 
 __all__ = [
     "FLOAT_COLUMNS", "IGNORE_INDEX", "Columns", "DataError", "PairCollator", "PreferenceDataModule", "ResumableDataLoader",
-    "ResumableSampler", "RowError", "TextPair", "bt_flip_indices", "flip_labels", "group_by_length", "iter_pairs",
+    "ResumableSampler", "RowError", "TextPair", "bt_flip_indices", "flip_rows", "group_by_length", "iter_pairs",
     "load_pairs", "load_tokenizer", "low_margin_flip_indices", "padding_fraction", "read_rows", "tokenize_pairs",
     "truncate_prompt",
 ]

@@ -41,7 +41,8 @@ from transformers import PreTrainedTokenizerBase
 from drdo_lightning.data.building import SplitTokenizer, tokenize_split, worker_processes, write_texts
 from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.data.columns import ExampleColumns, Split
-from drdo_lightning.data.pairs import LABEL_NOISE_MODELS, Columns, iter_pairs, noise_flip_indices
+from drdo_lightning.data.noise import LABEL_NOISE_MODELS, noise_flip_indices
+from drdo_lightning.data.pairs import Columns, iter_pairs
 from drdo_lightning.data.sampling import ResumableDataLoader, ResumableSampler, padding_fraction, sequence_lengths
 from drdo_lightning.data.tokenization import chat_renderer, describe_counts, load_tokenizer, warn_trailing_whitespace
 from drdo_lightning.errors import DataError, SettingError

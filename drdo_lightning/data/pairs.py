@@ -1,15 +1,15 @@
 """Validating rows into prompt/response texts: fields, scores, prompts taken from what chosen and
-rejected share (:func:`extract_prompt`), conversations rendered with a chat template, and label flipping."""
+rejected share (:func:`extract_prompt`), conversations rendered with a chat template, and swapping a
+pair's labels (which pairs: :mod:`.noise`)."""
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from drdo_lightning.data.readers import holds_text_only, read_rows
 from drdo_lightning.errors import DataError
@@ -317,72 +317,3 @@ def swap_pair(pair: TextPair) -> None:
     pair.chosen_score, pair.rejected_score = pair.rejected_score, pair.chosen_score
     if pair.margin is not None:
         pair.margin = -pair.margin
-
-
-def flip_indices(n: int, rate: float, seed: int | random.Random) -> list[int]:
-    """The label-noise rule: exactly ``round(rate * n)`` of the indices ``0..n-1``, drawn without
-    replacement by ``random.Random(seed)`` (or by ``seed`` itself, a ``Random``)."""
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"label_flip_rate must be in [0, 1], got {rate}")
-    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
-    return rng.sample(range(n), round(rate * n))
-
-
-def flip_labels(pairs: list, rate: float, seed: int | random.Random, swap: Callable[[Any], None] = swap_pair) -> int:
-    """``swap`` the pairs that :func:`flip_indices` draws; return how many."""
-    flipped = flip_indices(len(pairs), rate, seed)
-    for i in flipped:
-        swap(pairs[i])
-    return len(flipped)
-
-
-LABEL_NOISE_MODELS = ("uniform", "bt", "low_margin")
-
-
-def _sigmoid(x: float) -> float:
-    """σ(x) = 1 / (1 + e^-x), without overflow for large |x|."""
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
-
-
-def bt_flip_indices(margins: Sequence[float], temperature: float, seed: int | random.Random) -> list[int]:
-    """Bradley-Terry label noise: every pair's label is resampled from its margin
-    ``Δ_i`` (chosen minus rejected), the chosen response staying chosen with probability
-    ``P(keep_i) = σ(s · Δ_i)``, so it is flipped with ``P(flip_i) = 1 − σ(s · Δ_i) = σ(−s · Δ_i)``
-    (``s = temperature ≥ 0``: 0 makes every label a coin flip, a large ``s`` keeps every label that
-    agrees with its margin's sign and flips every one that does not). One draw ``u_i`` of
-    ``random.Random(seed)`` per pair, in order; pair ``i`` is flipped when ``u_i < σ(−s · Δ_i)``.
-    Returns the flipped indices, ascending."""
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"noise_temperature must be a finite number >= 0, got {temperature}")
-    rng = seed if isinstance(seed, random.Random) else random.Random(seed)
-    return [i for i, margin in enumerate(margins) if rng.random() < _sigmoid(-temperature * margin)]
-
-
-def low_margin_flip_indices(margins: Sequence[float], rate: float) -> list[int]:
-    """Label noise where labels are least certain: exactly ``k = round(rate · n)`` of the ``n``
-    pairs are flipped, those with the ``k`` smallest ``|Δ_i|`` (``Δ_i`` the margin, chosen minus
-    rejected); pairs of equal ``|Δ|`` go in index order, so the choice is deterministic (no seed).
-    Returns the flipped indices, ascending."""
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"label_flip_rate must be in [0, 1], got {rate}")
-    by_margin = sorted(range(len(margins)), key=lambda i: (abs(margins[i]), i))
-    return sorted(by_margin[: round(rate * len(margins))])
-
-
-def noise_flip_indices(model: str, n: int, *, rate: float = 0.0, margins: Sequence[float] | None = None,
-                       temperature: float = 1.0, seed: int | random.Random = 0) -> list[int]:
-    """The indices of ``0..n-1`` that label-noise ``model`` flips: ``uniform`` (:func:`flip_indices`,
-    ``rate`` and ``seed``), ``bt`` (:func:`bt_flip_indices`, ``margins``, ``temperature`` and
-    ``seed``) or ``low_margin`` (:func:`low_margin_flip_indices`, ``margins`` and ``rate``)."""
-    if model == "uniform":
-        return flip_indices(n, rate, seed)
-    if model not in LABEL_NOISE_MODELS:
-        raise ValueError(f"label_noise must be one of {list(LABEL_NOISE_MODELS)}, got {model!r}")
-    if margins is None or len(margins) != n:
-        raise ValueError(f"label_noise {model} needs one margin per pair ({n}), got {None if margins is None else len(margins)}")
-    if model == "bt":
-        return bt_flip_indices(margins, temperature, seed)
-    return low_margin_flip_indices(margins, rate)

@@ -44,7 +44,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from drdo_lightning.data.pairs import flip_labels
+from drdo_lightning.data.noise import flip_indices, flip_rows
 from drdo_lightning.errors import UserError
 from drdo_lightning.jsonl import read_jsonl, write_jsonl
 
@@ -268,13 +268,6 @@ def _sample_pairs(rng: random.Random, prompts: list[str], n: int, bt_scale: floa
     return rows
 
 
-def _swap_row(row: dict) -> None:
-    """Swap chosen and rejected, and their gold rewards, and mark the row flipped."""
-    row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
-    row["gold_chosen"], row["gold_rejected"] = row["gold_rejected"], row["gold_chosen"]
-    row["label_flipped"] = True
-
-
 def generate_task(
     seed: int = 0,
     *,
@@ -302,7 +295,7 @@ def generate_task(
     sft_rng = stream("sft")
     sft = [{"prompt": sft_rng.choice(train_prompts), "chosen": _sample_response(sft_rng)} for _ in range(n_sft)]
     train = _sample_pairs(stream("train"), train_prompts, n_train, bt_scale)
-    flip_labels(train, label_flip_rate, stream("flips"), swap=_swap_row)
+    flip_rows(train, flip_indices(len(train), label_flip_rate, stream("flips")), mark="label_flipped")
     val = _sample_pairs(stream("val"), train_prompts, n_val, bt_scale)
     return {"sft": sft, "train": train, "val": val, "eval": [{"prompt": p} for p in eval_prompts]}
 

@@ -78,7 +78,7 @@ def ablations(
             result = run_cell(root / name / f"seed_{seed}", evaluator, run)
             cells += result_cells(result, variant=name, seed=seed)
     write_csv(cells, root / "cells.csv")
-    summary = aggregate(cells, ("variant",))
+    summary = aggregate(cells, ("variant", "judge"))
     write_csv(summary, root / "ablations.csv")
     judges = [*evaluation.judges, DISTINCT]
     reference = {judge: s["mean"] for judge, s in start["scores"].items()}

@@ -1,4 +1,5 @@
-"""Shared pieces of the sweeps: evaluation settings, one cell (train, then judge), intervals over seeds."""
+"""Shared pieces of the sweeps: evaluation settings, one cell (train, then judge), intervals over seeds,
+the worker pool and the learning-rate grid's edge."""
 
 from __future__ import annotations
 
@@ -16,8 +17,6 @@ from pathlib import Path
 from multiprocessing import get_context
 from typing import Any, Sequence
 
-import numpy as np
-
 from drdo_lightning.data.readers import read_rows
 from drdo_lightning.embedded_default import EMBEDDED, EVAL_PROMPTS, GOLD, OOD_PROMPTS
 from drdo_lightning.evaluation.judges import Judge, load_judge
@@ -25,15 +24,12 @@ from drdo_lightning.evaluation.sampling import PAPER_TEMPERATURES, read_prompts,
 from drdo_lightning.errors import UserError
 from drdo_lightning.evaluation.statistics import Estimate, distinct_n
 from drdo_lightning.jsonl import write_jsonl
-from drdo_lightning.reports import interval_bars, new_figure
-from drdo_lightning.stages import scored_files, train_judges_and_score
 from drdo_lightning.training import DataSpec, RunSpec, run_fit
 
 log = logging.getLogger(__name__)
 
-FLIP_RATES = (0.0, 0.1, 0.2, 0.3, 0.4)
 SEEDS = (0, 1, 2)
-# The noisy subset is the same for every seed at a rate (``--data.seed``), so the judges retrained
+# The noisy subset of a condition is the same for every seed (``--data.seed``), so the teachers trained
 # on it serve all seeds; seeds vary the training itself (data order, reward-head init).
 FLIP_SEED = 0
 STUDENTS = ("drdo", "dpo", "ipo", "edpo")  # the paper's students
@@ -160,13 +156,13 @@ def seed_interval(values: Sequence[float]) -> Estimate:
     return Estimate(mean, mean - half, mean + half)
 
 
-def aggregate(cells: list[dict], group: Sequence[str]) -> list[dict]:
-    """Per ``group`` values and judge: the mean reward over seeds with its 95% t-interval."""
+def aggregate(cells: list[dict], group: Sequence[str], value: str = "reward") -> list[dict]:
+    """Per ``group`` values: the mean of ``value`` over the cells (the seeds) with its 95% t-interval."""
     by_key: dict[tuple, list[float]] = defaultdict(list)
     for cell in cells:
-        by_key[tuple(cell[k] for k in group) + (cell["judge"],)].append(cell["reward"])
-    return [{**dict(zip((*group, "judge"), key)), "seeds": len(rewards), **seed_interval(rewards)._asdict()}
-            for key, rewards in by_key.items()]
+        by_key[tuple(cell[k] for k in group)].append(cell[value])
+    return [{**dict(zip(group, key)), "seeds": len(values), **seed_interval(values)._asdict()}
+            for key, values in by_key.items()]
 
 
 def measure_label(name: str) -> str:
@@ -186,38 +182,6 @@ def cell_text(row: dict | None) -> str:
     if math.isnan(row["low"]):
         return f"{row['value']:+.3f}"
     return f"{row['value']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
-
-
-def noisy_judges(work: Path, train_data: str, val_data: str, policy: str, members: int, shared: RunSpec,
-                 oracle_policy: str | None = None) -> dict[str, Path]:
-    """The data rescored by the Oracle and ensemble retrained on this rate's noisy labels (trained if missing).
-
-    ``shared`` is what the judges' runs share (label flips, budget, options); the Oracle starts from
-    ``oracle_policy`` (default: ``policy``, where the ensemble starts).
-    """
-    scored = scored_files(work)
-    if not all(p.is_file() for p in scored.values()):
-        shutil.rmtree(work, ignore_errors=True)
-        train_judges_and_score(work, {"train": Path(train_data), "val": Path(val_data)}, Path(policy), members,
-                               replace(shared, seed=FLIP_SEED), oracle_policy=Path(oracle_policy) if oracle_policy else None)
-    return scored
-
-
-def plot_against_flip_rate(summary, methods, judges, reference, path: Path) -> None:
-    """Each judge's mean over seeds (95% t-interval) against the flip rate, a line per method; the
-    starting policy as a dashed line. ``summary`` rows: :func:`aggregate` by flip rate and method."""
-    fig = new_figure(figsize=(5 * len(judges), 3.8), layout="constrained")
-    for ax, judge in zip(fig.subplots(1, len(judges), squeeze=False)[0], judges):
-        for k, method in enumerate(methods):
-            rows = sorted((s for s in summary if s["method"] == method and s["judge"] == judge), key=lambda s: s["flip_rate"])
-            x = np.array([s["flip_rate"] for s in rows]) + (k - (len(methods) - 1) / 2) * 0.004  # dodge the bars
-            interval_bars(ax, x, rows, method)
-        ax.axhline(reference[judge], color="gray", linestyle="--", label="start (SFT)")
-        ax.set_xlabel("label flip rate")
-        ax.set_ylabel(f"mean {measure_label(judge)}")
-        ax.set_title(f"{measure_label(judge)} vs label noise (95% CI over seeds)", fontsize=9)
-    fig.axes[0].legend(fontsize=8)
-    fig.savefig(path, dpi=110)
 
 
 def _start_worker(threads: int) -> None:
