@@ -279,8 +279,7 @@ def test_compare_tunes_each_new_method_over_a_real_option_of_its_objective(metho
     objective the recipe trains, so no tuning run fails on (or silently ignores) a misspelt knob."""
     import inspect
 
-    from drdo_lightning.comparison import TUNING_GRID, settings_of
-
+    from drdo_lightning.experiments.comparison import TUNING_GRID, settings_of
     from drdo_lightning.recipes import recipe_objective
 
     objective = recipe_objective(method)

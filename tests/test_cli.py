@@ -14,7 +14,7 @@ import torch
 import yaml
 from conftest import fit_argv
 
-from drdo_lightning import CausalLMWithRewardHead, losses
+from drdo_lightning import CausalLMWithRewardHead, logprobs
 from drdo_lightning.cli import COMMANDS, main
 from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.errors import UserError
@@ -104,7 +104,7 @@ def test_drdo_fit_overfits_checkpoints_and_exports(tmp_path, tiny_model_dir, pai
         b = reloaded(batch["chosen_input_ids"], batch["chosen_attention_mask"])
     torch.testing.assert_close(a.rewards, b.rewards)
     torch.testing.assert_close(
-        losses.sequence_logps(a.logits, batch["chosen_labels"]), losses.sequence_logps(b.logits, batch["chosen_labels"])
+        logprobs.sequence_logps(a.logits, batch["chosen_labels"]), logprobs.sequence_logps(b.logits, batch["chosen_labels"])
     )
     # The student's reward head learned to rank the pairs as the Oracle does.
     assert series(rows, "train/reward_accuracy")[-1] >= 0.75

@@ -26,7 +26,7 @@ def pair_batch(tokenizer, rows):
                                      dict(alpha=0.1, gamma=2.0, distill_weight=1.0, preference_form="corrected"),
                                      dict(alpha=0.5, gamma=1.0, distill_weight=1.0, preference_form="token_unlikelihood",
                                           average_logps=True)])
-def test_drdo_module_loss_is_the_public_drdo_loss_with_every_weight(tiny_model_dir, tiny_tokenizer, tiny_task, weights):
+def test_drdo_module_loss_is_the_public_drdo_terms_with_every_weight(tiny_model_dir, tiny_tokenizer, tiny_task, weights):
     batch = pair_batch(tiny_tokenizer, tiny_task["train"][:4])
     module = DRDO(str(tiny_model_dir), **weights)
     module.configure_model()
@@ -34,9 +34,9 @@ def test_drdo_module_loss_is_the_public_drdo_loss_with_every_weight(tiny_model_d
     assert (out.rejected_token_unlikelihood is not None) == (weights.get("preference_form") == "token_unlikelihood")
     loss, metrics = module.objective(batch, out, "val")
     loss_weights = {k: v for k, v in weights.items() if k != "average_logps"}
-    expected = losses.drdo_loss(out.chosen_logps, out.rejected_logps, out.chosen_rewards, out.rejected_rewards,
-                                batch["chosen_score"], batch["rejected_score"], **loss_weights,
-                                rejected_token_unlikelihood=out.rejected_token_unlikelihood).mean()
+    expected = losses.drdo_terms(out.chosen_logps, out.rejected_logps, out.chosen_rewards, out.rejected_rewards,
+                                 batch["chosen_score"], batch["rejected_score"], **loss_weights,
+                                 rejected_token_unlikelihood=out.rejected_token_unlikelihood).loss.mean()
     torch.testing.assert_close(loss, expected, rtol=0, atol=0)
     weighted = weights["distill_weight"] * metrics["distillation"] + metrics["preference"]
     assert metrics["distillation"].item() > 0 and weighted.item() == pytest.approx(loss.item(), rel=1e-6)
