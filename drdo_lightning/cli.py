@@ -38,7 +38,7 @@ class Command:
 
     name: str
     group: str
-    summary: str
+    summary: Callable[[], str]  # read when --help lists it: a function command's comes from its source
     run: Callable[[list[str]], Any]
     data_option: Callable[[str], str | None]  # a data setting -> this command's option for it, if any
 
@@ -65,7 +65,7 @@ def _training(name: str, summary: str) -> Command:
     def run(argv: list[str]) -> Any:
         return load("training:lightning_cli")([name, *argv])
 
-    return Command(name, "training", summary, run, lambda s: f"--data.{s}")
+    return Command(name, "training", lambda: summary, run, lambda s: f"--data.{s}")
 
 
 def _function(name: str, group: str, target: str, defaults: str | None = None) -> Command:
@@ -79,7 +79,7 @@ def _function(name: str, group: str, target: str, defaults: str | None = None) -
     def data_option(setting: str) -> str | None:
         return f"--{setting}" if setting in inspect.signature(load(target)).parameters else None
 
-    return Command(name, group, docstring_summary(target), run, data_option)
+    return Command(name, group, lambda: docstring_summary(target), run, data_option)
 
 
 COMMANDS: dict[str, Command] = {
@@ -120,7 +120,7 @@ def usage() -> str:
              "`--config` takes a shipped recipe name or a YAML file."]
     for group in dict.fromkeys(c.group for c in COMMANDS.values()):
         lines += ["", f"{group}:"]
-        lines += [f"  {c.name:<24}{c.summary}" for c in COMMANDS.values() if c.group == group]
+        lines += [f"  {c.name:<24}{c.summary()}" for c in COMMANDS.values() if c.group == group]
     return "\n".join([*lines, "", "recipes: " + ", ".join(recipe_names())])
 
 

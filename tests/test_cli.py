@@ -97,6 +97,9 @@ def test_drdo_fit_overfits_checkpoints_and_exports(tmp_path, tiny_model_dir, pai
                 "train/implicit_accuracy", "train/chosen_logps", "train/rejected_logps", "train/reward_corr"):
         assert series(rows, key), key
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    (saved,) = tmp_path.glob("lightning_logs/version_*/config.yaml")  # what reruns the run names the plugin's home
+    assert yaml.safe_load(saved.read_text())["trainer"]["plugins"] == [
+        {"class_path": "drdo_lightning.reliability.AtomicCheckpointIO"}]
 
     export = tmp_path / "export"
     assert {"config.json", "model.safetensors", "reward_head.safetensors", "tokenizer.json"} <= {p.name for p in export.iterdir()}
