@@ -8,32 +8,28 @@ other commands are typed functions: their signature is their command line. In ev
 
 A :class:`~drdo_lightning.errors.UserError` (a missing path, bad data) ends the command with one
 line on stderr and exit status 2; a data error names the option of the running command that fixes it.
+
+A command's module is imported when the command runs: ``--help`` and a mistyped command answer
+without importing torch, Lightning or transformers.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
 import inspect
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from jsonargparse import CLI
 
-from drdo_lightning import embedded_default
-from drdo_lightning.data.splits import splits
-from drdo_lightning.embedded_default.build import build_embedded_default
 from drdo_lightning.errors import DataError, UserError
-from drdo_lightning.evaluation.command import evaluate
-from drdo_lightning.experiments.ablations import ablations
-from drdo_lightning.experiments.protocol import protocol
-from drdo_lightning.experiments.pipeline import paper_pipeline
-from drdo_lightning.export import export
 from drdo_lightning.recipes import expand_config_args, recipe_names
-from drdo_lightning.scoring import score
-from drdo_lightning.stages import train_ensemble
-from drdo_lightning.training import lightning_cli
 
 PROGRAM = "python -m drdo_lightning"
+PACKAGE = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -42,23 +38,48 @@ class Command:
 
     name: str
     group: str
-    summary: str
+    summary: Callable[[], str]  # read when --help lists it: a function command's comes from its source
     run: Callable[[list[str]], Any]
     data_option: Callable[[str], str | None]  # a data setting -> this command's option for it, if any
 
 
+def load(target: str) -> Any:
+    """What ``target`` names, ``"module:name"`` in this package (``"scoring:score"``), imported."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+def docstring_summary(target: str) -> str:
+    """The first line of the docstring of the function ``target`` names (as :func:`load`), read from
+    its module's source: the listing in ``--help`` imports none of the commands' modules."""
+    module, _, name = target.partition(":")
+    source = PACKAGE.joinpath(*module.split(".")).with_suffix(".py")
+    functions = [node for node in ast.parse(source.read_text(encoding="utf-8")).body
+                 if isinstance(node, ast.FunctionDef) and node.name == name]
+    if not functions:
+        raise LookupError(f"{source} defines no function {name}")
+    return ast.get_docstring(functions[0]).splitlines()[0]
+
+
 def _training(name: str, summary: str) -> Command:
-    return Command(name, "training", summary, lambda argv: lightning_cli([name, *argv]), lambda s: f"--data.{s}")
+    def run(argv: list[str]) -> Any:
+        return load("training:lightning_cli")([name, *argv])
+
+    return Command(name, "training", lambda: summary, run, lambda s: f"--data.{s}")
 
 
-def _function(name: str, group: str, fn: Callable, defaults: dict[str, Any] | None = None) -> Command:
-    """A typed function as a command; ``defaults`` fill parameters the library leaves to the caller."""
-    parameters = inspect.signature(fn).parameters
-    return Command(
-        name, group, inspect.getdoc(fn).splitlines()[0],
-        lambda argv: CLI(fn, args=expand_config_args(argv, with_base=False), as_positional=False, set_defaults=defaults),
-        lambda s: f"--{s}" if s in parameters else None,
-    )
+def _function(name: str, group: str, target: str, defaults: str | None = None) -> Command:
+    """The typed function ``target`` (as :func:`load`) as a command; ``defaults``, a target too,
+    fill parameters the library leaves to the caller."""
+
+    def run(argv: list[str]) -> Any:
+        return CLI(load(target), args=expand_config_args(argv, with_base=False), as_positional=False,
+                   set_defaults=load(defaults) if defaults else None)
+
+    def data_option(setting: str) -> str | None:
+        return f"--{setting}" if setting in inspect.signature(load(target)).parameters else None
+
+    return Command(name, group, lambda: docstring_summary(target), run, data_option)
 
 
 COMMANDS: dict[str, Command] = {
@@ -66,15 +87,15 @@ COMMANDS: dict[str, Command] = {
     for c in (
         _training("fit", "Train an objective (SFT, Oracle, DRDO, DPO, IPO, cDPO, rDPO, RPO, SimPO, ORPO, distillation, e-DPO) from a recipe."),
         _training("validate", "Validation metrics of a trained checkpoint (--ckpt_path) on the validation pairs."),
-        _function("score", "data and models", score),
-        _function("export", "data and models", export),
-        _function("train-ensemble", "data and models", train_ensemble),
-        _function("evaluate", "evaluation", evaluate, embedded_default.EVALUATE_DEFAULTS),
-        _function("protocol", "experiments", protocol),
-        _function("ablations", "experiments", ablations),
-        _function("splits", "experiments", splits),
-        _function("paper-pipeline", "experiments", paper_pipeline),
-        _function("build-embedded-default", "embedded default", build_embedded_default),
+        _function("score", "data and models", "scoring:score"),
+        _function("export", "data and models", "export:export"),
+        _function("train-ensemble", "data and models", "stages:train_ensemble"),
+        _function("evaluate", "evaluation", "evaluation.command:evaluate", "embedded_default:EVALUATE_DEFAULTS"),
+        _function("protocol", "experiments", "experiments.protocol:protocol"),
+        _function("ablations", "experiments", "experiments.ablations:ablations"),
+        _function("splits", "experiments", "data.splits:splits"),
+        _function("paper-pipeline", "experiments", "experiments.pipeline:paper_pipeline"),
+        _function("build-embedded-default", "embedded default", "embedded_default.build:build_embedded_default"),
     )
 }
 
@@ -97,7 +118,7 @@ def usage() -> str:
              "`--config` takes a shipped recipe name or a YAML file."]
     for group in dict.fromkeys(c.group for c in COMMANDS.values()):
         lines += ["", f"{group}:"]
-        lines += [f"  {c.name:<24}{c.summary}" for c in COMMANDS.values() if c.group == group]
+        lines += [f"  {c.name:<24}{c.summary()}" for c in COMMANDS.values() if c.group == group]
     return "\n".join([*lines, "", "recipes: " + ", ".join(recipe_names())])
 
 

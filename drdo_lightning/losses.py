@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Re-exported: the log-prob functions lived here before drdo_lightning.logprobs.
-from drdo_lightning.logprobs import LOG_PROB_CEILING, log1mexp, sequence_logps, token_logps  # noqa: F401
+from drdo_lightning.logprobs import log1mexp
 
 PREFERENCE_FORMS = ("paper", "corrected", "token_unlikelihood")
 
@@ -125,15 +124,6 @@ def drdo_terms(
     log_term = preference_log_term(chosen_logps, rejected_logps, preference_form, rejected_token_unlikelihood)
     preference = -alpha * focal * log_term
     return DRDOTerms(distillation, preference, p_chosen, distill_weight * distillation + preference)
-
-
-def drdo_loss(*args: Tensor, **weights) -> Tensor:
-    """DRDO loss per pair (paper Eq. 6): reward distillation + focal log-unlikelihood, ``[B]``.
-
-    Takes :func:`drdo_terms`' arguments and returns their weighted sum (see there for the terms,
-    the weights and the preference forms).
-    """
-    return drdo_terms(*args, **weights).loss
 
 
 def balance_weights(distill_grad_norm: Tensor, preference_grad_norm: Tensor) -> tuple[Tensor, Tensor]:
@@ -319,22 +309,19 @@ def simpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float = 2.
 NLL_REDUCTIONS = ("sequence", "token")
 
 
-def chosen_nll(logps_sum: Tensor, token_counts: Tensor, reduction: str = "sequence") -> Tensor:
-    """Negative log-likelihood of the chosen responses, a scalar, from their summed log-probs ``[B]``
-    and token counts ``[B]``: the sum of :func:`chosen_nll_terms`.
-
-    - ``"sequence"``: ``mean_b (-z_b / n_b)``, each response's mean token NLL, then the batch mean
-      (every pair weighs the same, whatever its length; the same on any split of the batch).
-    - ``"token"``: ``-sum_b z_b / sum_b n_b``, the mean over every chosen token of the batch (TRL's
-      DPO ``"sft"`` term, its ORPO and CPO NLL): long responses weigh more, and a batch split across
-      processes averages per-process means, which differs from one process's value.
-    """
-    return chosen_nll_terms(logps_sum, token_counts, reduction).sum()
-
-
 def chosen_nll_terms(logps_sum: Tensor, token_counts: Tensor, reduction: str = "sequence") -> Tensor:
-    """Each pair's share ``[B]`` of :func:`chosen_nll`: ``-z_b / n_b / B`` (``"sequence"``) or
-    ``-z_b / sum_b n_b`` (``"token"``); pair ``b``'s depends on its own log-probs only."""
+    """Each pair's share ``[B]`` of the chosen responses' negative log-likelihood, from their summed
+    log-probs ``[B]`` and token counts ``[B]``; their sum is the batch's NLL, and pair ``b``'s share
+    depends on its own log-probs only.
+
+    - ``"sequence"``: ``-z_b / n_b / B``, summing to ``mean_b (-z_b / n_b)``: each response's mean
+      token NLL, then the batch mean (every pair weighs the same, whatever its length; the same on
+      any split of the batch).
+    - ``"token"``: ``-z_b / sum_b n_b``, summing to ``-sum_b z_b / sum_b n_b``: the mean over every
+      chosen token of the batch (TRL's DPO ``"sft"`` term, its ORPO and CPO NLL): long responses
+      weigh more, and a batch split across processes averages per-process means, which differs from
+      one process's value.
+    """
     if reduction == "sequence":
         return -(logps_sum / token_counts) / logps_sum.numel()
     if reduction == "token":

@@ -57,11 +57,6 @@ def ensemble_runs(run: RunSpec, members: int, out: Path) -> list[FitResult]:
     ]
 
 
-def ensemble_members(run: RunSpec, members: int, out: Path) -> list[Path]:
-    """The exports of :func:`ensemble_runs`."""
-    return [r.export_dir for r in ensemble_runs(run, members, out)]
-
-
 def teacher_validation(result: FitResult) -> dict[str, float | None]:
     """A teacher run's validation reward accuracy as exported: the selected checkpoint's
     (``selected/val/reward_accuracy``) and its step, else the last validation's (an export of the

@@ -116,9 +116,9 @@ def lightning_cli(argv: Sequence[str]) -> DRDOCLI:
         PreferenceDataModule,
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},
-        # Checkpoints are written atomically and loaded weights-only; SIGTERM saves one (drdo_lightning.safety).
+        # Checkpoints are written atomically and loaded weights-only; SIGTERM saves one (drdo_lightning.reliability).
         trainer_defaults={
-            "plugins": [{"class_path": "drdo_lightning.safety.AtomicCheckpointIO"}],
+            "plugins": [{"class_path": "drdo_lightning.reliability.AtomicCheckpointIO"}],
             "callbacks": [CheckpointOnSigterm()],
         },
         args=[argv[0], *expand_config_args(list(argv[1:]), with_base=True)],

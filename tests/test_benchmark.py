@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drdo_lightning import CausalLMWithRewardHead, PreferenceDataModule, losses
+from drdo_lightning import CausalLMWithRewardHead, PreferenceDataModule, logprobs
 from drdo_lightning.data.sampling import group_by_length, padding_fraction
 from drdo_lightning.heads import Wanted, sequence_values
 
@@ -177,7 +177,7 @@ def test_response_only_logps_match_the_full_logits_path(tiny_lm, padded_response
 
     def full_logits():
         out = model(ids, mask)
-        return losses.sequence_logps(out.logits, labels, average=average), out.rewards
+        return logprobs.sequence_logps(out.logits, labels, average=average), out.rewards
 
     lean = outputs_and_grads(lambda: sequence_values(model, ids, mask, labels, Wanted(average=average))[:2])
     plain = outputs_and_grads(full_logits)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-
 import csv
 import hashlib
+import importlib
+import inspect
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +17,9 @@ import torch
 import yaml
 from conftest import fit_argv
 
-from drdo_lightning import CausalLMWithRewardHead, losses
-from drdo_lightning.cli import COMMANDS, main
+import drdo_lightning
+from drdo_lightning import CausalLMWithRewardHead, logprobs
+from drdo_lightning.cli import COMMANDS, docstring_summary, load, main
 from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.errors import UserError
 from drdo_lightning.scoring import score
@@ -95,6 +99,9 @@ def test_drdo_fit_overfits_checkpoints_and_exports(tmp_path, tiny_model_dir, pai
                 "train/implicit_accuracy", "train/chosen_logps", "train/rejected_logps", "train/reward_corr"):
         assert series(rows, key), key
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    (saved,) = tmp_path.glob("lightning_logs/version_*/config.yaml")  # what reruns the run names the plugin's home
+    assert yaml.safe_load(saved.read_text())["trainer"]["plugins"] == [
+        {"class_path": "drdo_lightning.reliability.AtomicCheckpointIO"}]
 
     export = tmp_path / "export"
     assert {"config.json", "model.safetensors", "reward_head.safetensors", "tokenizer.json"} <= {p.name for p in export.iterdir()}
@@ -106,7 +113,7 @@ def test_drdo_fit_overfits_checkpoints_and_exports(tmp_path, tiny_model_dir, pai
         b = reloaded(batch["chosen_input_ids"], batch["chosen_attention_mask"])
     torch.testing.assert_close(a.rewards, b.rewards)
     torch.testing.assert_close(
-        losses.sequence_logps(a.logits, batch["chosen_labels"]), losses.sequence_logps(b.logits, batch["chosen_labels"])
+        logprobs.sequence_logps(a.logits, batch["chosen_labels"]), logprobs.sequence_logps(b.logits, batch["chosen_labels"])
     )
     # The student's reward head learned to rank the pairs as the Oracle does.
     assert series(rows, "train/reward_accuracy")[-1] >= 0.75
@@ -212,6 +219,45 @@ def test_help_lists_every_command_by_group_with_one_line(capsys):
             assert summary.endswith(".") or summary.endswith(")"), line  # a whole sentence on one line
             group.append(name)
     assert listed == HELP_GROUPS and sorted(sum(HELP_GROUPS.values(), [])) == sorted(COMMANDS)
+
+
+# Runs the command line as `python -m drdo_lightning ARGS` does, then names the heavy packages it imported.
+IMPORTS_OF_A_RUN = """
+import runpy, sys
+try:
+    runpy.run_module("drdo_lightning", run_name="__main__", alter_sys=True)
+except SystemExit as exit:
+    print("exit", exit.code)
+print("imported", *sorted({"torch", "lightning", "transformers", "datasets"} & set(sys.modules)))
+"""
+
+
+@pytest.mark.parametrize("args, code", [(["--help"], 0), ([], 2), (["nope"], 2), (["test", "--config", "drdo"], 2)])
+def test_help_and_an_unknown_command_import_no_torch(args, code):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", IMPORTS_OF_A_RUN, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    *printed, exit_line, imported = proc.stdout.splitlines()
+    assert (exit_line, imported) == (f"exit {code}", "imported")
+    if args[:1] == ["--help"] or not args:
+        assert printed[0].startswith("usage: python -m drdo_lightning COMMAND") and "recipes: " in printed[-1]
+    else:
+        assert f"error: unknown command {args[0]!r}" in proc.stderr
+
+
+def test_the_listed_summary_is_the_first_line_of_the_function_docstring():
+    for target in ("scoring:score", "experiments.pipeline:paper_pipeline"):
+        assert docstring_summary(target) == inspect.getdoc(load(target)).splitlines()[0]
+    with pytest.raises(LookupError, match="no function nope"):
+        docstring_summary("scoring:nope")
+
+
+def test_the_package_exports_each_public_name_from_its_module():
+    for name, module in drdo_lightning.PUBLIC.items():
+        assert getattr(drdo_lightning, name) is getattr(importlib.import_module(f"drdo_lightning.{module}"), name)
+    assert set(drdo_lightning.__all__) == set(drdo_lightning.PUBLIC) <= set(dir(drdo_lightning))
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        drdo_lightning.Nope  # noqa: B018
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))

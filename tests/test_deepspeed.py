@@ -31,7 +31,7 @@ import pytest
 import torch
 from test_export import STEPS, STOP, fit_args, logged
 
-from drdo_lightning import CausalLMWithRewardHead, losses
+from drdo_lightning import CausalLMWithRewardHead, logprobs
 from drdo_lightning.cli import main
 from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.export import policy_from_state_dict, read_checkpoint
@@ -97,7 +97,7 @@ def sequence_outputs(model: CausalLMWithRewardHead, pairs: list[torch.Tensor]) -
     chosen_ids, chosen_mask, chosen_labels, rejected_ids, rejected_mask, rejected_labels = pairs
     with torch.no_grad():
         chosen, rejected = model(chosen_ids, chosen_mask), model(rejected_ids, rejected_mask)
-    logps = torch.cat([losses.sequence_logps(chosen.logits, chosen_labels), losses.sequence_logps(rejected.logits, rejected_labels)])
+    logps = torch.cat([logprobs.sequence_logps(chosen.logits, chosen_labels), logprobs.sequence_logps(rejected.logits, rejected_labels)])
     return logps, None if chosen.rewards is None else chosen.rewards - rejected.rewards
 
 

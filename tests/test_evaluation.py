@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from drdo_lightning import CausalLMWithRewardHead, demo
+from drdo_lightning import CausalLMWithRewardHead
+from drdo_lightning.embedded_default.task import gold_reward
 from drdo_lightning.cli import main
 from drdo_lightning.data.datamodule import PreferenceDataModule
 from drdo_lightning.data.tokenization import load_tokenizer
@@ -239,7 +240,7 @@ def test_evaluate_writes_generations_estimates_plots_and_report(
     assert len(records) == 3 * 2 * n_prompts
     for r in records[:5]:
         assert set(r["rewards"]) == {"rm", "gold"}
-        assert r["rewards"]["gold"] == demo.gold_reward([r["response"]])[0]
+        assert r["rewards"]["gold"] == gold_reward([r["response"]])[0]
 
     get = {(r["judge"], r["policy"], r["opponent"], r["temperature"], r["statistic"]): r for r in rows}
     for judge in judges:

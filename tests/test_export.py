@@ -15,7 +15,7 @@ from conftest import fit_argv
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from drdo_lightning import CausalLMWithRewardHead, losses
+from drdo_lightning import CausalLMWithRewardHead, logprobs
 from drdo_lightning.cli import main
 from drdo_lightning.data.collation import PairCollator
 
@@ -74,7 +74,7 @@ def test_resume_from_last_continues_with_the_same_step_and_optimizer_state(tmp_p
 def _outputs(model, batch):
     with torch.no_grad():
         out = model(batch["chosen_input_ids"], batch["chosen_attention_mask"])
-    return losses.sequence_logps(out.logits, batch["chosen_labels"]), out.rewards
+    return logprobs.sequence_logps(out.logits, batch["chosen_labels"]), out.rewards
 
 
 def test_export_command_round_trips_a_lightning_checkpoint(tmp_path, uninterrupted):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drdo_lightning import losses
+from drdo_lightning import logprobs, losses
 
 
 def sigmoid(x: float) -> float:
@@ -35,7 +35,7 @@ def test_sequence_logps_matches_per_token_loop_on_a_model(tiny_lm, padded_respon
     torch.manual_seed(0)
     ids, mask, labels = padded_responses(padding_side)
     logits = tiny_lm(input_ids=ids, attention_mask=mask).logits
-    got = losses.sequence_logps(logits, labels, average=average)
+    got = logprobs.sequence_logps(logits, labels, average=average)
     want = naive_sequence_logps(logits, labels, average=average)
     assert got.shape == (3,)
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
@@ -47,8 +47,8 @@ def test_sequence_logps_hand_computed():
     labels = torch.tensor([[-100, 0, 1]])
     # log p(0 | t=0) = log 1/2 ; log p(1 | t=1) = log 3/4
     expected = math.log(0.5) + math.log(0.75)
-    assert losses.sequence_logps(logits, labels).item() == pytest.approx(expected, rel=1e-6)
-    assert losses.sequence_logps(logits, labels, average=True).item() == pytest.approx(expected / 2, rel=1e-6)
+    assert logprobs.sequence_logps(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    assert logprobs.sequence_logps(logits, labels, average=True).item() == pytest.approx(expected / 2, rel=1e-6)
 
 
 def test_sequence_logps_gradient_matches_log_softmax_reference():
@@ -56,7 +56,7 @@ def test_sequence_logps_gradient_matches_log_softmax_reference():
     logits = torch.randn(2, 5, 7, requires_grad=True)
     labels = torch.randint(0, 7, (2, 5))
     labels[:, :2] = -100
-    losses.sequence_logps(logits, labels).sum().backward()
+    logprobs.sequence_logps(logits, labels).sum().backward()
     ours = logits.grad.clone()
     logits.grad = None
     ref = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -69,13 +69,13 @@ def test_sequence_logps_gradient_matches_log_softmax_reference():
 
 def test_log1mexp_matches_direct_formula_where_that_is_accurate():
     x = torch.tensor([-50.0, -5.0, -1.0, -0.5, -0.1, -1e-3], dtype=torch.float64)
-    torch.testing.assert_close(losses.log1mexp(x), torch.log(1 - torch.exp(x)))
+    torch.testing.assert_close(logprobs.log1mexp(x), torch.log(1 - torch.exp(x)))
 
 
 # -- DRDO (Eq. 6) -----------------------------------------------------------------------
 
 
-def test_drdo_loss_hand_computed():
+def test_drdo_terms_hand_computed():
     zw, zl = -2.0, -3.0
     rw, rl, ow, ol = 0.5, 0.2, 1.0, -1.0
     alpha, gamma = 0.1, 2.0
@@ -83,25 +83,27 @@ def test_drdo_loss_hand_computed():
     p_w = sigmoid(zw - zl)
     pref = -alpha * (1 - p_w) ** gamma * (zw - math.log(1 - math.exp(zl)))
     t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
-    got = losses.drdo_loss(t(zw), t(zl), t(rw), t(rl), t(ow), t(ol), alpha=alpha, gamma=gamma)
-    assert got.item() == pytest.approx(distill + pref, rel=1e-12)
+    got = losses.drdo_terms(t(zw), t(zl), t(rw), t(rl), t(ow), t(ol), alpha=alpha, gamma=gamma)
+    assert got.loss.item() == pytest.approx(distill + pref, rel=1e-12)
+    assert got.distillation.item() == pytest.approx(distill, rel=1e-12) and got.preference.item() == pytest.approx(pref, rel=1e-12)
     assert distill == pytest.approx(2.89)
 
 
-def test_drdo_loss_is_unreduced_and_terms_add_up():
+def test_drdo_terms_are_unreduced_and_add_up_to_the_loss():
     torch.manual_seed(0)
     args = [torch.randn(4) - (3.0 if i < 2 else 0.0) for i in range(6)]
-    loss = losses.drdo_loss(*args)
     terms = losses.drdo_terms(*args)
-    assert loss.shape == (4,)
-    torch.testing.assert_close(loss, terms.distillation + terms.preference)
+    assert terms.loss.shape == (4,)
+    torch.testing.assert_close(terms.loss, terms.distillation + terms.preference)
+    weighted = losses.drdo_terms(*args, distill_weight=0.25)
+    torch.testing.assert_close(weighted.loss, 0.25 * terms.distillation + terms.preference)
 
 
 def test_drdo_gamma_zero_reduces_to_plain_log_unlikelihood():
     zw = torch.tensor([-4.0, -10.0], dtype=torch.float64)
     zl = torch.tensor([-6.0, -0.3], dtype=torch.float64)
     zeros = torch.zeros(2, dtype=torch.float64)
-    got = losses.drdo_loss(zw, zl, zeros, zeros, zeros, zeros, alpha=0.7, gamma=0.0)
+    got = losses.drdo_terms(zw, zl, zeros, zeros, zeros, zeros, alpha=0.7, gamma=0.0).loss
     # -alpha * log(pi_w / (1 - pi_l))
     want = -0.7 * (zw - torch.log(1 - torch.exp(zl)))
     torch.testing.assert_close(got, want)
@@ -126,7 +128,7 @@ def test_drdo_gradcheck_float64():
         torch.randn(3, dtype=torch.float64),
         torch.randn(3, dtype=torch.float64),
     ]
-    assert torch.autograd.gradcheck(lambda *a: losses.drdo_loss(*a, alpha=0.5, gamma=2.0), inputs)
+    assert torch.autograd.gradcheck(lambda *a: losses.drdo_terms(*a, alpha=0.5, gamma=2.0).loss, inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -134,7 +136,7 @@ def test_drdo_stable_for_rejected_logps_from_minus_1e4_to_minus_1e8(dtype):
     zl = torch.tensor([-1e4, -1e3, -100.0, -1.0, -0.69, -1e-2, -1e-4, -1e-6, -1e-8], dtype=dtype, requires_grad=True)
     zw = torch.full_like(zl, -3.0).requires_grad_()
     zeros = torch.zeros_like(zl)
-    loss = losses.drdo_loss(zw, zl, zeros, zeros, zeros, zeros)
+    loss = losses.drdo_terms(zw, zl, zeros, zeros, zeros, zeros).loss
     loss.sum().backward()
     assert torch.isfinite(loss).all()
     assert torch.isfinite(zl.grad).all() and torch.isfinite(zw.grad).all()
@@ -148,7 +150,7 @@ def test_drdo_stable_for_rejected_logps_from_minus_1e4_to_minus_1e8(dtype):
 def test_drdo_exactly_zero_rejected_logp_stays_finite():
     zl = torch.zeros(1, requires_grad=True)
     zeros = torch.zeros(1)
-    loss = losses.drdo_loss(torch.tensor([-1.0]), zl, zeros, zeros, zeros, zeros)
+    loss = losses.drdo_terms(torch.tensor([-1.0]), zl, zeros, zeros, zeros, zeros).loss
     loss.backward()
     assert torch.isfinite(loss).all() and torch.isfinite(zl.grad).all()
 
@@ -203,7 +205,7 @@ def preference_and_grads(form, zw, rejected_tokens, detach_focal, alpha=0.1, gam
     zw = zw.clone().requires_grad_()
     tokens = rejected_tokens.clone().requires_grad_()
     zl = tokens.sum(-1)
-    unlikelihood = losses.log1mexp(tokens).sum(-1) if form == "token_unlikelihood" else None
+    unlikelihood = logprobs.log1mexp(tokens).sum(-1) if form == "token_unlikelihood" else None
     zeros = torch.zeros_like(zw)
     pref = losses.drdo_terms(zw, zl, zeros, zeros, zeros, zeros, alpha=alpha, gamma=gamma, detach_focal=detach_focal,
                              preference_form=form, rejected_token_unlikelihood=unlikelihood).preference
@@ -225,7 +227,7 @@ def test_preference_forms_gradient_closed_form_and_sign(form, detach_focal):
     p = torch.sigmoid(zw - zl)
     f = (1 - p) ** gamma
     sign = FORM_SIGN[form]
-    u = zw + sign * losses.log1mexp(tokens).sum(-1)
+    u = zw + sign * logprobs.log1mexp(tokens).sum(-1)
     focal_slope = torch.zeros_like(u) if detach_focal else gamma * p * f * u
     torch.testing.assert_close(pref, -alpha * f * u)
     torch.testing.assert_close(gw, -alpha * (f - focal_slope))
@@ -393,7 +395,7 @@ def test_simpo_hand_computed_and_its_limit_on_length_one_responses():
     logits = torch.randn(4, 3, 7, dtype=torch.float64)
     labels = torch.full((4, 3), -100)
     labels[:, 2] = torch.randint(0, 7, (4,))
-    z = losses.sequence_logps(logits, labels, average=True)
+    z = logprobs.sequence_logps(logits, labels, average=True)
     torch.testing.assert_close(losses.simpo_loss(z[:2], z[2:], beta=1.0, gamma=0.0), -F.logsigmoid(z[:2] - z[2:]))
 
 
@@ -404,12 +406,15 @@ def test_odds_ratio_hand_computed():
     assert got.item() == pytest.approx(-math.log(sigmoid(log_odds_ratio)), rel=1e-6)
 
 
-def test_chosen_nll_reductions_hand_computed():
+def test_chosen_nll_terms_reductions_hand_computed():
     total, counts = torch.tensor([-4.0, -9.0]), torch.tensor([2.0, 3.0])
-    assert losses.chosen_nll(total, counts, "sequence").item() == pytest.approx((2.0 + 3.0) / 2)
-    assert losses.chosen_nll(total, counts, "token").item() == pytest.approx(13.0 / 5.0)
+    sequence, token = (losses.chosen_nll_terms(total, counts, reduction) for reduction in ("sequence", "token"))
+    torch.testing.assert_close(sequence, torch.tensor([2.0 / 2, 3.0 / 2]))  # each response's mean token NLL / B
+    torch.testing.assert_close(token, torch.tensor([4.0 / 5, 9.0 / 5]))  # each response's NLL / all chosen tokens
+    assert sequence.sum().item() == pytest.approx((2.0 + 3.0) / 2)
+    assert token.sum().item() == pytest.approx(13.0 / 5.0)
     with pytest.raises(ValueError, match="sequence"):
-        losses.chosen_nll(total, counts, "mean")
+        losses.chosen_nll_terms(total, counts, "mean")
 
 
 def test_soft_label_distillation_hand_computed_saturated_and_its_gradient():

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from drdo_lightning import CausalLMWithRewardHead, losses
+from drdo_lightning import CausalLMWithRewardHead, logprobs
 from drdo_lightning.heads import Wanted, sequence_values
 from drdo_lightning.models import REWARD_HEAD_FILE
 from drdo_lightning.positions import last_token_index
@@ -53,7 +53,7 @@ def test_left_and_right_padding_give_the_same_rewards_and_logps(any_model):
             labels[row, first : first + prompt_len] = -100
         with torch.no_grad():
             out = model(ids, mask)
-        outs[side] = (out.rewards, losses.sequence_logps(out.logits, labels))
+        outs[side] = (out.rewards, logprobs.sequence_logps(out.logits, labels))
     torch.testing.assert_close(outs["left"][0], outs["right"][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs["left"][1], outs["right"][1], atol=1e-4, rtol=1e-5)
     # Unpadded single sequences agree with the batch too.

@@ -26,7 +26,7 @@ def pair_batch(tokenizer, rows):
                                      dict(alpha=0.1, gamma=2.0, distill_weight=1.0, preference_form="corrected"),
                                      dict(alpha=0.5, gamma=1.0, distill_weight=1.0, preference_form="token_unlikelihood",
                                           average_logps=True)])
-def test_drdo_module_loss_is_the_public_drdo_loss_with_every_weight(tiny_model_dir, tiny_tokenizer, tiny_task, weights):
+def test_drdo_module_loss_is_the_public_drdo_terms_with_every_weight(tiny_model_dir, tiny_tokenizer, tiny_task, weights):
     batch = pair_batch(tiny_tokenizer, tiny_task["train"][:4])
     module = DRDO(str(tiny_model_dir), **weights)
     module.configure_model()

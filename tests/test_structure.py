@@ -9,6 +9,8 @@ top of all three. A module imports only its own layer and the layers below it.
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -99,7 +101,7 @@ def test_imports_point_down_the_layers(name):
 
 def test_the_library_never_names_the_embedded_default_folder():
     """Paths and hints about ``embedded_default/`` belong to the layers that ship it, not the library."""
-    named = [name for name in MODULES if layer(name) == "library" and name != "moved"
+    named = [name for name in MODULES if layer(name) == "library"
              and "embedded_default/" in MODULES[name].read_text()]
     assert not named, f"library modules that name embedded_default/: {named}"
 
@@ -118,3 +120,44 @@ def test_no_private_names_from_other_modules(name):
                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
                and node.attr.startswith("_") and not node.attr.startswith("__")]
     assert not reached, f"{name} reaches private names of other modules: {reached}"
+
+
+# Module paths from before the layers (now objectives, strategies.fsdp, reliability, cpu_cores,
+# embedded_default.task, experiments.pipeline, experiments.comparison): nothing aliases them.
+OLD_MODULES = ("modules", "fsdp", "safety", "free_cores", "demo", "pipeline", "comparison")
+OLD_PATH = re.compile(rf"drdo_lightning[./]({'|'.join(OLD_MODULES)})\b")  # a dotted path or a file path
+PACKAGE_IMPORT = re.compile(r"from drdo_lightning import (\([^)]*\)|[^\n]*)")
+SHIPPED = ("drdo_lightning", "configs", "docs", "notebooks", "launch", "benchmarks", "tests", "README.md",
+           "pyproject.toml", "setup.py", "Makefile")
+TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".ipynb", ".toml", ".sh", ".txt", ".json", ".cfg", ""}
+
+
+def shipped_text_files() -> list[Path]:
+    root = PACKAGE.parent
+    files = []
+    for name in SHIPPED:
+        path = root / name
+        candidates = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        files += [p for p in candidates if p.suffix in TEXT_SUFFIXES and "__pycache__" not in p.parts]
+    return files
+
+
+def test_the_shipped_files_are_found():
+    names = {p.relative_to(PACKAGE.parent).as_posix() for p in shipped_text_files()}
+    assert {"README.md", "drdo_lightning/cli.py", "configs/drdo.yaml", "tests/test_structure.py"} <= names
+
+
+def test_no_shipped_file_names_an_old_module_path():
+    named = []
+    for path in shipped_text_files():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        named += [f"{path.relative_to(PACKAGE.parent)}: {m.group(0)}" for m in OLD_PATH.finditer(text)]
+        named += [f"{path.relative_to(PACKAGE.parent)}: from drdo_lightning import {m.group(1)}"
+                  for m in PACKAGE_IMPORT.finditer(text) if set(re.findall(r"\w+", m.group(1))) & set(OLD_MODULES)]
+    assert not named, f"old module paths: {named}"
+
+
+@pytest.mark.parametrize("old", OLD_MODULES)
+def test_an_old_module_path_does_not_import(old):
+    with pytest.raises(ModuleNotFoundError, match=f"drdo_lightning.{old}"):
+        importlib.import_module(f"drdo_lightning.{old}")

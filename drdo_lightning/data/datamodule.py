@@ -242,10 +242,6 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
         # they must last as long as the module does (the directory goes when it does).
         self._scratch: tempfile.TemporaryDirectory | None = None
 
-    @property
-    def has_scores(self) -> bool:
-        return self.columns.chosen_score is not None
-
     def cache_path(self) -> Path | None:
         """Directory of this configuration's tokenized cache (None when caching is off)."""
         if self.hparams.cache_dir is None:

@@ -10,7 +10,7 @@ Use it from YAML (``configs/strategies/fsdp.yaml``)::
 
     trainer:
       strategy:
-        class_path: drdo_lightning.fsdp.FSDPStrategy
+        class_path: drdo_lightning.strategies.FSDPStrategy
         init_args: {sharding_strategy: FULL_SHARD, state_dict_type: sharded}
 
 It runs on CUDA GPUs (NCCL) and on CPU processes (gloo). A sharded checkpoint is a directory
