@@ -77,14 +77,31 @@ def _source_fingerprint(source: str) -> str:
     return f"hub:{source}"
 
 
+def _handled_elsewhere(record: logging.LogRecord, besides: logging.Handler) -> bool:
+    """Whether a handler other than ``besides`` sits on ``record``'s way up the logger tree."""
+    logger: logging.Logger | None = logging.getLogger(record.name)
+    while logger is not None:
+        if any(h is not besides for h in logger.handlers):
+            return True
+        logger = logger.parent if logger.propagate else None
+    return False
+
+
 @contextlib.contextmanager
 def warnings_recorded():
-    """The messages of the data package's warnings while the block runs (they are logged as usual too)."""
+    """The messages of the data package's warnings while the block runs (they are logged as usual too).
+
+    A program that configures no logging (the command line, most notebooks) shows warnings through
+    ``logging.lastResort``, which Python uses only when a record meets no handler: the recorder
+    would be that handler and keep them from the console, so it hands them on to it then."""
     notices: list[str] = []
 
     class Recorder(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             notices.append(record.getMessage())
+            last_resort = logging.lastResort
+            if last_resort is not None and record.levelno >= last_resort.level and not _handled_elsewhere(record, self):
+                last_resort.handle(record)
 
     handler = Recorder(logging.WARNING)
     logger = logging.getLogger("drdo_lightning.data")

@@ -1,0 +1,68 @@
+"""A user with their own data, outside the checkout: the installed command run from an empty folder
+on the layouts people bring, every notice on the first run and no error that sends them to the
+embedded default they did not ask for."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from drdo_lightning.jsonl import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT_FIT = ("--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--data.batch_size", "4")
+
+
+def drdo(*args, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m drdo_lightning ARGS`` in a fresh process in ``cwd``, this checkout's package on its path."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "drdo_lightning", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def succeeded(done: subprocess.CompletedProcess) -> str:
+    """The stderr of a command that must exit with status 0."""
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def failed(done: subprocess.CompletedProcess) -> str:
+    """The one line a command failing on a user error prints (exit status 2, no traceback)."""
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture()
+def empty(tmp_path) -> Path:
+    """An empty working folder, away from the checkout (no configs/, no embedded_default/)."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def scored_rows(tiny_task) -> list[dict]:
+    """20 pairs with Oracle scores (the gold reward stands in), as a user's scored file holds them."""
+    return [dict(r) for r in tiny_task["train"][:20]]
+
+
+@pytest.mark.slow
+def test_the_first_run_of_a_messy_file_prints_its_counts(empty, tiny_model_dir, scored_rows):
+    """The run that builds the cache says what loading skipped and truncated, as a cached run does."""
+    rows = [dict(r) for r in scored_rows]
+    rows[3]["rejected"] = rows[3]["chosen"]
+    write_jsonl(empty / "mine.jsonl", rows)
+    args = ("fit", "--config", "drdo", "--model.model", tiny_model_dir, "--data.train_file", "mine.jsonl",
+            "--data.val_file", "null", "--data.on_bad_row", "skip", "--data.max_prompt_length", "4",
+            "--data.cache_dir", "cache", *SHORT_FIT)
+    first = succeeded(drdo(*args, cwd=empty))
+    assert "mine.jsonl: skipped 1 bad rows (on_bad_row skip), by reason: {'identical_responses': 1}" in first
+    assert "train split: 19 of 19 prompts truncated to max_prompt_length 4" in first
+    assert "(tokenized data from the cache)" not in first
+    second = succeeded(drdo(*args, cwd=empty))
+    assert "skipped 1 bad rows (on_bad_row skip), by reason: {'identical_responses': 1} (tokenized data from the cache)" in second
