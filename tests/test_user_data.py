@@ -66,3 +66,33 @@ def test_the_first_run_of_a_messy_file_prints_its_counts(empty, tiny_model_dir, 
     assert "(tokenized data from the cache)" not in first
     second = succeeded(drdo(*args, cwd=empty))
     assert "skipped 1 bad rows (on_bad_row skip), by reason: {'identical_responses': 1} (tokenized data from the cache)" in second
+
+
+@pytest.mark.slow
+def test_own_training_data_sets_the_recipes_embedded_validation_file_aside(empty, tiny_model_dir, scored_rows):
+    """A recipe's validation file is the embedded default's: with the user's own training file it gives
+    way, with a notice, to a seeded tenth of that file, and the run validates on it."""
+    write_jsonl(empty / "mine.jsonl", scored_rows)
+    stderr = succeeded(drdo("fit", "--config", "drdo", "--model.model", tiny_model_dir, "--data.train_file", "mine.jsonl",
+                            "--data.cache_dir", "null", "--trainer.val_check_interval", "1", *SHORT_FIT, cwd=empty))
+    assert ("val_file embedded_default/data/val.jsonl is the recipe's default, the embedded default's validation data, "
+            "and train_file mine.jsonl is your own: validating on 0.1 of train_file instead") in stderr
+    (metrics,) = (empty / "runs" / "drdo" / "logs").glob("version_*/metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert "val/loss" in header
+
+
+def test_own_data_without_a_model_names_the_option_not_the_build(empty, tiny_model_dir, scored_rows):
+    write_jsonl(empty / "mine.jsonl", scored_rows)
+    line = failed(drdo("fit", "--config", "drdo", "--data.train_file", "mine.jsonl", cwd=empty))
+    assert line.startswith("error: train_file mine.jsonl is your own data, but the model is the recipe's default")
+    assert line.endswith("name your starting policy with --model.model (a model directory or hub id; its tokenizer "
+                         "comes with it)")
+
+
+def test_evaluate_outside_the_checkout_names_judges_and_prompts_to_pass(empty, tiny_model_dir):
+    policies = ("--policies", json.dumps({"sft": str(tiny_model_dir)}))
+    line = failed(drdo("evaluate", *policies, cwd=empty))
+    assert "embedded_default/" not in line and "name your judges with --judges '{NAME: reward-model directory}'" in line
+    line = failed(drdo("evaluate", *policies, "--judges", json.dumps({"own": str(tiny_model_dir)}), cwd=empty))
+    assert "embedded_default/" not in line and "name your evaluation prompts with --prompts FILE" in line

@@ -43,13 +43,16 @@ from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.data.pairs import LABEL_NOISE_MODELS, Columns, iter_pairs, noise_flip_indices
 from drdo_lightning.data.sampling import ResumableDataLoader, ResumableSampler, padding_fraction, sequence_lengths
 from drdo_lightning.data.tokenization import chat_renderer, describe_counts, load_tokenizer, warn_trailing_whitespace
-from drdo_lightning.errors import DataError, SettingError
+from drdo_lightning.errors import DataError, SettingError, shipped_made_by
 
 log = logging.getLogger(__name__)
 
 NOTICES_FILE = "notices.json"  # the warnings building a cache gave, repeated when it is loaded
 NOISE_SETTINGS = ("label_noise", "noise_margin_column", "noise_score_columns", "noise_temperature")
 CACHE_FORMAT_VERSION = 2  # 2: each split is the Arrow file tokenizing wrote (<split>.arrow), not a save_to_disk copy
+# The share of a user's own training file held out for validation when the recipe's val_file is the
+# embedded default's (own_data_defaults).
+OWN_DATA_VAL_FRACTION = 0.1
 
 def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -112,6 +115,28 @@ def warnings_recorded():
         logger.removeHandler(handler)
 
 
+def own_data_defaults(train_file: str, val_file: str | None, val_fraction: float | None,
+                      tokenizer: str | None) -> tuple[str | None, float | None]:
+    """``(val_file, val_fraction)`` for a run whose ``train_file`` is the user's own while a recipe's
+    defaults point into a shipped folder (the embedded default's): its validation file is set aside,
+    with a notice, for ``val_fraction`` of ``train_file`` (:data:`OWN_DATA_VAL_FRACTION` unless
+    given), and a shipped model that is not here is a :class:`SettingError` naming ``--model.model``
+    instead of the build that would make it. Data in the shipped folder keeps every default."""
+    if shipped_made_by(train_file) is not None:
+        return val_file, val_fraction
+    if tokenizer is not None and shipped_made_by(tokenizer) is not None and not Path(tokenizer).is_dir():
+        raise SettingError(f"train_file {train_file} is your own data, but the model is the recipe's default "
+                           f"({tokenizer}), which is not in this folder: name your starting policy with "
+                           "--model.model (a model directory or hub id; its tokenizer comes with it)")
+    if val_file is None or shipped_made_by(val_file) is None:
+        return val_file, val_fraction
+    val_fraction = val_fraction or OWN_DATA_VAL_FRACTION
+    log.warning("val_file %s is the recipe's default, the embedded default's validation data, and train_file %s is "
+                "your own: validating on %g of train_file instead (val_fraction, seeded); name your own validation "
+                "data with --data.val_file", val_file, train_file, val_fraction)
+    return None, val_fraction
+
+
 def _check_label_noise(noise: str, rate: float, margin_column: str | None, score_columns: list[str] | None,
                        temperature: float, rejected_column: str | None) -> str | tuple[str, str] | None:
     """Raise :class:`SettingError` on label-noise settings that do not go together; return the
@@ -145,7 +170,8 @@ class PreferenceDataModule(L.LightningDataModule):
 
     Args:
         train_file: JSONL/JSON/CSV/parquet file, ``save_to_disk`` directory, or hub dataset id.
-        val_file: Validation data in the same forms; or use ``val_fraction``.
+        val_file: Validation data in the same forms; or use ``val_fraction``. One in the embedded
+            default's folder next to a ``train_file`` of your own is set aside (:func:`own_data_defaults`).
         val_fraction: Fraction of ``train_file`` held out for validation (seeded), in (0, 1).
         tokenizer: Tokenizer path or hub id (linked to the model path by the CLI).
         prompt_column, chosen_column, rejected_column: Column names; ``rejected_column=None``
@@ -222,6 +248,7 @@ class PreferenceDataModule(L.LightningDataModule):
         group_by_length: bool = False,
     ) -> None:
         super().__init__()
+        val_file, val_fraction = own_data_defaults(train_file, val_file, val_fraction, tokenizer)
         if val_fraction is not None and not 0.0 < val_fraction < 1.0:
             raise SettingError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if val_fraction is not None and val_file is not None:
@@ -245,6 +272,8 @@ class PreferenceDataModule(L.LightningDataModule):
         if num_proc is not None and num_proc < 1:
             raise SettingError(f"num_proc must be at least 1, got {num_proc}")
         self.save_hyperparameters()
+        # What own_data_defaults decided, over the values LightningCLI hands save_hyperparameters as given.
+        self.hparams.val_file, self.hparams.val_fraction = val_file, val_fraction
         self._built_here = False  # prepare_data built the cache in this process (and so said what it lost)
         self.columns = Columns(prompt_column, chosen_column, rejected_column, chosen_score_column, rejected_score_column,
                                margin)

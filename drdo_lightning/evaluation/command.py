@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from drdo_lightning.errors import require_pretrained
+from drdo_lightning.errors import MissingPathError, require_pretrained, shipped_made_by
 from drdo_lightning.evaluation.judges import load_judge, require_judge
 from drdo_lightning.evaluation.plots import plot_reward_vs_temperature, plot_training_curves, plot_win_matrix
 from drdo_lightning.evaluation.report import write_report
@@ -26,6 +26,23 @@ def _policy_dir(name: str, path: str, out: Path) -> str:
         return str(export(path, str(out / "policies" / name)))
     require_pretrained(path, f"policy {name!r}:")
     return path
+
+
+def _check_shipped_defaults(judges: dict[str, str], prompts: str) -> None:
+    """Raise :class:`MissingPathError` naming ``--judges`` or ``--prompts`` when one of them lies in
+    a shipped folder that is not here: the command's defaults are the embedded default's Oracle and
+    prompts, and a user outside the checkout passes their own rather than build it."""
+    for name, spec in judges.items():
+        if shipped_made_by(spec) is not None and not Path(spec).exists():
+            raise MissingPathError(
+                f"judge {name!r} is a default judge, the embedded default's Oracle, which is not in this folder: name "
+                "your judges with --judges '{NAME: reward-model directory}' (an Oracle trained with fit --config "
+                "oracle, or a public reward model with one label)", path=spec, made_by=f"or {shipped_made_by(spec)}")
+    if shipped_made_by(prompts) is not None and not Path(prompts).exists():
+        raise MissingPathError(
+            "the default prompts are the embedded default's held-out prompts, which are not in this folder: name "
+            "your evaluation prompts with --prompts FILE (one prompt per row, column --prompt_column)", path=prompts,
+            made_by=f"or {shipped_made_by(prompts)}")
 
 
 def _reference_dir(reference: str | None, policy_dirs: dict[str, str]) -> str | None:
@@ -98,6 +115,7 @@ def evaluate(
             starting policy) or a model directory. Skipped with a warning when it is neither;
             ``None`` skips it.
     """
+    _check_shipped_defaults(judges, prompts)
     for name, spec in judges.items():
         require_judge(name, spec)
     out_dir = Path(out)
