@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from data_support import setup_dm
 
+from drdo_lightning.errors import DataError
 from drdo_lightning.jsonl import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,3 +98,34 @@ def test_evaluate_outside_the_checkout_names_judges_and_prompts_to_pass(empty, t
     assert "embedded_default/" not in line and "name your judges with --judges '{NAME: reward-model directory}'" in line
     line = failed(drdo("evaluate", *policies, "--judges", json.dumps({"own": str(tiny_model_dir)}), cwd=empty))
     assert "embedded_default/" not in line and "name your evaluation prompts with --prompts FILE" in line
+
+
+def with_scores_column(rows: list[dict]) -> list[dict]:
+    """``rows`` with their Oracle scores in one list-valued column, ``scores: [chosen, rejected]``, as exported data has them."""
+    return [{"scores": [r.pop("oracle_chosen"), r.pop("oracle_rejected")], **r} for r in map(dict, rows)]
+
+
+@pytest.mark.slow
+def test_a_scores_column_of_chosen_and_rejected_trains(empty, tiny_model_dir, scored_rows):
+    """One column holding [chosen, rejected], named as both score columns, is read as the two scores."""
+    write_jsonl(empty / "mine.jsonl", with_scores_column(scored_rows))
+    succeeded(drdo("fit", "--config", "drdo", "--model.model", tiny_model_dir, "--data.train_file", "mine.jsonl",
+                   "--data.chosen_score_column", "scores", "--data.rejected_score_column", "scores",
+                   "--data.cache_dir", "null", *SHORT_FIT, cwd=empty))
+
+
+def test_score_columns_are_read_and_shape_checked_when_the_data_loads(tmp_path, tiny_model_dir, scored_rows):
+    rows = with_scores_column(scored_rows)
+    dm = setup_dm(write_jsonl(tmp_path / "mine.jsonl", rows), tiny_model_dir, chosen_score_column="scores",
+                  rejected_score_column="scores")
+    assert [(ex["chosen_score"], ex["rejected_score"]) for ex in dm.train_dataset] == [tuple(r["scores"]) for r in rows]
+    ensemble = [{**r, "c": [1.0, 2.0], "r": [0.5, 0.1]} for r in rows]
+    ensemble[4]["r"] = 0.3
+    with pytest.raises(DataError, match=r"row 5: field 'r': one number, where 'c' holds a list of 2 numbers: every "
+                                        r"response needs a score of one shape"):
+        setup_dm(write_jsonl(tmp_path / "ensemble.jsonl", ensemble), tiny_model_dir, chosen_score_column="c",
+                 rejected_score_column="r")
+    ensemble[4]["r"], ensemble[6]["c"], ensemble[6]["r"] = [0.5, 0.1], 1.0, 0.0
+    with pytest.raises(DataError, match=r"row 7: field 'c': one number, where the first row's holds a list of 2"):
+        setup_dm(write_jsonl(tmp_path / "ensemble.jsonl", ensemble), tiny_model_dir, chosen_score_column="c",
+                 rejected_score_column="r")

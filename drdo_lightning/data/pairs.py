@@ -119,6 +119,29 @@ def _check_score(value: Any, field: str, from_text: bool = False) -> float | lis
     return out if isinstance(value, (list, tuple)) else out[0]
 
 
+SCORE_SHAPES = ("every response needs a score of one shape: one number (an Oracle), or a list of K numbers (an "
+                "ensemble, for EDPO); one column holding [chosen, rejected] is read as such when it is named as both "
+                "chosen_score_column and rejected_score_column")
+
+
+def score_shape(score: float | list[float] | None) -> int | None:
+    """0 for one number, K for a list of K (an ensemble), None for no score."""
+    return None if score is None else len(score) if isinstance(score, list) else 0
+
+
+def _shape_words(shape: int | None) -> str:
+    return "one number" if shape == 0 else f"a list of {shape} numbers"
+
+
+def _paired_scores(value: Any, field: str, from_text: bool) -> list[float | list[float]]:
+    """``[chosen's score, rejected's score]`` from one column holding both (the layout of data exported
+    with a ``scores`` column), each a number or an ensemble's list; raises :class:`RowError`."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise RowError(field, "bad_score", f"named as both chosen_score_column and rejected_score_column, it is read "
+                       f"as [chosen's score, rejected's score]: expected a list of two, got {value!r}")
+    return [_check_score(v, field, from_text) for v in value]
+
+
 def _check_margin(row: dict, cols: Columns, from_text: bool) -> float | None:
     """The row's margin (chosen minus rejected) by ``cols.margin``: one finite number, read from its
     column or the difference of its two score columns; raises :class:`RowError`."""
@@ -260,9 +283,14 @@ def validate_row(row: dict, cols: Columns, template, *, from_text: bool = False)
         conversational = False
     if rejected_text is not None and chosen_text == rejected_text:
         raise RowError(cols.rejected, "identical_responses", "chosen and rejected responses are identical")
-    scores = [
-        _check_score(row.get(name), name, from_text) if name else None for name in (cols.chosen_score, cols.rejected_score)
-    ]
+    if cols.chosen_score is not None and cols.chosen_score == cols.rejected_score:
+        scores = _paired_scores(row.get(cols.chosen_score), cols.chosen_score, from_text)
+    else:
+        scores = [_check_score(row.get(name), name, from_text) if name else None
+                  for name in (cols.chosen_score, cols.rejected_score)]
+    if score_shape(scores[0]) != score_shape(scores[1]):
+        raise RowError(cols.rejected_score, "score_shape", f"{_shape_words(score_shape(scores[1]))}, where "
+                       f"{cols.chosen_score!r} holds {_shape_words(score_shape(scores[0]))}: {SCORE_SHAPES}")
     margin = _check_margin(row, cols, from_text)
     return TextPair(prompt_text, chosen_text, rejected_text, scores[0], scores[1], conversational, margin)
 
@@ -283,6 +311,7 @@ def iter_pairs(source: str, cols: Columns, template, *, split: str = "train", on
     usable = 0
     skipped: Counter[str] = Counter()
     from_text = holds_text_only(source)
+    shape: int | None = None  # of the first usable row's scores, which every row's must have
     for row_number, row in read_rows(source, split):
         if not usable and not skipped:
             missing = [c for c in cols.required() if c not in row]
@@ -290,6 +319,9 @@ def iter_pairs(source: str, cols: Columns, template, *, split: str = "train", on
                 raise _missing_columns(source, row, cols, missing)
         try:
             pair = validate_row(row, cols, template, from_text=from_text)
+            if usable and score_shape(pair.chosen_score) != shape:
+                raise RowError(cols.chosen_score, "score_shape", f"{_shape_words(score_shape(pair.chosen_score))}, "
+                               f"where the first row's holds {_shape_words(shape)}: {SCORE_SHAPES}")
         except RowError as e:
             if on_bad_row == "error":
                 message = f"{source}: row {row_number}: field {e.field!r}: {e}"
@@ -299,6 +331,7 @@ def iter_pairs(source: str, cols: Columns, template, *, split: str = "train", on
             skipped[e.reason] += 1
             continue
         usable += 1
+        shape = score_shape(pair.chosen_score)
         yield pair
     if skipped:
         log.warning("%s: skipped %d bad rows (on_bad_row skip), by reason: %s", source, sum(skipped.values()), dict(skipped))
