@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from data_support import setup_dm
+from data_support import TEMPLATE, as_tuples, setup_dm
+from transformers import AutoTokenizer
 
 from drdo_lightning.errors import DataError
 from drdo_lightning.jsonl import write_jsonl
@@ -129,3 +130,28 @@ def test_score_columns_are_read_and_shape_checked_when_the_data_loads(tmp_path, 
     with pytest.raises(DataError, match=r"row 7: field 'c': one number, where the first row's holds a list of 2"):
         setup_dm(write_jsonl(tmp_path / "ensemble.jsonl", ensemble), tiny_model_dir, chosen_score_column="c",
                  rejected_score_column="r")
+
+
+def chat_rows(rows: list[dict]) -> list[dict]:
+    """A chat prompt (a system message, then the user's) with the answers as plain strings."""
+    return [{"prompt": [{"role": "system", "content": "Finish the review."}, {"role": "user", "content": r["prompt"]}],
+             "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+
+
+def test_a_chat_prompt_with_text_answers_reads_as_the_assistants_turn(tmp_path, tiny_model_dir, scored_rows):
+    """The same token ids as the TRL conversational layout, each answer one assistant message."""
+    rows = chat_rows(scored_rows)
+    conversational = [{**r, "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                       "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
+    loaded = [setup_dm(write_jsonl(tmp_path / f"{name}.jsonl", data), tiny_model_dir, chat_template=TEMPLATE).train_dataset
+              for name, data in (("text", rows), ("messages", conversational))]
+    assert as_tuples(loaded[0]) == as_tuples(loaded[1]) and len(loaded[0]) == len(rows)
+    assert "<|system|>Finish the review." in AutoTokenizer.from_pretrained(tiny_model_dir).decode(loaded[0][0]["prompt_ids"])
+
+
+@pytest.mark.slow
+def test_a_chat_prompt_with_text_answers_trains_from_the_command_line(empty, tiny_model_dir, scored_rows):
+    write_jsonl(empty / "chat.jsonl", chat_rows(scored_rows))
+    (empty / "template.jinja").write_text(TEMPLATE)
+    succeeded(drdo("fit", "--config", "dpo", "--model.model", tiny_model_dir, "--data.train_file", "chat.jsonl",
+                   "--data.chat_template", "template.jinja", "--data.cache_dir", "null", *SHORT_FIT, cwd=empty))

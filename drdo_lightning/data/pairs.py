@@ -172,6 +172,11 @@ def user_turn(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
+def assistant_turn(text: str | None) -> list[dict] | None:
+    """A response's text as the assistant's message (None stays None: SFT data has no rejected)."""
+    return None if text is None else [{"role": "assistant", "content": text}]
+
+
 def holds_conversations(source: str, column: str = "chosen") -> bool:
     """Whether the data in ``source`` is conversational, judged by its first row's ``column``."""
     _, first = next(read_rows(source))
@@ -257,11 +262,8 @@ def render_as_chat(pair: TextPair, template, cols: Columns) -> TextPair:
     assistant) rendered with ``template``: how chat reward models read text. Rendered pairs pass."""
     if pair.prompt_has_special_tokens:
         return pair
-
-    def turn(text: str | None) -> list[dict] | None:
-        return None if text is None else [{"role": "assistant", "content": text}]
-
-    prompt, chosen, rejected = _render_conversation(pair.prompt, turn(pair.chosen), turn(pair.rejected), template, cols)
+    prompt, chosen, rejected = _render_conversation(pair.prompt, assistant_turn(pair.chosen),
+                                                    assistant_turn(pair.rejected), template, cols)
     return replace(pair, prompt=prompt, chosen=chosen, rejected=rejected, prompt_has_special_tokens=True)
 
 
@@ -273,6 +275,9 @@ def validate_row(row: dict, cols: Columns, template, *, from_text: bool = False)
         prompt, chosen, rejected = extract_prompt(chosen, rejected, cols)
     else:
         prompt = row.get(cols.prompt)
+        if is_conversation(prompt) and not is_conversation(chosen):  # a chat prompt with answers as text
+            chosen = assistant_turn(_check_text(chosen, cols.chosen))
+            rejected = assistant_turn(_check_text(rejected, cols.rejected) if cols.rejected else None)
     if is_conversation(chosen):
         prompt_text, chosen_text, rejected_text = _render_conversation(prompt, chosen, rejected, template, cols)
         conversational = True
