@@ -14,6 +14,8 @@ import pytest
 from data_support import TEMPLATE, as_tuples, setup_dm
 from transformers import AutoTokenizer
 
+from drdo_lightning import CausalLMWithRewardHead
+from drdo_lightning.data.tokenization import load_tokenizer
 from drdo_lightning.errors import DataError
 from drdo_lightning.jsonl import write_jsonl
 
@@ -155,3 +157,47 @@ def test_a_chat_prompt_with_text_answers_trains_from_the_command_line(empty, tin
     (empty / "template.jinja").write_text(TEMPLATE)
     succeeded(drdo("fit", "--config", "dpo", "--model.model", tiny_model_dir, "--data.train_file", "chat.jsonl",
                    "--data.chat_template", "template.jinja", "--data.cache_dir", "null", *SHORT_FIT, cwd=empty))
+
+
+def messy_lines(rows: list[dict]) -> str:
+    """JSON Lines of ``rows`` with three bad ones: a malformed line, identical responses, an empty prompt."""
+    rows = [dict(r) for r in rows]
+    rows[2]["rejected"] = rows[2]["chosen"]
+    rows[5]["prompt"] = ""
+    lines = [json.dumps(r) for r in rows]
+    lines[8] = lines[8][:-5]  # cut short, as a copy interrupted mid-line leaves it
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory, tiny_model_dir) -> Path:
+    path = tmp_path_factory.mktemp("reward") / "oracle"
+    CausalLMWithRewardHead.from_pretrained(tiny_model_dir).save_pretrained(path, tokenizer=load_tokenizer(str(tiny_model_dir)))
+    return path
+
+
+def test_an_error_names_the_first_bad_row_and_counts_them_all(tmp_path, tiny_model_dir, scored_rows):
+    (tmp_path / "messy.jsonl").write_text(messy_lines(scored_rows))
+    with pytest.raises(DataError) as error:
+        setup_dm(tmp_path / "messy.jsonl", tiny_model_dir)
+    assert str(error.value) == (
+        f"{tmp_path / 'messy.jsonl'}: row 3: field 'rejected': chosen and rejected responses are identical (3 of 20 rows "
+        "are bad, by reason: {'identical_responses': 1, 'empty_field': 1, 'malformed_json': 1}) (on_bad_row skip skips "
+        "such rows)")
+
+
+@pytest.mark.slow
+def test_skip_skips_every_bad_row_in_score_and_fit(empty, tiny_model_dir, reward_model, scored_rows):
+    """A malformed line is skipped like any bad row, and `score` skips too, leaving them out of its output."""
+    (empty / "messy.jsonl").write_text(messy_lines(scored_rows))
+    counts = "skipped 3 bad rows (on_bad_row skip), by reason: {'identical_responses': 1, 'empty_field': 1, 'malformed_json': 1}"
+    stderr = succeeded(drdo("score", "--models", f"[{reward_model}]", "--data", "messy.jsonl", "--output", "scored.jsonl",
+                            "--on_bad_row", "skip", cwd=empty))
+    assert f"messy.jsonl: {counts}" in stderr
+    scored = [json.loads(line) for line in (empty / "scored.jsonl").read_text().splitlines()]
+    kept = [r for i, r in enumerate(scored_rows) if i not in (2, 5, 8)]
+    assert [r["prompt"] for r in scored] == [r["prompt"] for r in kept]
+    assert all(isinstance(r["oracle_chosen"], float) and isinstance(r["oracle_rejected"], float) for r in scored)
+    stderr = succeeded(drdo("fit", "--config", "dpo", "--model.model", tiny_model_dir, "--data.train_file", "messy.jsonl",
+                            "--data.on_bad_row", "skip", "--data.cache_dir", "null", *SHORT_FIT, cwd=empty))
+    assert f"messy.jsonl: {counts}" in stderr

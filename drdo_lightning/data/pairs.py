@@ -310,38 +310,65 @@ def _missing_columns(source: str, row: dict, cols: Columns, missing: list[str]) 
     return DataError(message)
 
 
-def iter_pairs(source: str, cols: Columns, template, *, split: str = "train", on_bad_row: str = "error") -> Iterator[TextPair]:
-    """Read and validate rows one at a time; bad rows raise or, with ``on_bad_row='skip'``, are counted
-    (and logged once the source is exhausted)."""
+def _bad_rows_error(first: tuple[str, str], bad: Counter[str], rows: int) -> DataError:
+    """The error for a source with bad rows: the first one's ``(reason, message)``, and how many there are by reason."""
+    reason, message = first
+    if sum(bad.values()) > 1:
+        message += f" ({sum(bad.values())} of {rows} rows are bad, by reason: {dict(bad)})"
+    if reason == "no_chat_template":
+        return DataError(message, setting="chat_template", advice="give one with {option}")
+    return DataError(message, setting="on_bad_row", advice="{option} skip skips such rows")
+
+
+def numbered_pairs(source: str, cols: Columns, template, *, split: str = "train",
+                   on_bad_row: str = "error") -> Iterator[tuple[int, TextPair]]:
+    """``(position, pair)``: the rows of ``source`` read and validated one at a time, each with its
+    0-based position among the source's records (malformed JSON lines included), so that a caller
+    can find the raw row again (``score`` does). With ``on_bad_row='skip'`` bad rows (malformed
+    lines too) are counted and logged by reason once the source is read; with ``error`` the whole
+    source is still read, so the error names the first bad row and says how many there are."""
     usable = 0
-    skipped: Counter[str] = Counter()
+    bad: Counter[str] = Counter()
+    first: tuple[str, str] | None = None  # the first bad row's (reason, message)
+    checked_columns = False
     from_text = holds_text_only(source)
     shape: int | None = None  # of the first usable row's scores, which every row's must have
-    for row_number, row in read_rows(source, split):
-        if not usable and not skipped:
-            missing = [c for c in cols.required() if c not in row]
-            if missing:
-                raise _missing_columns(source, row, cols, missing)
-        try:
-            pair = validate_row(row, cols, template, from_text=from_text)
-            if usable and score_shape(pair.chosen_score) != shape:
-                raise RowError(cols.chosen_score, "score_shape", f"{_shape_words(score_shape(pair.chosen_score))}, "
-                               f"where the first row's holds {_shape_words(shape)}: {SCORE_SHAPES}")
-        except RowError as e:
-            if on_bad_row == "error":
-                message = f"{source}: row {row_number}: field {e.field!r}: {e}"
-                if e.reason == "no_chat_template":
-                    raise DataError(message, setting="chat_template", advice="give one with {option}") from None
-                raise DataError(message, setting="on_bad_row", advice="{option} skip skips such rows") from None
-            skipped[e.reason] += 1
-            continue
-        usable += 1
-        shape = score_shape(pair.chosen_score)
-        yield pair
-    if skipped:
-        log.warning("%s: skipped %d bad rows (on_bad_row skip), by reason: %s", source, sum(skipped.values()), dict(skipped))
+    position = -1
+    for position, (row_number, row) in enumerate(read_rows(source, split, keep_malformed=True)):
+        if isinstance(row, DataError):
+            reason, message = "malformed_json", row.message
+        else:
+            if not checked_columns:
+                missing = [c for c in cols.required() if c not in row]
+                if missing:
+                    raise _missing_columns(source, row, cols, missing)
+                checked_columns = True
+            try:
+                pair = validate_row(row, cols, template, from_text=from_text)
+                if usable and score_shape(pair.chosen_score) != shape:
+                    raise RowError(cols.chosen_score, "score_shape", f"{_shape_words(score_shape(pair.chosen_score))}, "
+                                   f"where the first row's holds {_shape_words(shape)}: {SCORE_SHAPES}")
+            except RowError as e:
+                reason, message = e.reason, f"{source}: row {row_number}: field {e.field!r}: {e}"
+            else:
+                usable += 1
+                shape = score_shape(pair.chosen_score)
+                if on_bad_row == "skip" or not bad:  # past an error, rows are only counted
+                    yield position, pair
+                continue
+        bad[reason] += 1
+        first = first or (reason, message)
+    if bad and on_bad_row == "error":
+        raise _bad_rows_error(first, bad, position + 1)
+    if bad:
+        log.warning("%s: skipped %d bad rows (on_bad_row skip), by reason: %s", source, sum(bad.values()), dict(bad))
     if not usable:
-        raise DataError(f"{source}: no usable rows" + (f" (skipped: {dict(skipped)})" if skipped else ""))
+        raise DataError(f"{source}: no usable rows" + (f" (skipped: {dict(bad)})" if bad else ""))
+
+
+def iter_pairs(source: str, cols: Columns, template, *, split: str = "train", on_bad_row: str = "error") -> Iterator[TextPair]:
+    """The pairs of :func:`numbered_pairs`, without their positions."""
+    return (pair for _, pair in numbered_pairs(source, cols, template, split=split, on_bad_row=on_bad_row))
 
 
 def load_pairs(source: str, cols: Columns, template, *, split: str = "train", on_bad_row: str = "error") -> list[TextPair]:
