@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from drdo_lightning import CausalLMWithRewardHead
 from drdo_lightning.data.tokenization import load_tokenizer
-from drdo_lightning.errors import DataError
+from drdo_lightning.errors import DataError, SettingError
 from drdo_lightning.jsonl import write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_own_training_data_sets_the_recipes_embedded_validation_file_aside(empty
     stderr = succeeded(drdo("fit", "--config", "drdo", "--model.model", tiny_model_dir, "--data.train_file", "mine.jsonl",
                             "--data.cache_dir", "null", "--trainer.val_check_interval", "1", *SHORT_FIT, cwd=empty))
     assert ("val_file embedded_default/data/val.jsonl is the recipe's default, the embedded default's validation data, "
-            "and train_file mine.jsonl is your own: validating on 0.1 of train_file instead") in stderr
+            "and train_file mine.jsonl is your own: validating on 0.1 of train_file (val_fraction, seeded) instead") in stderr
     (metrics,) = (empty / "runs" / "drdo" / "logs").glob("version_*/metrics.csv")
     header = metrics.read_text().splitlines()[0].split(",")
     assert "val/loss" in header
@@ -201,3 +201,36 @@ def test_skip_skips_every_bad_row_in_score_and_fit(empty, tiny_model_dir, reward
     stderr = succeeded(drdo("fit", "--config", "dpo", "--model.model", tiny_model_dir, "--data.train_file", "messy.jsonl",
                             "--data.on_bad_row", "skip", "--data.cache_dir", "null", *SHORT_FIT, cwd=empty))
     assert f"messy.jsonl: {counts}" in stderr
+
+
+def hub_folder(root: Path, rows: list[dict], splits: dict[str, slice]) -> Path:
+    """A folder as a hub download lays it out: ``data/<split>-00000-of-00001.jsonl``."""
+    for name, part in splits.items():
+        write_jsonl(root / "data" / f"{name}-00000-of-00001.jsonl", rows[part])
+    return root
+
+
+def test_a_folders_held_out_split_validates(tmp_path, tiny_model_dir, scored_rows, caplog):
+    folder = hub_folder(tmp_path / "download", scored_rows, {"train": slice(0, 12), "test": slice(12, 16),
+                                                             "validation": slice(16, 20)})
+    dm = setup_dm(folder, tiny_model_dir)
+    assert (len(dm.train_dataset), len(dm.val_dataset)) == (12, 4)
+    assert f"train_file {folder} has a 'validation' split and no val_file or val_fraction was given: validating on it" in caplog.text
+    assert [ex["prompt_ids"] for ex in setup_dm(folder, tiny_model_dir, val_split="test").val_dataset] == [
+        ex["prompt_ids"] for ex in setup_dm(folder / "data" / "test-00000-of-00001.jsonl", tiny_model_dir).train_dataset]
+    with pytest.raises(SettingError, match=r"val_split 'dev' names a split of val_file or of a train_file folder, but the "
+                                           r"folder train_file .* has splits \['test', 'train', 'validation'\]: give --data.val_file"):
+        setup_dm(folder, tiny_model_dir, val_split="dev")
+    with pytest.raises(SettingError, match=r"val_split 'test' names .* but train_file .*mine.jsonl has none"):
+        setup_dm(write_jsonl(tmp_path / "mine.jsonl", scored_rows), tiny_model_dir, val_split="test")
+
+
+@pytest.mark.slow
+def test_a_hub_download_with_only_a_test_split_validates_on_it(empty, tiny_model_dir, scored_rows):
+    hub_folder(empty / "download", scored_rows, {"train": slice(0, 16), "test": slice(16, 20)})
+    stderr = succeeded(drdo("fit", "--config", "dpo", "--model.model", tiny_model_dir, "--data.train_file", "download",
+                            "--data.cache_dir", "null", "--trainer.val_check_interval", "1", *SHORT_FIT, cwd=empty))
+    assert "val_file embedded_default/data/val.jsonl is the recipe's default" in stderr
+    assert "your own: validating on train_file's 'test' split instead" in stderr
+    (metrics,) = (empty / "runs" / "dpo" / "logs").glob("version_*/metrics.csv")
+    assert "val/loss" in metrics.read_text().splitlines()[0].split(",")

@@ -41,6 +41,7 @@ from transformers import PreTrainedTokenizerBase
 from drdo_lightning.data.building import SplitTokenizer, tokenize_split, worker_processes, write_texts
 from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.data.pairs import LABEL_NOISE_MODELS, Columns, iter_pairs, noise_flip_indices
+from drdo_lightning.data.readers import folder_splits
 from drdo_lightning.data.sampling import ResumableDataLoader, ResumableSampler, padding_fraction, sequence_lengths
 from drdo_lightning.data.tokenization import chat_renderer, describe_counts, load_tokenizer, warn_trailing_whitespace
 from drdo_lightning.errors import DataError, SettingError, shipped_made_by
@@ -51,8 +52,9 @@ NOTICES_FILE = "notices.json"  # the warnings building a cache gave, repeated wh
 NOISE_SETTINGS = ("label_noise", "noise_margin_column", "noise_score_columns", "noise_temperature")
 CACHE_FORMAT_VERSION = 2  # 2: each split is the Arrow file tokenizing wrote (<split>.arrow), not a save_to_disk copy
 # The share of a user's own training file held out for validation when the recipe's val_file is the
-# embedded default's (own_data_defaults).
+# embedded default's and the file has no validation split (validation_source).
 OWN_DATA_VAL_FRACTION = 0.1
+DEFAULT_VAL_SPLIT = "validation"
 
 def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -115,26 +117,50 @@ def warnings_recorded():
         logger.removeHandler(handler)
 
 
-def own_data_defaults(train_file: str, val_file: str | None, val_fraction: float | None,
-                      tokenizer: str | None) -> tuple[str | None, float | None]:
-    """``(val_file, val_fraction)`` for a run whose ``train_file`` is the user's own while a recipe's
-    defaults point into a shipped folder (the embedded default's): its validation file is set aside,
-    with a notice, for ``val_fraction`` of ``train_file`` (:data:`OWN_DATA_VAL_FRACTION` unless
-    given), and a shipped model that is not here is a :class:`SettingError` naming ``--model.model``
-    instead of the build that would make it. Data in the shipped folder keeps every default."""
-    if shipped_made_by(train_file) is not None:
-        return val_file, val_fraction
-    if tokenizer is not None and shipped_made_by(tokenizer) is not None and not Path(tokenizer).is_dir():
+def validation_source(train_file: str, val_file: str | None, val_fraction: float | None, split: str,
+                      val_split: str, tokenizer: str | None) -> tuple[str | None, float | None, str]:
+    """``(val_file, val_fraction, val_split)``: where validation comes from when the settings leave it open.
+
+    - A ``train_file`` of the user's own (outside the shipped folder) next to a recipe's defaults in
+      the embedded default's folder: a shipped model that is not here is a :class:`SettingError`
+      naming ``--model.model``; a shipped ``val_file`` is set aside for the training folder's
+      validation split if it has one, else for ``val_fraction`` of ``train_file``
+      (:data:`OWN_DATA_VAL_FRACTION` unless given), with a notice.
+    - A ``train_file`` folder with splits (a hub download, a ``DatasetDict``) and no ``val_file`` nor
+      ``val_fraction``: its ``val_split``, or its ``test`` split when ``val_split`` is the default
+      ``validation`` and it has none, validates, with a notice.
+    - ``val_split`` set to a split no source has is an error, not ignored.
+    """
+    own = shipped_made_by(train_file) is None
+    set_aside = None
+    if own and tokenizer is not None and shipped_made_by(tokenizer) is not None and not Path(tokenizer).is_dir():
         raise SettingError(f"train_file {train_file} is your own data, but the model is the recipe's default "
                            f"({tokenizer}), which is not in this folder: name your starting policy with "
                            "--model.model (a model directory or hub id; its tokenizer comes with it)")
-    if val_file is None or shipped_made_by(val_file) is None:
-        return val_file, val_fraction
-    val_fraction = val_fraction or OWN_DATA_VAL_FRACTION
-    log.warning("val_file %s is the recipe's default, the embedded default's validation data, and train_file %s is "
-                "your own: validating on %g of train_file instead (val_fraction, seeded); name your own validation "
-                "data with --data.val_file", val_file, train_file, val_fraction)
-    return None, val_fraction
+    if own and val_file is not None and shipped_made_by(val_file) is not None:
+        set_aside, val_file = val_file, None
+    from_folder = False
+    if val_file is None and val_fraction is None and (splits := folder_splits(train_file)):
+        held_out = val_split if val_split in splits else "test" if val_split == DEFAULT_VAL_SPLIT else None
+        if held_out in splits and held_out != split:
+            val_file, val_split, from_folder = train_file, held_out, True
+    if val_file is None and val_split != DEFAULT_VAL_SPLIT:
+        where = (f"the folder train_file {train_file} has splits {sorted(folder_splits(train_file))}"
+                 if folder_splits(train_file) else f"train_file {train_file} has none, and no val_file was given")
+        raise SettingError(f"val_split {val_split!r} names a split of val_file or of a train_file folder, but "
+                           f"{where}: give --data.val_file (the same folder or hub id for its split)")
+    if set_aside is not None and val_file is None:
+        val_fraction = val_fraction or OWN_DATA_VAL_FRACTION
+    if set_aside is not None:
+        held = (f"{val_fraction:g} of train_file (val_fraction, seeded)" if val_file is None
+                else f"train_file's {val_split!r} split")
+        log.warning("val_file %s is the recipe's default, the embedded default's validation data, and train_file %s is "
+                    "your own: validating on %s instead; name your own validation data with --data.val_file",
+                    set_aside, train_file, held)
+    elif from_folder:
+        log.warning("train_file %s has a %r split and no val_file or val_fraction was given: validating on it "
+                    "(--trainer.limit_val_batches 0 turns validation off)", train_file, val_split)
+    return val_file, val_fraction, val_split
 
 
 def _check_label_noise(noise: str, rate: float, margin_column: str | None, score_columns: list[str] | None,
@@ -171,7 +197,7 @@ class PreferenceDataModule(L.LightningDataModule):
     Args:
         train_file: JSONL/JSON/CSV/parquet file, ``save_to_disk`` directory, or hub dataset id.
         val_file: Validation data in the same forms; or use ``val_fraction``. One in the embedded
-            default's folder next to a ``train_file`` of your own is set aside (:func:`own_data_defaults`).
+            default's folder next to a ``train_file`` of your own is set aside (:func:`validation_source`).
         val_fraction: Fraction of ``train_file`` held out for validation (seeded), in (0, 1).
         tokenizer: Tokenizer path or hub id (linked to the model path by the CLI).
         prompt_column, chosen_column, rejected_column: Column names; ``rejected_column=None``
@@ -207,6 +233,9 @@ class PreferenceDataModule(L.LightningDataModule):
             work); each takes at least ``ROWS_PER_PROCESS`` rows, so small data tokenizes in
             this process.
         chat_template: A Jinja chat template (string or file) overriding the tokenizer's.
+        split, val_split: The splits read from a folder, ``DatasetDict`` or hub id; a ``train_file``
+            folder with a ``val_split`` (or only ``test``) validates on it when neither ``val_file``
+            nor ``val_fraction`` is given (:func:`validation_source`).
         cache_dir: Where tokenized data is cached (keyed by data, tokenizer and settings).
         group_by_length: Batch training pairs of similar length together (less padding; the
             order stays shuffled beyond stretches of 64 batches), grouped before the split across
@@ -243,12 +272,13 @@ class PreferenceDataModule(L.LightningDataModule):
         chat_template: str | None = None,
         trust_remote_code: bool = False,
         split: str = "train",
-        val_split: str = "validation",
+        val_split: str = DEFAULT_VAL_SPLIT,
         cache_dir: str | None = "~/.cache/drdo_lightning",
         group_by_length: bool = False,
     ) -> None:
         super().__init__()
-        val_file, val_fraction = own_data_defaults(train_file, val_file, val_fraction, tokenizer)
+        val_file, val_fraction, val_split = validation_source(train_file, val_file, val_fraction, split, val_split,
+                                                              tokenizer)
         if val_fraction is not None and not 0.0 < val_fraction < 1.0:
             raise SettingError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if val_fraction is not None and val_file is not None:
@@ -272,8 +302,8 @@ class PreferenceDataModule(L.LightningDataModule):
         if num_proc is not None and num_proc < 1:
             raise SettingError(f"num_proc must be at least 1, got {num_proc}")
         self.save_hyperparameters()
-        # What own_data_defaults decided, over the values LightningCLI hands save_hyperparameters as given.
-        self.hparams.val_file, self.hparams.val_fraction = val_file, val_fraction
+        # What validation_source decided, over the values LightningCLI hands save_hyperparameters as given.
+        self.hparams.update(val_file=val_file, val_fraction=val_fraction, val_split=val_split)
         self._built_here = False  # prepare_data built the cache in this process (and so said what it lost)
         self.columns = Columns(prompt_column, chosen_column, rejected_column, chosen_score_column, rejected_score_column,
                                margin)

@@ -210,6 +210,20 @@ def _read_folder(path: Path, split: str) -> Iterator[tuple[int, dict]]:
     return _read_files([(f, os.path.relpath(f, path)) for f in splits[split]])
 
 
+def folder_splits(source: str | Path | list[str]) -> list[str]:
+    """The splits of a folder read here (a ``save_to_disk`` ``DatasetDict``'s, or a hub layout's, by
+    file name); none for a file, a glob, a single ``Dataset`` or a hub id."""
+    path = Path(str(source)).expanduser()
+    if isinstance(source, (list, tuple)) or not path.is_dir():
+        return []
+    dict_file = path / datasets.config.DATASETDICT_JSON_FILENAME
+    if dict_file.is_file():
+        return list(json.loads(dict_file.read_text())["splits"])
+    if (path / datasets.config.DATASET_STATE_JSON_FILENAME).is_file():
+        return []
+    return list(_split_files(path))
+
+
 def holds_text_only(source: str | Path | list[str]) -> bool:
     """Whether ``source`` is CSV (a file, or a folder, glob or list of them), whose every value is text."""
     if isinstance(source, (list, tuple)):
