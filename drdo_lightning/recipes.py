@@ -26,7 +26,7 @@ from drdo_lightning.errors import UserError
 RUN_DIR = "${trainer.default_root_dir}"
 BASE = "base"
 # Folders of partial configs, layered over a recipe rather than run alone.
-LAYER_FOLDERS = ("ablations", "strategies", "loggers")
+LAYER_FOLDERS = ("ablations", "strategies", "loggers", "data")
 
 
 def recipes_dir() -> Path:

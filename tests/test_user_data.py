@@ -4,6 +4,7 @@ embedded default they did not ask for."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -11,13 +12,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from data_support import TEMPLATE, as_tuples, setup_dm
 from transformers import AutoTokenizer
 
 from drdo_lightning import CausalLMWithRewardHead
+from drdo_lightning.data.datamodule import PreferenceDataModule
 from drdo_lightning.data.tokenization import load_tokenizer
 from drdo_lightning.errors import DataError, SettingError
+from drdo_lightning.evaluation.command import evaluate
 from drdo_lightning.jsonl import write_jsonl
+from drdo_lightning.scoring import score
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT_FIT = ("--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--data.batch_size", "4")
@@ -234,3 +239,24 @@ def test_a_hub_download_with_only_a_test_split_validates_on_it(empty, tiny_model
     assert "your own: validating on train_file's 'test' split instead" in stderr
     (metrics,) = (empty / "runs" / "dpo" / "logs").glob("version_*/metrics.csv")
     assert "val/loss" in metrics.read_text().splitlines()[0].split(",")
+
+
+def test_the_data_layer_budgets_agree_with_score_evaluate_and_the_data_module():
+    """`data/chat` (for your own data) and the commands that read pairs outside training share one budget."""
+    layer = yaml.safe_load((ROOT / "configs" / "data" / "chat.yaml").read_text())["data"]
+    for fn in (score, evaluate, PreferenceDataModule):
+        parameters = inspect.signature(fn).parameters
+        assert {k: parameters[k].default for k in ("max_prompt_length", "max_length")} == {
+            k: layer[k] for k in ("max_prompt_length", "max_length")}, fn
+
+
+@pytest.mark.slow
+def test_the_data_layer_keeps_ordinary_chat_prompts_whole(empty, tiny_model_dir, scored_rows):
+    """Prompts of about 100 tokens lose their beginning to the recipe's budget, and keep it under `data/chat`."""
+    rows = [{**r, "prompt": " ".join([r["prompt"]] * 8)} for r in scored_rows]
+    write_jsonl(empty / "long.jsonl", rows)
+    args = ("fit", "--config", "drdo", "--model.model", tiny_model_dir, "--data.train_file", "long.jsonl",
+            "--data.cache_dir", "null", "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false")
+    assert "prompts truncated to max_prompt_length 64" in succeeded(drdo(*args, cwd=empty))
+    stderr = succeeded(drdo(*args, "--config", "data/chat", cwd=empty))
+    assert "truncated" not in stderr and "Traceback" not in stderr
