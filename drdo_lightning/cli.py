@@ -47,6 +47,7 @@ class Command:
     summary: str
     run: Callable[[list[str]], Any]
     data_option: Callable[[str], str | None]  # a data setting -> this command's option for it, if any
+    function: Callable | None = None  # a typed function's command: its parameters are its options
 
 
 def _training(name: str, summary: str) -> Command:
@@ -60,6 +61,7 @@ def _function(name: str, group: str, fn: Callable, defaults: dict[str, Any] | No
         name, group, inspect.getdoc(fn).splitlines()[0],
         lambda argv: CLI(fn, args=expand_config_args(argv, with_base=False), as_positional=False, set_defaults=defaults),
         lambda s: f"--{s}" if s in parameters else None,
+        fn,
     )
 
 
@@ -117,6 +119,13 @@ def main(args: list[str] | None = None) -> Any:
         raise SystemExit(2)
     try:
         return command.run(argv[1:])
+    except SystemExit as e:
+        if e.code == 2:  # the parser refused an argument: name the nearest option it takes
+            from drdo_lightning import suggestions
+
+            known = suggestions.function_options(command.function) if command.function else suggestions.training_options()
+            print(*(f"error: {hint}" for hint in suggestions.option_hints(argv[1:], known)), sep="\n", file=sys.stderr)
+        raise
     except ModuleNotFoundError as e:
         extra = missing_extra(e)
         if extra is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from data_support import TEMPLATE, as_tuples, setup_dm
 from transformers import AutoTokenizer
 
 from drdo_lightning import CausalLMWithRewardHead
+from drdo_lightning.cli import main
 from drdo_lightning.data.datamodule import PreferenceDataModule
 from drdo_lightning.data.tokenization import load_tokenizer
 from drdo_lightning.errors import DataError, SettingError
@@ -260,3 +262,71 @@ def test_the_data_layer_keeps_ordinary_chat_prompts_whole(empty, tiny_model_dir,
     assert "prompts truncated to max_prompt_length 64" in succeeded(drdo(*args, cwd=empty))
     stderr = succeeded(drdo(*args, "--config", "data/chat", cwd=empty))
     assert "truncated" not in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(("argv", "hint"), [
+    (["fit", "--config", "drod"], "no such file, nor a shipped recipe; did you mean drdo? (recipes: "),
+    (["fit", "--config", "drdo", "--model.alpa", "1"], "error: unknown option --model.alpa; did you mean --model.alpha?"),
+    (["fit", "--config", "drdo", "--data.batchsize", "4"], "error: unknown option --data.batchsize; did you mean --data.batch_size?"),
+    (["score", "--modles", "[m]"], "error: unknown option --modles; did you mean --models?"),
+])
+def test_a_misspelt_option_or_recipe_gets_a_did_you_mean(argv, hint, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and hint in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_first_cpu_run_says_what_matters_and_exports_for_generation(empty, tiny_model_dir, scored_rows):
+    """No DeepSpeed notice on a run without DeepSpeed; a batch larger than the data is told; the
+    export pads on the left and generates in batches through CausalLMWithRewardHead."""
+    write_jsonl(empty / "mine.jsonl", scored_rows)
+    done = drdo("fit", "--config", "drdo", "--model.model", tiny_model_dir, "--data.train_file", "mine.jsonl",
+                "--data.cache_dir", "null", "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false",
+                "--data.batch_size", "64", cwd=empty)
+    stderr = succeeded(done)
+    assert "Setting accelerator to CPU" not in done.stdout + stderr
+    assert "batch_size 64 is more than the 18 training pairs: every step trains on all of them" in stderr
+    export = empty / "runs" / "drdo" / "export"
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert tokenizer.padding_side == "left"
+    model = CausalLMWithRewardHead.from_pretrained(export)
+    prompts = [scored_rows[0]["prompt"], scored_rows[1]["prompt"] + " and then some more words"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    together = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1]:]
+    alone = [model.generate(**tokenizer([p], return_tensors="pt"), **settings)[0, -4:] for p in prompts]
+    assert [row.tolist() for row in together] == [row.tolist() for row in alone]
+
+
+def test_evaluate_says_when_policies_answer_alike(tmp_path, tiny_model_dir, reward_model, scored_rows, caplog):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in scored_rows[:3]])
+    evaluate({"sft": str(tiny_model_dir), "dpo": str(tiny_model_dir)}, {"oracle": str(reward_model)}, str(prompts),
+             out=str(tmp_path / "eval"), temperatures=[0.0], max_new_tokens=4, bootstrap_samples=10, kl_reference=None)
+    assert ("policies 'sft' and 'dpo' gave the same response in all 3 generations (every prompt and temperature): every "
+            "comparison between them is a tie") in caplog.text
+
+
+def readme_own_data_commands() -> list[str]:
+    """The commands of README's "Your own data" block, in order, with ``$MODEL`` as written."""
+    section = (ROOT / "README.md").read_text().split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.startswith("drdo-lightning ")]
+
+
+@pytest.mark.slow
+def test_the_readme_own_data_path_runs_from_an_empty_folder(empty, tiny_model_dir, tiny_task):
+    """README's block as written, shortened: the tiny model for $MODEL, a few steps, few prompts."""
+    write_jsonl(empty / "pairs.jsonl", [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in tiny_task["train"][:40]])
+    write_jsonl(empty / "held_out.jsonl", [{"prompt": r["prompt"]} for r in tiny_task["val"][:4]])
+    shorter = {"fit": ["--trainer.max_steps", "2", "--trainer.val_check_interval", "1", "--trainer.enable_progress_bar",
+                       "false", "--data.batch_size", "4", "--trainer.accumulate_grad_batches", "1"],
+               "score": [], "evaluate": ["--temperatures", "[0.7]", "--max_new_tokens", "4", "--bootstrap_samples", "20"]}
+    commands = readme_own_data_commands()
+    assert [shlex.split(c)[1] for c in commands] == ["fit", "score", "fit", "evaluate"]
+    for command in commands:
+        args = shlex.split(command.replace("$MODEL", str(tiny_model_dir)))[1:]
+        succeeded(drdo(*args, *shorter[args[0]], cwd=empty))
+    assert (empty / "scored.jsonl").is_file() and (empty / "runs" / "drdo" / "export" / "config.json").is_file()
+    results = json.loads((empty / "runs" / "evaluate" / "results.json").read_text())
+    assert {r["policy"] for r in results if "policy" in r} >= {"sft", "drdo"}

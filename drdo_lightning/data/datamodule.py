@@ -492,6 +492,11 @@ class PreferenceDataModule(L.LightningDataModule):
         return ResumableDataLoader(ds, sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
+        world = self.trainer.world_size if self.trainer else 1
+        if len(self.train_dataset) < self.hparams.batch_size * world:
+            log.warning("batch_size %d%s is more than the %d training pairs: every step trains on all of them, one step "
+                        "an epoch (a smaller --data.batch_size takes several steps an epoch)", self.hparams.batch_size,
+                        f" x {world} processes" if world > 1 else "", len(self.train_dataset))
         self._train_loader = self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
         if self._resume_position is not None:
             self._train_loader.load_state_dict(self._resume_position)

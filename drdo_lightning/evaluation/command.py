@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -43,6 +44,20 @@ def _check_shipped_defaults(judges: dict[str, str], prompts: str) -> None:
             "the default prompts are the embedded default's held-out prompts, which are not in this folder: name "
             "your evaluation prompts with --prompts FILE (one prompt per row, column --prompt_column)", path=prompts,
             made_by=f"or {shipped_made_by(prompts)}")
+
+
+def warn_identical_policies(records: list[dict]) -> list[tuple[str, str]]:
+    """The pairs of policies that gave the same response to every prompt at every temperature, each
+    warned of: every comparison between them is a tie, so their win rate (0.5) says nothing of
+    them but that they generate alike (the same weights, or an export from before training moved them)."""
+    answers: dict[str, list[str]] = {}
+    for r in records:
+        answers.setdefault(r["policy"], []).append(r["response"])
+    same = [(a, b) for a, b in itertools.combinations(answers, 2) if answers[a] == answers[b]]
+    for a, b in same:
+        log.warning("policies %r and %r gave the same response in all %d generations (every prompt and temperature): "
+                    "every comparison between them is a tie; do they hold the same weights?", a, b, len(answers[a]))
+    return same
 
 
 def _reference_dir(reference: str | None, policy_dirs: dict[str, str]) -> str | None:
@@ -133,6 +148,7 @@ def evaluate(
         max_prompt_length=max_prompt_length, batch_size=batch_size, seed=seed, device=device,
         trust_remote_code=trust_remote_code, kl_reference=reference_dir,
     )
+    warn_identical_policies(records)
     if baseline is not None and baseline not in policies:
         log.warning("baseline %r is not among the policies %s: no reward advantage reported", baseline, list(policies))
     rows = summarize(scores, temperatures, baseline=baseline, samples=bootstrap_samples, seed=seed)
