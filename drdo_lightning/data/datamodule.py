@@ -6,7 +6,8 @@ response; ``rejected_column=None`` reads SFT data (prompt and chosen only).
 Each field may be a plain string or, for conversational data, a list of
 ``{"role", "content"}`` messages (the Ultrafeedback "binarized" layout: ``chosen`` and
 ``rejected`` are whole conversations ending in an assistant turn; or the TRL layout:
-``prompt`` is the conversation so far and ``chosen``/``rejected`` hold one assistant turn).
+``prompt`` is the conversation so far and ``chosen``/``rejected`` hold one assistant turn, as
+messages or as plain text).
 Conversations are rendered with the tokenizer's chat template. Data without a prompt column
 (TRL's implicit-prompt layout, Anthropic HH transcripts) takes ``prompt_column=None``: the prompt is
 what chosen and rejected begin with (:func:`~drdo_lightning.data.pairs.extract_prompt`).
