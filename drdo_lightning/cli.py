@@ -41,6 +41,7 @@ class Command:
     summary: Callable[[], str]  # read when --help lists it: a function command's comes from its source
     run: Callable[[list[str]], Any]
     data_option: Callable[[str], str | None]  # a data setting -> this command's option for it, if any
+    function: Callable[[], Callable] | None = None  # a typed function's command, imported: its parameters are its options
 
 
 def load(target: str) -> Any:
@@ -79,7 +80,7 @@ def _function(name: str, group: str, target: str, defaults: str | None = None) -
     def data_option(setting: str) -> str | None:
         return f"--{setting}" if setting in inspect.signature(load(target)).parameters else None
 
-    return Command(name, group, lambda: docstring_summary(target), run, data_option)
+    return Command(name, group, lambda: docstring_summary(target), run, data_option, lambda: load(target))
 
 
 COMMANDS: dict[str, Command] = {
@@ -134,6 +135,13 @@ def main(args: list[str] | None = None) -> Any:
         raise SystemExit(2)
     try:
         return command.run(argv[1:])
+    except SystemExit as e:
+        if e.code == 2:  # the parser refused an argument: name the nearest option it takes
+            from drdo_lightning import suggestions
+
+            known = suggestions.function_options(command.function()) if command.function else suggestions.training_options()
+            print(*(f"error: {hint}" for hint in suggestions.option_hints(argv[1:], known)), sep="\n", file=sys.stderr)
+        raise
     except ModuleNotFoundError as e:
         extra = missing_extra(e)
         if extra is None:

@@ -10,7 +10,8 @@ With ``weights="best"`` the callback writes instead the best checkpoint its run 
 a :class:`~lightning.pytorch.callbacks.ModelCheckpoint` with a ``monitor`` chose (e.g. the highest
 ``val/reward_accuracy``, as the ``oracle`` and ``reward_model`` recipes do), not the last step.
 
-Either way the directory holds ``config.json``, ``model.safetensors``, the tokenizer and
+Either way the directory holds ``config.json``, ``model.safetensors``, the tokenizer (padding on the
+left, for batched generation) and
 ``reward_head.safetensors``: ``transformers.AutoModelForCausalLM`` alone loads it for
 generation, :meth:`CausalLMWithRewardHead.from_pretrained` with the reward head. A LoRA run is
 written with its adapters merged into the weights, the same kind of directory; with
@@ -21,7 +22,9 @@ tokenizer beside it.
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -172,10 +175,37 @@ def export(
         )
     else:
         tok = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
-    path = policy.save_pretrained(output, tokenizer=tok)
+    path = save_for_generation(policy, output, tok)
     write_training_target(path, rest.get(TRAINING_TARGET_KEY))
     print(f"Exported {checkpoint} (step {rest.get('global_step', '?')}) to {path}")
     return path
+
+
+def _quiet_deepspeed_probe(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+def save_for_generation(policy: CausalLMWithRewardHead, path: str | Path, tokenizer=None,
+                        state_dict: dict[str, Tensor] | None = None) -> Path:
+    """``policy.save_pretrained`` with a copy of ``tokenizer`` that pads on the left, as batched
+    generation needs (an export is for generation; training pads in its own collator, whatever the side).
+
+    transformers' ``save_pretrained`` asks accelerate whether the model is wrapped by DeepSpeed,
+    which imports ``deepspeed`` where it is installed, and DeepSpeed's import warns "Setting
+    accelerator to CPU" on a machine without a GPU: about DeepSpeed, which a run that saves here
+    first has not asked for (a DeepSpeed run imported it with its strategy and was told then), so
+    that warning is left out while saving.
+    """
+    if tokenizer is not None:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.padding_side = "left"
+        tokenizer.init_kwargs["padding_side"] = "left"  # what save_pretrained writes to tokenizer_config.json
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    deepspeed_logger.addFilter(_quiet_deepspeed_probe)
+    try:
+        return policy.save_pretrained(path, tokenizer=tokenizer, state_dict=state_dict)
+    finally:
+        deepspeed_logger.removeFilter(_quiet_deepspeed_probe)
 
 
 @contextmanager
@@ -302,7 +332,7 @@ class ExportHuggingFace(L.Callback):
                     policy = policy_from_state_dict(config, state_dict, lora_spec=lora_spec)
                 policy = _lora_export(policy, pl_module.hparams.model, self.adapter)
                 state_dict = None  # the rebuilt policy holds the weights
-            policy.save_pretrained(path, tokenizer=tokenizer, state_dict=state_dict)
+            save_for_generation(policy, path, tokenizer, state_dict)
             write_training_target(path, pl_module.training_target())
             if best is not None:
                 rank_zero_info(f"Exported the best checkpoint, {best['checkpoint'].name} (step {best['step']}, "

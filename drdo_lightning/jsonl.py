@@ -16,17 +16,25 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
         yield from parse_lines(path, enumerate(f, start=1))
 
 
-def parse_lines(path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` for every non-blank one of ``(line number, text)`` lines read from ``path``."""
+def parse_lines(path: Path, lines: Iterable[tuple[int, str]], *, keep_malformed: bool = False
+                ) -> Iterator[tuple[int, dict | DataError]]:
+    """``(line number, object)`` for every non-blank one of ``(line number, text)`` lines read from ``path``.
+
+    A line that is no JSON object is a :class:`DataError`; with ``keep_malformed`` it comes in the
+    object's place instead of being raised, so that a caller skipping bad rows reads on past it.
+    """
     for line_no, line in lines:
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {line_no}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: line {line_no}: expected a JSON object, got {type(row).__name__}")
+            row = DataError(f"{path}: line {line_no}: malformed JSON ({e.msg} at column {e.colno})")
+        else:
+            if not isinstance(row, dict):
+                row = DataError(f"{path}: line {line_no}: expected a JSON object, got {type(row).__name__}")
+        if isinstance(row, DataError) and not keep_malformed:
+            raise row
         yield line_no, row
 
 

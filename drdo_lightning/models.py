@@ -355,6 +355,10 @@ class CausalLMWithRewardHead(nn.Module):
             staging.rename(path)
         return path
 
+    def generate(self, *args, **kwargs):
+        """The wrapped LM's ``generate`` (transformers' generation, every option of it); the reward head takes no part."""
+        return self.lm.generate(*args, **kwargs)
+
 
 class SequenceClassifierReward(nn.Module):
     """An off-the-shelf reward model: ``AutoModelForSequenceClassification`` with one label.

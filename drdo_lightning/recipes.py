@@ -22,11 +22,12 @@ import yaml
 from jsonargparse import Namespace
 
 from drdo_lightning.errors import UserError
+from drdo_lightning.suggestions import did_you_mean
 
 RUN_DIR = "${trainer.default_root_dir}"
 BASE = "base"
 # Folders of partial configs, layered over a recipe rather than run alone.
-LAYER_FOLDERS = ("ablations", "strategies", "loggers")
+LAYER_FOLDERS = ("ablations", "strategies", "loggers", "data")
 
 
 def recipes_dir() -> Path:
@@ -50,7 +51,8 @@ def config_path(config: str | Path) -> Path:
     packaged = recipes_dir() / Path(config).with_suffix(".yaml")
     if packaged.is_file():
         return packaged
-    raise UserError(f"--config {config}: no such file, nor a shipped recipe (recipes: {', '.join(recipe_names())})")
+    raise UserError(f"--config {config}: no such file, nor a shipped recipe{did_you_mean(str(config), recipe_names())} "
+                    f"(recipes: {', '.join(recipe_names())})")
 
 
 def base_config() -> Path:

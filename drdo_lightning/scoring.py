@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import torch
 from tqdm import tqdm
 
 from drdo_lightning.data.collation import PairCollator
-from drdo_lightning.data.pairs import Columns, TextPair, is_conversation, load_pairs, render_as_chat
+from drdo_lightning.data.pairs import Columns, TextPair, is_conversation, numbered_pairs, render_as_chat
 from drdo_lightning.data.readers import read_rows
 from drdo_lightning.data.tokenization import (
     chat_renderer,
@@ -151,6 +152,7 @@ def score(
     device: str = "cpu",
     trust_remote_code: bool = False,
     overwrite: bool = False,
+    on_bad_row: Literal["error", "skip"] = "error",
 ) -> Path:
     """Score every response of a dataset with one Oracle or an ensemble and write a new file.
 
@@ -168,6 +170,8 @@ def score(
         output_prefix: Prefix of the new column names.
         device: ``cpu`` or ``cuda``.
         overwrite: Replace ``output`` if it exists.
+        on_bad_row: ``error`` stops on a bad row, naming the first and counting them all; ``skip``
+            leaves bad rows (malformed lines too) out of the output and logs how many, by reason.
     """
     out_path = Path(output)
     if out_path.resolve() == Path(data).expanduser().resolve():
@@ -182,19 +186,22 @@ def score(
         require_reward_model(path)
     cols = Columns(prompt_column, chosen_column, rejected_column)
     sides = ("chosen", "rejected") if rejected_column else ("chosen",)
-    per_model = []
+    per_model = []  # one {side: {position of the row in data: reward}} per model
     for k, path in enumerate(models):
         scorer = Scorer(path, batch_size=batch_size, max_prompt_length=max_prompt_length, max_length=max_length,
                         device=device, trust_remote_code=trust_remote_code, chat_template=chat_template)
-        pairs = load_pairs(data, cols, scorer.template, split=split, on_bad_row="error")
-        per_model.append(scorer.rewards(pairs, cols, sides=sides, desc=f"model {k + 1}/{len(models)}"))
-    rows = [row for _, row in read_rows(data, split)]
+        positions, pairs = zip(*numbered_pairs(data, cols, scorer.template, split=split, on_bad_row=on_bad_row))
+        rewards = scorer.rewards(list(pairs), cols, sides=sides, desc=f"model {k + 1}/{len(models)}")
+        per_model.append({side: dict(zip(positions, rewards[side])) for side in sides})
+    # Every model validates the rows with its own chat template: a row is scored if each read it.
+    rows = [(i, row) for i, (_, row) in enumerate(read_rows(data, split, keep_malformed=True))
+            if all(i in m[sides[0]] for m in per_model)]
     names = {"chosen": chosen_column, "rejected": rejected_column}
     for side in sides:
         name = f"{output_prefix}{names[side]}"
-        for i, row in enumerate(rows):
+        for i, row in rows:
             values = [m[side][i] for m in per_model]
             row[name] = values[0] if len(values) == 1 else values
-    _write_rows(rows, out_path)
+    _write_rows([row for _, row in rows], out_path)
     log.info("wrote %d scored rows to %s", len(rows), out_path)
     return out_path

@@ -22,6 +22,7 @@ from drdo_lightning import CausalLMWithRewardHead, logprobs
 from drdo_lightning.cli import COMMANDS, docstring_summary, load, main
 from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.errors import UserError
+from drdo_lightning.recipes import LAYER_FOLDERS
 from drdo_lightning.scoring import score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +46,7 @@ def series(rows: list[dict], key: str) -> list[float]:
 def command_for(config: Path) -> list[str]:
     """How a user runs this YAML: layered over the DRDO recipe, as a function command, or alone."""
     rel = config.relative_to(ROOT / "configs")
-    if rel.parts[0] in ("ablations", "strategies", "loggers"):
+    if rel.parts[0] in LAYER_FOLDERS:
         return ["fit", "--config", str(ROOT / "configs/drdo.yaml"), "--config", str(config)]
     if rel.stem in COMMANDS:
         return [rel.stem, "--config", str(config)]

@@ -73,7 +73,7 @@ def test_fit_names_the_data_modules_chat_template_option(tmp_path, tiny_model_di
     assert "row 1: field 'chosen'" in line and line.endswith("(give one with --data.chat_template)")
 
 
-def test_a_bad_row_names_the_skip_option_only_where_the_command_has_it(tmp_path, tiny_model_dir, reward_model, capsys):
+def test_a_bad_row_names_the_skip_option_of_the_command(tmp_path, tiny_model_dir, reward_model, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "same", "rejected": "same"}])
     fit = user_error(["fit", "--model", "DPO", "--model.model", str(tiny_model_dir), "--data.train_file", str(bad),
                       "--data.cache_dir", "null", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"],
@@ -81,7 +81,7 @@ def test_a_bad_row_names_the_skip_option_only_where_the_command_has_it(tmp_path,
     assert fit.endswith("identical (--data.on_bad_row skip skips such rows)")
     scored = user_error(["score", "--models", json.dumps([str(reward_model)]), "--data", str(bad),
                          "--output", str(tmp_path / "out.jsonl")], capsys)
-    assert scored.endswith("chosen and rejected responses are identical")  # score has no on_bad_row
+    assert scored.endswith("identical (--on_bad_row skip skips such rows)")
 
 
 def test_evaluate_before_training_names_the_missing_policy_and_its_command(tmp_path, monkeypatch, capsys):

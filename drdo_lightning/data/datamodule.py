@@ -6,7 +6,8 @@ response; ``rejected_column=None`` reads SFT data (prompt and chosen only).
 Each field may be a plain string or, for conversational data, a list of
 ``{"role", "content"}`` messages (the Ultrafeedback "binarized" layout: ``chosen`` and
 ``rejected`` are whole conversations ending in an assistant turn; or the TRL layout:
-``prompt`` is the conversation so far and ``chosen``/``rejected`` hold one assistant turn).
+``prompt`` is the conversation so far and ``chosen``/``rejected`` hold one assistant turn, as
+messages or as plain text).
 Conversations are rendered with the tokenizer's chat template. Data without a prompt column
 (TRL's implicit-prompt layout, Anthropic HH transcripts) takes ``prompt_column=None``: the prompt is
 what chosen and rejected begin with (:func:`~drdo_lightning.data.pairs.extract_prompt`).
@@ -43,15 +44,20 @@ from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.data.columns import ExampleColumns, Split
 from drdo_lightning.data.noise import LABEL_NOISE_MODELS, noise_flip_indices
 from drdo_lightning.data.pairs import Columns, iter_pairs
+from drdo_lightning.data.readers import folder_splits
 from drdo_lightning.data.sampling import ResumableDataLoader, ResumableSampler, padding_fraction, sequence_lengths
 from drdo_lightning.data.tokenization import chat_renderer, describe_counts, load_tokenizer, warn_trailing_whitespace
-from drdo_lightning.errors import DataError, SettingError
+from drdo_lightning.errors import DataError, SettingError, shipped_made_by
 
 log = logging.getLogger(__name__)
 
 NOTICES_FILE = "notices.json"  # the warnings building a cache gave, repeated when it is loaded
 NOISE_SETTINGS = ("label_noise", "noise_margin_column", "noise_score_columns", "noise_temperature")
 CACHE_FORMAT_VERSION = 2  # 2: each split is the Arrow file tokenizing wrote (<split>.arrow), not a save_to_disk copy
+# The share of a user's own training file held out for validation when the recipe's val_file is the
+# embedded default's and the file has no validation split (validation_source).
+OWN_DATA_VAL_FRACTION = 0.1
+DEFAULT_VAL_SPLIT = "validation"
 
 def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -79,14 +85,31 @@ def _source_fingerprint(source: str) -> str:
     return f"hub:{source}"
 
 
+def _handled_elsewhere(record: logging.LogRecord, besides: logging.Handler) -> bool:
+    """Whether a handler other than ``besides`` sits on ``record``'s way up the logger tree."""
+    logger: logging.Logger | None = logging.getLogger(record.name)
+    while logger is not None:
+        if any(h is not besides for h in logger.handlers):
+            return True
+        logger = logger.parent if logger.propagate else None
+    return False
+
+
 @contextlib.contextmanager
 def warnings_recorded():
-    """The messages of the data package's warnings while the block runs (they are logged as usual too)."""
+    """The messages of the data package's warnings while the block runs (they are logged as usual too).
+
+    A program that configures no logging (the command line, most notebooks) shows warnings through
+    ``logging.lastResort``, which Python uses only when a record meets no handler: the recorder
+    would be that handler and keep them from the console, so it hands them on to it then."""
     notices: list[str] = []
 
     class Recorder(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             notices.append(record.getMessage())
+            last_resort = logging.lastResort
+            if last_resort is not None and record.levelno >= last_resort.level and not _handled_elsewhere(record, self):
+                last_resort.handle(record)
 
     handler = Recorder(logging.WARNING)
     logger = logging.getLogger("drdo_lightning.data")
@@ -95,6 +118,52 @@ def warnings_recorded():
         yield notices
     finally:
         logger.removeHandler(handler)
+
+
+def validation_source(train_file: str, val_file: str | None, val_fraction: float | None, split: str,
+                      val_split: str, tokenizer: str | None) -> tuple[str | None, float | None, str]:
+    """``(val_file, val_fraction, val_split)``: where validation comes from when the settings leave it open.
+
+    - A ``train_file`` of the user's own (outside the shipped folder) next to a recipe's defaults in
+      the embedded default's folder: a shipped model that is not here is a :class:`SettingError`
+      naming ``--model.model``; a shipped ``val_file`` is set aside for the training folder's
+      validation split if it has one, else for ``val_fraction`` of ``train_file``
+      (:data:`OWN_DATA_VAL_FRACTION` unless given), with a notice.
+    - A ``train_file`` folder with splits (a hub download, a ``DatasetDict``) and no ``val_file`` nor
+      ``val_fraction``: its ``val_split``, or its ``test`` split when ``val_split`` is the default
+      ``validation`` and it has none, validates, with a notice.
+    - ``val_split`` set to a split no source has is an error, not ignored.
+    """
+    own = shipped_made_by(train_file) is None
+    set_aside = None
+    if own and tokenizer is not None and shipped_made_by(tokenizer) is not None and not Path(tokenizer).is_dir():
+        raise SettingError(f"train_file {train_file} is your own data, but the model is the recipe's default "
+                           f"({tokenizer}), which is not in this folder: name your starting policy with "
+                           "--model.model (a model directory or hub id; its tokenizer comes with it)")
+    if own and val_file is not None and shipped_made_by(val_file) is not None:
+        set_aside, val_file = val_file, None
+    from_folder = False
+    if val_file is None and val_fraction is None and (splits := folder_splits(train_file)):
+        held_out = val_split if val_split in splits else "test" if val_split == DEFAULT_VAL_SPLIT else None
+        if held_out in splits and held_out != split:
+            val_file, val_split, from_folder = train_file, held_out, True
+    if val_file is None and val_split != DEFAULT_VAL_SPLIT:
+        where = (f"the folder train_file {train_file} has splits {sorted(folder_splits(train_file))}"
+                 if folder_splits(train_file) else f"train_file {train_file} has none, and no val_file was given")
+        raise SettingError(f"val_split {val_split!r} names a split of val_file or of a train_file folder, but "
+                           f"{where}: give --data.val_file (the same folder or hub id for its split)")
+    if set_aside is not None and val_file is None:
+        val_fraction = val_fraction or OWN_DATA_VAL_FRACTION
+    if set_aside is not None:
+        held = (f"{val_fraction:g} of train_file (val_fraction, seeded)" if val_file is None
+                else f"train_file's {val_split!r} split")
+        log.warning("val_file %s is the recipe's default, the embedded default's validation data, and train_file %s is "
+                    "your own: validating on %s instead; name your own validation data with --data.val_file",
+                    set_aside, train_file, held)
+    elif from_folder:
+        log.warning("train_file %s has a %r split and no val_file or val_fraction was given: validating on it "
+                    "(--trainer.limit_val_batches 0 turns validation off)", train_file, val_split)
+    return val_file, val_fraction, val_split
 
 
 def _check_label_noise(noise: str, rate: float, margin_column: str | None, score_columns: list[str] | None,
@@ -130,7 +199,8 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
 
     Args:
         train_file: JSONL/JSON/CSV/parquet file, ``save_to_disk`` directory, or hub dataset id.
-        val_file: Validation data in the same forms; or use ``val_fraction``.
+        val_file: Validation data in the same forms; or use ``val_fraction``. One in the embedded
+            default's folder next to a ``train_file`` of your own is set aside (:func:`validation_source`).
         val_fraction: Fraction of ``train_file`` held out for validation (seeded), in (0, 1).
         tokenizer: Tokenizer path or hub id (linked to the model path by the CLI).
         prompt_column, chosen_column, rejected_column: Column names; ``rejected_column=None``
@@ -166,6 +236,9 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
             work); each takes at least ``ROWS_PER_PROCESS`` rows, so small data tokenizes in
             this process.
         chat_template: A Jinja chat template (string or file) overriding the tokenizer's.
+        split, val_split: The splits read from a folder, ``DatasetDict`` or hub id; a ``train_file``
+            folder with a ``val_split`` (or only ``test``) validates on it when neither ``val_file``
+            nor ``val_fraction`` is given (:func:`validation_source`).
         cache_dir: Where tokenized data is cached (keyed by data, tokenizer and settings).
         group_by_length: Batch training pairs of similar length together (less padding; the
             order stays shuffled beyond stretches of 64 batches), grouped before the split across
@@ -202,11 +275,13 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
         chat_template: str | None = None,
         trust_remote_code: bool = False,
         split: str = "train",
-        val_split: str = "validation",
+        val_split: str = DEFAULT_VAL_SPLIT,
         cache_dir: str | None = "~/.cache/drdo_lightning",
         group_by_length: bool = False,
     ) -> None:
         super().__init__()
+        val_file, val_fraction, val_split = validation_source(train_file, val_file, val_fraction, split, val_split,
+                                                              tokenizer)
         if val_fraction is not None and not 0.0 < val_fraction < 1.0:
             raise SettingError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if val_fraction is not None and val_file is not None:
@@ -230,6 +305,8 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
         if num_proc is not None and num_proc < 1:
             raise SettingError(f"num_proc must be at least 1, got {num_proc}")
         self.save_hyperparameters()
+        # What validation_source decided, over the values LightningCLI hands save_hyperparameters as given.
+        self.hparams.update(val_file=val_file, val_fraction=val_fraction, val_split=val_split)
         self._built_here = False  # prepare_data built the cache in this process (and so said what it lost)
         self.columns = Columns(prompt_column, chosen_column, rejected_column, chosen_score_column, rejected_score_column,
                                margin)
@@ -414,6 +491,11 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
         return ResumableDataLoader(ds, sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
+        world = self.trainer.world_size if self.trainer else 1
+        if len(self.train_dataset) < self.hparams.batch_size * world:
+            log.warning("batch_size %d%s is more than the %d training pairs: every step trains on all of them, one step "
+                        "an epoch (a smaller --data.batch_size takes several steps an epoch)", self.hparams.batch_size,
+                        f" x {world} processes" if world > 1 else "", len(self.train_dataset))
         self._train_loader = self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
         if self._resume_position is not None:
             self._train_loader.load_state_dict(self._resume_position)

@@ -119,6 +119,29 @@ def _check_score(value: Any, field: str, from_text: bool = False) -> float | lis
     return out if isinstance(value, (list, tuple)) else out[0]
 
 
+SCORE_SHAPES = ("every response needs a score of one shape: one number (an Oracle), or a list of K numbers (an "
+                "ensemble, for EDPO); one column holding [chosen, rejected] is read as such when it is named as both "
+                "chosen_score_column and rejected_score_column")
+
+
+def score_shape(score: float | list[float] | None) -> int | None:
+    """0 for one number, K for a list of K (an ensemble), None for no score."""
+    return None if score is None else len(score) if isinstance(score, list) else 0
+
+
+def _shape_words(shape: int | None) -> str:
+    return "one number" if shape == 0 else f"a list of {shape} numbers"
+
+
+def _paired_scores(value: Any, field: str, from_text: bool) -> list[float | list[float]]:
+    """``[chosen's score, rejected's score]`` from one column holding both (the layout of data exported
+    with a ``scores`` column), each a number or an ensemble's list; raises :class:`RowError`."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise RowError(field, "bad_score", f"named as both chosen_score_column and rejected_score_column, it is read "
+                       f"as [chosen's score, rejected's score]: expected a list of two, got {value!r}")
+    return [_check_score(v, field, from_text) for v in value]
+
+
 def _check_margin(row: dict, cols: Columns, from_text: bool) -> float | None:
     """The row's margin (chosen minus rejected) by ``cols.margin``: one finite number, read from its
     column or the difference of its two score columns; raises :class:`RowError`."""
@@ -147,6 +170,11 @@ def is_conversation(value: Any) -> bool:
 def user_turn(text: str) -> list[dict]:
     """Text as a conversation of one user message."""
     return [{"role": "user", "content": text}]
+
+
+def assistant_turn(text: str | None) -> list[dict] | None:
+    """A response's text as the assistant's message (None stays None: SFT data has no rejected)."""
+    return None if text is None else [{"role": "assistant", "content": text}]
 
 
 def holds_conversations(source: str, column: str = "chosen") -> bool:
@@ -234,11 +262,8 @@ def render_as_chat(pair: TextPair, template, cols: Columns) -> TextPair:
     assistant) rendered with ``template``: how chat reward models read text. Rendered pairs pass."""
     if pair.prompt_has_special_tokens:
         return pair
-
-    def turn(text: str | None) -> list[dict] | None:
-        return None if text is None else [{"role": "assistant", "content": text}]
-
-    prompt, chosen, rejected = _render_conversation(pair.prompt, turn(pair.chosen), turn(pair.rejected), template, cols)
+    prompt, chosen, rejected = _render_conversation(pair.prompt, assistant_turn(pair.chosen),
+                                                    assistant_turn(pair.rejected), template, cols)
     return replace(pair, prompt=prompt, chosen=chosen, rejected=rejected, prompt_has_special_tokens=True)
 
 
@@ -250,6 +275,9 @@ def validate_row(row: dict, cols: Columns, template, *, from_text: bool = False)
         prompt, chosen, rejected = extract_prompt(chosen, rejected, cols)
     else:
         prompt = row.get(cols.prompt)
+        if is_conversation(prompt) and not is_conversation(chosen):  # a chat prompt with answers as text
+            chosen = assistant_turn(_check_text(chosen, cols.chosen))
+            rejected = assistant_turn(_check_text(rejected, cols.rejected) if cols.rejected else None)
     if is_conversation(chosen):
         prompt_text, chosen_text, rejected_text = _render_conversation(prompt, chosen, rejected, template, cols)
         conversational = True
@@ -260,9 +288,14 @@ def validate_row(row: dict, cols: Columns, template, *, from_text: bool = False)
         conversational = False
     if rejected_text is not None and chosen_text == rejected_text:
         raise RowError(cols.rejected, "identical_responses", "chosen and rejected responses are identical")
-    scores = [
-        _check_score(row.get(name), name, from_text) if name else None for name in (cols.chosen_score, cols.rejected_score)
-    ]
+    if cols.chosen_score is not None and cols.chosen_score == cols.rejected_score:
+        scores = _paired_scores(row.get(cols.chosen_score), cols.chosen_score, from_text)
+    else:
+        scores = [_check_score(row.get(name), name, from_text) if name else None
+                  for name in (cols.chosen_score, cols.rejected_score)]
+    if score_shape(scores[0]) != score_shape(scores[1]):
+        raise RowError(cols.rejected_score, "score_shape", f"{_shape_words(score_shape(scores[1]))}, where "
+                       f"{cols.chosen_score!r} holds {_shape_words(score_shape(scores[0]))}: {SCORE_SHAPES}")
     margin = _check_margin(row, cols, from_text)
     return TextPair(prompt_text, chosen_text, rejected_text, scores[0], scores[1], conversational, margin)
 
@@ -277,33 +310,65 @@ def _missing_columns(source: str, row: dict, cols: Columns, missing: list[str]) 
     return DataError(message)
 
 
-def iter_pairs(source: str, cols: Columns, template, *, split: str = "train", on_bad_row: str = "error") -> Iterator[TextPair]:
-    """Read and validate rows one at a time; bad rows raise or, with ``on_bad_row='skip'``, are counted
-    (and logged once the source is exhausted)."""
+def _bad_rows_error(first: tuple[str, str], bad: Counter[str], rows: int) -> DataError:
+    """The error for a source with bad rows: the first one's ``(reason, message)``, and how many there are by reason."""
+    reason, message = first
+    if sum(bad.values()) > 1:
+        message += f" ({sum(bad.values())} of {rows} rows are bad, by reason: {dict(bad)})"
+    if reason == "no_chat_template":
+        return DataError(message, setting="chat_template", advice="give one with {option}")
+    return DataError(message, setting="on_bad_row", advice="{option} skip skips such rows")
+
+
+def numbered_pairs(source: str, cols: Columns, template, *, split: str = "train",
+                   on_bad_row: str = "error") -> Iterator[tuple[int, TextPair]]:
+    """``(position, pair)``: the rows of ``source`` read and validated one at a time, each with its
+    0-based position among the source's records (malformed JSON lines included), so that a caller
+    can find the raw row again (``score`` does). With ``on_bad_row='skip'`` bad rows (malformed
+    lines too) are counted and logged by reason once the source is read; with ``error`` the whole
+    source is still read, so the error names the first bad row and says how many there are."""
     usable = 0
-    skipped: Counter[str] = Counter()
+    bad: Counter[str] = Counter()
+    first: tuple[str, str] | None = None  # the first bad row's (reason, message)
+    checked_columns = False
     from_text = holds_text_only(source)
-    for row_number, row in read_rows(source, split):
-        if not usable and not skipped:
-            missing = [c for c in cols.required() if c not in row]
-            if missing:
-                raise _missing_columns(source, row, cols, missing)
-        try:
-            pair = validate_row(row, cols, template, from_text=from_text)
-        except RowError as e:
-            if on_bad_row == "error":
-                message = f"{source}: row {row_number}: field {e.field!r}: {e}"
-                if e.reason == "no_chat_template":
-                    raise DataError(message, setting="chat_template", advice="give one with {option}") from None
-                raise DataError(message, setting="on_bad_row", advice="{option} skip skips such rows") from None
-            skipped[e.reason] += 1
-            continue
-        usable += 1
-        yield pair
-    if skipped:
-        log.warning("%s: skipped %d bad rows (on_bad_row skip), by reason: %s", source, sum(skipped.values()), dict(skipped))
+    shape: int | None = None  # of the first usable row's scores, which every row's must have
+    position = -1
+    for position, (row_number, row) in enumerate(read_rows(source, split, keep_malformed=True)):
+        if isinstance(row, DataError):
+            reason, message = "malformed_json", row.message
+        else:
+            if not checked_columns:
+                missing = [c for c in cols.required() if c not in row]
+                if missing:
+                    raise _missing_columns(source, row, cols, missing)
+                checked_columns = True
+            try:
+                pair = validate_row(row, cols, template, from_text=from_text)
+                if usable and score_shape(pair.chosen_score) != shape:
+                    raise RowError(cols.chosen_score, "score_shape", f"{_shape_words(score_shape(pair.chosen_score))}, "
+                                   f"where the first row's holds {_shape_words(shape)}: {SCORE_SHAPES}")
+            except RowError as e:
+                reason, message = e.reason, f"{source}: row {row_number}: field {e.field!r}: {e}"
+            else:
+                usable += 1
+                shape = score_shape(pair.chosen_score)
+                if on_bad_row == "skip" or not bad:  # past an error, rows are only counted
+                    yield position, pair
+                continue
+        bad[reason] += 1
+        first = first or (reason, message)
+    if bad and on_bad_row == "error":
+        raise _bad_rows_error(first, bad, position + 1)
+    if bad:
+        log.warning("%s: skipped %d bad rows (on_bad_row skip), by reason: %s", source, sum(bad.values()), dict(bad))
     if not usable:
-        raise DataError(f"{source}: no usable rows" + (f" (skipped: {dict(skipped)})" if skipped else ""))
+        raise DataError(f"{source}: no usable rows" + (f" (skipped: {dict(bad)})" if bad else ""))
+
+
+def iter_pairs(source: str, cols: Columns, template, *, split: str = "train", on_bad_row: str = "error") -> Iterator[TextPair]:
+    """The pairs of :func:`numbered_pairs`, without their positions."""
+    return (pair for _, pair in numbered_pairs(source, cols, template, split=split, on_bad_row=on_bad_row))
 
 
 def load_pairs(source: str, cols: Columns, template, *, split: str = "train", on_bad_row: str = "error") -> list[TextPair]:

@@ -84,9 +84,10 @@ def _lines(path: Path, compression: str | None) -> Iterator[tuple[int, str]]:
         raise DataError(f"{path}: not a readable {compression} file ({e})") from None
 
 
-def _read_jsonl(path: Path, compression: str | None) -> Iterator[tuple[int, dict]]:
-    """JSON Lines: one object per line, numbered by line."""
-    return parse_lines(path, _lines(path, compression))
+def _read_jsonl(path: Path, compression: str | None) -> Iterator[tuple[int, dict | DataError]]:
+    """JSON Lines: one object per line, numbered by line; a malformed line comes as its
+    :class:`DataError` (:func:`read_rows` raises it or hands it on)."""
+    return parse_lines(path, _lines(path, compression), keep_malformed=True)
 
 
 def _read_json(path: Path, compression: str | None) -> Iterator[tuple[int, dict]]:
@@ -98,7 +99,7 @@ def _read_json(path: Path, compression: str | None) -> Iterator[tuple[int, dict]
     except json.JSONDecodeError as e:
         # A first object followed by more: JSON Lines. Read per line, so a bad line is named as such.
         if e.msg == "Extra data" and text.lstrip().startswith("{"):
-            yield from parse_lines(path, enumerate(text.split("\n"), start=1))
+            yield from parse_lines(path, enumerate(text.split("\n"), start=1), keep_malformed=True)
             return
         raise DataError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if not isinstance(data, list):
@@ -209,6 +210,20 @@ def _read_folder(path: Path, split: str) -> Iterator[tuple[int, dict]]:
     return _read_files([(f, os.path.relpath(f, path)) for f in splits[split]])
 
 
+def folder_splits(source: str | Path | list[str]) -> list[str]:
+    """The splits of a folder read here (a ``save_to_disk`` ``DatasetDict``'s, or a hub layout's, by
+    file name); none for a file, a glob, a single ``Dataset`` or a hub id."""
+    path = Path(str(source)).expanduser()
+    if isinstance(source, (list, tuple)) or not path.is_dir():
+        return []
+    dict_file = path / datasets.config.DATASETDICT_JSON_FILENAME
+    if dict_file.is_file():
+        return list(json.loads(dict_file.read_text())["splits"])
+    if (path / datasets.config.DATASET_STATE_JSON_FILENAME).is_file():
+        return []
+    return list(_split_files(path))
+
+
 def holds_text_only(source: str | Path | list[str]) -> bool:
     """Whether ``source`` is CSV (a file, or a folder, glob or list of them), whose every value is text."""
     if isinstance(source, (list, tuple)):
@@ -223,8 +238,19 @@ def holds_text_only(source: str | Path | list[str]) -> bool:
     return bool(files) and all(_file_type(f)[0] == "csv" for f in files)
 
 
-def read_rows(source: str | Path | list[str], split: str = "train") -> Iterator[tuple[int, dict]]:
+def _raising(rows: Iterator[tuple[int, dict | DataError]]) -> Iterator[tuple[int, dict]]:
+    for number, row in rows:
+        if isinstance(row, DataError):
+            raise row
+        yield number, row
+
+
+def read_rows(source: str | Path | list[str], split: str = "train", *, keep_malformed: bool = False
+              ) -> Iterator[tuple[int, dict | DataError]]:
     """Yield ``(row_number, row)`` from local data files, a folder, a glob, or a hub dataset id.
+
+    A JSON line that is no object is a :class:`DataError`, raised when it is read; with
+    ``keep_malformed`` it is yielded in the row's place, for a caller that skips bad rows.
 
     Files: ``.jsonl``, ``.json`` (a list of objects, or JSON Lines), ``.csv``, ``.parquet``, in
     any case; the text ones also compressed (``.jsonl.gz``). A folder: one written by
@@ -235,6 +261,12 @@ def read_rows(source: str | Path | list[str], split: str = "train") -> Iterator[
     with ``datasets.load_dataset``. ``row_number`` is the line number for JSONL/CSV and the
     1-based record index otherwise; from several files it is a :class:`RowNumber`, naming its file.
     """
+    rows = _rows(source, split)  # a missing file or split raises here, before any row is read
+    return rows if keep_malformed else _raising(rows)
+
+
+def _rows(source: str | Path | list[str], split: str) -> Iterator[tuple[int, dict | DataError]]:
+    """:func:`read_rows`, malformed lines kept."""
     if isinstance(source, (list, tuple)):
         return _read_files(_listed_files([str(s) for s in source]))
     text = str(source)

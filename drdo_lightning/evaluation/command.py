@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
 
-from drdo_lightning.errors import require_pretrained
+from drdo_lightning.errors import MissingPathError, require_pretrained, shipped_made_by
 from drdo_lightning.evaluation.judges import load_judge, require_judge
 from drdo_lightning.evaluation.plots import plot_reward_vs_temperature, plot_training_curves, plot_win_matrix
 from drdo_lightning.evaluation.report import write_report
@@ -26,6 +27,37 @@ def _policy_dir(name: str, path: str, out: Path) -> str:
         return str(export(path, str(out / "policies" / name)))
     require_pretrained(path, f"policy {name!r}:")
     return path
+
+
+def _check_shipped_defaults(judges: dict[str, str], prompts: str) -> None:
+    """Raise :class:`MissingPathError` naming ``--judges`` or ``--prompts`` when one of them lies in
+    a shipped folder that is not here: the command's defaults are the embedded default's Oracle and
+    prompts, and a user outside the checkout passes their own rather than build it."""
+    for name, spec in judges.items():
+        if shipped_made_by(spec) is not None and not Path(spec).exists():
+            raise MissingPathError(
+                f"judge {name!r} is a default judge, the embedded default's Oracle, which is not in this folder: name "
+                "your judges with --judges '{NAME: reward-model directory}' (an Oracle trained with fit --config "
+                "oracle, or a public reward model with one label)", path=spec, made_by=f"or {shipped_made_by(spec)}")
+    if shipped_made_by(prompts) is not None and not Path(prompts).exists():
+        raise MissingPathError(
+            "the default prompts are the embedded default's held-out prompts, which are not in this folder: name "
+            "your evaluation prompts with --prompts FILE (one prompt per row, column --prompt_column)", path=prompts,
+            made_by=f"or {shipped_made_by(prompts)}")
+
+
+def warn_identical_policies(records: list[dict]) -> list[tuple[str, str]]:
+    """The pairs of policies that gave the same response to every prompt at every temperature, each
+    warned of: every comparison between them is a tie, so their win rate (0.5) says nothing of
+    them but that they generate alike (the same weights, or an export from before training moved them)."""
+    answers: dict[str, list[str]] = {}
+    for r in records:
+        answers.setdefault(r["policy"], []).append(r["response"])
+    same = [(a, b) for a, b in itertools.combinations(answers, 2) if answers[a] == answers[b]]
+    for a, b in same:
+        log.warning("policies %r and %r gave the same response in all %d generations (every prompt and temperature): "
+                    "every comparison between them is a tie; do they hold the same weights?", a, b, len(answers[a]))
+    return same
 
 
 def _reference_dir(reference: str | None, policy_dirs: dict[str, str]) -> str | None:
@@ -98,6 +130,7 @@ def evaluate(
             starting policy) or a model directory. Skipped with a warning when it is neither;
             ``None`` skips it.
     """
+    _check_shipped_defaults(judges, prompts)
     for name, spec in judges.items():
         require_judge(name, spec)
     out_dir = Path(out)
@@ -115,6 +148,7 @@ def evaluate(
         max_prompt_length=max_prompt_length, batch_size=batch_size, seed=seed, device=device,
         trust_remote_code=trust_remote_code, kl_reference=reference_dir,
     )
+    warn_identical_policies(records)
     if baseline is not None and baseline not in policies:
         log.warning("baseline %r is not among the policies %s: no reward advantage reported", baseline, list(policies))
     rows = summarize(scores, temperatures, baseline=baseline, samples=bootstrap_samples, seed=seed)
