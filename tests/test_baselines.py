@@ -136,13 +136,20 @@ def test_each_baseline_trains(tmp_path, tiny_model_dir, scored_pairs, objective,
     assert {"train/reward_accuracy", "train/reward_margin", "train/implicit_accuracy"} <= set(metrics)
 
 
-def test_score_shape_mismatches_are_explained(tmp_path, tiny_model_dir, scored_pairs):
-    with pytest.raises(ValueError, match="EDPO needs ensemble scores"):
-        main(args(tmp_path, tiny_model_dir, "EDPO", scored_pairs, "--trainer.max_steps", "1",
-                  "--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected"))
-    with pytest.raises(ValueError, match="use EDPO"):
-        main(args(tmp_path, tiny_model_dir, "Distill", scored_pairs, "--trainer.max_steps", "1",
-                  "--data.chosen_score_column", "ensemble_chosen", "--data.rejected_score_column", "ensemble_rejected"))
+def test_score_shape_mismatches_are_explained_when_the_data_loads(tmp_path, tiny_model_dir, scored_pairs, monkeypatch,
+                                                                  capsys):
+    from drdo_lightning.objectives.base import PreferenceModule
+
+    monkeypatch.setattr(PreferenceModule, "training_step", lambda *a: pytest.fail("a step ran"))
+    cases = [("EDPO", "oracle", "(oracle_chosen, oracle_rejected) hold one number per response, and EDPO needs ensemble "
+                                "scores")]
+    cases += [(objective, "ensemble", f"(ensemble_chosen, ensemble_rejected) hold a list of 3 numbers per response, and "
+                                      f"{objective} takes one Oracle score per response; use EDPO") for objective in ("Distill", "DRDO")]
+    for objective, columns, message in cases:
+        with pytest.raises(SystemExit):
+            main(args(tmp_path, tiny_model_dir, objective, scored_pairs, "--trainer.max_steps", "1",
+                      "--data.chosen_score_column", f"{columns}_chosen", "--data.rejected_score_column", f"{columns}_rejected"))
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("objective", ["DRDO", "Distill", "EDPO"])

@@ -22,7 +22,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import Tensor
 
 from drdo_lightning import device_placement, heads, optimization, policy_setup, reliability
-from drdo_lightning.errors import UserError
+from drdo_lightning.data.columns import ExampleColumns
+from drdo_lightning.errors import SettingError, UserError
 from drdo_lightning.models import CausalLMWithRewardHead
 from drdo_lightning.objectives.oracle_target import OracleTarget
 from drdo_lightning.objectives.outputs import HeadSettings, Needs, PairLoss, PairOutputs, forward_pairs
@@ -172,10 +173,24 @@ class PreferenceModule(L.LightningModule):
             raise missing_scores_error(type(self).__name__)
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.needs.oracle_scores:
+            self.check_score_shape(self.trainer.datamodule)
         if stage == "fit" and self.oracle_target is not None:
             self.oracle_target.fit_to(self.trainer.datamodule)
             for logger in self.trainer.loggers:
                 logger.log_hyperparams(self.training_target())
+
+    def check_score_shape(self, data: ExampleColumns) -> None:
+        """Raise a :class:`UserError` once the data has loaded when its Oracle scores are not the shape this
+        objective reads (one number per response, or an ensemble's list), naming the columns."""
+        scores = data.column("train", "chosen_score")
+        dims = 2 if isinstance(scores[0], (list, tuple)) else 1
+        if dims != self.needs.oracle_scores:
+            columns = getattr(data, "columns", None)
+            named = f" ({columns.chosen_score}, {columns.rejected_score})" if columns is not None else ""
+            found = f"a list of {len(scores[0])} numbers" if dims == 2 else "one number"
+            raise SettingError(f"the Oracle score columns{named} hold {found} per response, and "
+                            f"{type(self).__name__} {SCORE_SHAPE_ERRORS[self.needs.oracle_scores]}")
 
     def on_fit_start(self) -> None:
         device_placement.keep_reward_head_fp32(self.policy.reward_head, self.trainer)
