@@ -413,8 +413,9 @@ print(json.dumps(out))
 """
 
 
-def deepspeed_checks(started: dict[str, tuple[subprocess.Popen, Path]], size: Size, work: Path, timeout_s: float) -> list[Check]:
-    deadline = time.monotonic() + timeout_s
+def deepspeed_checks(started: dict[str, tuple[subprocess.Popen, Path]], size: Size, work: Path, deadline: float) -> list[Check]:
+    """The fits' losses against each other, then the export, once the fits end (or ``deadline``,
+    ``time.monotonic()``'s, passes: those still running then are stopped and fail)."""
     failed = {}
     for fit, (proc, root) in started.items():
         try:
@@ -422,6 +423,8 @@ def deepspeed_checks(started: dict[str, tuple[subprocess.Popen, Path]], size: Si
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            failed[fit] = "stopped at --fit-timeout: " + (root / "fit.log").read_text()[-600:].replace("\n", " | ")
+            continue
         if proc.returncode != 0:
             failed[fit] = f"exit {proc.returncode}: " + (root / "fit.log").read_text()[-600:].replace("\n", " | ")
     if "plain" in failed:
@@ -463,9 +466,10 @@ def deepspeed_checks(started: dict[str, tuple[subprocess.Popen, Path]], size: Si
 def run_checks(device: str, work: Path, fit_timeout_s: float) -> list[Check]:
     size = SIZES[device]
     started = start_fits(size, device, work)
+    deadline = time.monotonic() + fit_timeout_s
     try:
         checks = reported(step_checks(size, device, work)) + reported(packing_checks(size, device))
-        return checks + reported(deepspeed_checks(started, size, work, fit_timeout_s))
+        return checks + reported(deepspeed_checks(started, size, work, deadline))
     finally:
         for proc, _ in started.values():
             if proc.poll() is None:
@@ -475,7 +479,8 @@ def run_checks(device: str, work: Path, fit_timeout_s: float) -> list[Check]:
 def main(argv: list[str] | None = None) -> list[Check]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="the same checks on CPU at a tiny size")
-    parser.add_argument("--fit-timeout", type=float, default=240.0, help="seconds the DeepSpeed fits may take, together")
+    parser.add_argument("--fit-timeout", type=float, default=240.0,
+                        help="seconds the DeepSpeed fits may take from their start (they run together)")
     parser.add_argument("--json", type=Path, default=None, help="also write every check here")
     args = parser.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"

@@ -601,23 +601,23 @@ def run_rounds(names: list[str], args) -> tuple[dict[str, list[dict]], tuple[flo
     """Run every configuration once per round, in an order rotated by the round, after the
     round's matmul-peak measurement (results under ``"matmul"``).
 
-    With ``--time-limit`` (a budgeted run, such as ``gpu_all.py``'s) no configuration starts after it
-    and a running one is stopped there. In a budgeted run, and for an optional configuration
-    (``OPTIONAL_CONFIGS``) always, a configuration that fails goes into ``args.skipped`` with the
-    reason and keeps the rounds it finished (none: no row); otherwise a failure stops the benchmark.
+    With ``--time-limit`` (a budgeted run, such as ``gpu_all.py``'s) no configuration starts after
+    ``args.deadline`` and a running one is stopped there. In a budgeted run, and for an optional
+    configuration (``OPTIONAL_CONFIGS``) always, a configuration that fails goes into ``args.skipped``
+    with the reason and keeps the rounds it finished (none: no row); otherwise a failure stops the
+    benchmark.
 
     Returns each configuration's results and the machine's load: the 1-minute load average at
     the start and the end (which counts this benchmark's own threads) and the average number of
     cores that other processes kept busy meanwhile.
     """
     load_start, start = loadavg(), (time.monotonic(), machine_busy_s(), own_busy_s())
-    deadline = math.inf if args.time_limit is None else start[0] + args.time_limit
     results: dict[str, list[dict]] = {n: [] for n in ["matmul", *names]}
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}: matmul peak", file=sys.stderr, flush=True)
         results["matmul"].append(run_worker("matmul", args, args.workdir / f"matmul-{r}.json"))
         for name in names[r % len(names):] + names[: r % len(names)]:
-            left = deadline - time.monotonic()
+            left = args.deadline - time.monotonic()
             if name in args.skipped:
                 continue
             if left <= 0:
@@ -836,8 +836,8 @@ def parse_args(argv: list[str] | None = None):
                         help="first wait (up to --wait-timeout s) until the 1-minute load average is below LOAD")
     parser.add_argument("--wait-timeout", type=float, default=2400.0)
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                        help="start no configuration after this many seconds, stop a running one there, and report "
-                             "every failure instead of stopping (configurations left out are listed)")
+                        help="start no configuration after this many seconds (from the start, set-up included), stop a "
+                             "running one there, and report every failure instead of stopping (those left out are listed)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and settings here")
     # Internal: run one configuration (the orchestrator starts these).
     parser.add_argument("--worker", choices=[*ALL_CONFIGS, "matmul"], help=argparse.SUPPRESS)
@@ -848,6 +848,8 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
+    # The time limit counts from here: preparing the model (a minute at 1B parameters) is part of it.
+    args.deadline = math.inf if args.time_limit is None else time.monotonic() + args.time_limit
     if args.worker:
         worker(args)
         return []
@@ -872,7 +874,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print(report(rows, args, loads))
     if args.json is not None:
         settings = {k: str(v) for k, v in vars(args).items()
-                    if k not in ("worker", "workdir", "result_file", "matmul", "skipped")}
+                    if k not in ("worker", "workdir", "result_file", "matmul", "skipped", "deadline")}
         load = dict(zip(("average_at_start", "average_at_end", "other_processes_cores"), loads))
         summary = {"settings": settings, "load": load, "matmul_peak_flops": args.matmul, "rows": [asdict(r) for r in rows],
                    "skipped": args.skipped, "raw": results}
