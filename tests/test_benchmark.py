@@ -404,3 +404,25 @@ def test_the_default_head_is_chosen_per_device_in_one_place(tiny_model_dir, monk
     # The module's own setting still wins over the device's default.
     module.hparams.chunked_head = True
     assert module.step_may_fuse("train")
+
+
+def test_the_gpu_machines_wheels_are_versions_the_project_accepts():
+    """``benchmarks/gpu_wheels.txt`` pins one version of each package, each within what pyproject.toml asks
+    for (dependencies, and the extras the GPU run uses), and carries every package of the ``gpu`` extra."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lines = (ROOT / "benchmarks" / "gpu_wheels.txt").read_text().splitlines()
+    pins = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    pinned = {canonicalize_name(r.name): next(iter(r.specifier)).version for r in pins}
+    assert len(pinned) == len(pins) and all(str(r.specifier).startswith("==") for r in pins)  # one version each
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    wanted = [Requirement(r) for r in [*project["dependencies"], *extras["bench"], *extras["deepspeed"], *extras["gpu"]]]
+    checked = [r for r in wanted if canonicalize_name(r.name) in pinned]
+    for requirement in checked:
+        assert requirement.specifier.contains(pinned[canonicalize_name(requirement.name)]), requirement
+    assert {canonicalize_name(Requirement(r).name) for r in extras["gpu"]} <= set(pinned)
+    assert {"transformers", "trl", "deepspeed", "liger-kernel"} <= {canonicalize_name(r.name) for r in checked}
