@@ -14,9 +14,10 @@ tolerance; the exit status is 1 when any check fails. What each compares:
   on a padded batch (so the policy packs it where the model allows), in fp32 and under bf16 autocast
   (what ``--trainer.precision bf16-mixed`` runs). The difference is the larger of the losses'
   (relative to ``max(1, |loss|)``) and the gradients' (relative to the largest gradient entry, as in
-  ``tests/test_chunked_head.py``). fp32: at most ``FP32_TOLERANCE``. bf16: the fused step's distance
-  from the fp32 step at most ``BF16_FACTOR`` times the unfused step's own (bf16 rounding is the
-  yardstick; a wrong gradient is off by its whole size).
+  ``tests/test_chunked_head.py``). fp32: at most ``FP32_TOLERANCE``. bf16, part by part (the
+  values, each parameter's gradient): the fused step's distance from the fp32 step at most
+  ``BF16_FACTOR`` times the unfused bf16 step's own, never asking for less than ``BF16_FLOOR``
+  (bf16 rounding is the yardstick; a wrong gradient is off by its whole size).
 - ``packed``: response log-probs, rewards and the rejected responses' token unlikelihood, and the
   gradients of a loss of all three, of packed rows (block-diagonal attention from the position
   ids) against the padded rows, with SDPA in fp32 (at most ``FP32_TOLERANCE``) and, where
@@ -316,13 +317,14 @@ def values_and_grads(model: CausalLMWithRewardHead, batch: dict[str, torch.Tenso
 def packing_checks(size: Size, device: str) -> list[Check]:
     checks = []
     batch = padded_pairs(size, device, seed=2)
+    mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     flash = device == "cuda" and importlib.util.find_spec("flash_attn") is not None
     for architecture in PACKED_ARCHITECTURES:
         model = packing_model(architecture, size.vocab, "sdpa", torch.float32, device)
         reference = values_and_grads(model, batch, packed=False)
         packed = values_and_grads(model, batch, packed=True)
         name = f"packed/sdpa/{architecture}"
-        if not model._packs:
+        if model.packing_for(mask) is None:  # its probe's verdict, kept from the packed call
             checks.append(Check(name, "FAIL", None, None, "the model declined to pack (supports_packing) with SDPA"))
         else:
             checks.append(judged(f"{name}/fp32", distance(packed, reference), FP32_TOLERANCE, "against padded SDPA"))
@@ -334,7 +336,7 @@ def packing_checks(size: Size, device: str) -> list[Check]:
         padded_flash = values_and_grads(model, batch, packed=False)
         packed_flash = values_and_grads(model, batch, packed=True)
         name = f"packed/flash_attention_2/{architecture}/bf16"
-        if not model._packs:
+        if model.packing_for(mask) is None:
             checks.append(Check(name, "FAIL", None, None, "the model declined to pack with flash-attention"))
         else:
             checks.append(bf16_check(name, packed_flash, padded_flash, reference,
