@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU benchmark in one go, for a lent CUDA machine (never needed by CI):
-#   bash benchmarks/gpu_all.sh               # ~6-9 minutes on one H100; prints one table at the end
-#   bash benchmarks/gpu_all.sh --dry-run     # CPU smoke: tiny preset, no DeepSpeed, a few seconds per part
-# If .whl/ holds wheels (the project's dependencies, carried to a machine without network), they are
-# installed into /tmp/site first, without touching the preinstalled torch. See benchmarks/gpu_all.py.
+# The GPU run in one go, for a lent CUDA machine (never needed by CI): correctness on CUDA, then users'
+# shapes against TRL (benchmarks/gpu_all.py):
+#   bash benchmarks/gpu_all.sh               # under 9 minutes on one H100 or H200; prints one table at the end
+#   bash benchmarks/gpu_all.sh --dry-run     # the same parts on CPU at a tiny size
+# If .whl/ holds wheels (benchmarks/gpu_wheels.sh puts them there, for a machine without network), they
+# are installed into /tmp/site first, without touching the preinstalled torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # transformers (5.2x) swaps in kernels from the Hugging Face Hub on CUDA by default; a machine without

@@ -86,8 +86,13 @@ CONFIGS = {
     "orpo": "ORPO, no ref (ours)",
 }
 # Run only when named in --only: DRDO with the LM head in one piece (the logits of every response
-# position kept for backward), against the default that chunks it from 100k tokens on.
-EXTRA_CONFIGS = {"drdo_one_piece": "DRDO, one-piece LM head (ours)", "drdo_chunked": "DRDO, chunked LM head (ours)"}
+# position kept for backward) or chunked, against the default (heads.HEAD_DEFAULTS); and TRL with its
+# Liger option (``use_liger_kernel``: in TRL 1.16 Liger's RMSNorm, SwiGLU and RoPE kernels, the LM head
+# staying TRL's own), which needs the ``liger-kernel`` package and Triton on CUDA.
+EXTRA_CONFIGS = {"drdo_one_piece": "DRDO, one-piece LM head (ours)", "drdo_chunked": "DRDO, chunked LM head (ours)",
+                 "trl_dpo_liger": "TRL DPOTrainer + Liger kernels (live ref)"}
+# Configurations run where they install: one that fails is reported and its row left out.
+OPTIONAL_CONFIGS = {"trl_dpo_liger"}
 # With --lora: the same trainers with LoRA adapters. With adapters, TRL's reference and our live
 # one are the base model with the adapters switched off.
 LORA_CONFIGS = {
@@ -112,11 +117,13 @@ MAX_GRAD_NORM = 1.0
 
 @dataclass(frozen=True)
 class Preset:
-    """Model and batch shape. ``pairs`` pairs per batch; each sequence is ``prompt + response`` tokens."""
+    """Model and batch shape. ``pairs`` pairs per batch; each sequence is ``prompt + response`` tokens.
+    ``kv_heads`` key/value heads shared by the ``heads`` query heads (grouped-query attention when fewer)."""
 
     hidden: int
     layers: int
     heads: int
+    kv_heads: int
     intermediate: int
     vocab: int
     tie_embeddings: bool
@@ -127,19 +134,24 @@ class Preset:
 
 PRESETS = {
     # ~58M parameters (Llama layout: untied embeddings), 8 pairs of 64 + 192 tokens.
-    "cpu": Preset(hidden=512, layers=8, heads=8, intermediate=1376, vocab=32000, tie_embeddings=False,
+    "cpu": Preset(hidden=512, layers=8, heads=8, kv_heads=8, intermediate=1376, vocab=32000, tie_embeddings=False,
                   prompt=64, response=192, pairs=8),
     # OPT-125m-sized: hidden 768, 12 layers, 12 heads, OPT's vocabulary and tied embeddings; the
     # SwiGLU width 2048 gives the same MLP parameters as OPT's 3072-wide two-matrix MLP (~124M in all).
-    "gpu": Preset(hidden=768, layers=12, heads=12, intermediate=2048, vocab=50272, tie_embeddings=True,
+    "gpu": Preset(hidden=768, layers=12, heads=12, kv_heads=12, intermediate=2048, vocab=50272, tie_embeddings=True,
                   prompt=256, response=256, pairs=8),
     # For the CI smoke run: seconds per configuration.
-    "tiny": Preset(hidden=32, layers=2, heads=2, intermediate=64, vocab=512, tie_embeddings=False,
+    "tiny": Preset(hidden=32, layers=2, heads=2, kv_heads=2, intermediate=64, vocab=512, tie_embeddings=False,
                    prompt=8, response=24, pairs=4),
     # Llama-3's vocabulary (128,256 tokens) on a small body: the LM head dominates, as it does at the
     # vocabularies users train (Llama-3, Qwen2/3 151,936, Gemma 256,000) when responses are long.
-    "vocab128k": Preset(hidden=512, layers=4, heads=8, intermediate=1376, vocab=128256, tie_embeddings=False,
+    "vocab128k": Preset(hidden=512, layers=4, heads=8, kv_heads=8, intermediate=1376, vocab=128256, tie_embeddings=False,
                         prompt=64, response=448, pairs=8),
+    # Users' shape on a GPU: Llama-3.2-1B's layout (hidden 2048, 16 layers, 32 query and 8 key/value
+    # heads, MLP 8192, Llama-3's 128,256-token vocabulary, tied embeddings; 1.24B parameters), 8 pairs
+    # of 512 + 512 tokens (TRL's classic max_prompt_length and max_length).
+    "llama3-1b": Preset(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256,
+                        tie_embeddings=True, prompt=512, response=512, pairs=8),
 }
 
 
@@ -190,7 +202,7 @@ def prepare(preset: Preset, n_pairs: int, workdir: Path, seed: int = 0, lengths:
         intermediate_size=preset.intermediate,
         num_hidden_layers=preset.layers,
         num_attention_heads=preset.heads,
-        num_key_value_heads=preset.heads,
+        num_key_value_heads=preset.kv_heads,
         max_position_embeddings=preset.prompt + preset.response,
         tie_word_embeddings=preset.tie_embeddings,
         bos_token_id=None,
@@ -317,9 +329,10 @@ def _lightning_run(name: str, args, clock: StepClock):
     return module.policy, trainer.optimizers[0]
 
 
-def _trl_run(args, clock: StepClock, lora: bool = False, grouped: bool = False):
+def _trl_run(args, clock: StepClock, lora: bool = False, grouped: bool = False, liger: bool = False):
     """``trl.DPOTrainer`` with its defaults (live reference built from the model path; with ``lora``,
-    adapters through ``peft_config`` and the base model as the reference). With ``grouped``,
+    adapters through ``peft_config`` and the base model as the reference; with ``liger``, TRL's
+    ``use_liger_kernel``, Liger's layer kernels in the model). With ``grouped``,
     transformers' ``train_sampling_strategy="group_by_length"`` (``LengthGroupedSampler``: sorted
     within mega-batches of 50 batches, longest batch first), reading a ``length`` column (prompt
     plus the longer response, in tokens). Returns the model and optimizer."""
@@ -364,7 +377,8 @@ def _trl_run(args, clock: StepClock, lora: bool = False, grouped: bool = False):
         max_length=preset.prompt + preset.response, max_steps=total_steps(args), learning_rate=LEARNING_RATE,
         weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM, gradient_checkpointing=args.checkpointing,
         bf16=args.dtype == "bf16", use_cpu=args.device == "cpu", report_to=[], save_strategy="no",
-        disable_tqdm=True, seed=0, **({"train_sampling_strategy": "group_by_length"} if grouped else {}),
+        disable_tqdm=True, seed=0, use_liger_kernel=liger,
+        **({"train_sampling_strategy": "group_by_length"} if grouped else {}),
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
     collator = Batches(pad_token_id=tokenizer.pad_token_id, max_length=config.max_length)  # TRL's default settings
@@ -377,7 +391,7 @@ def _trl_run(args, clock: StepClock, lora: bool = False, grouped: bool = False):
 
 RUNNERS: dict[str, Callable] = {
     **{name: functools.partial(_lightning_run, name) for name in ALL_CONFIGS if name.startswith(("drdo", "dpo", "simpo", "orpo"))},
-    **{name: functools.partial(_trl_run, lora="_lora" in name, grouped=name.endswith(GROUPED))
+    **{name: functools.partial(_trl_run, lora="_lora" in name, grouped=name.endswith(GROUPED), liger="_liger" in name)
        for name in ALL_CONFIGS if name.startswith("trl")},
 }
 
@@ -390,8 +404,9 @@ def forward_flops(p: Preset, sequences: int, length: int) -> tuple[float, float]
     """Matmul FLOPs (2 per multiply-add) of one forward of the decoder body over ``sequences``
     rows of ``length`` tokens (padding included: it is computed), as ``(linear, attention)``.
 
-    linear: per token and layer, the q, k, v, o projections (``4 h^2`` multiply-adds; keys and
-    values have as many heads as queries in every preset) and the SwiGLU MLP (``3 h m``).
+    linear: per token and layer, the q and o projections (``2 h^2`` multiply-adds), the k and v
+    projections (``2 h kv`` with ``kv = h x kv_heads / heads``: grouped-query attention shares each
+    key/value head among several query heads) and the SwiGLU MLP (``3 h m``).
     attention: ``q k^T`` and ``softmax v`` over the causal triangle, ``2 h`` multiply-adds per
     (query, key) pair with key <= query: ``h L (L + 1)`` per layer and sequence (a kernel that
     computes the full square does up to twice that; counted as the work the model needs).
@@ -399,7 +414,8 @@ def forward_flops(p: Preset, sequences: int, length: int) -> tuple[float, float]
     and the softmax are not matmuls and are not counted.
     """
     h, m = p.hidden, p.intermediate
-    linear = 2 * p.layers * sequences * length * (4 * h * h + 3 * h * m)
+    kv = h * p.kv_heads // p.heads  # the key and value projections' width
+    linear = 2 * p.layers * sequences * length * (2 * h * h + 2 * h * kv + 3 * h * m)
     attention = 2 * p.layers * sequences * h * length * (length + 1)
     return float(linear), float(attention)
 
@@ -426,7 +442,8 @@ def step_flops(p: Preset, name: str, batch: list[int], device: str = "cpu", chec
     - TRL 1.16 (``trl.kernels.chunked_logprob``): at every position but the last of every row
       (padding and prompt included) where Triton is not used (CPU), and only at the response
       positions on CUDA; its backward recomputes the logits tile by tile before the two gradient
-      products, so the head costs 4 forwards (3 with LoRA: no weight gradient).
+      products, so the head costs 4 forwards (3 with LoRA: no weight gradient). With Liger
+      (``trl_dpo_liger``) the same: its kernels fuse norms, activations and rotary embeddings, no matmul.
 
     A live reference (TRL's and ``dpo_live``) adds one forward of the body and of the head at the
     same positions as the policy's; a precomputed one costs nothing in the step. The reward head
@@ -437,7 +454,7 @@ def step_flops(p: Preset, name: str, batch: list[int], device: str = "cpu", chec
     rows, computed_length = batch[4:6] if len(batch) > 4 else (sequences, length)  # packed rows, when recorded
     base = name.removesuffix(PACKED).removesuffix(GROUPED)
     lora = base.endswith("_lora")
-    objective = base.removesuffix("_lora")
+    objective = base.removesuffix("_lora").removesuffix("_liger")  # Liger's layer kernels do the same matmuls
     linear, attention = forward_flops(p, rows, computed_length)
     body_forward = linear + attention
     body_train = (2 if lora else 3) * linear + 3 * attention + (body_forward if checkpointing else 0.0)
@@ -563,19 +580,32 @@ WORKER_OPTIONS = ("preset", "device", "dtype", "threads", "warmup_steps", "windo
                   "checkpointing")
 
 
-def run_worker(name: str, args, result_file: Path) -> dict:
+class WorkerFailed(RuntimeError):
+    """A configuration's process failed, or ran past the time left of ``--time-limit``."""
+
+
+def run_worker(name: str, args, result_file: Path, timeout_s: float | None = None) -> dict:
     options = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in WORKER_OPTIONS]
     command = [sys.executable, __file__, "--worker", name, f"--workdir={args.workdir}", f"--result-file={result_file}",
                *options]
-    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise WorkerFailed(f"configuration {name} ran past --time-limit ({timeout_s:.0f} s were left)") from None
     if done.returncode != 0:
-        raise RuntimeError(f"configuration {name} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        raise WorkerFailed(f"configuration {name} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(result_file.read_text())
 
 
 def run_rounds(names: list[str], args) -> tuple[dict[str, list[dict]], tuple[float, float, float]]:
     """Run every configuration once per round, in an order rotated by the round, after the
     round's matmul-peak measurement (results under ``"matmul"``).
+
+    With ``--time-limit`` (a budgeted run, such as ``gpu_all.py``'s) no configuration starts after
+    ``args.deadline`` and a running one is stopped there. In a budgeted run, and for an optional
+    configuration (``OPTIONAL_CONFIGS``) always, a configuration that fails goes into ``args.skipped``
+    with the reason and keeps the rounds it finished (none: no row); otherwise a failure stops the
+    benchmark.
 
     Returns each configuration's results and the machine's load: the 1-minute load average at
     the start and the end (which counts this benchmark's own threads) and the average number of
@@ -587,8 +617,22 @@ def run_rounds(names: list[str], args) -> tuple[dict[str, list[dict]], tuple[flo
         print(f"round {r + 1}/{args.rounds}: matmul peak", file=sys.stderr, flush=True)
         results["matmul"].append(run_worker("matmul", args, args.workdir / f"matmul-{r}.json"))
         for name in names[r % len(names):] + names[: r % len(names)]:
+            left = args.deadline - time.monotonic()
+            if name in args.skipped:
+                continue
+            if left <= 0:
+                args.skipped[name] = f"not started in round {r + 1}: --time-limit {args.time_limit:.0f} s reached"
+                continue
             print(f"round {r + 1}/{args.rounds}: {name}", file=sys.stderr, flush=True)
-            results[name].append(run_worker(name, args, args.workdir / f"{name}-{r}.json"))
+            try:
+                results[name].append(run_worker(name, args, args.workdir / f"{name}-{r}.json",
+                                                timeout_s=None if math.isinf(left) else left))
+            except WorkerFailed as failure:
+                if args.time_limit is None and name not in OPTIONAL_CONFIGS:
+                    raise
+                lines = str(failure).strip().splitlines()
+                args.skipped[name] = lines[0] + (f" ... {lines[-1][:300]}" if len(lines) > 1 else "")
+                print(f"skipped {name}: {failure}", file=sys.stderr, flush=True)
     wall, machine, own = (now - then for now, then in zip((time.monotonic(), machine_busy_s(), own_busy_s()), start))
     return results, (load_start, loadavg(), max(0.0, machine - own) / wall)
 
@@ -644,6 +688,9 @@ def summarize(results: dict[str, list[dict]], args) -> list[Row]:
     args.matmul = {dtype: {k: max(run[dtype][k] for run in peaks) for k in peaks[0][dtype]} for dtype in peaks[0]}
     peak = args.matmul[args.dtype]["peak"]
     preset = PRESETS[args.preset]
+    results = {name: runs for name, runs in results.items() if runs}  # a skipped configuration has none
+    if BASELINE not in results:
+        raise SystemExit(f"the baseline {BASELINE} has no result ({args.skipped.get(BASELINE)}): no ratio to report")
     check_same_work(results, args)
     rows = []
     for name, runs in results.items():
@@ -741,6 +788,7 @@ def report(rows: list[Row], args, loads: tuple[float, float, float]) -> str:
                      f"{r.useful_tokens_per_s:.0f} | {r.padding:.1%} | {r.peak_mb:.0f} | {r.speedup:.2f}x | "
                      f"{r.memory_ratio:.2f}x | {r.tflops:.3f} | {r.peak_fraction:.1%} | "
                      f"{r.trainable_params:,} | {r.optimizer_state_mb:.1f} |")
+    lines += [f"skipped {ALL_CONFIGS[name]}: {reason}" for name, reason in args.skipped.items()]
     if args.device != "cpu":
         return "\n".join(lines)  # the targets are for the CPU comparison
     lines.append("")
@@ -787,6 +835,9 @@ def parse_args(argv: list[str] | None = None):
     parser.add_argument("--wait-for-load", type=float, default=None, metavar="LOAD",
                         help="first wait (up to --wait-timeout s) until the 1-minute load average is below LOAD")
     parser.add_argument("--wait-timeout", type=float, default=2400.0)
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="start no configuration after this many seconds (from the start, set-up included), stop a "
+                             "running one there, and report every failure instead of stopping (those left out are listed)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and settings here")
     # Internal: run one configuration (the orchestrator starts these).
     parser.add_argument("--worker", choices=[*ALL_CONFIGS, "matmul"], help=argparse.SUPPRESS)
@@ -797,6 +848,8 @@ def parse_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
+    # The time limit counts from here: preparing the model (a minute at 1B parameters) is part of it.
+    args.deadline = math.inf if args.time_limit is None else time.monotonic() + args.time_limit
     if args.worker:
         worker(args)
         return []
@@ -812,6 +865,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.wait_for_load is not None:
         wait_for_quiet(args.wait_for_load, args.wait_timeout)
     preset = PRESETS[args.preset]
+    args.skipped = {}
     with tempfile.TemporaryDirectory(prefix="drdo-bench-") as tmp:
         args.workdir = Path(tmp)
         args.parameters = prepare(preset, preset.pairs * total_steps(args), args.workdir, lengths=args.lengths)
@@ -819,10 +873,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     rows = summarize(results, args)
     print(report(rows, args, loads))
     if args.json is not None:
-        settings = {k: str(v) for k, v in vars(args).items() if k not in ("worker", "workdir", "result_file", "matmul")}
+        settings = {k: str(v) for k, v in vars(args).items()
+                    if k not in ("worker", "workdir", "result_file", "matmul", "skipped", "deadline")}
         load = dict(zip(("average_at_start", "average_at_end", "other_processes_cores"), loads))
         summary = {"settings": settings, "load": load, "matmul_peak_flops": args.matmul, "rows": [asdict(r) for r in rows],
-                   "raw": results}
+                   "skipped": args.skipped, "raw": results}
         args.json.write_text(json.dumps(summary, indent=1))
     return rows
 

@@ -33,7 +33,29 @@ from drdo_lightning.positions import KeptPositions, kept_positions
 # cost time (measured at 128k: 130 positions per chunk 1.7x the one-piece step's time, 512 about
 # 1.35x) while the step's peak memory did not depend on the chunk size in that range.
 HEAD_CHUNK_ELEMENTS = 1 << 26
-CHUNKED_HEAD_MIN_VOCABULARY = 100_000
+
+
+class HeadDefault(NamedTuple):
+    """The LM head a device type gets with ``chunked_head: null``."""
+
+    fuse_training: bool  # a training step that may fuse the head with its loss does (logprobs.fused_head_loss)
+    chunked_from_vocabulary: int  # where a step does not fuse: the recomputing chunked head from this vocabulary on
+
+
+# The default LM head per device type: the one place it is chosen. "cpu" as measured on CPU
+# (docs/performance.md, "Large vocabularies"): fused wherever a training step fuses (never slower there,
+# at 32k and 128k tokens), elsewhere chunked from 100k tokens, where one-piece logits outgrow the rest of
+# the step. "cuda": the CPU's choice until the GPU run measures the heads on CUDA; its table
+# (docs/performance.md, "GPU run") decides this entry. Other device types take the CPU's.
+HEAD_DEFAULTS = {
+    "cpu": HeadDefault(fuse_training=True, chunked_from_vocabulary=100_000),
+    "cuda": HeadDefault(fuse_training=True, chunked_from_vocabulary=100_000),
+}
+
+
+def head_default(device_type: str) -> HeadDefault:
+    """The default LM head on ``device_type`` (``torch.device.type``): :data:`HEAD_DEFAULTS`'s entry."""
+    return HEAD_DEFAULTS.get(device_type, HEAD_DEFAULTS["cpu"])
 
 
 class Wanted(NamedTuple):
@@ -58,11 +80,12 @@ class SequenceValues(NamedTuple):
 def head_chunk_rows(lm: PreTrainedModel, chunked: bool | None) -> int | None:
     """Positions per chunk of the chunked LM head (``HEAD_CHUNK_ELEMENTS`` logits), or None for the one-piece head.
 
-    ``chunked=None`` decides by the vocabulary: chunked from ``CHUNKED_HEAD_MIN_VOCABULARY`` tokens on.
+    ``chunked=None`` decides by the vocabulary: chunked from the model's device's
+    ``head_default(...).chunked_from_vocabulary`` tokens on.
     """
     vocabulary = vocabulary_size(lm)
     if chunked is None:
-        chunked = vocabulary >= CHUNKED_HEAD_MIN_VOCABULARY
+        chunked = vocabulary >= head_default(next(lm.parameters()).device.type).chunked_from_vocabulary
     return max(1, HEAD_CHUNK_ELEMENTS // vocabulary) if chunked else None
 
 

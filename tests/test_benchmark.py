@@ -4,6 +4,11 @@ The benchmark runs end to end at a tiny size and must produce every row with fin
 numbers; timings are for the benchmark itself, never asserted here. The response-only log-prob
 path that our modules train with must compute what the plain full-logits path computes, and
 length-grouped batching must pad less while keeping every pair and resuming in place.
+
+The GPU run (``benchmarks/gpu_all.py``: ``gpu_checks.py``, then the ``llama3-1b`` preset) is prepared
+here without a GPU: the checks' ``--dry-run`` passes on CPU and fails a broken fused head; the run's
+parts fit its time budget and its dry run runs the same parts; the default LM head is chosen per
+device in one place (``heads.HEAD_DEFAULTS``), the CPU's as measured.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from drdo_lightning import CausalLMWithRewardHead, PreferenceDataModule, logprobs
+import drdo_lightning.heads as heads
+from drdo_lightning import DRDO, CausalLMWithRewardHead, PreferenceDataModule, logprobs
 from drdo_lightning.data.sampling import group_by_length, padding_fraction
-from drdo_lightning.heads import Wanted, sequence_values
+from drdo_lightning.heads import HeadDefault, Wanted, sequence_values
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
+CHECKS = ROOT / "benchmarks" / "gpu_checks.py"
 
 
 def load_benchmark(script: Path = SCRIPT):
@@ -114,8 +121,8 @@ def test_real_lengths_are_long_tailed_within_the_budget():
 def test_step_flops_match_a_hand_count():
     bench = load_benchmark()
     # hidden 4, 1 layer, MLP 6, vocab 10; a batch of 2 rows (1 pair) padded to 3 tokens, 4 response tokens.
-    p = bench.Preset(hidden=4, layers=1, heads=1, intermediate=6, vocab=10, tie_embeddings=False, prompt=1,
-                     response=2, pairs=1)
+    p = bench.Preset(hidden=4, layers=1, heads=1, kv_heads=1, intermediate=6, vocab=10, tie_embeddings=False,
+                     prompt=1, response=2, pairs=1)
     batch = [2, 3, 4, 5]
     # Per token: q, k, v, o = 4 x 16 multiply-adds, MLP 3 x 24 = 72: 136 multiply-adds, 272 FLOPs; 6 tokens.
     linear = 6 * 272
@@ -146,6 +153,13 @@ def test_step_flops_match_a_hand_count():
     assert bench.step_flops(p, "drdo", batch, checkpointing=True) == body + linear + attention + 3 * 6 * head
     assert bench.step_flops(p, "trl_dpo", batch, checkpointing=True) == (body + linear + attention + 4 * 4 * head
                                                                          + linear + attention + 4 * head)
+    # TRL's Liger option fuses norms, activations and rotary embeddings: the same matmuls as TRL's.
+    assert bench.step_flops(p, "trl_dpo_liger", batch, "cuda", True) == bench.step_flops(p, "trl_dpo", batch, "cuda", True)
+    # Grouped-query attention: 2 query heads share 1 key/value head, so k and v project onto h/2 = 2:
+    # per token q, o 2 x 16, k, v 2 x 8, MLP 72 multiply-adds: 120, 240 FLOPs; attention as before.
+    gqa = bench.Preset(hidden=4, layers=1, heads=2, kv_heads=1, intermediate=6, vocab=10, tie_embeddings=False,
+                       prompt=1, response=2, pairs=1)
+    assert bench.forward_flops(gqa, 2, 3) == (6 * 240, attention)
 
 
 def test_matmul_peak_measures_positive_flops():
@@ -237,3 +251,178 @@ def test_gradient_weights_script_reads_each_pairs_log_probs(tiny_model_dir, pair
     up, down = script.gradient_weights(torch.tensor([-20.0, -1.0]), torch.tensor([-20.0, -30.0]), alpha=0.1, gamma=2.0)
     assert down[0].item() == pytest.approx(0.5, rel=1e-6) and up[0].item() == pytest.approx(0.525, rel=1e-6)
     assert up[1].item() < 1e-20 and down[1].item() < 1e-20
+
+
+# -- the GPU run, prepared without a GPU -------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gpu_checks_dry_run_passes_every_check_on_cpu(tmp_path):
+    out = tmp_path / "checks.json"
+    proc = subprocess.run([sys.executable, str(CHECKS), "--dry-run", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    checks = {c["name"]: c for c in json.loads(out.read_text())["checks"]}
+    script = load_benchmark(CHECKS)
+    steps = {f"step/{o}/{a}/{p}" for o in script.OBJECTIVES for a in script.STEP_ARCHITECTURES for p in ("fp32", "bf16")}
+    packed = {f"packed/sdpa/{a}/fp32" for a in script.PACKED_ARCHITECTURES}
+    flash = {f"packed/flash_attention_2/{a}" for a in script.PACKED_ARCHITECTURES}  # CUDA only
+    sharded = {"deepspeed/deepspeed_zero2", "deepspeed/deepspeed_zero3", "export/deepspeed_zero3"}
+    assert set(checks) == steps | packed | flash | sharded
+    for name, check in checks.items():
+        assert check["status"] == ("SKIP" if name in flash else "PASS"), check
+        if check["status"] == "PASS":
+            assert 0 <= check["measured"] <= check["tolerance"], check
+        assert f"{check['status']} {name}" in proc.stdout
+    # The fused head ran, over several chunks, wherever the head fuses; never on Gemma-2's soft-capped one.
+    for name in steps:
+        assert ("not fused" in checks[name]["detail"]) == ("/gemma2/" in name), checks[name]
+    assert "36 pass, 0 fail, 3 skip" in proc.stdout
+
+
+def test_gpu_checks_fail_a_fused_head_that_is_slightly_wrong(tmp_path, monkeypatch):
+    """A fused head 2% off in its hidden states fails the step check in fp32 and in bf16."""
+    script = load_benchmark(CHECKS)
+    monkeypatch.setattr(script, "STEP_ARCHITECTURES", ("llama",))
+    monkeypatch.setattr(script, "OBJECTIVES", {"drdo": script.OBJECTIVES["drdo"]})
+    right = script.step_checks(script.SIZES["cpu"], "cpu", tmp_path / "right")
+    assert [c.status for c in right] == ["PASS", "PASS"], right
+    fused_head_loss = heads.logprobs.fused_head_loss
+    monkeypatch.setattr(heads.logprobs, "fused_head_loss", lambda hidden, *rest: fused_head_loss(hidden * 1.02, *rest))
+    wrong = script.step_checks(script.SIZES["cpu"], "cpu", tmp_path / "wrong")
+    assert [(c.name, c.status) for c in wrong] == [("step/drdo/llama/fp32", "FAIL"), ("step/drdo/llama/bf16", "FAIL")]
+    assert all(c.measured > c.tolerance for c in wrong)
+
+
+def test_the_gpu_run_fits_its_budget_and_its_dry_run_runs_the_same_parts(tmp_path):
+    script = load_benchmark(ROOT / "benchmarks" / "gpu_all.py")
+    gpu, dry = script.parts(False, tmp_path), script.parts(True, tmp_path)
+    default = [gpu[name] for name in script.DEFAULT_PARTS]
+    assert [p.name for p in default] == ["checks", "llama3"]
+    # Under 9 minutes: the default parts' caps within the budget, and a minute left for installing the wheels.
+    assert sum(p.cap_s for p in default) <= script.BUDGET_S <= 9 * 60 - 60
+    llama3 = gpu["llama3"].command
+    for flag in ("--checkpointing", "cuda", "bf16", "llama3-1b", "trl_dpo_liger", "dpo_live", "dpo_precomputed",
+                 "drdo_one_piece", "drdo"):
+        assert flag in llama3, flag
+    assert float(llama3[llama3.index("--time-limit") + 1]) < gpu["llama3"].cap_s  # rows left out, the part kept
+
+    def kept(command: list[str]) -> list[str]:
+        """The command without what the dry run changes: device, precision, preset, step counts, --dry-run."""
+        out, values = [], iter(command[1:])
+        for arg in values:
+            if arg in ("--device", "--dtype", "--preset", "--rounds", "--warmup-steps", "--windows", "--steps-per-window",
+                       "--threads", "--fit-timeout", "--time-limit"):
+                next(values)
+            elif arg != "--dry-run":
+                out.append(arg)
+        return out
+
+    assert all(kept(dry[name].command) == kept(gpu[name].command) for name in gpu)
+    assert all(dry[name].cap_s == script.DRY_RUN_SLOWER * gpu[name].cap_s for name in gpu)  # a CPU's limits
+    assert "--dry-run" in dry["checks"].command and "tiny" in dry["llama3"].command and "cpu" in dry["llama3"].command
+
+
+def test_the_gpu_run_prints_the_checks_then_one_table(tmp_path):
+    script = load_benchmark(ROOT / "benchmarks" / "gpu_all.py")
+    listed = [p for name, p in script.parts(False, tmp_path).items() if name in script.DEFAULT_PARTS]
+    checks = [{"name": "step/drdo/llama/bf16", "status": "PASS", "measured": 0.01, "tolerance": 0.02, "detail": "fused"},
+              {"name": "deepspeed/deepspeed_zero3", "status": "FAIL", "measured": None, "tolerance": None, "detail": "exit 1"}]
+    (tmp_path / "checks.json").write_text(json.dumps({"device": "cuda", "checks": checks}))
+    row = {"pairs_per_s": 2.0, "useful_tokens_per_s": 30000.0, "padding": 0.0, "peak_mb": 40000.0, "tflops": 300.0,
+           "peak_fraction": 0.38}
+    rows = [{**row, "name": "trl_dpo", "speedup": 1.0, "memory_ratio": 1.0},
+            {**row, "name": "drdo", "pairs_per_s": 2.6, "speedup": 1.3, "memory_ratio": 0.8}]
+    (tmp_path / "llama3.json").write_text(json.dumps({
+        "settings": {"preset": "llama3-1b", "checkpointing": "True", "dtype": "bf16"},
+        "matmul_peak_flops": {"bf16": {"peak": 7.9e14}}, "rows": rows,
+        "skipped": {"trl_dpo_liger": "configuration trl_dpo_liger failed (exit 1) ... ImportError"}}))
+    out = script.table(listed, {"checks": "failed (exit 1), 80 s", "llama3": "ok, 300 s"}).splitlines()
+    assert out[0] == "Correctness on cuda: 1 pass, 1 fail, 0 skip"
+    assert out[1] == "- FAIL deepspeed/deepspeed_zero3 (exit 1)"  # failures first
+    assert out[2] == "- PASS step/drdo/llama/bf16: 0.01 <= 0.02 (fused)"
+    assert sum(line.startswith("| part |") for line in out) == 1  # one table
+    assert "| llama3 | DRDO (ours) | 2.60 | 30,000 | 0.0% | 40,000 | 1.30x | 0.80x | 300.00 | 38.0% |" in out
+    assert "llama3: left out TRL DPOTrainer + Liger kernels (live ref): configuration trl_dpo_liger failed (exit 1) ... ImportError" in out
+    assert "llama3: preset llama3-1b, checkpointing True; matmul peak bf16 790.0 TFLOP/s; % of peak against bf16" in out
+
+
+def test_a_budgeted_benchmark_leaves_out_what_fails_or_does_not_fit(monkeypatch, tmp_path):
+    """``--time-limit``: a configuration that fails, or would start after the limit, is listed and left out;
+    without it only an optional configuration (TRL with Liger) may fail."""
+    bench = load_benchmark()
+    clock = iter([0.0, 0.0, 1.0, 2.0, 3.0, 50.0, 50.0])  # run_rounds' start, before each configuration, its end
+    monkeypatch.setattr(bench.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(bench, "machine_busy_s", lambda: 0.0)
+    monkeypatch.setattr(bench, "own_busy_s", lambda: 0.0)
+    timeouts = {}
+
+    def worker(name, args, result_file, timeout_s=None):
+        timeouts[name] = timeout_s
+        if name in ("dpo_live", "trl_dpo_liger"):
+            raise bench.WorkerFailed(f"configuration {name} failed (exit 1):\nTraceback ...\nImportError: no")
+        return {"ran": name}
+
+    monkeypatch.setattr(bench, "run_worker", worker)
+    names = ["trl_dpo", "drdo", "dpo_live", "trl_dpo_liger", "dpo_precomputed"]
+    args = bench.parse_args(["--rounds", "1", "--time-limit", "10"])
+    args.skipped, args.workdir, args.deadline = {}, tmp_path, 10.0  # main's: the limit from its start
+    results, _ = bench.run_rounds(names, args)
+    assert {n: len(r) for n, r in results.items()} == {"matmul": 1, "trl_dpo": 1, "drdo": 1, "dpo_live": 0,
+                                                       "trl_dpo_liger": 0, "dpo_precomputed": 0}
+    assert timeouts == {"matmul": None, "trl_dpo": 10.0, "drdo": 9.0, "dpo_live": 8.0, "trl_dpo_liger": 7.0}
+    assert args.skipped == {
+        "dpo_live": "configuration dpo_live failed (exit 1): ... ImportError: no",
+        "trl_dpo_liger": "configuration trl_dpo_liger failed (exit 1): ... ImportError: no",
+        "dpo_precomputed": "not started in round 1: --time-limit 10 s reached",
+    }
+    # Without a time limit a failure stops the benchmark, except an optional configuration's.
+    clock = iter(range(100))
+    args = bench.parse_args(["--rounds", "1"])
+    args.skipped, args.workdir, args.deadline = {}, tmp_path, math.inf
+    results, _ = bench.run_rounds(["trl_dpo", "trl_dpo_liger", "drdo"], args)
+    assert list(args.skipped) == ["trl_dpo_liger"] and len(results["drdo"]) == 1
+    with pytest.raises(bench.WorkerFailed, match="dpo_live"):
+        bench.run_rounds(["trl_dpo", "dpo_live"], args)
+
+
+def test_the_default_head_is_chosen_per_device_in_one_place(tiny_model_dir, monkeypatch):
+    """``chunked_head: null`` reads ``heads.HEAD_DEFAULTS`` by the model's device type: the CPU's entry as
+    measured on CPU, the CUDA entry (for the GPU run to decide) read from its own key alone."""
+    assert heads.head_default("cpu") == HeadDefault(fuse_training=True, chunked_from_vocabulary=100_000)
+    assert heads.head_default("mps") == heads.head_default("cpu")  # a device type without an entry
+    monkeypatch.setitem(heads.HEAD_DEFAULTS, "cuda", HeadDefault(fuse_training=False, chunked_from_vocabulary=1))
+    assert heads.head_default("cuda") == HeadDefault(fuse_training=False, chunked_from_vocabulary=1)
+    assert heads.head_default("cpu") == HeadDefault(fuse_training=True, chunked_from_vocabulary=100_000)
+
+    module = DRDO(str(tiny_model_dir))
+    module.configure_model()
+    lm = module.policy.lm  # a small vocabulary on the CPU: fused in training, one piece elsewhere
+    assert module.step_may_fuse("train") and heads.head_chunk_rows(lm, None) is None
+    monkeypatch.setitem(heads.HEAD_DEFAULTS, "cpu", HeadDefault(fuse_training=False, chunked_from_vocabulary=1))
+    assert not module.step_may_fuse("train") and heads.head_chunk_rows(lm, None) >= 1
+    # The module's own setting still wins over the device's default.
+    module.hparams.chunked_head = True
+    assert module.step_may_fuse("train")
+
+
+def test_the_gpu_machines_wheels_are_versions_the_project_accepts():
+    """``benchmarks/gpu_wheels.txt`` pins one version of each package, each within what pyproject.toml asks
+    for (dependencies, and the extras the GPU run uses), and carries every package of the ``gpu`` extra."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lines = (ROOT / "benchmarks" / "gpu_wheels.txt").read_text().splitlines()
+    pins = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    pinned = {canonicalize_name(r.name): next(iter(r.specifier)).version for r in pins}
+    assert len(pinned) == len(pins) and all(str(r.specifier).startswith("==") for r in pins)  # one version each
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    wanted = [Requirement(r) for r in [*project["dependencies"], *extras["bench"], *extras["deepspeed"], *extras["gpu"]]]
+    checked = [r for r in wanted if canonicalize_name(r.name) in pinned]
+    for requirement in checked:
+        assert requirement.specifier.contains(pinned[canonicalize_name(requirement.name)]), requirement
+    assert {canonicalize_name(Requirement(r).name) for r in extras["gpu"]} <= set(pinned)
+    assert {"transformers", "trl", "deepspeed", "liger-kernel"} <= {canonicalize_name(r.name) for r in checked}

@@ -89,8 +89,9 @@ class PreferenceModule(L.LightningModule):
             loss where it is a mean over pairs (:func:`logprobs.fused_head_loss`, each chunk's
             gradients computed in the forward pass), else recomputing each chunk's logits in
             backward (:func:`logprobs.chunked_token_logps`, one more head matrix product per step).
-            ``None``: on for vocabularies of 100k tokens and more, and at any vocabulary for a
-            training step that fuses (measured never slower than the one-piece head, at 32k and 128k).
+            ``None``: the device's default (:data:`heads.HEAD_DEFAULTS`); on CPU on for vocabularies of
+            100k tokens and more, and at any vocabulary for a training step that fuses (measured never
+            slower than the one-piece head, at 32k and 128k); on CUDA the same until measured there.
         pack_sequences: Run the model on each padded batch's sequences packed end to end, position
             ids restarting per sequence (:mod:`drdo_lightning.packing`), instead of padded rows: the
             same values without computing on padding (on long-tailed lengths 1.5x the useful tokens/s
@@ -239,8 +240,12 @@ class PreferenceModule(L.LightningModule):
         """Whether this step may compute the loss fused with the LM head: a training step (the fused head
         computes the head's gradients itself, so it needs a graph to give them to and whole parameters,
         not a sharded strategy's) of an objective whose loss is a mean over pairs, unless switched off.
-        It then fuses where the model's head allows (:meth:`CausalLMWithRewardHead.fuses_head`)."""
-        if stage != "train" or not torch.is_grad_enabled() or not self.sums_over_pairs or self.hparams.chunked_head is False:
+        It then fuses where the model's head allows (:meth:`CausalLMWithRewardHead.fuses_head`). With
+        ``chunked_head: null`` the device's default head decides (:func:`heads.head_default`)."""
+        chunked = self.hparams.chunked_head
+        if stage != "train" or not torch.is_grad_enabled() or not self.sums_over_pairs or chunked is False:
+            return False
+        if chunked is None and not heads.head_default(self.device.type).fuse_training:
             return False
         return self._trainer is None or not isinstance(self.trainer.strategy, (DeepSpeedStrategy, FSDPStrategy))
 
