@@ -239,12 +239,14 @@ def test_the_frontier_configuration_at_a_tiny_size(tmp_path, tiny_model_dir, pai
         "protocol", "--config", str(ROOT / "configs" / "frontier.yaml"), "--out", str(out),
         "--conditions", json.dumps([{"name": "bt", "data": bt}, {"name": "hard_all", "split": "hard", "teacher": "all_pairs"},
                                     {"name": "hard_own", "split": "hard", "seeds": 1}]),
-        "--methods", json.dumps({"drdo": ["drdo"], "dpo": ["dpo"]}), "--learning_rates", "[1e-3]",
+        "--methods", json.dumps({"drdo": ["drdo"], "drdo_logps": ["drdo", "ablations/student_logps"], "dpo": ["dpo"]}),
+        "--learning_rates", "[1e-3]",
         "--grid", json.dumps({"drdo": {"model.target_normalization": ["none", "std"]}, "dpo": {"model.beta": [0.1, 0.5]}}),
         "--max_grid_extensions", "0", "--tuning_condition", "bt",
-        "--frontier", json.dumps({"drdo": {"model.alpha": [0.01, 1.0]}, "dpo": {"model.beta": [0.01, 1.0]}}),
+        "--frontier", json.dumps({"drdo": {"model.alpha": [0.01, 1.0]}, "drdo_logps": {"model.target_scale": [0.3, 3.0]},
+                                  "dpo": {"model.beta": [0.01, 1.0]}}),
         "--frontier_conditions", '["bt", "hard_all"]', "--frontier_seeds", "2", "--seeds", "[0, 1, 2]",
-        "--verdict", json.dumps({"drdo": ["dpo", "dpo_relabelled"]}),
+        "--verdict", json.dumps({"drdo": ["dpo", "dpo_relabelled"], "drdo_logps": ["dpo"]}),
         "--max_steps", "2", "--judge_steps", "2", "--members", "1", "--num_tuning_prompts", "4",
         "--policy", str(tiny_model_dir), "--train_data", str(pair_files["train"]), "--val_data", str(pair_files["val"]),
         "--evaluation.prompts", str(eval_file), "--evaluation.num_prompts", "4", "--evaluation.max_new_tokens", "6",
@@ -262,6 +264,7 @@ def test_the_frontier_configuration_at_a_tiny_size(tmp_path, tiny_model_dir, pai
     assert {s for m, s in tuned if m == "drdo"} == {
         "learning_rate=0.001,target_normalization=none", "learning_rate=0.001,target_normalization=std",
         f"learning_rate=0.0003,target_normalization={normalization}", f"learning_rate=0.003,target_normalization={normalization}"}
+    assert {s for m, s in tuned if m == "drdo_logps"} == {f"learning_rate={lr}" for lr in ("0.0003", "0.001", "0.003")}
 
     # The frontier: each traced value and the tuned one, two seeds, on both traced conditions; the
     # relabelled control follows DPO's on the all-pairs arm; nothing traced on hard_own.
@@ -270,6 +273,7 @@ def test_the_frontier_configuration_at_a_tiny_size(tmp_path, tiny_model_dir, pai
     for condition in ("bt", "hard_all"):
         assert by(condition, "dpo") == {(v, s) for v in {0.01, 1.0, beta} for s in (0, 1)}
         assert by(condition, "drdo") == {(v, s) for v in (0.01, 1.0) for s in (0, 1)}  # alpha was not tuned
+        assert by(condition, "drdo_logps") == {(v, s) for v in (0.3, 3.0) for s in (0, 1)}
     assert by("hard_all", "dpo_relabelled") == by("hard_all", "dpo") and not by("bt", "dpo_relabelled")
     assert not by("hard_own", "dpo")
     # The tuned point of the frontier is the evaluation's cell, copied; the evaluation's seed 0 on the
@@ -286,7 +290,7 @@ def test_the_frontier_configuration_at_a_tiny_size(tmp_path, tiny_model_dir, pai
     assert table.startswith("## Verdict at equal KL") and "## Gold reward at equal KL" in table
     equal_kl = list(csv.DictReader((out / "equal_kl.csv").open()))
     assert {(r["condition"], r["method"]) for r in equal_kl} == {
-        ("bt", "dpo"), ("bt", "drdo"), ("hard_all", "dpo"), ("hard_all", "drdo"), ("hard_all", "dpo_relabelled")}
+        (c, m) for c in ("bt", "hard_all") for m in ("dpo", "drdo", "drdo_logps")} | {("hard_all", "dpo_relabelled")}
     for r in equal_kl:  # each reading exactly what the pure functions make of the cells' curves
         curves = {}
         for p in points:
@@ -298,10 +302,12 @@ def test_the_frontier_configuration_at_a_tiny_size(tmp_path, tiny_model_dir, pai
             assert float(r["value"]) == pytest.approx(expected.value)
     verdict_rows = [line for line in table.split("## Gold reward at equal KL")[0].splitlines() if line.startswith("| ")]
     assert verdict_rows[0] == "| condition | method | vs dpo | vs dpo_relabelled |"
-    rows = {line.split("|")[1].strip(): line for line in verdict_rows[1:]}
-    assert set(rows) == {"bt", "hard_all", "hard_own"}
-    assert rows["bt"] == "| bt | drdo | no common KL level | not run |"  # a tiny policy never moves 5 nats
-    assert rows["hard_own"].startswith("| hard_own | drdo | level at the tuned points (KL ")
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in verdict_rows[1:]}
+    assert set(rows) == {(c, m) for c in ("bt", "hard_all", "hard_own") for m in ("drdo", "drdo_logps")}
+    assert rows[("bt", "drdo")] == "| bt | drdo | no common KL level | not run |"  # a tiny policy never moves 5 nats
+    assert rows[("bt", "drdo_logps")] == "| bt | drdo_logps | no common KL level |  |"
+    assert rows[("hard_own", "drdo")].startswith("| hard_own | drdo | level at the tuned points (KL ")
+    assert "drdo_logps log-prob margin" in table and "drdo_logps reward head" not in table  # no head to rank by
     assert (out / "frontier_curves.png").read_bytes().startswith(b"\x89PNG")
     assert (out / "equal_kl.md").read_text().startswith("## Verdict at equal KL")
 

@@ -13,8 +13,8 @@ the level has none there.
 
 The verdict (:func:`verdict`) puts a method (each reading of DRDO) against each baseline: *ahead*
 where its interval lies wholly above the baseline's, *behind* wholly below, *level* where they
-overlap. On a traced condition it is read at each KL level; on the others, at the tuned points
-(the evaluation's seeds), with each side's KL beside it, since those are not at equal KL.
+overlap. Where both are traced it is read at each KL level both curves reach; elsewhere at the tuned
+points (the evaluation's seeds), with each side's KL beside it, since those are not at equal KL.
 """
 
 from __future__ import annotations
@@ -254,8 +254,8 @@ class Frontiers:
         if self.contests:
             lines += ["## Verdict at equal KL", "",
                       "Ahead or behind only where the 95% intervals over seeds separate, level where they overlap; at each "
-                      "KL level on a traced condition (the table below), at the tuned points elsewhere (not at equal KL: "
-                      "each side's KL in brackets).", "",
+                      "KL level both reach where both are traced (the table below), else at the tuned points (not at equal "
+                      "KL: each side's KL in brackets).", "",
                       verdict_table(self.traced, summary, conditions, self.contests, self.levels), ""]
         if any(self.traced.values()):
             lines += ["## Gold reward at equal KL", "",

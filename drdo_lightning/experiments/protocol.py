@@ -10,6 +10,8 @@ sweep of the project (docs/experiments.md):
 - ``configs/compare.yaml``: every method tuned on held-out prompts at flip 0 (learning rate and its
   main knob), then at each uniform flip rate and seed, judged per temperature;
 - ``configs/robustness.yaml``: every method at its recipe's settings at each uniform flip rate and seed.
+- ``configs/frontier.yaml``: DRDO tuned on its own knobs (both readings of its student's reward) and
+  every method traced along its distance knob, compared at equal KL on the paper's main conditions.
 
 1. **Teachers.** Per teacher set, the Oracle and the e-DPO ensemble train on the condition's noisy
    pairs from the students' SFT policy (the Oracle optionally from its own, larger one:

@@ -176,17 +176,18 @@ def win_rates(cells: dict[tuple[str, int], dict], methods: list[str], baseline: 
 
 def margin_bins(cells: dict[tuple[str, int], dict], val_file: str, oracle_val: str, bins: int = 5) -> str:
     """Ranking accuracy against the gold sign on the validation pairs, by quintile of |gold margin|:
-    DRDO's reward head and log-prob margin, the others' implicit reward, the condition's Oracle."""
+    a reward head's and its policy's log-prob margin (DRDO), the log-prob margin of a student whose
+    reward it is (SimPO, DRDO without a head), the others' implicit reward, the condition's Oracle."""
     rows = [row for _, row in read_rows(val_file)]
     gold = [r["gold_chosen"] - r["gold_rejected"] for r in rows]
     oracle = [r["oracle_chosen"] - r["oracle_rejected"] for _, r in read_rows(oracle_val)]
     rankers = {"Oracle": [[float(x) for x in oracle]]}
     for (method, _), r in sorted(cells.items()):
         margins = r["scores"][MARGINS]
-        if method.startswith("drdo"):
+        if REWARD_HEAD in margins:
             rankers.setdefault(f"{method} reward head", []).append(margins[REWARD_HEAD])
             rankers.setdefault(f"{method} log-prob margin", []).append(margins[LOGP])
-        elif method == "simpo":
+        elif method.startswith("drdo") or method == "simpo":  # a reward of log-probs: DRDO without a head
             rankers.setdefault(f"{method} log-prob margin", []).append(margins[LOGP])
         else:
             rankers.setdefault(f"{method} implicit reward", []).append(margins[IMPLICIT])
