@@ -128,6 +128,10 @@ def _cells(out: Path) -> list[dict]:
 
 
 def _config(run: Path) -> str:
+    """A cell's training config; a cell that judged another's export (``policy``), that one's."""
+    scores = run / "scores.json"
+    if scores.is_file() and "policy" in (result := json.loads(scores.read_text())):
+        run = Path(result["policy"]).parent
     return next(run.rglob("config.yaml")).read_text()
 
 
@@ -295,10 +299,15 @@ def test_the_comparison_configuration_at_a_tiny_size(tmp_path, tiny_model_dir, p
     assert "preference_form: corrected" in corrected and "label_flip_rate: 0.0" in corrected
     tuning_md = (out / "tuning.md").read_text()
     assert tuning_md.count("| **") == 2  # one chosen setting per method
-    assert "Learning rates tried: drdo: 0.001, 0.003 (chosen at an edge); dpo: 0.001, 0.003 (chosen at an edge)." in tuning_md
+    assert ("Learning rates tried at the chosen knobs: drdo: 0.001, 0.003 (chosen at an edge); "
+            "dpo: 0.001, 0.003 (chosen at an edge).") in tuning_md
+    assert "Knob values tried at the chosen other settings: drdo: variant corrected, paper; dpo: beta 0.1, 0.5 (chosen at an edge)." in tuning_md
 
-    # The chosen settings ran at every flip rate with every seed, on that rate's teachers.
+    # The chosen settings ran at every flip rate with every seed, on that rate's teachers (at flip 0
+    # and the tuning's seed, the tuning cell's export, judged again rather than trained again).
     chosen = {t["method"]: t for t in tuned if f"**{t['setting']}**" in tuning_md}
+    evaluated = json.loads((out / "flip_0.0" / "seed_0" / "dpo" / "scores.json").read_text())
+    assert evaluated["policy"] == str(out / "tuning" / "dpo" / chosen["dpo"]["setting"] / "export")
     for rate in ("0.0", "0.25"):
         for seed in (0, 1):
             config = _config(out / f"flip_{rate}" / f"seed_{seed}" / "dpo")

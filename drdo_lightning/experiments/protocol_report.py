@@ -24,14 +24,14 @@ import numpy as np
 from drdo_lightning.data.readers import read_rows
 from drdo_lightning.evaluation.margins import IMPLICIT, LOGP, REWARD_HEAD
 from drdo_lightning.evaluation.statistics import margin_bin_accuracy, paired_comparison
+from drdo_lightning.experiments.cells import IN_DISTRIBUTION, MARGINS, OUT_OF_DISTRIBUTION
 from drdo_lightning.experiments.conditions import GIVEN, GOLD_COLUMNS, Condition
+from drdo_lightning.experiments.frontier import Frontiers
 from drdo_lightning.experiments.sweeps import DISTINCT, KL, aggregate, beyond_edge, cell_text, measure_label, seed_interval
-from drdo_lightning.experiments.tuning import CORRELATION, LEARNING_RATE, setting_name
+from drdo_lightning.experiments.tuning import CORRELATION, LEARNING_RATE, extensible, setting_name
 from drdo_lightning.reports import interval_bars, markdown_table, new_figure, write_csv
 
-IN_DISTRIBUTION, OUT_OF_DISTRIBUTION = "in", "ood"
 PAIRS = "pairs"  # the "family" of measures taken on the validation pairs rather than on prompts
-MARGINS = "margins"
 POOLED = "all"  # the temperature of a measure pooled over temperatures
 FAMILY_TITLES = {IN_DISTRIBUTION: "Evaluation prompts", OUT_OF_DISTRIBUTION: "Out-of-distribution prompts",
                  PAIRS: "Validation pairs"}
@@ -176,17 +176,18 @@ def win_rates(cells: dict[tuple[str, int], dict], methods: list[str], baseline: 
 
 def margin_bins(cells: dict[tuple[str, int], dict], val_file: str, oracle_val: str, bins: int = 5) -> str:
     """Ranking accuracy against the gold sign on the validation pairs, by quintile of |gold margin|:
-    DRDO's reward head and log-prob margin, the others' implicit reward, the condition's Oracle."""
+    a reward head's and its policy's log-prob margin (DRDO), the log-prob margin of a student whose
+    reward it is (SimPO, DRDO without a head), the others' implicit reward, the condition's Oracle."""
     rows = [row for _, row in read_rows(val_file)]
     gold = [r["gold_chosen"] - r["gold_rejected"] for r in rows]
     oracle = [r["oracle_chosen"] - r["oracle_rejected"] for _, r in read_rows(oracle_val)]
     rankers = {"Oracle": [[float(x) for x in oracle]]}
     for (method, _), r in sorted(cells.items()):
         margins = r["scores"][MARGINS]
-        if method.startswith("drdo"):
+        if REWARD_HEAD in margins:
             rankers.setdefault(f"{method} reward head", []).append(margins[REWARD_HEAD])
             rankers.setdefault(f"{method} log-prob margin", []).append(margins[LOGP])
-        elif method == "simpo":
+        elif method.startswith("drdo") or method == "simpo":  # a reward of log-probs: DRDO without a head
             rankers.setdefault(f"{method} log-prob margin", []).append(margins[LOGP])
         else:
             rankers.setdefault(f"{method} implicit reward", []).append(margins[IMPLICIT])
@@ -223,10 +224,23 @@ def teacher_table(teacher_sets: dict[str, dict[str, Any]]) -> str:
                            "ensemble validation accuracy"], body)
 
 
-def tuning_table(tuned: dict[str, list[dict]], chosen: dict[str, dict], rates: dict[str, list[float]], floor: float,
-                 start: dict[str, Any]) -> str:
-    """Every tuned setting's measures on the tuning prompts (the chosen one in bold), the learning rates
-    each method tried and whether its choice sits at an edge of them."""
+def tried_around(entries: list[dict], chosen: dict[str, Any], axis: str) -> list:
+    """The values of ``axis`` tried with every other axis at its chosen value, in order."""
+    return sorted({e["setting"][axis] for e in entries
+                   if all(e["setting"].get(a) == v for a, v in chosen.items() if a != axis)})
+
+
+def _tried_text(entries: list[dict], chosen: dict[str, Any], axis: str) -> str:
+    """``0.001, 0.003 (chosen at an edge)``: an axis's values around the choice, flagged where the choice
+    is the largest or smallest of several numbers tried (a form or a switch has no edge)."""
+    tried = tried_around(entries, chosen, axis)
+    edge = extensible(tried) and beyond_edge(chosen[axis], tried) is not None
+    return ", ".join(f"{v:g}" if extensible([v]) else str(v) for v in tried) + (" (chosen at an edge)" if edge else "")
+
+
+def tuning_table(tuned: dict[str, list[dict]], chosen: dict[str, dict], floor: float, start: dict[str, Any]) -> str:
+    """Every tuned setting's measures on the tuning prompts (the chosen one in bold); the learning rates
+    and the knob values each method tried around its choice, and whether the choice sits at an edge of them."""
     measures = list(dict.fromkeys(["gold", DISTINCT, *(k for es in tuned.values() for e in es for k in e if k != "setting")]))
     body = []
     for method, entries in tuned.items():
@@ -234,15 +248,16 @@ def tuning_table(tuned: dict[str, list[dict]], chosen: dict[str, dict], rates: d
             name = setting_name(e["setting"])
             body.append([method, f"**{name}**" if e["setting"] == chosen[method] else name,
                          *(f"{e[m]:+.3f}" if m in e and not math.isnan(e[m]) else "-" for m in measures)])
-    grids = "; ".join(
-        f"{m}: {', '.join(f'{lr:g}' for lr in sorted(lrs))}"
-        + (" (chosen at an edge)" if beyond_edge(chosen[m][LEARNING_RATE], lrs) is not None else "")
-        for m, lrs in rates.items())
+    rates = "; ".join(f"{m}: {_tried_text(tuned[m], chosen[m], LEARNING_RATE)}" for m in tuned)
+    knobs = "; ".join(f"{m}: " + ", ".join(f"{axis.removeprefix('model.')} {_tried_text(tuned[m], chosen[m], axis)}"
+                                          for axis in chosen[m] if axis != LEARNING_RATE)
+                      for m in tuned if len(chosen[m]) > 1)
     return "\n".join([
         "Tuning (one seed) on the tuning prompts; **bold**: the chosen setting, the best gold reward among those "
         f"with distinct-2 of at least {floor:.3f}. Starting policy: "
         + ", ".join(f"{m} {s['mean']:+.3f}" for m, s in start.items()), "",
-        f"Learning rates tried: {grids}.", "",
+        f"Learning rates tried at the chosen knobs: {rates}.", "",
+        *([f"Knob values tried at the chosen other settings: {knobs}.", ""] if knobs else []),
         markdown_table(["method", "setting", *("margin corr." if m == CORRELATION else m for m in measures)], body)])
 
 
@@ -330,17 +345,19 @@ def _condition_section(c: Condition, cells, methods, summary, measures, families
 
 def write_report(results, methods: list[str], conditions: list[Condition], teacher_sets: dict[str, dict],
                  val_data: str, root: Path, measures: list[str], temperatures: Sequence[float], views: Sequence[str],
-                 reference: dict[str, dict] | None) -> str:
-    """``protocol.md`` (the teachers, the chosen settings, then each of ``views``), ``teachers.md``,
-    ``cells.csv``, ``summary.csv``, ``frontier.png`` and ``across.png``, from the finished cells;
-    a condition without any is listed as not run yet. ``reference``: the starting policy's scores."""
+                 reference: dict[str, dict] | None, frontiers: Frontiers | None = None) -> str:
+    """``protocol.md`` (with ``frontiers``, the verdict and the gold reward at equal KL first; the
+    teachers, the chosen settings, then each of ``views``), ``teachers.md``, ``cells.csv``,
+    ``summary.csv``, ``frontier.png`` and ``across.png`` (and :meth:`frontier.Frontiers.write`'s files),
+    from the finished cells; a condition without any is listed as not run yet. ``reference``: the
+    starting policy's scores."""
     rows = cell_rows(results, temperatures, {c.name: teacher_margins(teacher_sets.get(c.teacher_key()))
                                              for c in conditions})
     summary = summarize(rows)
     families = [f for f in (IN_DISTRIBUTION, OUT_OF_DISTRIBUTION) if any(k[2] == f for k in summary)]
     correlations = any(k[2] == PAIRS for k in summary)
     start = {k: s["mean"] for k, s in (reference or {}).get(IN_DISTRIBUTION, {}).items()}
-    lines = []
+    lines = frontiers.sections(summary, [c.name for c in conditions]) if frontiers else []
     if any("validation" in t for t in teacher_sets.values()):
         lines += ["## Teachers", "", teacher_table(teacher_sets), ""]
     if (root / "chosen.json").is_file():
@@ -378,6 +395,8 @@ def write_report(results, methods: list[str], conditions: list[Condition], teach
     write_csv(rows, root / "cells.csv")
     write_csv(list(summary.values()), root / "summary.csv")
     frontier_plot(results, methods, root / "frontier.png")
+    if frontiers:
+        frontiers.write(root, summary, [c.name for c in conditions])
     across_plot(summary, conditions, methods, [m for m in measures if m != KL], start, root / "across.png")
     text = "\n".join(lines).rstrip()
     (root / "teachers.md").write_text(teacher_table(teacher_sets) + "\n")

@@ -1,5 +1,5 @@
 """Shared pieces of the sweeps: evaluation settings, one cell (train, then judge), intervals over seeds,
-the worker pool and the learning-rate grid's edge."""
+the worker pool and the tuning ladder's steps past a grid's edge."""
 
 from __future__ import annotations
 
@@ -113,7 +113,8 @@ class Evaluator:
 
 
 def run_cell(root: Path, evaluator: Evaluator | None, run: RunSpec | None, policy: str | None = None) -> dict[str, Any]:
-    """Train ``run`` into ``root`` (or take ``policy`` as is) and evaluate the result.
+    """Train ``run`` into ``root`` (or take ``policy`` as is, recorded as the result's ``policy``) and
+    evaluate the result.
 
     A finished cell (``root/scores.json``) is read back (``evaluator`` may then be None); an
     unfinished one is wiped and redone, so a resumed sweep never mixes two runs' logs.
@@ -126,7 +127,8 @@ def run_cell(root: Path, evaluator: Evaluator | None, run: RunSpec | None, polic
     start = time.perf_counter()
     export = run_fit(replace(run, run_dir=root)).export_dir if run is not None else Path(policy)
     trained = time.perf_counter()
-    result = {"scores": evaluator(export), "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained}
+    result = {"scores": evaluator(export), "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained,
+              **({"policy": str(policy)} if run is None else {})}
     done.write_text(json.dumps(result, indent=1))
     return result
 
@@ -208,21 +210,26 @@ def executor(jobs: int, threads: int) -> Executor:
     return ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_start_worker, initargs=(threads,))
 
 
+def ladder_step(value: float, up: bool) -> float:
+    """The next value of the 1-3-10 ladder above (``up``) or below ``value``: 1e-3 -> 3e-3 -> 1e-2
+    upwards, 1e-4 -> 3e-5 -> 1e-5 downwards (a value off the ladder moves by the same factors, 3 or 10/3)."""
+    mantissa = round(value / 10 ** math.floor(math.log10(value)), 6)
+    step = value * (3.0 if mantissa < 3 else 10 / 3) if up else value / (10 / 3 if mantissa < 3 else 3.0)
+    return float(f"{step:.3g}")  # 1e-2, not 0.009999999999999998: it names run folders
+
+
 def beyond_edge(chosen: float, tried: list[float]) -> float | None:
-    """The next learning rate past the edge of ``tried`` that ``chosen`` sits on, or None if it is interior.
+    """The next value past the edge of ``tried`` that ``chosen`` sits on, or None if it is interior.
 
     A tuning grid whose best value is its largest (smallest) says nothing about larger (smaller)
-    values, so the grid grows by one step of the 1-3-10 ladder: 1e-3 -> 3e-3 -> 1e-2 upwards,
-    1e-4 -> 3e-5 -> 1e-5 downwards. A one-value grid is its own edge both ways; it grows upwards.
+    values, so the grid grows by one step of the ladder (:func:`ladder_step`). A one-value grid is its
+    own edge both ways; it grows upwards.
     """
-    mantissa = round(chosen / 10 ** math.floor(math.log10(chosen)), 6)
     if chosen == max(tried):
-        step = chosen * (3.0 if mantissa < 3 else 10 / 3)
-    elif chosen == min(tried):
-        step = chosen / (10 / 3 if mantissa < 3 else 3.0)
-    else:
-        return None
-    return float(f"{step:.3g}")  # 1e-2, not 0.009999999999999998: it names run folders
+        return ladder_step(chosen, up=True)
+    if chosen == min(tried):
+        return ladder_step(chosen, up=False)
+    return None
 
 
 def tuning_prompts(pairs: str, exclude: str, out: Path, limit: int) -> Path:
