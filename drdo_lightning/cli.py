@@ -131,8 +131,14 @@ def main(args: list[str] | None = None) -> Any:
         raise SystemExit(0 if argv else 2)
     command = COMMANDS.get(argv[0])
     if command is None:
-        print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        from drdo_lightning.suggestions import did_you_mean
+
+        print(f"error: unknown command {argv[0]!r}{did_you_mean(argv[0], COMMANDS)}; commands: {', '.join(COMMANDS)}",
+              file=sys.stderr)
         raise SystemExit(2)
+    # The shipped task registers its folder (errors about paths in it name the build, and own data
+    # beside it sets its defaults aside) and its gold judge, before any command reads a path.
+    importlib.import_module("drdo_lightning.embedded_default")
     try:
         return command.run(argv[1:])
     except SystemExit as e:

@@ -302,3 +302,10 @@ def test_a_missing_optional_package_is_one_line_naming_its_extra(tmp_path, tiny_
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         'error: peft is not installed; it comes with `pip install -e ".[peft]"` (or `pip install peft`)')
+
+
+def test_a_misspelt_command_is_named(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["protocl"])
+    assert exit_info.value.code == 2
+    assert "unknown command 'protocl'; did you mean protocol?" in capsys.readouterr().err

@@ -152,8 +152,7 @@ def protocol(
     overrides: dict[str, Any] | None = None,
     report_only: bool = False,
 ) -> str:
-    """Teachers, tuning, then every method on every condition and seed, and the frontier; the tables in
-    ``out/protocol.md``.
+    """Teachers, tuning, every method on every condition and seed, the equal-KL frontier (protocol.md).
 
     The protocol is the module docstring's. Writes under ``out``: ``teachers.md``, ``tuning.md`` and
     ``tuning.csv`` (with ``learning_rates``), ``protocol.md`` (with ``frontier``, the verdict and the
