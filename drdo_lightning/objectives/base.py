@@ -191,7 +191,7 @@ class PreferenceModule(L.LightningModule):
             named = f" ({columns.chosen_score}, {columns.rejected_score})" if columns is not None else ""
             found = f"a list of {len(scores[0])} numbers" if dims == 2 else "one number"
             raise SettingError(f"the Oracle score columns{named} hold {found} per response, and "
-                            f"{type(self).__name__} {SCORE_SHAPE_ERRORS[self.needs.oracle_scores]}")
+                               f"{type(self).__name__} {SCORE_SHAPE_ERRORS[self.needs.oracle_scores]}")
 
     def on_fit_start(self) -> None:
         device_placement.keep_reward_head_fp32(self.policy.reward_head, self.trainer)
