@@ -78,13 +78,17 @@ def test_wheel_carries_the_recipes_and_runs_from_an_empty_folder(tmp_path, tiny_
 
 
 # Runs in the wheel's environment: `--print_config` of each named config as a user runs it (a layer
-# in a folder on the DRDO recipe, a function command's config with its command, a recipe with fit).
+# in a folder on the DRDO recipe, a function command's config with its command, a configuration of the
+# experiment engine with protocol, a recipe with fit).
 PARSE_EACH = """
 import contextlib, io, sys
 from drdo_lightning.cli import COMMANDS, main
+from drdo_lightning.recipes import read_config
 for name in sys.argv[1:]:
     if "/" in name:
         argv = ["fit", "--config", "drdo", "--config", name]
+    elif "conditions" in read_config(name):
+        argv = ["protocol", "--config", name]
     else:
         argv = [name if name in COMMANDS else "fit", "--config", name]
     printed = io.StringIO()
