@@ -137,10 +137,24 @@ def sequence_values(
     :meth:`CausalLMWithRewardHead.project` does not reproduce, and packing for a model that cannot
     keep packed sequences apart (one notice each).
     """
+    kept = kept_positions(input_ids, attention_mask, labels, prompt_logps=wanted.prompt_logps, last=model.reward_head is not None)
+    return values_at(model, input_ids, attention_mask, kept, wanted, chunk_rows=chunk_rows, packed=packed)
+
+
+def values_at(
+    model: CausalLMWithRewardHead,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    kept: KeptPositions,
+    wanted: Wanted,
+    *,
+    chunk_rows: int | None,
+    packed: bool,
+) -> SequenceValues:
+    """:func:`sequence_values` at positions already kept (:func:`positions.kept_positions`)."""
     reproduced = (chunk_rows is not None or packed) and model.head_is_reproduced(input_ids)
     packing = model.packing_for(attention_mask) if reproduced and packed else None
     one_piece = not reproduced or (chunk_rows is None and packing is None)
-    kept = kept_positions(input_ids, attention_mask, labels, prompt_logps=wanted.prompt_logps, last=model.reward_head is not None)
     backbone = model.head_inputs(input_ids, attention_mask, kept, logits=one_piece, packing=packing)
     if one_piece:
         token = logprobs.token_logps(backbone.logits, kept.targets)
@@ -174,12 +188,12 @@ def loss_and_sequence_values(
     """
     if not model.fuses_head(input_ids):
         return None
-    packing = model.packing_for(attention_mask) if packed else None
     kept = kept_positions(input_ids, attention_mask, labels, prompt_logps=wanted.prompt_logps, last=model.reward_head is not None)
     chunks = logprobs.chunks_of_groups(kept.rows % groups, groups, chunk_rows)
     if chunks is None:
-        values = sequence_values(model, input_ids, attention_mask, labels, wanted, chunk_rows=chunk_rows, packed=packed)
+        values = values_at(model, input_ids, attention_mask, kept, wanted, chunk_rows=chunk_rows, packed=packed)
         return loss_of(values).sum(), values
+    packing = model.packing_for(attention_mask) if packed else None
     backbone = model.head_inputs(input_ids, attention_mask, kept, logits=False, packing=packing)
     head = model.lm.get_output_embeddings()
     loss, token = logprobs.fused_head_loss(

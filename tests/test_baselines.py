@@ -15,7 +15,7 @@ from drdo_lightning import DPO, IPO, CausalLMWithRewardHead, PreferenceDataModul
 from drdo_lightning.cli import main
 from drdo_lightning.experiments.pipeline import write_summary
 from drdo_lightning.jsonl import write_jsonl
-from drdo_lightning.objectives import reference_logps
+from drdo_lightning.objectives import reference
 from drdo_lightning.stages import train_ensemble
 from drdo_lightning.training import FitResult
 
@@ -96,7 +96,7 @@ def test_precomputed_reference_is_cached_and_keyed_by_truncation(tmp_path, tiny_
     def fail(*_):
         raise AssertionError("reference log-probs recomputed despite the cache")
 
-    monkeypatch.setattr(reference_logps, "compute", fail)
+    monkeypatch.setattr(reference, "compute", fail)
     main(args(tmp_path, tiny_model_dir, "DPO", scored_pairs, *common))  # cache hit
     with pytest.raises(AssertionError, match="recomputed"):
         main(args(tmp_path, tiny_model_dir, "DPO", scored_pairs, *common, "--data.max_prompt_length", "16", "--data.max_length", "40"))

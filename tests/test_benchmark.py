@@ -410,7 +410,6 @@ def test_the_gpu_machines_wheels_are_versions_the_project_accepts():
     """``benchmarks/gpu_wheels.txt`` pins one version of each package, each within what pyproject.toml asks
     for (dependencies, and the extras the GPU run uses), and carries every package of the ``gpu`` extra."""
     import tomllib
-
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 

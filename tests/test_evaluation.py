@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from drdo_lightning import CausalLMWithRewardHead
-from drdo_lightning.embedded_default.task import gold_reward
 from drdo_lightning.cli import main
 from drdo_lightning.data.datamodule import PreferenceDataModule
 from drdo_lightning.data.tokenization import load_tokenizer
+from drdo_lightning.embedded_default.task import gold_reward
 from drdo_lightning.errors import DataError
 from drdo_lightning.evaluation.generation import generate, load_policy
 from drdo_lightning.evaluation.judges import RewardModelJudge

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from drdo_lightning.errors import UserError
-from drdo_lightning.experiments.cells import IN_DISTRIBUTION
 from drdo_lightning.evaluation.statistics import ALL, Estimate
+from drdo_lightning.experiments.cells import IN_DISTRIBUTION
 from drdo_lightning.experiments.sweeps import KL, cell_text, seed_interval
 from drdo_lightning.reports import markdown_table, new_figure, write_csv
 

@@ -4,24 +4,24 @@ the worker pool and the tuning ladder's steps past a grid's edge."""
 from __future__ import annotations
 
 import json
-import os
 import logging
 import math
+import os
 import shutil
 import statistics
 import time
 from collections import defaultdict
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Any, Sequence
 
 from drdo_lightning.data.readers import read_rows
 from drdo_lightning.embedded_default import EMBEDDED, EVAL_PROMPTS, GOLD, OOD_PROMPTS
+from drdo_lightning.errors import UserError
 from drdo_lightning.evaluation.judges import Judge, load_judge
 from drdo_lightning.evaluation.sampling import PAPER_TEMPERATURES, read_prompts, sample_and_score
-from drdo_lightning.errors import UserError
 from drdo_lightning.evaluation.statistics import Estimate, distinct_n
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.training import DataSpec, RunSpec, run_fit

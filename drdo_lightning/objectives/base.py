@@ -28,7 +28,6 @@ from drdo_lightning.models import CausalLMWithRewardHead
 from drdo_lightning.objectives.oracle_target import OracleTarget
 from drdo_lightning.objectives.outputs import HeadSettings, Needs, PairLoss, PairOutputs, forward_pairs
 
-
 # A checkpoint's entry for PreferenceModule.training_target, which exports write beside the model.
 TRAINING_TARGET_KEY = "training_target"
 

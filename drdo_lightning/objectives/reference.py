@@ -10,9 +10,9 @@ from torch import Tensor
 
 from drdo_lightning import lora
 from drdo_lightning.models import CausalLMWithRewardHead
-from drdo_lightning.objectives import reference_logps
 from drdo_lightning.objectives.base import PreferenceModule
 from drdo_lightning.objectives.outputs import PairOutputs
+from drdo_lightning.objectives.reference_logps import COLUMNS, attach, cache_file, compute
 
 
 def frozen(model: CausalLMWithRewardHead) -> CausalLMWithRewardHead:
@@ -89,16 +89,16 @@ class ReferenceModule(PreferenceModule):
         if stage == "fit" and self.hparams.precompute_reference:
             data = self.trainer.datamodule
             device = self.trainer.strategy.root_device
-            reference_logps.attach(
-                data, self.trainer, reference_logps.cache_file(data, self.reference_path, self.hparams.average_logps),
-                lambda: reference_logps.compute(data, self.load_reference(), lambda b, m: self.forward_pairs(b, model=m), device),
+            attach(
+                data, self.trainer, cache_file(data, self.reference_path, self.hparams.average_logps),
+                lambda: compute(data, self.load_reference(), lambda b, m: self.forward_pairs(b, model=m), device),
             )
 
     def prepare_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The batch with the reference's log-probs as columns: precomputed ones as they are, else a
         no-grad forward of the live reference (once per step, whether the loss is then fused or not)."""
         batch = super().prepare_batch(batch)
-        if reference_logps.COLUMNS[0] in batch:
+        if COLUMNS[0] in batch:
             return batch
         with torch.no_grad():
             if self.reference is not None:
@@ -108,7 +108,7 @@ class ReferenceModule(PreferenceModule):
                     out = self.forward_pairs(batch, model=base)
             else:
                 raise RuntimeError("precompute_reference=True but the batch has no reference log-probs")
-        return {**batch, reference_logps.COLUMNS[0]: out.chosen_logps, reference_logps.COLUMNS[1]: out.rejected_logps}
+        return {**batch, COLUMNS[0]: out.chosen_logps, COLUMNS[1]: out.rejected_logps}
 
     # The reference is frozen and rebuilt from disk at start: keep it out of checkpoints.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -124,4 +124,4 @@ class ReferenceModule(PreferenceModule):
 
 def reference_of(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """``(z_w^ref, z_l^ref)`` from a batch that :meth:`ReferenceModule.prepare_batch` prepared."""
-    return batch[reference_logps.COLUMNS[0]], batch[reference_logps.COLUMNS[1]]
+    return batch[COLUMNS[0]], batch[COLUMNS[1]]
