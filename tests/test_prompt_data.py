@@ -64,7 +64,7 @@ def test_a_pairs_file_gives_its_prompts_once_and_counts_the_repeats(pair_files, 
     assert prompts == expected and len(expected) < len(tiny_task["train"])  # the task repeats some prompts
     (record,) = [r for r in caplog.records if "repeat an earlier prompt" in r.getMessage()]
     repeats = len(tiny_task["train"]) - len(expected)
-    assert record.levelno == logging.INFO
+    assert record.levelno == logging.WARNING
     assert f"{repeats} of {len(tiny_task['train'])} pairs repeat" in record.getMessage()
 
 
@@ -116,6 +116,8 @@ def test_prompt_batches_are_shuffled_with_the_seed_and_hold_every_prompt(pair_fi
     dm = setup_dm(pair_files["train"], tiny_model_dir, prompts_only=True, batch_size=8, val_file=str(pair_files["val"]),
                   eval_batch_size=5)
     assert dm.train_dataset is None and not dm.has_split("train")  # no pairs without an offline_file
+    with pytest.raises(DataError, match="the train split holds no pairs"):
+        dm.column("train", "chosen_score")
     batches = epoch(dm.train_dataloader())
     assert all(set(b) == {"prompts"} and isinstance(b["prompts"], list) for b in batches)
     assert [len(b["prompts"]) for b in batches[:-1]] == [8] * (len(batches) - 1)

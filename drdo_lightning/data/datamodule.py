@@ -500,11 +500,9 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
         self.train_dataset, self.val_dataset = splits["train"], splits.get("val")
 
     def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        kwargs = dict(
-            batch_size=batch_size, collate_fn=PairCollator(self.tokenizer.pad_token_id), num_workers=self.hparams.num_workers
-        )
+        kwargs = dict(collate_fn=PairCollator(self.tokenizer.pad_token_id), num_workers=self.hparams.num_workers)
         if not shuffle:
-            return DataLoader(ds, **kwargs)
+            return DataLoader(ds, batch_size=batch_size, **kwargs)
         world, rank = self._ranks()
         loader = shuffled_loader(ds, batch_size, world=world, rank=rank, **kwargs)
         sampler = loader.sampler
@@ -563,8 +561,8 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
     def val_dataloader(self) -> DataLoader | list:
         hp = self.hparams
         if hp.prompts_only:
-            return [] if self.val_prompts is None else val_prompt_loader(self.val_prompts, hp.eval_batch_size or hp.batch_size,
-                                                                         hp.num_workers)
+            prompts = self.val_prompts
+            return [] if prompts is None else val_prompt_loader(prompts, hp.eval_batch_size or hp.batch_size, hp.num_workers)
         if self.val_dataset is None:
             return []
         return self._loader(self.val_dataset, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
@@ -574,6 +572,9 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
 
     def column(self, split: Split, name: str) -> list:
         dataset = getattr(self, f"{split}_dataset")
+        if dataset is None:  # no such data, or prompts_only without an offline_file (pairs sampled as it trains)
+            raise DataError(f"the {split} split holds no pairs (none was given, or prompts_only without an "
+                            f"offline_file): no column {name!r}")
         if name not in dataset.column_names:
             raise DataError(f"the {split} split has no column {name!r} (columns: {', '.join(dataset.column_names)})")
         return list(dataset[name])

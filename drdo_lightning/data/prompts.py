@@ -61,10 +61,8 @@ def load_prompts(source: str, cols: Columns, *, split: str = "train", on_bad_row
         distinct.setdefault(json.dumps(prompt, sort_keys=True), prompt)
         read += 1
     if read > len(distinct):
-        # Pairs share prompts by design (several answers to one prompt); a prompt file repeating one is news.
-        log.log(logging.INFO if rows.pairs else logging.WARNING,
-                "%s: %d of %d %s repeat an earlier prompt: reading %d distinct prompts, each once", source,
-                read - len(distinct), read, "pairs" if rows.pairs else "rows", len(distinct))
+        log.warning("%s: %d of %d %s repeat an earlier prompt: reading %d distinct prompts, each once", source,
+                    read - len(distinct), read, "pairs" if rows.pairs else "rows", len(distinct))
     return list(distinct.values())
 
 
@@ -133,7 +131,11 @@ class PromptLoader(ResumableDataLoader):
     run sees the same prompts and pairs as an uninterrupted one.
     """
 
-    offline: ResumableDataLoader | None = None
+    def __init__(self, *args, offline: ResumableDataLoader | None = None, **kwargs) -> None:
+        # An argument, not an attribute set later: Lightning remakes a loader from its arguments when it
+        # replaces the sampler (overfit_batches), and the offline pairs must survive that.
+        super().__init__(*args, **kwargs)
+        self.offline = offline
 
     def __iter__(self):
         if self.offline is None:
@@ -170,16 +172,16 @@ def prompt_loader(prompts: list, batch_size: int, *, world: int = 1, rank: int =
     if len(prompts) < batch_size * world:
         log.warning("batch_size %d%s is more than the %d training prompts: every step samples for all of them, one "
                     "step an epoch", batch_size, f" x {world} processes" if world > 1 else "", len(prompts))
-    loader = shuffled_loader(prompts, batch_size, world=world, rank=rank, loader=PromptLoader,
-                             collate_fn=collate_prompts, num_workers=num_workers)
+    pairs = None
     if offline is not None:
-        loader.offline = shuffled_loader(offline, offline_batch_size, world=world, rank=rank, drop_last=True,
-                                         collate_fn=PairCollator(pad_token_id), num_workers=num_workers)
-        if len(loader.offline) == 0:
+        pairs = shuffled_loader(offline, offline_batch_size, world=world, rank=rank, drop_last=True,
+                                collate_fn=PairCollator(pad_token_id), num_workers=num_workers)
+        if len(pairs) == 0:
             raise DataError(f"the offline_file has {len(offline)} pairs{f' for {world} processes' if world > 1 else ''}, "
                             f"fewer than the {offline_batch_size} a batch carries (offline_share): lower "
                             "--data.offline_share or --data.batch_size")
-    return loader
+    return shuffled_loader(prompts, batch_size, world=world, rank=rank, loader=PromptLoader, offline=pairs,
+                           collate_fn=collate_prompts, num_workers=num_workers)
 
 
 def val_prompt_loader(prompts: list, batch_size: int, num_workers: int = 0) -> DataLoader:
