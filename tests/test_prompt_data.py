@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from data_support import (  # noqa: F401 (fixtures)
@@ -38,10 +39,6 @@ def distinct(values: list) -> list:
         if value not in out:
             out.append(value)
     return out
-
-
-def epoch(loader) -> list[dict]:
-    return list(loader)
 
 
 # --- reading prompts ---------------------------------------------------------------------------
@@ -118,15 +115,15 @@ def test_prompt_batches_are_shuffled_with_the_seed_and_hold_every_prompt(pair_fi
     assert dm.train_dataset is None and not dm.has_split("train")  # no pairs without an offline_file
     with pytest.raises(DataError, match="the train split holds no pairs"):
         dm.column("train", "chosen_score")
-    batches = epoch(dm.train_dataloader())
+    batches = list(dm.train_dataloader())
     assert all(set(b) == {"prompts"} and isinstance(b["prompts"], list) for b in batches)
     assert [len(b["prompts"]) for b in batches[:-1]] == [8] * (len(batches) - 1)
     seen = [p for b in batches for p in b["prompts"]]
     assert sorted(seen) == sorted(dm.train_prompts) == sorted(distinct([r["prompt"] for r in tiny_task["train"]]))
     assert seen != dm.train_prompts  # shuffled
     again = setup_dm(pair_files["train"], tiny_model_dir, prompts_only=True, batch_size=8)
-    assert [p for b in epoch(again.train_dataloader()) for p in b["prompts"]] == seen
-    val = epoch(dm.val_dataloader())
+    assert [p for b in list(again.train_dataloader()) for p in b["prompts"]] == seen
+    val = list(dm.val_dataloader())
     assert [p for b in val for p in b["prompts"]] == distinct([r["prompt"] for r in tiny_task["val"]])  # in order
     assert len(val[0]["prompts"]) == 5
 
@@ -143,7 +140,7 @@ def test_offline_pairs_are_their_share_of_each_step(batch_size, share, n_off, pa
     assert offline_pairs_per_batch(batch_size, share) == n_off
     dm = setup_dm(pair_files["train"], tiny_model_dir, prompts_only=True, batch_size=batch_size, offline_file=str(pairs16),
                   offline_share=share, **SCORES)
-    batches = epoch(dm.train_dataloader())
+    batches = list(dm.train_dataloader())
     full = [b for b in batches if len(b["prompts"]) == batch_size]
     assert len(full) >= len(batches) - 1
     for b in batches:  # a short last batch of prompts still carries the offline pairs of a batch
@@ -165,7 +162,7 @@ def test_offline_pairs_are_the_pair_modules_and_run_through_its_epochs(pair_file
         offline.sampler.set_epoch(len(orders))
         orders.append(offline.sampler.order())
     offline.sampler.set_epoch(0)
-    batches = epoch(loader)
+    batches = list(loader)
     assert len(batches) == 12
     for i, b in enumerate(batches):
         order = orders[i // 4]
@@ -265,3 +262,28 @@ def test_the_command_line_takes_the_online_data_options(tmp_path, capsys):
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "prompts_only: true" in printed and "offline_file: pairs.jsonl" in printed and "offline_share: 0.25" in printed
+
+
+def test_a_trainer_takes_the_prompt_batches_reshuffled_each_epoch(pair_files, pairs16, tiny_model_dir, tmp_path):
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[tuple[int, list, int]] = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append((self.current_epoch, batch["prompts"], batch["chosen_input_ids"].shape[0]))
+            return self.weight.sum() * 0
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = make_dm(pair_files["train"], tiny_model_dir, prompts_only=True, batch_size=8, offline_file=str(pairs16),
+                 offline_share=0.2)
+    module = Recorder()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    epochs = [[p for e, prompts, _ in module.seen if e == n for p in prompts] for n in (0, 1)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(dm.train_prompts) and epochs[0] != epochs[1]
+    assert {n for _, _, n in module.seen} == {2}
