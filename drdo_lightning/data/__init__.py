@@ -4,7 +4,7 @@
 prompt/response texts, chat rendering; :mod:`.noise` picks the pairs label noise flips) ->
 :mod:`.tokenization` (token ids, truncation) -> :mod:`.building` (splits tokenized in bounded memory)
 -> :mod:`.sampling` (resumable, length-grouped order) -> :mod:`.collation` (padded tensors); :mod:`.datamodule` ties them into the
-:class:`PreferenceDataModule` that every recipe uses. :mod:`.splits` builds the paper's
+:class:`PreferenceDataModule` that every recipe uses; :mod:`.prompts` reads prompts alone for its online mode. :mod:`.splits` builds the paper's
 non-deterministic splits of a labelled dataset.
 
 The names re-exported here are the ones recipes and user code import from ``drdo_lightning.data``.
