@@ -7,17 +7,20 @@ with a tokenizer of its own.
 
 from __future__ import annotations
 
-import copy
+import signal
 from types import SimpleNamespace
 
 import pytest
 import torch
 from architectures import build
+from conftest import fit_argv
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from test_reliability import finished_output, start_cli
 from test_scoring import expected_reward
 from transformers import AutoModelForSequenceClassification, GPTNeoXConfig
 
 from drdo_lightning import DPO, DRDO, IPO
+from drdo_lightning.cli import main
 from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.embedded_default import task as embedded
 from drdo_lightning.errors import SettingError
@@ -262,3 +265,40 @@ def test_data_and_model_must_agree_on_prompts(tiny_model_dir):
         online.check_data(SimpleNamespace(hparams={"prompts_only": False}))
     with pytest.raises(SettingError, match="--model.online.judge"):
         DRDO(str(tiny_model_dir)).check_data(SimpleNamespace(hparams={"prompts_only": True}))
+
+
+# -- a run killed and resumed -----------------------------------------------------------------------
+
+
+def test_sigkill_then_resume_samples_alike_and_ends_with_the_same_weights(
+    tmp_path, tiny_model_dir, pair_files, judge_with_own_vocabulary, monkeypatch
+):
+    """Every step's samples derive from (seed, step, rank) and the seed is in the checkpoint: a run
+    killed after its step-2 checkpoint and resumed from it ends where an uninterrupted run does."""
+    monkeypatch.setenv("DRDO_THREADS", "off")  # bitwise equality needs one thread count in every run
+
+    def args(root, *more):
+        return fit_argv(root, tiny_model_dir, pair_files["train"], "--data.prompts_only", "true",
+                        "--model.online.judge", str(judge_with_own_vocabulary[0]), "--model.online.k", "3",
+                        "--model.online.max_new_tokens", "6", "--model.online.seed", "7", "--model.learning_rate", "1e-2",
+                        "--trainer.max_steps", "5", "--trainer.limit_val_batches", "0", *more, checkpoints=2)
+
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    interrupted.mkdir()
+    want = main(args(uninterrupted)).model.policy.state_dict()
+
+    killed = start_cli(args(interrupted, "--trainer.callbacks+=probes.SigkillAtStep", "--trainer.callbacks.step", "3"),
+                       interrupted)
+    output = finished_output(killed)
+    assert killed.returncode == -signal.SIGKILL, output[-4000:]
+    last = interrupted / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["global_step"] == 2 and checkpoint["online_source"] == {"seed": 7}
+    assert not any(k.startswith("online_start.") for k in checkpoint["state_dict"])
+
+    resumed = main(args(interrupted, "--ckpt_path", str(last)))
+    assert resumed.trainer.global_step == 5
+    got = resumed.model.policy.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    samples = list((interrupted / "lightning_logs").rglob("samples.jsonl"))
+    assert samples, "no samples were logged"
