@@ -45,7 +45,9 @@ from drdo_lightning.data.columns import ExampleColumns, Split
 from drdo_lightning.data.noise import LABEL_NOISE_MODELS, noise_flip_indices
 from drdo_lightning.data.pairs import Columns, iter_pairs
 from drdo_lightning.data.readers import folder_splits
-from drdo_lightning.data.sampling import ResumableDataLoader, ResumableSampler, padding_fraction, sequence_lengths
+from drdo_lightning.data.prompts import (check_online_settings, offline_pairs_per_batch, prompt_loader, prompt_splits,
+                                         val_prompt_loader)
+from drdo_lightning.data.sampling import ResumableDataLoader, held_out, padding_fraction, sequence_lengths, shuffled_loader
 from drdo_lightning.data.tokenization import chat_renderer, describe_counts, load_tokenizer, warn_trailing_whitespace
 from drdo_lightning.errors import DataError, SettingError, shipped_made_by
 
@@ -244,6 +246,13 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
             order stays shuffled beyond stretches of 64 batches), grouped before the split across
             processes, so several processes train on one process's batches. The share of padding
             tokens is logged either way.
+        prompts_only: Train online (:mod:`.prompts`): ``train_file`` and the validation data give
+            prompts (a file of prompts alone, or the prompts of pairs, each distinct one once) in
+            batches ``{"prompts": [...]}`` of ``batch_size``, for the policy to answer.
+        offline_file, offline_share: With ``prompts_only``, pairs (read, tokenized and cached as
+            ``train_file``'s are otherwise) mixed into each training batch as a share
+            ``offline_share`` in [0, 1) of the step's pairs, one online pair a prompt:
+            ``round(batch_size * s / (1 - s))`` of them, collated as pair batches are.
     """
 
     def __init__(
@@ -278,6 +287,9 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
         val_split: str = DEFAULT_VAL_SPLIT,
         cache_dir: str | None = "~/.cache/drdo_lightning",
         group_by_length: bool = False,
+        prompts_only: bool = False,
+        offline_file: str | None = None,
+        offline_share: float = 0.0,
     ) -> None:
         super().__init__()
         val_file, val_fraction, val_split = validation_source(train_file, val_file, val_fraction, split, val_split,
@@ -304,6 +316,9 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
             raise SettingError("give both chosen_score_column and rejected_score_column, or neither")
         if num_proc is not None and num_proc < 1:
             raise SettingError(f"num_proc must be at least 1, got {num_proc}")
+        check_online_settings(prompts_only=prompts_only, offline_file=offline_file, offline_share=offline_share,
+                              batch_size=batch_size, rejected_column=rejected_column, label_flip_rate=label_flip_rate,
+                              label_noise=label_noise, noise_validation=noise_validation, group_by_length=group_by_length)
         self.save_hyperparameters()
         # What validation_source decided, over the values LightningCLI hands save_hyperparameters as given.
         self.hparams.update(val_file=val_file, val_fraction=val_fraction, val_split=val_split)
@@ -313,6 +328,8 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
         self.tokenizer = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code, chat_template=chat_template)
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
+        self.train_prompts: list | None = None  # prompts_only: each split's prompts (the datasets hold offline pairs)
+        self.val_prompts: list | None = None
         self._train_loader: ResumableDataLoader | None = None
         self._resume_position: dict[str, int] | None = None  # from a checkpoint, for the next training loader
         # Where splits built without a cache live: their Arrow files are mapped, not loaded, so
@@ -320,21 +337,25 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
         self._scratch: tempfile.TemporaryDirectory | None = None
 
     def cache_path(self) -> Path | None:
-        """Directory of this configuration's tokenized cache (None when caching is off)."""
-        if self.hparams.cache_dir is None:
+        """Directory of this configuration's tokenized cache (None when caching is off, or in prompts_only
+        mode without offline pairs: nothing is tokenized)."""
+        if self.hparams.cache_dir is None or self._pair_file() is None:
             return None
-        loading_only = ("batch_size", "eval_batch_size", "num_workers", "num_proc", "cache_dir", "group_by_length")
+        loading_only = ("batch_size", "eval_batch_size", "num_workers", "num_proc", "cache_dir", "group_by_length",
+                        "offline_share")
         keys = {k: v for k, v in self.hparams.items() if k not in loading_only}
         if keys["label_noise"] == "uniform":  # the margin-based models' settings change nothing: keys as before them
             for k in NOISE_SETTINGS:
                 del keys[k]
         if not keys["noise_validation"]:  # off: keys as before the option
             del keys["noise_validation"]
+        if not keys["prompts_only"]:  # off: keys as before the online mode
+            del keys["prompts_only"], keys["offline_file"]
         material = json.dumps(
             {
                 "version": CACHE_FORMAT_VERSION,
                 "hparams": keys,
-                "train": _source_fingerprint(self.hparams.train_file),
+                "train": _source_fingerprint(self._pair_file()),
                 "val": _source_fingerprint(self.hparams.val_file) if self.hparams.val_file else None,
                 "tokenizer": _tokenizer_fingerprint(self.tokenizer),
             },
@@ -342,6 +363,10 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
             default=str,
         )
         return Path(self.hparams.cache_dir).expanduser() / hashlib.sha256(material.encode()).hexdigest()[:24]
+
+    def _pair_file(self) -> str | None:
+        """Where the pairs it tokenizes come from: ``train_file``, or in prompts_only mode ``offline_file`` (or none)."""
+        return self.hparams.offline_file if self.hparams.prompts_only else self.hparams.train_file
 
     def _texts(self, source: str, split: str, template, path: Path, columns: Columns | None = None) -> datasets.Dataset:
         """The validated rows of ``source`` (by ``columns``, default the module's) in an Arrow file at ``path``."""
@@ -369,7 +394,9 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
         bounded memory"); the splits returned are mapped from there."""
         hp = self.hparams
         template = chat_renderer(self.tokenizer)
-        train = self._texts(hp.train_file, hp.split, template, work / "train.texts.arrow")
+        train = self._texts(self._pair_file(), hp.split, template, work / "train.texts.arrow")
+        if hp.prompts_only:  # the offline pairs, mixed into training batches; validation is of prompts (setup)
+            return {"train": self._tokenize(train, list(range(len(train))), frozenset(), "train", work)}
         # Each split is some rows of a text file, in order: (texts, row order).
         splits = {"train": (train, list(range(len(train))))}
         if hp.val_file is not None:
@@ -377,12 +404,8 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
             val = self._texts(hp.val_file, hp.val_split, template, work / "val.texts.arrow", no_margin)
             splits["val"] = (val, list(range(len(val))))
         elif hp.val_fraction is not None:
-            order = list(range(len(train)))
-            random.Random(hp.seed).shuffle(order)
-            n_val = max(1, round(hp.val_fraction * len(train)))
-            if n_val >= len(train):
-                raise DataError(f"val_fraction={hp.val_fraction} leaves no training rows out of {len(train)}")
-            splits = {"train": (train, order[n_val:]), "val": (train, order[:n_val])}
+            kept, held = held_out(len(train), hp.val_fraction, hp.seed)
+            splits = {"train": (train, kept), "val": (train, held)}
         flipped = {"train": self._flipped(train, splits["train"][1])}
         if hp.noise_validation and "val" in splits:  # carved from train_file: its rows have the margin too
             flipped["val"] = self._flipped(train, splits["val"][1], "validation")
@@ -452,7 +475,12 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
         log.info("cached tokenized data in %s", cache)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is not None:
+        hp = self.hparams
+        if hp.prompts_only and self.train_prompts is None:
+            self.train_prompts, self.val_prompts = prompt_splits(
+                hp.train_file, hp.val_file, hp.val_fraction, self.columns, split=hp.split, val_split=hp.val_split,
+                on_bad_row=hp.on_bad_row, seed=hp.seed)
+        if self.train_dataset is not None or self._pair_file() is None:
             return
         cache = self.cache_path()
         if cache is not None and (cache / "train.arrow").exists():
@@ -477,10 +505,9 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
         )
         if not shuffle:
             return DataLoader(ds, **kwargs)
-        # Shuffled per epoch from seed_everything's seed (as Lightning's own distributed sampler
-        # is), split across ranks, and resumable mid-epoch.
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = ResumableSampler(ds, num_replicas=world, rank=rank, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        world, rank = self._ranks()
+        loader = shuffled_loader(ds, batch_size, world=world, rank=rank, **kwargs)
+        sampler = loader.sampler
         lengths = sequence_lengths(ds)
         if self.hparams.group_by_length:
             sampler.lengths, sampler.batch_size = [max(pair) for pair in lengths], batch_size
@@ -488,15 +515,26 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
             "training batches: %.1f%% of tokens are padding (group_by_length=%s)",
             100 * padding_fraction(lengths, sampler.order(), batch_size), self.hparams.group_by_length,
         )
-        return ResumableDataLoader(ds, sampler=sampler, **kwargs)
+        return loader
+
+    def _ranks(self) -> tuple[int, int]:
+        """``(world size, this process's rank)`` of the run (one process outside a trainer)."""
+        return (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
 
     def train_dataloader(self) -> DataLoader:
-        world = self.trainer.world_size if self.trainer else 1
-        if len(self.train_dataset) < self.hparams.batch_size * world:
-            log.warning("batch_size %d%s is more than the %d training pairs: every step trains on all of them, one step "
-                        "an epoch (a smaller --data.batch_size takes several steps an epoch)", self.hparams.batch_size,
-                        f" x {world} processes" if world > 1 else "", len(self.train_dataset))
-        self._train_loader = self._loader(self.train_dataset, self.hparams.batch_size, shuffle=True)
+        hp = self.hparams
+        world, rank = self._ranks()
+        if hp.prompts_only:
+            self._train_loader = prompt_loader(
+                self.train_prompts, hp.batch_size, world=world, rank=rank, num_workers=hp.num_workers,
+                offline=self.train_dataset, offline_batch_size=offline_pairs_per_batch(hp.batch_size, hp.offline_share),
+                pad_token_id=self.tokenizer.pad_token_id)
+        else:
+            if len(self.train_dataset) < hp.batch_size * world:
+                log.warning("batch_size %d%s is more than the %d training pairs: every step trains on all of them, one "
+                            "step an epoch (a smaller --data.batch_size takes several steps an epoch)", hp.batch_size,
+                            f" x {world} processes" if world > 1 else "", len(self.train_dataset))
+            self._train_loader = self._loader(self.train_dataset, hp.batch_size, shuffle=True)
         if self._resume_position is not None:
             self._train_loader.load_state_dict(self._resume_position)
             self._resume_position = None
@@ -523,6 +561,10 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
             self._train_loader.load_state_dict(position)
 
     def val_dataloader(self) -> DataLoader | list:
+        hp = self.hparams
+        if hp.prompts_only:
+            return [] if self.val_prompts is None else val_prompt_loader(self.val_prompts, hp.eval_batch_size or hp.batch_size,
+                                                                         hp.num_workers)
         if self.val_dataset is None:
             return []
         return self._loader(self.val_dataset, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)

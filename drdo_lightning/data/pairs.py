@@ -9,13 +9,14 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from drdo_lightning.data.readers import holds_text_only, read_rows
 from drdo_lightning.errors import DataError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 HH_ASSISTANT = "\n\nAssistant:"  # in Anthropic HH transcripts, what opens each assistant turn
 
 
@@ -224,8 +225,23 @@ def _begins_alike(row: dict, cols: Columns) -> bool:
     return True
 
 
-def _render_conversation(prompt: Any, chosen: Any, rejected: Any, template: Any, cols: Columns):
-    """Split conversations into (prompt text, chosen text, rejected text) via the chat template."""
+def check_prompt(value: Any, field: str) -> str | list[dict]:
+    """A prompt to answer: non-empty text, or a conversation (:func:`check_messages`) that does not end
+    with an assistant turn; raises :class:`RowError`."""
+    if isinstance(value, str):
+        return _check_text(value, field)
+    if not is_conversation(value):
+        raise RowError(field, "bad_prompt", f"expected a non-empty string or a list of messages, got {value!r:.60}")
+    messages = check_messages(value, field)
+    if messages[-1]["role"] == "assistant":
+        raise RowError(field, "bad_roles", "the prompt conversation must not end with an assistant turn")
+    return messages
+
+
+def _conversation_context(prompt: Any, chosen: Any, rejected: Any, cols: Columns):
+    """``(context, chosen messages, rejected messages)`` of a conversational row: the context is the
+    conversation before the responses' last (assistant) turn, which both must share, or, when that
+    is empty, the prompt column's (text as one user turn); raises :class:`RowError`."""
     chosen_msgs = check_messages(chosen, cols.chosen)
     rejected_msgs = check_messages(rejected, cols.rejected) if cols.rejected is not None else None
     for msgs, field in ((chosen_msgs, cols.chosen), (rejected_msgs, cols.rejected)):
@@ -239,8 +255,12 @@ def _render_conversation(prompt: Any, chosen: Any, rejected: Any, template: Any,
             context = user_turn(_check_text(prompt, cols.prompt_field))
         else:
             context = check_messages(prompt, cols.prompt_field)
-    if context[-1]["role"] == "assistant":
-        raise RowError(cols.prompt_field, "bad_roles", "the prompt conversation must not end with an assistant turn")
+    return check_prompt(context, cols.prompt_field), chosen_msgs, rejected_msgs
+
+
+def _render_conversation(prompt: Any, chosen: Any, rejected: Any, template: Any, cols: Columns):
+    """Split conversations into (prompt text, chosen text, rejected text) via the chat template."""
+    context, chosen_msgs, rejected_msgs = _conversation_context(prompt, chosen, rejected, cols)
     if template is None:
         raise RowError(
             cols.chosen, "no_chat_template",
@@ -267,17 +287,34 @@ def render_as_chat(pair: TextPair, template, cols: Columns) -> TextPair:
     return replace(pair, prompt=prompt, chosen=chosen, rejected=rejected, prompt_has_special_tokens=True)
 
 
+def _row_fields(row: dict, cols: Columns) -> tuple[Any, Any, Any]:
+    """``(prompt, chosen, rejected)`` of a row, unrendered: the prompt taken from what chosen and
+    rejected share when there is no prompt column, and answers given as text to a chat prompt made
+    assistant turns; raises :class:`RowError`."""
+    chosen, rejected = row.get(cols.chosen), row.get(cols.rejected) if cols.rejected else None
+    if cols.prompt is None:
+        return extract_prompt(chosen, rejected, cols)
+    prompt = row.get(cols.prompt)
+    if is_conversation(prompt) and not is_conversation(chosen):  # a chat prompt with answers as text
+        chosen = assistant_turn(_check_text(chosen, cols.chosen))
+        rejected = assistant_turn(_check_text(rejected, cols.rejected) if cols.rejected else None)
+    return prompt, chosen, rejected
+
+
+def row_prompt(row: dict, cols: Columns) -> str | list[dict]:
+    """The prompt of a pair row as :func:`validate_row` finds it, not rendered: text, or the
+    conversation so far (a text prompt before conversational answers is one user turn), for a policy
+    to answer. Only the fields the prompt comes from are checked; raises :class:`RowError`."""
+    prompt, chosen, rejected = _row_fields(row, cols)
+    if is_conversation(chosen):
+        return _conversation_context(prompt, chosen, rejected, cols)[0]
+    return _check_text(prompt, cols.prompt_field)
+
+
 def validate_row(row: dict, cols: Columns, template, *, from_text: bool = False) -> TextPair:
     """Check one raw row and render it to text; raises :class:`RowError`. ``from_text``: the row's
     values are all text (CSV), so scores are read from text."""
-    chosen, rejected = row.get(cols.chosen), row.get(cols.rejected) if cols.rejected else None
-    if cols.prompt is None:
-        prompt, chosen, rejected = extract_prompt(chosen, rejected, cols)
-    else:
-        prompt = row.get(cols.prompt)
-        if is_conversation(prompt) and not is_conversation(chosen):  # a chat prompt with answers as text
-            chosen = assistant_turn(_check_text(chosen, cols.chosen))
-            rejected = assistant_turn(_check_text(rejected, cols.rejected) if cols.rejected else None)
+    prompt, chosen, rejected = _row_fields(row, cols)
     if is_conversation(chosen):
         prompt_text, chosen_text, rejected_text = _render_conversation(prompt, chosen, rejected, template, cols)
         conversational = True
@@ -300,16 +337,6 @@ def validate_row(row: dict, cols: Columns, template, *, from_text: bool = False)
     return TextPair(prompt_text, chosen_text, rejected_text, scores[0], scores[1], conversational, margin)
 
 
-def _missing_columns(source: str, row: dict, cols: Columns, missing: list[str]) -> DataError:
-    """The error for a first row that lacks ``missing``; a missing prompt whose chosen and rejected
-    begin alike (implicit-prompt data, HH transcripts) points to ``prompt_column=None``."""
-    message = f"{source}: missing column(s) {missing}; the data has columns {sorted(row)}"
-    if cols.prompt in missing and _begins_alike(row, cols):
-        return DataError(f"{message}; its {cols.chosen!r} and {cols.rejected!r} begin alike, as when they hold the prompt",
-                         setting="prompt_column", advice="{option} null takes what they share as the prompt")
-    return DataError(message)
-
-
 def _bad_rows_error(first: tuple[str, str], bad: Counter[str], rows: int) -> DataError:
     """The error for a source with bad rows: the first one's ``(reason, message)``, and how many there are by reason."""
     reason, message = first
@@ -320,41 +347,35 @@ def _bad_rows_error(first: tuple[str, str], bad: Counter[str], rows: int) -> Dat
     return DataError(message, setting="on_bad_row", advice="{option} skip skips such rows")
 
 
-def numbered_pairs(source: str, cols: Columns, template, *, split: str = "train",
-                   on_bad_row: str = "error") -> Iterator[tuple[int, TextPair]]:
-    """``(position, pair)``: the rows of ``source`` read and validated one at a time, each with its
-    0-based position among the source's records (malformed JSON lines included), so that a caller
-    can find the raw row again (``score`` does). With ``on_bad_row='skip'`` bad rows (malformed
-    lines too) are counted and logged by reason once the source is read; with ``error`` the whole
-    source is still read, so the error names the first bad row and says how many there are."""
+def validated_rows(source: str, validate: Callable[[dict], T], check_first: Callable[[dict], None], *,
+                   split: str = "train", on_bad_row: str = "error") -> Iterator[tuple[int, T]]:
+    """``(position, validate(row))``: the rows of ``source`` read and validated one at a time, each with
+    its 0-based position among the source's records (malformed JSON lines included), so that a caller
+    can find the raw row again (``score`` does). ``check_first`` checks the first row's columns
+    (raising :class:`DataError`); ``validate`` raises :class:`RowError` on a bad row. With
+    ``on_bad_row='skip'`` bad rows (malformed lines too) are counted and logged by reason once the
+    source is read; with ``error`` the whole source is still read, so the error names the first bad
+    row and says how many there are."""
     usable = 0
     bad: Counter[str] = Counter()
     first: tuple[str, str] | None = None  # the first bad row's (reason, message)
     checked_columns = False
-    from_text = holds_text_only(source)
-    shape: int | None = None  # of the first usable row's scores, which every row's must have
     position = -1
     for position, (row_number, row) in enumerate(read_rows(source, split, keep_malformed=True)):
         if isinstance(row, DataError):
             reason, message = "malformed_json", row.message
         else:
             if not checked_columns:
-                missing = [c for c in cols.required() if c not in row]
-                if missing:
-                    raise _missing_columns(source, row, cols, missing)
+                check_first(row)
                 checked_columns = True
             try:
-                pair = validate_row(row, cols, template, from_text=from_text)
-                if usable and score_shape(pair.chosen_score) != shape:
-                    raise RowError(cols.chosen_score, "score_shape", f"{_shape_words(score_shape(pair.chosen_score))}, "
-                                   f"where the first row's holds {_shape_words(shape)}: {SCORE_SHAPES}")
+                item = validate(row)
             except RowError as e:
                 reason, message = e.reason, f"{source}: row {row_number}: field {e.field!r}: {e}"
             else:
                 usable += 1
-                shape = score_shape(pair.chosen_score)
                 if on_bad_row == "skip" or not bad:  # past an error, rows are only counted
-                    yield position, pair
+                    yield position, item
                 continue
         bad[reason] += 1
         first = first or (reason, message)
@@ -364,6 +385,41 @@ def numbered_pairs(source: str, cols: Columns, template, *, split: str = "train"
         log.warning("%s: skipped %d bad rows (on_bad_row skip), by reason: %s", source, sum(bad.values()), dict(bad))
     if not usable:
         raise DataError(f"{source}: no usable rows" + (f" (skipped: {dict(bad)})" if bad else ""))
+
+
+def check_columns(source: str, row: dict, cols: Columns, required: list[str]) -> None:
+    """Raise the :class:`DataError` for a first row that lacks some of ``required``; a missing
+    prompt whose chosen and rejected begin alike (implicit-prompt data, HH transcripts) points to
+    ``prompt_column=None``."""
+    missing = [c for c in required if c not in row]
+    if not missing:
+        return
+    message = f"{source}: missing column(s) {missing}; the data has columns {sorted(row)}"
+    if cols.prompt in missing and _begins_alike(row, cols):
+        raise DataError(f"{message}; its {cols.chosen!r} and {cols.rejected!r} begin alike, as when they hold the prompt",
+                        setting="prompt_column", advice="{option} null takes what they share as the prompt")
+    raise DataError(message)
+
+
+def numbered_pairs(source: str, cols: Columns, template, *, split: str = "train",
+                   on_bad_row: str = "error") -> Iterator[tuple[int, TextPair]]:
+    """``(position, pair)``: the rows of ``source`` validated into pairs by :func:`validated_rows`;
+    every pair's scores must have the first usable row's shape."""
+    from_text = holds_text_only(source)
+    shapes: list[int | None] = []  # of the first usable row's scores, which every row's must have
+
+    def pair(row: dict) -> TextPair:
+        text_pair = validate_row(row, cols, template, from_text=from_text)
+        shape = score_shape(text_pair.chosen_score)
+        if not shapes:
+            shapes.append(shape)
+        elif shape != shapes[0]:
+            raise RowError(cols.chosen_score, "score_shape", f"{_shape_words(shape)}, "
+                           f"where the first row's holds {_shape_words(shapes[0])}: {SCORE_SHAPES}")
+        return text_pair
+
+    yield from validated_rows(source, pair, lambda row: check_columns(source, row, cols, cols.required()),
+                              split=split, on_bad_row=on_bad_row)
 
 
 def iter_pairs(source: str, cols: Columns, template, *, split: str = "train", on_bad_row: str = "error") -> Iterator[TextPair]:

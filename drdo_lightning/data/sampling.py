@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import datasets
 import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
+
+from drdo_lightning.errors import DataError
 
 
 def sequence_lengths(ds: datasets.Dataset) -> list[tuple[int, ...]]:
@@ -17,6 +20,17 @@ def sequence_lengths(ds: datasets.Dataset) -> list[tuple[int, ...]]:
     responses = [k for k in ("chosen_ids", "rejected_ids") if k in table.column_names]
     sides = [pc.add(prompt, pc.list_value_length(table[k])).to_pylist() for k in responses]
     return list(zip(*sides))
+
+
+def held_out(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """``(training rows, validation rows)`` of ``n`` rows: ``fraction`` of them (at least one) drawn
+    with ``seed`` to validate on, the others in shuffled order."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(fraction * n))
+    if n_val >= n:
+        raise DataError(f"val_fraction={fraction} leaves no training rows out of {n}")
+    return order[n_val:], order[:n_val]
 
 
 def group_by_length(indices: list[int], lengths: list[int], batch_size: int, seed: int, window: int = 64) -> list[int]:
@@ -118,3 +132,12 @@ class ResumableDataLoader(DataLoader):
             epoch, batches = epoch + 1, 0
         self.sampler.set_epoch(epoch)
         self.sampler.start = batches * self.batch_size
+        self._batches = batches  # what state_dict says until iterating again: the place loaded
+
+
+def shuffled_loader(data, batch_size: int, *, world: int = 1, rank: int = 0,
+                    loader: type[ResumableDataLoader] = ResumableDataLoader, **kwargs) -> ResumableDataLoader:
+    """``loader`` over ``data`` shuffled per epoch from seed_everything's seed (as Lightning's own
+    distributed sampler is), split across ``world`` ranks, and resumable mid-epoch."""
+    sampler = ResumableSampler(data, num_replicas=world, rank=rank, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+    return loader(data, sampler=sampler, batch_size=batch_size, **kwargs)
