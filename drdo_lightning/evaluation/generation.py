@@ -80,6 +80,7 @@ def generate_ids(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                use_cache=True,  # a training policy's config may switch the cache off (gradient checkpointing)
                 **sampling,
             )
         responses += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)

@@ -9,11 +9,18 @@ batch) overrides :meth:`PreferenceModule.batch_loss` instead and is never fused.
 
 The rest lives in small places of its own: the policy's set-up (:mod:`drdo_lightning.policy_setup`),
 the optimizer (:mod:`drdo_lightning.optimization`), device and precision fixes
-(:mod:`drdo_lightning.device_placement`), the resume check (:mod:`drdo_lightning.reliability`).
+(:mod:`drdo_lightning.device_placement`), the resume check (:mod:`drdo_lightning.reliability`), the
+online mode's sampling, scoring and pairing (:mod:`drdo_lightning.online`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,15 +28,24 @@ import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import Tensor
 
-from drdo_lightning import device_placement, heads, optimization, policy_setup, reliability
+from drdo_lightning import device_placement, heads, lora, optimization, policy_setup, reliability
 from drdo_lightning.data.columns import ExampleColumns
+from drdo_lightning.data.tokenization import load_tokenizer
 from drdo_lightning.errors import SettingError, UserError
 from drdo_lightning.models import CausalLMWithRewardHead
 from drdo_lightning.objectives.oracle_target import OracleTarget
 from drdo_lightning.objectives.outputs import HeadSettings, Needs, PairLoss, PairOutputs, forward_pairs
+from drdo_lightning.online.options import OnlineOptions
 
 # A checkpoint's entry for PreferenceModule.training_target, which exports write beside the model.
 TRAINING_TARGET_KEY = "training_target"
+# A checkpoint's entry for the online source's random state (online.source.OnlineSource.state_dict).
+ONLINE_SOURCE_KEY = "online_source"
+
+
+def frozen(model: CausalLMWithRewardHead) -> CausalLMWithRewardHead:
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def mean_over_pairs(per_pair: Tensor) -> Tensor:
@@ -96,6 +112,9 @@ class PreferenceModule(L.LightningModule):
             same values without computing on padding (on long-tailed lengths 1.5x the useful tokens/s
             of padded batches, measured). Models that cannot keep packed sequences apart (OPT in
             transformers 5) train padded, with a notice.
+        online: Train on pairs sampled from the current policy at each step and scored by an Oracle
+            in memory (:class:`online.options.OnlineOptions`; the data gives prompt batches,
+            ``data.prompts_only``), with this objective's own loss. None: the data's pairs.
     """
 
     needs = Needs()
@@ -103,6 +122,10 @@ class PreferenceModule(L.LightningModule):
     sums_over_pairs = True
     # The scale of the Oracle margins a distilling objective regresses onto (set by those objectives).
     oracle_target: OracleTarget | None = None
+    # Frozen models rebuilt at start, never trained: kept out of checkpoints (ReferenceModule adds its reference).
+    frozen_models: tuple[str, ...] = ("online_start",)
+    # The starting policy is at hand for the online KL estimate (a reference): no copy is kept for it.
+    has_start = False
 
     def __init__(
         self,
@@ -119,10 +142,15 @@ class PreferenceModule(L.LightningModule):
         lora: dict[str, Any] | None = None,
         chunked_head: bool | None = None,
         pack_sequences: bool = True,
+        online: OnlineOptions | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.policy: CausalLMWithRewardHead | None = None
+        # A checkpoint's hyperparameters hold the options as a dict (on_save_checkpoint).
+        self.online = OnlineOptions(**online) if isinstance(online, dict) else online
+        self.online_source = None  # online.source.OnlineSource, built in setup
+        self.online_start: CausalLMWithRewardHead | None = None  # the starting policy, for the KL estimate
 
     # -- the contract -------------------------------------------------------------------
 
@@ -164,16 +192,27 @@ class PreferenceModule(L.LightningModule):
             gradient_checkpointing=hp.gradient_checkpointing, lora_config=hp.lora,
         )
         self._matrices = policy_setup.matrix_ids(self.policy)
+        if self.online is not None and self.online.track_kl and not self.has_start and self.hparams.lora is None:
+            self.online_start = frozen(CausalLMWithRewardHead(copy.deepcopy(self.policy.lm)))
 
     def check_data(self, datamodule) -> None:
         """Raise a :class:`UserError` now, before any model loads or data tokenizes, when the data
         module does not provide what this objective reads."""
+        hparams = getattr(datamodule, "hparams", {})
+        prompts_only = bool(hparams.get("prompts_only", False))
+        if self.online is not None and not prompts_only:
+            raise SettingError("model.online samples its pairs from prompt batches: set --data.prompts_only true")
+        if self.online is None and prompts_only:
+            raise SettingError("data.prompts_only gives prompts without pairs, which only the online mode trains on: "
+                               "set --model.online.judge to the Oracle that scores the samples")
         columns = getattr(datamodule, "columns", None)
-        if self.needs.oracle_scores and columns is not None and columns.chosen_score is None:
+        if self.online is None and self.needs.oracle_scores and columns is not None and columns.chosen_score is None:
             raise missing_scores_error(type(self).__name__)
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.needs.oracle_scores:
+        if self.online is not None:
+            self.setup_online()
+        elif stage == "fit" and self.needs.oracle_scores:  # online scores come from the judge, one per response
             self.check_score_shape(self.trainer.datamodule)
         if stage == "fit" and self.oracle_target is not None:
             self.oracle_target.fit_to(self.trainer.datamodule)
@@ -192,6 +231,92 @@ class PreferenceModule(L.LightningModule):
             raise SettingError(f"the Oracle score columns{named} hold {found} per response, and "
                                f"{type(self).__name__} {SCORE_SHAPE_ERRORS[self.needs.oracle_scores]}")
 
+    # -- online ---------------------------------------------------------------------------
+
+    def setup_online(self) -> None:
+        """Check the online mode can run under this strategy and with this objective, then build its source."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDPStrategy) or (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3):
+            raise SettingError(f"the online mode cannot sample under {type(strategy).__name__} with sharded "
+                               "parameters (each process holds a shard; generating needs them whole): use DDP or "
+                               "DeepSpeed ZeRO-2")
+        if self.oracle_target is not None and self.oracle_target.normalization == "std":
+            raise SettingError("target_normalization std measures Δr* over the training pairs before training, and "
+                               "online pairs are sampled during it: use --model.target_normalization none")
+        datamodule = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(
+            self.hparams.model, trust_remote_code=self.hparams.trust_remote_code)
+        self.start_online(tokenizer, strategy.root_device)
+
+    def start_online(self, tokenizer, device: torch.device) -> None:
+        """Build the online source: :meth:`make_sampler`'s sampler, the judge on ``device``, the seed
+        (``online.seed``, else the run's ``seed_everything``)."""
+        # Imported here: the evaluation package imports the export, which imports this module.
+        from drdo_lightning.evaluation.judges import load_judge
+        from drdo_lightning.online.source import OnlineSource
+
+        options = self.online
+        seed = options.seed if options.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        judge = load_judge(options.judge, device=str(device), trust_remote_code=self.hparams.trust_remote_code)
+        self.online_source = OnlineSource(options, self.make_sampler(tokenizer), judge, tokenizer.pad_token_id, seed)
+
+    def make_sampler(self, tokenizer):
+        """The sampling backend (:class:`online.sampling.Sampler`): Hugging Face ``generate``."""
+        from drdo_lightning.online.sampling import GenerateSampler  # deferred as in start_online
+
+        return GenerateSampler(tokenizer)
+
+    @contextlib.contextmanager
+    def starting_policy(self) -> Iterator[CausalLMWithRewardHead | None]:
+        """The starting policy, for the online KL estimate: the base model with LoRA (adapters off),
+        else the frozen copy kept for it (None with ``online.track_kl`` off)."""
+        if self.hparams.lora is not None:
+            with lora.adapters_disabled(self.policy) as base:
+                yield base
+        else:
+            yield self.online_start
+
+    def online_batch(self, batch: dict[str, Any], stage: str, batch_idx: int):
+        """Sample, score and pair this step's prompts (:meth:`online.source.OnlineSource.step`); each
+        draw from the seed, the stage, the step (and batch) and the rank, so a resumed run draws alike."""
+        if stage == "train":
+            loop = self.trainer.fit_loop if self._trainer is not None else None
+            draw = (stage, self.global_step, loop.total_batch_idx if loop is not None else batch_idx)
+        else:
+            draw = (stage, self.global_step, batch_idx)
+        return self.online_source.step(self.policy.lm, batch, *draw, self.global_rank)
+
+    def log_online(self, step, out: PairOutputs | None, stage: str) -> None:
+        """Log what a user watches of the step's sampling (``{stage}/online/...``, :func:`online.source.step_metrics`),
+        with the KL estimate to the starting policy; every ``log_samples_every_n_steps`` training steps,
+        a few samples to ``samples.jsonl`` in the logger's folder and to loggers that log text."""
+        from drdo_lightning.online.source import SAMPLES_FILE, append_records, sample_logps, sample_records, step_metrics
+
+        n = len(step.pairs.chosen)
+        logps = (out.chosen_logps[:n], out.rejected_logps[:n]) if out is not None and n else (None, None)
+        metrics = step_metrics(step, *logps)
+        pad = self.online_source.pad_token_id
+        if self.online.track_kl:
+            with torch.no_grad():
+                policy_logps = sample_logps(self.policy, step.samples, pad)
+                with self.starting_policy() as start:
+                    if start is not None:
+                        metrics["kl"] = (policy_logps - sample_logps(start, step.samples, pad)).mean()
+        on_step = stage == "train"
+        for name, value in metrics.items():
+            self.log(f"{stage}/online/{name}", value.to(self.device), on_step=on_step, on_epoch=not on_step,
+                     batch_size=len(step.samples.prompts), sync_dist=not on_step)
+        every = self.online.log_samples_every_n_steps
+        if stage != "train" or not every or self.global_step % every or self._trainer is None or not self.trainer.is_global_zero:
+            return
+        rows = sample_records(step, self.global_step)
+        if self.trainer.log_dir is not None:
+            append_records(Path(self.trainer.log_dir) / SAMPLES_FILE, rows)
+        for logger in self.trainer.loggers:
+            if hasattr(logger, "log_text"):
+                logger.log_text(key=f"{stage}/online/samples", columns=list(rows[0]),
+                                data=[[str(v) for v in row.values()] for row in rows], step=self.global_step)
+
     def on_fit_start(self) -> None:
         device_placement.keep_reward_head_fp32(self.policy.reward_head, self.trainer)
         device_placement.metrics_to_device(self, self.trainer)
@@ -200,10 +325,23 @@ class PreferenceModule(L.LightningModule):
         target = self.training_target()
         if target is not None:
             checkpoint[TRAINING_TARGET_KEY] = target
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k.split(".", 1)[0] not in self.frozen_models}
+        if self.online is not None:
+            # Checkpoints load weights-only: plain types, not the options' class.
+            checkpoint.get("hyper_parameters", {})["online"] = dataclasses.asdict(self.online)
+            if self.online_source is not None:
+                checkpoint[ONLINE_SOURCE_KEY] = self.online_source.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.oracle_target is not None and TRAINING_TARGET_KEY in checkpoint:
             self.oracle_target.restore(checkpoint[TRAINING_TARGET_KEY])
+        for name in self.frozen_models:
+            model = getattr(self, name, None)
+            if model is not None:
+                checkpoint["state_dict"].update({f"{name}.{k}": v for k, v in model.state_dict().items()})
+        if self.online_source is not None and ONLINE_SOURCE_KEY in checkpoint:
+            self.online_source.load_state_dict(checkpoint[ONLINE_SOURCE_KEY])
 
     def on_validation_start(self) -> None:
         device_placement.metrics_to_device(self, self.trainer)
@@ -261,7 +399,14 @@ class PreferenceModule(L.LightningModule):
 
     # -- steps --------------------------------------------------------------------------
 
-    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    def _step(self, batch: dict[str, Tensor], stage: str, batch_idx: int) -> Tensor | None:
+        online = None
+        if self.online is not None:
+            online = self.online_batch(batch, stage, batch_idx)
+            batch = online.batch
+            if batch is None:  # every prompt tied and no offline pairs: nothing to train on (counted in ties_dropped)
+                self.log_online(online, None, stage)
+                return None
         loss, out, logged = self.loss_and_outputs(batch, stage)
         metrics = {"loss": loss, **logged, "chosen_logps": out.chosen_logps}
         if out.rejected_logps is not None:
@@ -274,10 +419,12 @@ class PreferenceModule(L.LightningModule):
                 value = value.detach().float().mean() if value.dim() else value.detach()
             self.log(f"{stage}/{name}", value, prog_bar=name == "loss", on_step=on_step, on_epoch=not on_step,
                      batch_size=batch_size, sync_dist=not on_step)
+        if online is not None:
+            self.log_online(online, out, stage)
         return loss
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        return self._step(batch, "train", batch_idx)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._step(batch, "val", batch_idx)

@@ -3,21 +3,18 @@ variants, IPO, reward distillation, e-DPO)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-from drdo_lightning import lora
 from drdo_lightning.models import CausalLMWithRewardHead
-from drdo_lightning.objectives.base import PreferenceModule
+from drdo_lightning.errors import SettingError
+from drdo_lightning.objectives.base import PreferenceModule, frozen
 from drdo_lightning.objectives.outputs import PairOutputs
 from drdo_lightning.objectives.reference_logps import COLUMNS, attach, cache_file, compute
-
-
-def frozen(model: CausalLMWithRewardHead) -> CausalLMWithRewardHead:
-    model.requires_grad_(False)
-    return model.eval()
 
 
 def implicit_reward_metrics(out: PairOutputs, ref: tuple[Tensor, Tensor], beta: float) -> dict[str, Tensor]:
@@ -41,7 +38,9 @@ class ReferenceModule(PreferenceModule):
     which computes the starting policy: no copy at all. With ``precompute_reference=True`` its
     log-probs are computed once before training and attached to the data as columns, cached beside
     the tokenized data (:mod:`drdo_lightning.objectives.reference_logps`), so training holds one model
-    in memory. A live reference runs once per step, before the policy's forward.
+    in memory. A live reference runs once per step, before the policy's forward. Online
+    (``online``) the reference is live: sampled pairs have no precomputed columns; it is also the
+    start the KL estimate measures from.
 
     Args:
         reference_model: Path or hub id of the reference; default: the starting ``model``.
@@ -49,11 +48,17 @@ class ReferenceModule(PreferenceModule):
             reference live.
     """
 
+    frozen_models = ("reference", *PreferenceModule.frozen_models)
+    has_start = True
+
     def __init__(
         self, model: str, reference_model: str | None = None, precompute_reference: bool = False, **kwargs
     ) -> None:
         super().__init__(model, **kwargs)
         self.save_hyperparameters()
+        if precompute_reference and self.online is not None:
+            raise SettingError("precompute_reference computes the reference's log-probs of the data's pairs before "
+                               "training, and online pairs are sampled during it: use --model.precompute_reference false")
         self.reference: CausalLMWithRewardHead | None = None
 
     @property
@@ -100,26 +105,20 @@ class ReferenceModule(PreferenceModule):
         batch = super().prepare_batch(batch)
         if COLUMNS[0] in batch:
             return batch
-        with torch.no_grad():
-            if self.reference is not None:
-                out = self.forward_pairs(batch, model=self.reference)
-            elif self.reference_is_base:
-                with lora.adapters_disabled(self.policy) as base:
-                    out = self.forward_pairs(batch, model=base)
-            else:
-                raise RuntimeError("precompute_reference=True but the batch has no reference log-probs")
+        if self.reference is None and not self.reference_is_base:
+            raise RuntimeError("precompute_reference=True but the batch has no reference log-probs")
+        with torch.no_grad(), self.starting_policy() as reference:
+            out = self.forward_pairs(batch, model=reference)
         return {**batch, COLUMNS[0]: out.chosen_logps, COLUMNS[1]: out.rejected_logps}
 
-    # The reference is frozen and rebuilt from disk at start: keep it out of checkpoints.
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("reference.")}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
+    @contextlib.contextmanager
+    def starting_policy(self) -> Iterator[CausalLMWithRewardHead | None]:
+        """The live reference: the frozen model, or the policy's base with its adapters off (None when precomputed)."""
         if self.reference is not None:
-            checkpoint["state_dict"].update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+            yield self.reference
+        else:
+            with super().starting_policy() as start:
+                yield start
 
 
 def reference_of(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
