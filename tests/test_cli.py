@@ -177,6 +177,27 @@ def test_shipped_drdo_recipe_runs_on_the_embedded_default(tmp_path):
     assert cli.trainer.callback_metrics["val/loss"].isfinite()
 
 
+@pytest.mark.parametrize("recipe", ["online_drdo", "online_dpo", "online_ipo"])
+def test_shipped_online_recipes_run_on_the_embedded_default(recipe, tmp_path):
+    """README's online block, shortened: each online recipe samples, scores with the shipped Oracle and trains."""
+    cli = main(
+        [
+            "fit", "--config", str(ROOT / f"configs/{recipe}.yaml"),
+            "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
+            "--trainer.enable_progress_bar", "false", "--data.batch_size", "4",
+            "--trainer.default_root_dir", str(tmp_path), "--data.cache_dir", str(tmp_path / "cache"),
+        ]
+    )
+    assert cli.trainer.global_step == 2
+    metrics = cli.trainer.callback_metrics
+    assert metrics["train/online/pairs"] > 0 and metrics["train/online/reward"].isfinite()
+    assert 0 < metrics["train/online/length"] <= cli.model.online.max_new_tokens
+    assert metrics["val/loss"].isfinite() and metrics["train/online/kl"].isfinite()
+    rows = [json.loads(line) for line in next(tmp_path.rglob("samples.jsonl")).read_text().splitlines()]
+    assert rows and {"prompt", "response", "score"} <= set(rows[0])
+    assert (tmp_path / "export" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("precision, state_bytes", [("bf16-mixed", 8), ("bf16-true", 4)])
 def test_bf16_precisions_train_with_a_float32_reward_head(precision, state_bytes, tmp_path, tiny_model_dir, pairs16):
     """bf16-mixed keeps fp32 weights (computes in bf16); bf16-true stores weights and AdamW state in bf16."""

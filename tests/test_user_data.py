@@ -4,10 +4,12 @@ embedded default they did not ask for."""
 
 from __future__ import annotations
 
+import csv
 import inspect
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -307,9 +309,9 @@ def test_evaluate_says_when_policies_answer_alike(tmp_path, tiny_model_dir, rewa
             "comparison between them is a tie") in caplog.text
 
 
-def readme_own_data_commands() -> list[str]:
-    """The commands of README's "Your own data" block, in order, with ``$MODEL`` as written."""
-    section = (ROOT / "README.md").read_text().split("## Your own data", 1)[1].split("\n## ", 1)[0]
+def readme_commands(heading: str) -> list[str]:
+    """The installed command's lines of the README section ``heading``'s block, in order, with ``$MODEL`` as written."""
+    section = (ROOT / "README.md").read_text().split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
     block = section.split("```bash\n", 1)[1].split("```", 1)[0]
     return [line for line in block.splitlines() if line.startswith("drdo-lightning ")]
 
@@ -322,7 +324,7 @@ def test_the_readme_own_data_path_runs_from_an_empty_folder(empty, tiny_model_di
     shorter = {"fit": ["--trainer.max_steps", "2", "--trainer.val_check_interval", "1", "--trainer.enable_progress_bar",
                        "false", "--data.batch_size", "4", "--trainer.accumulate_grad_batches", "1"],
                "score": [], "evaluate": ["--temperatures", "[0.7]", "--max_new_tokens", "4", "--bootstrap_samples", "20"]}
-    commands = readme_own_data_commands()
+    commands = readme_commands("Your own data")
     assert [shlex.split(c)[1] for c in commands] == ["fit", "score", "fit", "evaluate"]
     for command in commands:
         args = shlex.split(command.replace("$MODEL", str(tiny_model_dir)))[1:]
@@ -330,3 +332,23 @@ def test_the_readme_own_data_path_runs_from_an_empty_folder(empty, tiny_model_di
     assert (empty / "scored.jsonl").is_file() and (empty / "runs" / "drdo" / "export" / "config.json").is_file()
     results = json.loads((empty / "runs" / "evaluate" / "results.json").read_text())
     assert {r["policy"] for r in results if "policy" in r} >= {"sft", "drdo"}
+
+
+@pytest.mark.slow
+def test_the_readme_online_block_runs_from_an_empty_folder_with_a_prompt_file_and_an_oracle(
+        empty, tiny_model_dir, reward_model, tiny_task):
+    """README's online block as written, shortened: a file of prompts alone, an Oracle where the block says."""
+    write_jsonl(empty / "prompts.jsonl", [{"prompt": r["prompt"]} for r in tiny_task["train"][:24]])
+    shutil.copytree(reward_model, empty / "runs" / "oracle" / "export")
+    [command] = readme_commands("Online: the student's own samples")
+    args = shlex.split(command.replace("$MODEL", str(tiny_model_dir)))[1:]
+    succeeded(drdo(*args, "--trainer.max_steps", "2", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches",
+                   "1", "--trainer.enable_progress_bar", "false", "--data.batch_size", "4",
+                   "--trainer.accumulate_grad_batches", "1", "--trainer.log_every_n_steps", "1",
+                   "--model.online.max_new_tokens", "8", cwd=empty))
+    run = empty / "runs" / "online_drdo"
+    assert (run / "export" / "config.json").is_file()
+    with next(run.rglob("metrics.csv")).open() as f:
+        rows = list(csv.DictReader(f))
+    pairs = [float(r["train/online/pairs"]) for r in rows if r.get("train/online/pairs")]
+    assert len(pairs) == 2 and all(0 < n <= 4 for n in pairs)  # at most one pair per prompt, 4 prompts a step
