@@ -158,7 +158,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     clock = StepClock(args.device)
-    phases = PhaseClock(clock._sync)
+    phases = PhaseClock(torch.cuda.synchronize if args.device == "cuda" else (lambda: None))  # as StepClock waits
     module, data = build(args.worker, args)
     loss_and_outputs = module.loss_and_outputs
 
