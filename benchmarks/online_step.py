@@ -213,6 +213,7 @@ def worker(args) -> None:
         gradient_clip_val=base["trainer"]["gradient_clip_val"], callbacks=[NonFiniteGuard(), Phases()],
         logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0,
+        default_root_dir=Path(args.result_file).parent,  # the run's temporary folder: the samples the recipe logs
     )
     trainer.fit(module, datamodule=data)
     windows = window_phases(clock.times, phases.marks, args.warmup_steps, args.steps_per_window)
