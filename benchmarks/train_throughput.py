@@ -566,6 +566,20 @@ def own_busy_s() -> float:
     return sum(u.ru_utime + u.ru_stime for u in usage)
 
 
+def load_start() -> tuple[float, tuple[float, float, float]]:
+    """The 1-minute load average now, and the clocks :func:`load_since` measures the others' cores from."""
+    return loadavg(), (time.monotonic(), machine_busy_s(), own_busy_s())
+
+
+def load_since(start: tuple[float, tuple[float, float, float]]) -> tuple[float, float, float]:
+    """The machine's load over a run that began at ``start`` (:func:`load_start`): the 1-minute load
+    average at the start and now (which counts the run's own threads), and the average number of
+    cores other processes (not this one, nor its finished subprocesses) kept busy meanwhile."""
+    load, clocks = start
+    wall, machine, own = (now - then for now, then in zip((time.monotonic(), machine_busy_s(), own_busy_s()), clocks))
+    return load, loadavg(), max(0.0, machine - own) / wall
+
+
 def wait_for_quiet(threshold: float, timeout_s: float, poll_s: float = 30.0) -> None:
     """Block until the 1-minute load average is below ``threshold`` (timings on a busy machine lie)."""
     deadline = time.monotonic() + timeout_s
@@ -611,7 +625,7 @@ def run_rounds(names: list[str], args) -> tuple[dict[str, list[dict]], tuple[flo
     the start and the end (which counts this benchmark's own threads) and the average number of
     cores that other processes kept busy meanwhile.
     """
-    load_start, start = loadavg(), (time.monotonic(), machine_busy_s(), own_busy_s())
+    start = load_start()
     results: dict[str, list[dict]] = {n: [] for n in ["matmul", *names]}
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}: matmul peak", file=sys.stderr, flush=True)
@@ -633,8 +647,7 @@ def run_rounds(names: list[str], args) -> tuple[dict[str, list[dict]], tuple[flo
                 lines = str(failure).strip().splitlines()
                 args.skipped[name] = lines[0] + (f" ... {lines[-1][:300]}" if len(lines) > 1 else "")
                 print(f"skipped {name}: {failure}", file=sys.stderr, flush=True)
-    wall, machine, own = (now - then for now, then in zip((time.monotonic(), machine_busy_s(), own_busy_s()), start))
-    return results, (load_start, loadavg(), max(0.0, machine - own) / wall)
+    return results, load_since(start)
 
 
 @dataclass

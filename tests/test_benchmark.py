@@ -34,6 +34,7 @@ from drdo_lightning.heads import HeadDefault, Wanted, sequence_values
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
 CHECKS = ROOT / "benchmarks" / "gpu_checks.py"
+ONLINE_STEP = ROOT / "benchmarks" / "online_step.py"
 
 
 def load_benchmark(script: Path = SCRIPT):
@@ -100,6 +101,59 @@ def test_smoke_run_with_real_lengths_and_grouping(tmp_path):
     assert len({sum(v) for v in epochs.values()}) == 1
     padded = {name: sum(b[0] * b[1] for b in runs[0]["batches"]) for name, runs in summary["raw"].items()}
     assert padded["drdo_grouped"] <= padded["drdo"] and padded["trl_dpo_grouped"] <= padded["trl_dpo"]
+
+
+@pytest.mark.slow
+def test_online_step_smoke_run_produces_every_row(tmp_path):
+    """``benchmarks/online_step.py``: one window of one step per configuration, at 2 pairs per step."""
+    out = tmp_path / "online.json"
+    command = [sys.executable, str(ONLINE_STEP), "--rounds", "1", "--windows", "1", "--steps-per-window", "1",
+               "--warmup-steps", "0", "--pairs", "2", "--k", "2", "--max-new-tokens", "8", "--threads", "1",
+               "--json", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    script = load_benchmark(ONLINE_STEP)
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["drdo", "dpo", "online_drdo_k2_t8", "online_dpo_k2_t8"]
+    for name, row in rows.items():
+        online = name.startswith("online")
+        numbers = ["step_s", "pairs_per_s", "peak_mb", "weights_mb"] + (["samples_per_s", "response_tokens"] if online else [])
+        for key in numbers:
+            assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
+        assert 0 < row["pairs_per_step"] <= 2, name  # a prompt whose 2 scores tie gives no pair
+        shares = [row[phase] for phase in script.PHASES]
+        assert all(0 <= share <= 1 for share in shares) and 0 < row["training"] and sum(shares) <= 1 + 1e-9, (name, shares)
+        assert row["other"] == pytest.approx(1 - sum(shares), abs=1e-9)
+        # Only the online step samples, scores and estimates the KL; it holds the Oracle (and a starting policy) too.
+        assert (row["sampling"] > 0 and row["scoring"] > 0 and row["kl"] > 0) == online, (name, shares)
+        if online:
+            assert row["samples_per_s"] == pytest.approx(2 * 2 / row["step_s"])  # 2 prompts x k=2 per step
+            assert 0 < row["response_tokens"] <= 8
+            assert row["weights_mb"] > 2 * rows["drdo"]["weights_mb"], name
+        assert f"| {script.CONFIGS[name.split('_k')[0]]}" in proc.stdout
+    assert "load average" in proc.stdout
+
+
+def test_online_step_windows_hold_the_phases_timed_within_them(monkeypatch):
+    script = load_benchmark(ONLINE_STEP)
+    now = iter([0.0, 1.0, 3.0, 3.5, 5.0, 5.5])
+    monkeypatch.setattr(script.time, "perf_counter", lambda: next(now))
+    phases = script.PhaseClock(sync=lambda: None)
+    phases.mark(step_ended=False)  # the step clock's tick at 0.0
+    phases.timed("sampling", lambda: None)()  # 0.0 to 1.0
+    phases.start("training")  # 3.0 to 3.5
+    phases.stop("training")
+    phases.mark(step_ended=True)  # tick at 4.0
+    phases.timed("scoring", lambda: None)()  # 5.0 to 5.5
+    phases.mark(step_ended=True)  # tick at 6.0
+    times = [0.0, 4.0, 6.0]
+    first = {"seconds": 4.0, "sampling": 1.0, "scoring": 0.0, "kl": 0.0, "training": 0.5}
+    second = {"seconds": 2.0, "sampling": 0.0, "scoring": 0.5, "kl": 0.0, "training": 0.0}
+    assert script.window_phases(times, phases.marks, warmup=0, steps_per_window=1) == [first, second]
+    assert script.window_phases(times, phases.marks, warmup=1, steps_per_window=1) == [second]
+    assert script.window_phases(times, phases.marks, warmup=0, steps_per_window=2) == [
+        {"seconds": 6.0, "sampling": 1.0, "scoring": 0.5, "kl": 0.0, "training": 0.5}]
+    assert len(phases.steps) == 2
 
 
 def test_a_missed_target_says_what_meeting_it_would_take():
