@@ -1,11 +1,13 @@
 """The experiment engine in the paper's regime: its data (Table 1 splits, relabelled control), the
-margins it ranks pairs by, the KL next to the rewards, its tables, every shipped configuration parsed,
-and one tiny run of configs/protocol.yaml's kind of conditions."""
+margins it ranks pairs by, the KL next to the rewards, its tables, the runs it builds for an online
+method, every shipped configuration parsed, and one tiny run of configs/protocol.yaml's kind of
+conditions."""
 
 from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from drdo_lightning.cli import main
 from drdo_lightning.data.readers import read_rows
 from drdo_lightning.errors import UserError
 from drdo_lightning.evaluation.margins import IMPLICIT, LOGP, REWARD_HEAD, pair_margins
-from drdo_lightning.experiments import conditions, protocol, protocol_report
+from drdo_lightning.experiments import cells, conditions, protocol, protocol_report
 from drdo_lightning.experiments.sweeps import KL, EvalSettings, Evaluator
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.models import CausalLMWithRewardHead
@@ -123,8 +125,72 @@ def test_a_condition_names_a_known_split_and_teacher(tiny_model_dir, pair_files)
     assert conditions.as_condition({"name": "x"}).teacher_key() == "x"
 
 
+BT = {"label_noise": "bt", "noise_temperature": 2.0, "noise_score_columns": ["gold_chosen", "gold_rejected"]}
+
+
+class _Recorded(Exception):
+    """What :class:`_RecordingCells` fails every cell with: the runs are asked for, none is trained."""
+
+
+def test_an_online_student_learns_from_its_conditions_oracle_and_trains_anew_per_teacher_arm(
+        tmp_path, monkeypatch, tiny_model_dir, pair_files):
+    """The runs the engine builds (its cells recorded, its teachers stand-ins naming their Oracle)."""
+    out = tmp_path / "online"
+    asked: dict[tuple[str, str], tuple] = {}  # (condition, method) -> (RunSpec, training key) of seed 0
+
+    class RecordingCells:
+        def __init__(self, *args) -> None:
+            pass
+
+        def judge(self, *args) -> Future:
+            return cells.done({})
+
+        def submit(self, folder, run, families, key) -> Future:
+            asked[(folder.relative_to(out).parts[0], folder.name)] = (run, key)
+            future: Future = Future()
+            future.set_exception(_Recorded())
+            return future
+
+    monkeypatch.setattr(protocol, "Cells", RecordingCells)
+    monkeypatch.setattr(protocol, "teachers", lambda work, train, val, *rest: {
+        "train": train, "val": val, "oracle": f"oracle of {work.name}", "ensemble": []})
+    monkeypatch.setattr(protocol, "scored_by", lambda teacher, pairs, scored, options: str(write_jsonl(
+        tmp_path / scored.name, [{**r, "oracle_chosen": 1.0, "oracle_rejected": 0.0}
+                                 for r in _rows(pairs)])))
+    arms = [{"name": "given", "teacher": "given"}, {"name": "bt", "data": BT},
+            {"name": "hard_all", "split": "hard", "teacher": "all_pairs"}, {"name": "hard_own", "split": "hard"}]
+    run = dict(out=str(out), conditions=arms, methods={"online_dpo": ["online_dpo"], "dpo": ["dpo"]}, seeds=[0],
+               learning_rates=None, policy=str(tiny_model_dir), train_data=str(pair_files["train"]),
+               val_data=str(pair_files["val"]), given_oracle="shipped oracle", jobs=1)
+    with pytest.raises(_Recorded):
+        protocol.protocol(**run)
+
+    online = {c: asked[(c, "online_dpo")][0] for c in ("given", "bt", "hard_all", "hard_own")}
+    offline = {c: asked[(c, "dpo")][0] for c in online}
+    # Each condition's own Oracle judges its online student: the given one, or its teacher set's export.
+    assert {c: r.overrides[protocol.ONLINE_JUDGE] for c, r in online.items()} == {
+        "given": "shipped oracle", "bt": "oracle of bt", "hard_all": "oracle of all_pairs", "hard_own": "oracle of hard_own"}
+    assert not any(protocol.ONLINE_JUDGE in r.overrides for r in offline.values())
+    # Its prompts are those of the condition's training pairs (the split's, scored by the arm's teachers).
+    assert all(online[c].train_file == offline[c].train_file for c in online)
+    assert Path(online["hard_all"].train_file).name == "all_pairs_on_hard.jsonl"
+    assert online["given"].train_file == str(pair_files["train"])
+    # The label noise reaches it through its Oracle only (noise options flip a file's labels, it reads
+    # prompts), and its reference is live (its pairs are sampled as it trains).
+    assert offline["bt"].settings()["data.label_noise"] == "bt" and offline["bt"].settings()["model.precompute_reference"]
+    assert not any(k.startswith(("data.label_noise", "data.noise")) for k in online["bt"].settings())
+    assert "model.precompute_reference" not in online["bt"].settings()
+    # DPO reads no scores: one training for both arms of the split. Online DPO reads each arm's Oracle.
+    assert asked[("hard_all", "dpo")][1] == asked[("hard_own", "dpo")][1]
+    assert asked[("hard_all", "online_dpo")][1] != asked[("hard_own", "online_dpo")][1]
+    # Without the Oracle that scored the data, the given condition has no judge for it.
+    with pytest.raises(UserError, match=r"\['online_dpo'\] train online.*\['given'\].*--given_oracle"):
+        protocol.protocol(**{**run, "given_oracle": None})
+
+
 PROTOCOLS = {"protocol": ("bt_s2", ["conditions", "splits"]), "compare": ("flip_0.0", ["temperatures"]),
-             "robustness": ("flip_0.0", ["across"]), "frontier": ("bt_s2", ["conditions", "splits"])}
+             "robustness": ("flip_0.0", ["across"]), "frontier": ("bt_s2", ["conditions", "splits"]),
+             "online": ("bt_s2", ["conditions"])}
 
 
 @pytest.mark.parametrize("name", sorted(PROTOCOLS))
