@@ -17,9 +17,10 @@ import yaml
 
 from drdo_lightning.cli import main
 from drdo_lightning.data.readers import read_rows
+from drdo_lightning.embedded_default import EMBEDDED
 from drdo_lightning.errors import UserError
 from drdo_lightning.evaluation.margins import IMPLICIT, LOGP, REWARD_HEAD, pair_margins
-from drdo_lightning.experiments import cells, conditions, protocol, protocol_report
+from drdo_lightning.experiments import cells, conditions, protocol, protocol_report, tuning
 from drdo_lightning.experiments.sweeps import KL, EvalSettings, Evaluator
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.models import CausalLMWithRewardHead
@@ -261,6 +262,63 @@ def test_protocol_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file
     # The tables of what is finished, without training anything: the same, read back from disk.
     (out / "protocol.md").unlink()
     assert main([*args, "--report_only", "true"]) == table and (out / "protocol.md").read_text() == table + "\n"
+
+
+def test_the_online_configuration_puts_online_methods_beside_the_best_offline_ones(capsys):
+    with pytest.raises(SystemExit):
+        main(["protocol", "--config", str(ROOT / "configs" / "online.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    # The data's own labels with the Oracle that scored them (the evaluation's judge `oracle` too), and bt_s2.
+    assert [(c["name"], c.get("teacher", "own")) for c in printed["conditions"]] == [("bt_s2", "own"), ("data_labels", "given")]
+    assert printed["given_oracle"] == printed["evaluation"]["judges"]["oracle"] == "embedded_default/oracle"
+    assert printed["evaluation"]["judges"]["gold"] == "vader" and printed["seeds"] == [0, 1, 2, 3, 4]
+    methods, grid, traced = printed["methods"], printed["grid"], printed["frontier"]
+    assert {m for m, layers in methods.items() if tuning.trains_online(tuple(layers))} == {"online_drdo", "online_dpo", "online_ipo"}
+    # Tuned by coordinates on the learning rate and the knob that sets the distance, traced along it on bt_s2.
+    distance = {"online_drdo": "model.alpha", "online_dpo": "model.beta", "online_ipo": "model.tau",
+                "drdo": "model.alpha", "dpo": "model.beta", "edpo": "model.beta"}
+    assert set(methods) == set(distance) and printed["search"] == "coordinates" and printed["tuning_condition"] == "bt_s2"
+    for method, knob in distance.items():
+        assert list(grid[method]) == [knob] and list(traced[method]) == [knob] and len(traced[method][knob]) >= 3
+        assert grid[method][knob][0] == tuning.read_config(methods[method][0])["model"]["init_args"][knob.removeprefix("model.")]
+    assert printed["frontier_conditions"] == ["bt_s2"] and printed["verdict"] == {"online_drdo": ["online_dpo", "dpo", "edpo"]}
+
+
+@pytest.mark.slow
+def test_the_online_configuration_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file):
+    """configs/online.yaml with two online methods and DPO: each online cell sampled against its
+    condition's Oracle, the report with the Oracle's reward beside the gold one and over-optimisation plotted."""
+    out = tmp_path / "online"
+    args = [
+        "protocol", "--config", str(ROOT / "configs" / "online.yaml"), "--out", str(out),
+        "--conditions", json.dumps([{"name": "bt", "data": BT}, {"name": "data_labels", "teacher": "given"}]),
+        "--methods", json.dumps({"online_drdo": ["online_drdo"], "online_dpo": ["online_dpo"], "dpo": ["dpo"]}),
+        "--learning_rates", "null", "--seeds", "[0]", "--frontier_conditions", '["bt"]', "--frontier_seeds", "1",
+        "--frontier", json.dumps({"online_drdo": {"model.alpha": [0.01, 1.0]}, "dpo": {"model.beta": [0.03, 3.0]}}),
+        "--verdict", json.dumps({"online_drdo": ["online_dpo", "dpo"]}), "--given_oracle", "vader",
+        "--max_steps", "2", "--judge_steps", "2", "--members", "1",
+        "--policy", str(tiny_model_dir), "--train_data", str(pair_files["train"]), "--val_data", str(pair_files["val"]),
+        "--evaluation.prompts", str(eval_file), "--evaluation.num_prompts", "4", "--evaluation.max_new_tokens", "6",
+        "--evaluation.temperatures", "[1.0]", "--evaluation.judges", json.dumps({"gold": "vader", "oracle": str(EMBEDDED / "oracle")}),
+        "--ood_prompts", "null", "--jobs", "1", "--overrides", json.dumps({"data.cache_dir": str(tmp_path / "cache")}),
+    ]
+    table = main(args)
+    bt_oracle = json.loads((out / "teachers" / "bt" / "teachers.json").read_text())["oracle"]
+    for condition, judge in (("bt", bt_oracle), ("data_labels", "vader")):
+        for method in ("online_drdo", "online_dpo"):
+            trained = yaml.safe_load(next((out / condition / "seed_0" / method).rglob("config.yaml")).read_text())
+            assert trained["model"]["init_args"]["online"]["judge"] == judge and trained["data"]["prompts_only"]
+    traced = yaml.safe_load(next((out / "bt" / "frontier" / "online_drdo" / "alpha=1.0").rglob("config.yaml")).read_text())
+    assert traced["model"]["init_args"]["online"]["judge"] == bt_oracle and traced["model"]["init_args"]["alpha"] == 1.0
+    # Every condition's table has the Oracle's reward beside the gold one, for every method.
+    heading = "| method | seeds | gold reward | oracle reward | distinct-2 of the generations |"
+    assert table.count(heading) == 2
+    for condition in ("bt", "data_labels"):
+        section = table.split(f"## {condition}")[1]
+        assert all(f"| {m} | 1 |" in section for m in ("online_drdo", "online_dpo", "dpo"))
+    assert "## Gold against the Oracle's reward along the frontier" in table and "| bt | online_drdo | alpha 0.01 |" in table
+    assert "| bt | online_drdo | at the tuned points" not in table and "| bt | online_drdo | " in table
+    assert (out / "overoptimisation.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_the_splits_table_puts_each_arms_splits_side_by_side():
