@@ -317,7 +317,9 @@ def test_the_online_configuration_at_a_tiny_size(tmp_path, tiny_model_dir, pair_
         section = table.split(f"## {condition}")[1]
         assert all(f"| {m} | 1 |" in section for m in ("online_drdo", "online_dpo", "dpo"))
     assert "## Gold against the Oracle's reward along the frontier" in table and "| bt | online_drdo | alpha 0.01 |" in table
-    assert "| bt | online_drdo | at the tuned points" not in table and "| bt | online_drdo | " in table
+    # The verdict: online DPO untraced, at the tuned points; DPO traced beside online DRDO, at equal KL.
+    verdict = next(line for line in table.splitlines() if line.startswith("| bt | online_drdo | ")).split("|")
+    assert "at the tuned points (KL " in verdict[3] and verdict[4].strip() == "no common KL level"
     assert (out / "overoptimisation.png").read_bytes().startswith(b"\x89PNG")
 
 
