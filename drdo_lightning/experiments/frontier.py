@@ -175,8 +175,10 @@ def overoptimisation_table(traced: dict[str, Traced], knobs: dict[str, str]) -> 
     for condition, cells in traced.items():
         for method in methods_of(cells):
             knob = knobs.get(method, "?").removeprefix("model.")
-            for (value, kl, gold), (_, oracle, _) in zip(_mean_points(cells, method), _mean_points(cells, method, ORACLE)):
-                body.append([condition, method, f"{knob} {_value_text(value)}", f"{kl:.1f}", f"{oracle:+.3f}", f"{gold:+.3f}"])
+            by_oracle = _mean_points(cells, method, ORACLE)
+            for (value, kl, gold), (_, oracle, _) in zip(_mean_points(cells, method), by_oracle):
+                body.append([condition, method, f"{knob} {_value_text(value)}", f"{kl:.1f}", f"{oracle:+.3f}",
+                             f"{gold:+.3f}"])
     return markdown_table(["condition", "method", "point", "KL (nats)", "Oracle reward", "gold reward"], body)
 
 
@@ -239,7 +241,8 @@ def frontier_rows(traced: dict[str, Traced], knobs: dict[str, str]) -> list[dict
             for condition, cells in traced.items() for (m, v, seed), c in cells.items()]
 
 
-def frontier_curves_plot(traced: dict[str, Traced], path: Path, measure: str = KL, levels: Sequence[float] = ()) -> None:
+def frontier_curves_plot(traced: dict[str, Traced], path: Path, measure: str = KL,
+                         levels: Sequence[float] = ()) -> None:
     """Gold reward against ``measure`` (KL to the starting policy; the Oracle's reward shows
     over-optimisation), a curve per method through its traced points (means over seeds, in order of
     ``measure``), a panel per traced condition, the ``levels`` of ``measure`` dotted."""
