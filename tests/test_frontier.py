@@ -99,6 +99,42 @@ def test_the_equal_kl_and_verdict_tables_are_read_off_the_traced_cells():
     assert "ahead at KL 10; level at KL 40" in frontier.verdict_table(traced, {}, ["bt"], {"drdo": ["dpo"]}, [10.0, 40.0])
 
 
+def test_gold_against_the_oracles_reward_shows_a_proxy_over_optimised(tmp_path, caplog):
+    """Along online DPO's knob the Oracle's reward rises while the gold reward peaks and falls (over-
+    optimisation); DRDO's rise together. Two seeds each, the table's rows their means in the knob's order."""
+    traced = {"bt": {}}
+    for seed, noise in enumerate((0.01, -0.01)):
+        for beta, kl, oracle, gold in ((1.0, 2.0, 0.1, 0.2), (0.1, 10.0, 0.5, 0.4), (0.01, 40.0, 0.9, -0.3)):
+            traced["bt"][("online_dpo", beta, seed)] = {"scores": {"in": {
+                "kl": {"mean": kl}, "gold": {"mean": gold + noise}, "oracle": {"mean": oracle - noise}}}}
+        for alpha, kl, oracle, gold in ((0.01, 3.0, 0.2, 0.1), (1.0, 9.0, 0.4, 0.3)):
+            traced["bt"][("drdo", alpha, seed)] = {"scores": {"in": {
+                "kl": {"mean": kl}, "gold": {"mean": gold + noise}, "oracle": {"mean": oracle}}}}
+    table = frontier.overoptimisation_table(traced, {"online_dpo": "model.beta", "drdo": "model.alpha"})
+    lines = table.splitlines()
+    assert lines[0] == "| condition | method | point | KL (nats) | Oracle reward | gold reward |"
+    assert lines[2:] == ["| bt | online_dpo | beta 0.01 | 40.0 | +0.900 | -0.300 |",
+                         "| bt | online_dpo | beta 0.1 | 10.0 | +0.500 | +0.400 |",
+                         "| bt | online_dpo | beta 1 | 2.0 | +0.100 | +0.200 |",
+                         "| bt | drdo | alpha 0.01 | 3.0 | +0.200 | +0.100 |",
+                         "| bt | drdo | alpha 1 | 9.0 | +0.400 | +0.300 |"]
+    fronts = frontier.Frontiers(traced, {"online_dpo": "model.beta", "drdo": "model.alpha"}, [5.0])
+    assert "## Gold against the Oracle's reward along the frontier" in "\n".join(fronts.sections({}, ["bt"]))
+    fronts.write(tmp_path, {}, ["bt"])
+    assert (tmp_path / "overoptimisation.png").read_bytes().startswith(b"\x89PNG")
+    rows = list(csv.DictReader((tmp_path / "frontier.csv").open()))
+    assert {(r["method"], r["value"], r["seed"], r["oracle"]) for r in rows} >= {("online_dpo", "0.01", "0", "0.89")}
+    # Cells without the Oracle's judgement: no such section, plot or column, and the log says why.
+    for cell in traced["bt"].values():
+        del cell["scores"]["in"]["oracle"]
+    (tmp_path / "overoptimisation.png").unlink()
+    with caplog.at_level("INFO", logger=frontier.__name__):
+        fronts.write(tmp_path, {}, ["bt"])
+    assert not (tmp_path / "overoptimisation.png").exists() and "no judge named 'oracle'" in caplog.text
+    assert "Oracle" not in "\n".join(fronts.sections({}, ["bt"]))
+    assert "oracle" not in next(csv.DictReader((tmp_path / "frontier.csv").open()))
+
+
 # ---------------------------------------------------------------------------------------
 # The tuning's searches
 

@@ -1,11 +1,13 @@
 """The experiment engine in the paper's regime: its data (Table 1 splits, relabelled control), the
-margins it ranks pairs by, the KL next to the rewards, its tables, every shipped configuration parsed,
-and one tiny run of configs/protocol.yaml's kind of conditions."""
+margins it ranks pairs by, the KL next to the rewards, its tables, the runs it builds for an online
+method, every shipped configuration parsed, and one tiny run of configs/protocol.yaml's kind of
+conditions."""
 
 from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,10 @@ import yaml
 
 from drdo_lightning.cli import main
 from drdo_lightning.data.readers import read_rows
+from drdo_lightning.embedded_default import EMBEDDED
 from drdo_lightning.errors import UserError
 from drdo_lightning.evaluation.margins import IMPLICIT, LOGP, REWARD_HEAD, pair_margins
-from drdo_lightning.experiments import conditions, protocol, protocol_report
+from drdo_lightning.experiments import cells, conditions, protocol, protocol_report, tuning
 from drdo_lightning.experiments.sweeps import KL, EvalSettings, Evaluator
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.models import CausalLMWithRewardHead
@@ -123,8 +126,72 @@ def test_a_condition_names_a_known_split_and_teacher(tiny_model_dir, pair_files)
     assert conditions.as_condition({"name": "x"}).teacher_key() == "x"
 
 
+BT = {"label_noise": "bt", "noise_temperature": 2.0, "noise_score_columns": ["gold_chosen", "gold_rejected"]}
+
+
+class _Recorded(Exception):
+    """What :class:`_RecordingCells` fails every cell with: the runs are asked for, none is trained."""
+
+
+def test_an_online_student_learns_from_its_conditions_oracle_and_trains_anew_per_teacher_arm(
+        tmp_path, monkeypatch, tiny_model_dir, pair_files):
+    """The runs the engine builds (its cells recorded, its teachers stand-ins naming their Oracle)."""
+    out = tmp_path / "online"
+    asked: dict[tuple[str, str], tuple] = {}  # (condition, method) -> (RunSpec, training key) of seed 0
+
+    class RecordingCells:
+        def __init__(self, *args) -> None:
+            pass
+
+        def judge(self, *args) -> Future:
+            return cells.done({})
+
+        def submit(self, folder, run, families, key) -> Future:
+            asked[(folder.relative_to(out).parts[0], folder.name)] = (run, key)
+            future: Future = Future()
+            future.set_exception(_Recorded())
+            return future
+
+    monkeypatch.setattr(protocol, "Cells", RecordingCells)
+    monkeypatch.setattr(protocol, "teachers", lambda work, train, val, *rest: {
+        "train": train, "val": val, "oracle": f"oracle of {work.name}", "ensemble": []})
+    monkeypatch.setattr(protocol, "scored_by", lambda teacher, pairs, scored, options: str(write_jsonl(
+        tmp_path / scored.name, [{**r, "oracle_chosen": 1.0, "oracle_rejected": 0.0}
+                                 for r in _rows(pairs)])))
+    arms = [{"name": "given", "teacher": "given"}, {"name": "bt", "data": BT},
+            {"name": "hard_all", "split": "hard", "teacher": "all_pairs"}, {"name": "hard_own", "split": "hard"}]
+    run = dict(out=str(out), conditions=arms, methods={"online_dpo": ["online_dpo"], "dpo": ["dpo"]}, seeds=[0],
+               learning_rates=None, policy=str(tiny_model_dir), train_data=str(pair_files["train"]),
+               val_data=str(pair_files["val"]), given_oracle="shipped oracle", jobs=1)
+    with pytest.raises(_Recorded):
+        protocol.protocol(**run)
+
+    online = {c: asked[(c, "online_dpo")][0] for c in ("given", "bt", "hard_all", "hard_own")}
+    offline = {c: asked[(c, "dpo")][0] for c in online}
+    # Each condition's own Oracle judges its online student: the given one, or its teacher set's export.
+    assert {c: r.overrides[protocol.ONLINE_JUDGE] for c, r in online.items()} == {
+        "given": "shipped oracle", "bt": "oracle of bt", "hard_all": "oracle of all_pairs", "hard_own": "oracle of hard_own"}
+    assert not any(protocol.ONLINE_JUDGE in r.overrides for r in offline.values())
+    # Its prompts are those of the condition's training pairs (the split's, scored by the arm's teachers).
+    assert all(online[c].train_file == offline[c].train_file for c in online)
+    assert Path(online["hard_all"].train_file).name == "all_pairs_on_hard.jsonl"
+    assert online["given"].train_file == str(pair_files["train"])
+    # The label noise reaches it through its Oracle only (noise options flip a file's labels, it reads
+    # prompts), and its reference is live (its pairs are sampled as it trains).
+    assert offline["bt"].settings()["data.label_noise"] == "bt" and offline["bt"].settings()["model.precompute_reference"]
+    assert not any(k.startswith(("data.label_noise", "data.noise")) for k in online["bt"].settings())
+    assert "model.precompute_reference" not in online["bt"].settings()
+    # DPO reads no scores: one training for both arms of the split. Online DPO reads each arm's Oracle.
+    assert asked[("hard_all", "dpo")][1] == asked[("hard_own", "dpo")][1]
+    assert asked[("hard_all", "online_dpo")][1] != asked[("hard_own", "online_dpo")][1]
+    # Without the Oracle that scored the data, the given condition has no judge for it.
+    with pytest.raises(UserError, match=r"\['online_dpo'\] train online.*\['given'\].*--given_oracle"):
+        protocol.protocol(**{**run, "given_oracle": None})
+
+
 PROTOCOLS = {"protocol": ("bt_s2", ["conditions", "splits"]), "compare": ("flip_0.0", ["temperatures"]),
-             "robustness": ("flip_0.0", ["across"]), "frontier": ("bt_s2", ["conditions", "splits"])}
+             "robustness": ("flip_0.0", ["across"]), "frontier": ("bt_s2", ["conditions", "splits"]),
+             "online": ("bt_s2", ["conditions"])}
 
 
 @pytest.mark.parametrize("name", sorted(PROTOCOLS))
@@ -195,6 +262,65 @@ def test_protocol_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file
     # The tables of what is finished, without training anything: the same, read back from disk.
     (out / "protocol.md").unlink()
     assert main([*args, "--report_only", "true"]) == table and (out / "protocol.md").read_text() == table + "\n"
+
+
+def test_the_online_configuration_puts_online_methods_beside_the_best_offline_ones(capsys):
+    with pytest.raises(SystemExit):
+        main(["protocol", "--config", str(ROOT / "configs" / "online.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    # The data's own labels with the Oracle that scored them (the evaluation's judge `oracle` too), and bt_s2.
+    assert [(c["name"], c.get("teacher", "own")) for c in printed["conditions"]] == [("bt_s2", "own"), ("data_labels", "given")]
+    assert printed["given_oracle"] == printed["evaluation"]["judges"]["oracle"] == "embedded_default/oracle"
+    assert printed["evaluation"]["judges"]["gold"] == "vader" and printed["seeds"] == [0, 1, 2, 3, 4]
+    methods, grid, traced = printed["methods"], printed["grid"], printed["frontier"]
+    assert {m for m, layers in methods.items() if tuning.trains_online(tuple(layers))} == {"online_drdo", "online_dpo", "online_ipo"}
+    # Tuned by coordinates on the learning rate and the knob that sets the distance, traced along it on bt_s2.
+    distance = {"online_drdo": "model.alpha", "online_dpo": "model.beta", "online_ipo": "model.tau",
+                "drdo": "model.alpha", "dpo": "model.beta", "edpo": "model.beta"}
+    assert set(methods) == set(distance) and printed["search"] == "coordinates" and printed["tuning_condition"] == "bt_s2"
+    for method, knob in distance.items():
+        assert list(grid[method]) == [knob] and list(traced[method]) == [knob] and len(traced[method][knob]) >= 3
+        assert grid[method][knob][0] == tuning.read_config(methods[method][0])["model"]["init_args"][knob.removeprefix("model.")]
+    assert printed["frontier_conditions"] == ["bt_s2"] and printed["verdict"] == {"online_drdo": ["online_dpo", "dpo", "edpo"]}
+
+
+@pytest.mark.slow
+def test_the_online_configuration_at_a_tiny_size(tmp_path, tiny_model_dir, pair_files, eval_file):
+    """configs/online.yaml with two online methods and DPO: each online cell sampled against its
+    condition's Oracle, the report with the Oracle's reward beside the gold one and over-optimisation plotted."""
+    out = tmp_path / "online"
+    args = [
+        "protocol", "--config", str(ROOT / "configs" / "online.yaml"), "--out", str(out),
+        "--conditions", json.dumps([{"name": "bt", "data": BT}, {"name": "data_labels", "teacher": "given"}]),
+        "--methods", json.dumps({"online_drdo": ["online_drdo"], "online_dpo": ["online_dpo"], "dpo": ["dpo"]}),
+        "--learning_rates", "null", "--seeds", "[0]", "--frontier_conditions", '["bt"]', "--frontier_seeds", "1",
+        "--frontier", json.dumps({"online_drdo": {"model.alpha": [0.01, 1.0]}, "dpo": {"model.beta": [0.03, 3.0]}}),
+        "--verdict", json.dumps({"online_drdo": ["online_dpo", "dpo"]}), "--given_oracle", "vader",
+        "--max_steps", "2", "--judge_steps", "2", "--members", "1",
+        "--policy", str(tiny_model_dir), "--train_data", str(pair_files["train"]), "--val_data", str(pair_files["val"]),
+        "--evaluation.prompts", str(eval_file), "--evaluation.num_prompts", "4", "--evaluation.max_new_tokens", "6",
+        "--evaluation.temperatures", "[1.0]", "--evaluation.judges", json.dumps({"gold": "vader", "oracle": str(EMBEDDED / "oracle")}),
+        "--ood_prompts", "null", "--jobs", "1", "--overrides", json.dumps({"data.cache_dir": str(tmp_path / "cache")}),
+    ]
+    table = main(args)
+    bt_oracle = json.loads((out / "teachers" / "bt" / "teachers.json").read_text())["oracle"]
+    for condition, judge in (("bt", bt_oracle), ("data_labels", "vader")):
+        for method in ("online_drdo", "online_dpo"):
+            trained = yaml.safe_load(next((out / condition / "seed_0" / method).rglob("config.yaml")).read_text())
+            assert trained["model"]["init_args"]["online"]["judge"] == judge and trained["data"]["prompts_only"]
+    traced = yaml.safe_load(next((out / "bt" / "frontier" / "online_drdo" / "alpha=1.0").rglob("config.yaml")).read_text())
+    assert traced["model"]["init_args"]["online"]["judge"] == bt_oracle and traced["model"]["init_args"]["alpha"] == 1.0
+    # Every condition's table has the Oracle's reward beside the gold one, for every method.
+    heading = "| method | seeds | gold reward | oracle reward | distinct-2 of the generations |"
+    assert table.count(heading) == 2
+    for condition in ("bt", "data_labels"):
+        section = table.split(f"## {condition}")[1]
+        assert all(f"| {m} | 1 |" in section for m in ("online_drdo", "online_dpo", "dpo"))
+    assert "## Gold against the Oracle's reward along the frontier" in table and "| bt | online_drdo | alpha 0.01 |" in table
+    # The verdict: online DPO untraced, at the tuned points; DPO traced beside online DRDO, at equal KL.
+    verdict = next(line for line in table.splitlines() if line.startswith("| bt | online_drdo | ")).split("|")
+    assert "at the tuned points (KL " in verdict[3] and verdict[4].strip() == "no common KL level"
+    assert (out / "overoptimisation.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_the_splits_table_puts_each_arms_splits_side_by_side():

@@ -3,7 +3,7 @@
 A :class:`Condition` names a label-noise model (data options), optionally a half of the paper's
 Table 1 (:func:`table1_splits`), and its teacher arm. A teacher set (:func:`teachers`) is an Oracle
 and an e-DPO ensemble trained on a condition's noisy pairs, with the pairs they scored; or the
-scores the data already carries (:data:`GIVEN`); or the set an earlier run trained
+scores the data already carries and the Oracle that made them (:data:`GIVEN`); or the set an earlier run trained
 (:func:`finished_teachers`). :func:`relabelled_by_teacher` orders pairs by their Oracle, for the control
 ``dpo_relabelled``.
 """
@@ -178,9 +178,10 @@ def teachers(work: Path, train: str, val: str, policy: str, members: int, shared
     return result
 
 
-def given_teachers(train: str, val: str) -> dict[str, Any]:
-    """The teacher "set" of the data as given: the pairs and the Oracle scores they carry; nothing trained."""
-    return {"train": train, "val": val}
+def given_teachers(train: str, val: str, oracle: str | None) -> dict[str, Any]:
+    """The teacher "set" of the data as given: the pairs and the Oracle scores they carry, and the
+    Oracle that made them (``oracle``; None where it is not known); nothing trained."""
+    return {"train": train, "val": val, "oracle": oracle}
 
 
 def finished_teachers(out: str, key: str) -> dict[str, Any]:

@@ -15,10 +15,15 @@ The verdict (:func:`verdict`) puts a method (each reading of DRDO) against each 
 where its interval lies wholly above the baseline's, *behind* wholly below, *level* where they
 overlap. Where both are traced it is read at each KL level both curves reach; elsewhere at the tuned
 points (the evaluation's seeds), with each side's KL beside it, since those are not at equal KL.
+
+Along the same curves the gold reward is also plotted against the Oracle's reward (the judge
+:data:`ORACLE`): a method that over-optimises its proxy shows the gold reward falling as the
+Oracle's rises (Gao et al. 2023, "Scaling laws for reward model overoptimization").
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +32,15 @@ from typing import Any, Sequence
 from drdo_lightning.errors import UserError
 from drdo_lightning.evaluation.statistics import ALL, Estimate
 from drdo_lightning.experiments.cells import IN_DISTRIBUTION
-from drdo_lightning.experiments.sweeps import KL, cell_text, seed_interval
+from drdo_lightning.experiments.sweeps import KL, cell_text, measure_label, seed_interval
 from drdo_lightning.reports import markdown_table, new_figure, write_csv
+
+log = logging.getLogger(__name__)
 
 KL_LEVELS = (5.0, 10.0, 20.0, 40.0)
 AHEAD, LEVEL, BEHIND = "ahead", "level", "behind"
 GOLD = "gold"  # the judge every reading is of
+ORACLE = "oracle"  # the judge the gold reward is also plotted against: the proxy the students learn from
 
 # A traced condition's cells: (method, knob value, seed) -> cell (``scores.json``).
 Traced = dict[tuple[str, Any, int], dict]
@@ -127,13 +135,14 @@ def equal_kl_rows(traced: dict[str, Traced], levels: Sequence[float]) -> list[di
     return rows
 
 
-def _mean_points(cells: Traced, method: str) -> list[tuple[Any, float, float]]:
-    """Per traced point of ``method``, in order of its knob: the value and the mean over seeds of its KL
-    and gold reward."""
+def _mean_points(cells: Traced, method: str, measure: str = KL) -> list[tuple[Any, float, float]]:
+    """Per traced point of ``method``, in order of its knob: the value and the mean over seeds of its
+    ``measure`` (KL, or a judge's reward) and gold reward."""
     out = []
     for value in sorted({v for m, v, _ in cells if m == method}):
         scores = [c["scores"][IN_DISTRIBUTION] for (m, v, _), c in cells.items() if m == method and v == value]
-        out.append((value, statistics.fmean(s[KL]["mean"] for s in scores), statistics.fmean(s[GOLD]["mean"] for s in scores)))
+        out.append((value, statistics.fmean(s[measure]["mean"] for s in scores),
+                    statistics.fmean(s[GOLD]["mean"] for s in scores)))
     return out
 
 
@@ -156,6 +165,21 @@ def equal_kl_table(traced: dict[str, Traced], knobs: dict[str, str], levels: Seq
                          *(cell_text(r) if r["value"] is not None else "-" for r in readings)])
     return markdown_table(["condition", "method", "traced along", "seeds", "KL traced (nats)",
                            *(f"gold at KL {level:g}" for level in levels)], body)
+
+
+def overoptimisation_table(traced: dict[str, Traced], knobs: dict[str, str]) -> str:
+    """Per traced condition, method and value of its knob (in order): the means over seeds of KL, the
+    Oracle's reward and the gold reward, side by side, so a gold reward that falls as the Oracle's
+    rises (over-optimisation of the proxy) shows in the rows."""
+    body = []
+    for condition, cells in traced.items():
+        for method in methods_of(cells):
+            knob = knobs.get(method, "?").removeprefix("model.")
+            by_oracle = _mean_points(cells, method, ORACLE)
+            for (value, kl, gold), (_, oracle, _) in zip(_mean_points(cells, method), by_oracle):
+                body.append([condition, method, f"{knob} {_value_text(value)}", f"{kl:.1f}", f"{oracle:+.3f}",
+                             f"{gold:+.3f}"])
+    return markdown_table(["condition", "method", "point", "KL (nats)", "Oracle reward", "gold reward"], body)
 
 
 def _as_estimate(row: dict | None) -> Estimate | None:
@@ -203,29 +227,39 @@ def verdict_table(traced: dict[str, Traced], summary: dict[tuple, dict], conditi
     return markdown_table(["condition", "method", *(f"vs {b}" for b in baselines)], body)
 
 
+def _judged_by_oracle(traced: dict[str, Traced]) -> bool:
+    """Whether every traced cell has the Oracle's reward (:data:`ORACLE` among the evaluation's judges)."""
+    return all(ORACLE in c["scores"][IN_DISTRIBUTION] for cells in traced.values() for c in cells.values())
+
+
 def frontier_rows(traced: dict[str, Traced], knobs: dict[str, str]) -> list[dict]:
-    """Every traced cell's KL and gold reward on the evaluation prompts, for ``frontier.csv``."""
+    """Every traced cell's KL, gold reward and (where judged) the Oracle's on the evaluation prompts,
+    for ``frontier.csv``."""
+    measures = [KL, GOLD, *([ORACLE] if _judged_by_oracle(traced) else [])]
     return [{"condition": condition, "method": m, "knob": knobs.get(m, ""), "value": v, "seed": seed,
-             KL: c["scores"][IN_DISTRIBUTION][KL]["mean"], GOLD: c["scores"][IN_DISTRIBUTION][GOLD]["mean"]}
+             **{measure: c["scores"][IN_DISTRIBUTION][measure]["mean"] for measure in measures}}
             for condition, cells in traced.items() for (m, v, seed), c in cells.items()]
 
 
-def frontier_curves_plot(traced: dict[str, Traced], levels: Sequence[float], path: Path) -> None:
-    """Gold reward against KL to the starting policy, a curve per method through its traced points
-    (means over seeds, in order of KL), a panel per traced condition, the KL levels dotted."""
+def frontier_curves_plot(traced: dict[str, Traced], path: Path, measure: str = KL,
+                         levels: Sequence[float] = ()) -> None:
+    """Gold reward against ``measure`` (KL to the starting policy; the Oracle's reward shows
+    over-optimisation), a curve per method through its traced points (means over seeds, in order of
+    ``measure``), a panel per traced condition, the ``levels`` of ``measure`` dotted."""
     names = [n for n, cells in traced.items() if cells]
     if not names:
         return
     fig = new_figure(figsize=(5.5 * len(names), 4.2), layout="constrained")
     for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
-        means = {method: _mean_points(traced[name], method) for method in methods_of(traced[name])}
+        means = {method: _mean_points(traced[name], method, measure) for method in methods_of(traced[name])}
         for method, points in means.items():
-            ax.plot(*zip(*sorted((kl, gold) for _, kl, gold in points)), marker="o", markersize=3, label=method)
+            ax.plot(*zip(*sorted((x, gold) for _, x, gold in points)), marker="o", markersize=3, label=method)
         for level in levels:
             ax.axvline(level, color="gray", linestyle=":", linewidth=0.8)
-        if min(kl for points in means.values() for _, kl, _ in points) > 0:  # a KL estimate may dip below 0
+        # KL spans orders of magnitude along a knob (an estimate may dip below 0); a reward is on its own scale.
+        if measure == KL and min(x for points in means.values() for _, x, _ in points) > 0:
             ax.set_xscale("log")
-        ax.set_xlabel("KL(π || π_SFT), nats (mean over seeds)")
+        ax.set_xlabel(f"{measure_label(measure)} (mean over seeds)")
         ax.set_ylabel("gold reward (mean over seeds)")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=7)
@@ -249,7 +283,8 @@ class Frontiers:
     contests: dict[str, list[str]] | None = None
 
     def sections(self, summary: dict[tuple, dict], conditions: Sequence[str]) -> list[str]:
-        """The report's opening: the verdict (with ``contests``), then the gold reward at equal KL."""
+        """The report's opening: the verdict (with ``contests``), the gold reward at equal KL, then
+        (where the cells were judged by the Oracle) the gold reward against the Oracle's along the frontier."""
         lines = []
         if self.contests:
             lines += ["## Verdict at equal KL", "",
@@ -264,12 +299,23 @@ class Frontiers:
                       "linear interpolation between the points that bracket it; mean over seeds with the 95% t-interval; "
                       "- where a seed's curve never reaches the level (never extrapolated).", "",
                       equal_kl_table(self.traced, self.knobs, self.levels), ""]
+        if any(self.traced.values()) and _judged_by_oracle(self.traced):
+            lines += ["## Gold against the Oracle's reward along the frontier", "",
+                      "Each traced point's means over seeds on the evaluation prompts (`overoptimisation.png` plots "
+                      "them): where the Oracle's reward rises along a method's knob and the gold reward falls, the "
+                      "method over-optimises its proxy.", "",
+                      overoptimisation_table(self.traced, self.knobs), ""]
         return lines
 
     def write(self, root: Path, summary: dict[tuple, dict], conditions: Sequence[str]) -> None:
-        """``frontier.csv`` (every traced cell), ``equal_kl.csv``, ``equal_kl.md`` (:meth:`sections`) and
-        ``frontier_curves.png``."""
+        """``frontier.csv`` (every traced cell), ``equal_kl.csv``, ``equal_kl.md`` (:meth:`sections`),
+        ``frontier_curves.png`` and, where the cells were judged by the Oracle, ``overoptimisation.png``
+        (the gold reward against the Oracle's along the same curves)."""
         write_csv(frontier_rows(self.traced, self.knobs), root / "frontier.csv")
         write_csv(equal_kl_rows(self.traced, self.levels), root / "equal_kl.csv")
         (root / "equal_kl.md").write_text("\n".join(self.sections(summary, conditions)))
-        frontier_curves_plot(self.traced, self.levels, root / "frontier_curves.png")
+        frontier_curves_plot(self.traced, root / "frontier_curves.png", KL, self.levels)
+        if _judged_by_oracle(self.traced):
+            frontier_curves_plot(self.traced, root / "overoptimisation.png", ORACLE)
+        else:
+            log.info("overoptimisation.png not drawn: the traced cells have no judge named %r", ORACLE)

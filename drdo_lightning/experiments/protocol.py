@@ -12,6 +12,8 @@ sweep of the project (docs/experiments.md):
 - ``configs/robustness.yaml``: every method at its recipe's settings at each uniform flip rate and seed.
 - ``configs/frontier.yaml``: DRDO tuned on its own knobs (both readings of its student's reward) and
   every method traced along its distance knob, compared at equal KL on the paper's main conditions.
+- ``configs/online.yaml``: online DRDO, DPO and IPO against the best offline methods, at equal KL
+  and against the Oracle's own reward (over-optimisation of the proxy).
 
 1. **Teachers.** Per teacher set, the Oracle and the e-DPO ensemble train on the condition's noisy
    pairs from the students' SFT policy (the Oracle optionally from its own, larger one:
@@ -31,6 +33,13 @@ sweep of the project (docs/experiments.md):
    ranking accuracy by |gold margin| and a reward head's correlation with its teacher. Conditions with
    the all-pairs teachers also train ``dpo_relabelled``: DPO on the pairs ordered by that Oracle, the
    control that separates DRDO's extra information from robustness.
+
+   A method whose recipe trains online (:func:`tuning.trains_online`) learns from the same teacher
+   as the offline students of its condition: its judge (``model.online.judge``) is the condition's
+   Oracle (the teacher set's export; on a ``given`` condition ``given_oracle``, the Oracle whose
+   scores the data carries), its prompts are those of the condition's training pairs, and the
+   condition's label noise reaches it only through that Oracle (noise options flip a file's labels,
+   and it reads none).
 4. **The frontier.** With ``frontier``, on ``frontier_conditions`` every traced method runs along the
    knob that sets its distance from the start (its chosen setting, the knob at each listed value and
    at the tuned one) with ``frontier_seeds`` seeds; the report reads each method's curves at the KL
@@ -39,7 +48,8 @@ sweep of the project (docs/experiments.md):
 
 A cell identical to another (:mod:`experiments.cells`) is that one's result: the frontier's tuned
 point is the evaluation's cell, a tuning cell's export is judged again rather than trained again,
-and a student that reads no teacher's scores trains once for both teacher arms of a split.
+and a student that reads no teacher's scores trains once for both teacher arms of a split (an
+online student reads its Oracle through the judge: it trains anew for each teacher set).
 
 Runs go to ``jobs`` worker processes of ``threads`` torch threads; the seeds run in order, so an
 interrupted command has every method at the seeds it finished, and a finished cell or teacher set
@@ -77,13 +87,23 @@ from drdo_lightning.experiments.conditions import (
 from drdo_lightning.experiments.frontier import KL_LEVELS, Frontiers, check_frontier, points_of
 from drdo_lightning.experiments.protocol_report import teacher_margins, tuning_table, write_report
 from drdo_lightning.experiments.sweeps import DISTINCT, FLIP_SEED, KL, EvalSettings, executor, tuning_prompts
-from drdo_lightning.experiments.tuning import GRID, Search, choose, reads_scores, recipe_of, setting_name, tuned_entry
+from drdo_lightning.experiments.tuning import (
+    GRID,
+    Search,
+    choose,
+    reads_scores,
+    recipe_of,
+    setting_name,
+    trains_online,
+    tuned_entry,
+)
 from drdo_lightning.reports import write_csv
 from drdo_lightning.training import RunSpec
 
 log = logging.getLogger(__name__)
 
 RELABELLED = "dpo_relabelled"  # DPO on the pairs ordered by the all-pairs Oracle (the control of that arm)
+ONLINE_JUDGE = "model.online.judge"  # the Oracle an online student samples against: its condition's
 
 
 def _bt(temperature: float) -> dict[str, Any]:
@@ -140,6 +160,7 @@ def protocol(
     teachers_from: str | None = None,
     oracle_policy: str | None = None,
     oracle_shape: dict[str, int] | None = None,
+    given_oracle: str | None = str(EMBEDDED / "oracle"),
     policy: str = str(EMBEDDED / "sft_policy"),
     sft_data: str = str(EMBEDDED / "data" / "sft.jsonl"),
     train_data: str = str(EMBEDDED / "data" / "train.jsonl"),
@@ -205,6 +226,9 @@ def protocol(
         oracle_policy: The SFT policy the Oracle starts from (default: ``policy``).
         oracle_shape: Build the Oracle's SFT policy instead: a Llama of this shape (config fields over
             the students' tiny Llama) fine-tuned on ``sft_data`` (under ``out/oracle_policy``).
+        given_oracle: The Oracle whose scores ``train_data`` carries (default: the embedded default's,
+            which scored its pairs): the teacher of a ``given`` condition, so the judge of its online
+            students; with your own data name yours, or None (online methods then cannot run there).
         policy: The SFT policy every student and teacher starts from, and the KL reference.
         train_data, val_data: Preference pairs; the splits and the margin bins need gold score columns
             (``gold_chosen``, ``gold_rejected``), ``given`` teachers the Oracle and ensemble scores.
@@ -245,6 +269,11 @@ def protocol(
     for method, baselines in (verdict or {}).items():
         if unknown := sorted({method, *baselines} - set(names)):
             raise UserError(f"--verdict: {unknown} are none of the methods {names}")
+    online_methods = [m for m, layers in methods.items() if trains_online(recipe_of(layers, {})[0])]
+    if online_methods and given_oracle is None and (given := [c.name for c in conditions if c.teacher == GIVEN]):
+        raise UserError(f"--methods {online_methods} train online, judged by their condition's Oracle, and on the conditions "
+                        f"{given} (teacher {GIVEN}) that is the Oracle whose scores --train_data carries: name it "
+                        "with --given_oracle")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -269,7 +298,8 @@ def protocol(
         start = root / "start" / "evaluation" / "scores.json"
         record = root / "chosen.json"
         chosen = _with_relabelled(json.loads(record.read_text()) if record.is_file() else {m: {} for m in methods})
-        results, teacher_sets = finished(root, conditions, names, seeds, train_data, val_data, teachers_from)
+        results, teacher_sets = finished(root, conditions, names, seeds, train_data, val_data, teachers_from,
+                                         given_oracle)
         traced = {name: finished_traced(root, by_name[name], frontier, chosen, traced_seeds) for name in traced_on}
         return report(results, teacher_sets, json.loads(start.read_text())["scores"] if start.is_file() else None,
                       traced if frontier else {})
@@ -291,7 +321,7 @@ def protocol(
             if key not in teacher_futures:
                 on_split = c.teacher == OWN and c.split is not None
                 if c.teacher == GIVEN:
-                    teacher_futures[key] = done(given_teachers(train_data, val_data))
+                    teacher_futures[key] = done(given_teachers(train_data, val_data, given_oracle))
                 elif teachers_from is not None:
                     teacher_futures[key] = done(finished_teachers(teachers_from, key))
                 else:
@@ -308,6 +338,11 @@ def protocol(
                                            spec.score_options()), "val": t["val"]}
             return {"train": t["train"], "val": t["val"]}
 
+        def online_run(c: Condition) -> RunSpec:
+            """The shared settings of an online student on ``c``: its judge the condition's Oracle, and
+            none of the condition's label-noise options (they flip a pairs file's labels; it reads only prompts)."""
+            return replace(base, overrides={**base.overrides, ONLINE_JUDGE: teachers_of(c).result()["oracle"]})
+
         relabelled: dict[str, str] = {}  # per condition, its pairs ordered by its Oracle: written once a run
 
         def student(c: Condition, method: str, setting: dict[str, Any], seed: int, folder: Path,
@@ -319,10 +354,14 @@ def protocol(
                     relabelled[c.name] = str(relabelled_by_teacher(Path(train), root / c.name / "relabelled.jsonl"))
                 train = relabelled[c.name]
             recipe, knobs = recipe_of(methods.get(method, ["dpo"]), setting)
-            run = replace(run_of(c), recipe=recipe, seed=seed, train_file=train, val_file=data["val"],
-                          max_steps=max_steps, one_model_in_memory=True, overrides={**run_of(c).overrides, **knobs})
-            # A student that reads no scores trains the same on the same pairs whoever scored them.
-            pairs = None if method == RELABELLED or reads_scores(recipe) else f"{c.split or 'all'} pairs"
+            online = trains_online(recipe)
+            shared = online_run(c) if online else run_of(c)
+            # An online reference model is live (its pairs are sampled as it trains): nothing to precompute.
+            run = replace(shared, recipe=recipe, seed=seed, train_file=train, val_file=data["val"], max_steps=max_steps,
+                          one_model_in_memory=not online, overrides={**shared.overrides, **knobs})
+            # A student that reads no scores trains the same on the same pairs whoever scored them; an
+            # online one reads its teachers' Oracle as its judge.
+            pairs = None if method == RELABELLED or online or reads_scores(recipe) else f"{c.split or 'all'} pairs"
             return cells.submit(folder, run, judged_on, training_key(run, pairs))
 
         chosen = {m: {} for m in methods}  # without tuning: the recipes' settings
@@ -439,7 +478,8 @@ def _tune(root: Path, cells: Cells, tuned_on: Condition, conditions: list[Condit
 
 
 def finished(root: Path, conditions: list[Condition], methods: list[str], seeds: list[int], train_data: str,
-             val_data: str, teachers_out: str | None) -> tuple[dict[str, dict[tuple[str, int], dict]], dict[str, dict]]:
+             val_data: str, teachers_out: str | None,
+             given_oracle: str | None) -> tuple[dict[str, dict[tuple[str, int], dict]], dict[str, dict]]:
     """The cells and teacher sets already finished under ``root`` (their ``scores.json``/``teachers.json``)."""
     results = {}
     for c in conditions:
@@ -449,7 +489,7 @@ def finished(root: Path, conditions: list[Condition], methods: list[str], seeds:
     for key in dict.fromkeys(c.teacher_key() for c in conditions):
         record = Path(teachers_out or root) / "teachers" / key / "teachers.json"
         if key == GIVEN:
-            teacher_sets[key] = given_teachers(train_data, val_data)
+            teacher_sets[key] = given_teachers(train_data, val_data, given_oracle)
         elif record.is_file():
             teacher_sets[key] = json.loads(record.read_text())
     return results, teacher_sets

@@ -51,6 +51,15 @@ def reads_scores(recipe: tuple[str, ...]) -> bool:
     return any((read_config(layer).get("data") or {}).get("chosen_score_column") for layer in recipe)
 
 
+def trains_online(recipe: tuple[str, ...]) -> bool:
+    """Whether a recipe's student trains online (a layer sets ``model.init_args.online`` or
+    ``data.prompts_only``): it samples its own pairs and learns from the Oracle it is given as judge,
+    reading only the prompts of its pairs file."""
+    configs = [read_config(layer) for layer in recipe]
+    return any(((c.get("model") or {}).get("init_args") or {}).get("online") or (c.get("data") or {}).get("prompts_only")
+               for c in configs)
+
+
 def extensible(values: list) -> bool:
     """Whether an axis can grow past its edge: positive numbers only (a form or a switch has no next value)."""
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
