@@ -48,17 +48,18 @@ def reward_columns(
     batch_size: int,
     sides: tuple[str, ...],
     desc: str = "scoring",
+    progress: bool = True,
 ) -> dict[str, list[float]]:
     """Rewards of every response in ``examples`` (tokenized pairs), per side.
 
     Batches are formed from length-sorted examples to keep padding small; results come back
-    in the input order.
+    in the input order. ``progress``: a progress bar over the batches, titled ``desc``.
     """
     order = sorted(range(len(examples)), key=lambda i: -(len(examples[i]["prompt_ids"]) + len(examples[i]["chosen_ids"])))
     collate = PairCollator(pad_token_id)
     device = next(model.parameters()).device
     out = {side: [0.0] * len(examples) for side in sides}
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
         idx = order[start : start + batch_size]
         batch = collate([examples[i] for i in idx])
         for side in sides:
@@ -118,12 +119,13 @@ class Scorer:
         self.template = chat_renderer(self.tokenizer)  # how rows with conversations render for this model
         self.batch_size, self.max_prompt_length, self.max_length = batch_size, max_prompt_length, max_length
 
-    def rewards(self, pairs: list[TextPair], cols: Columns, *, sides: tuple[str, ...], desc: str) -> dict[str, list[float]]:
+    def rewards(self, pairs: list[TextPair], cols: Columns, *, sides: tuple[str, ...], desc: str,
+                progress: bool = True) -> dict[str, list[float]]:
         """The reward of every response of ``pairs``, per side, in order (:func:`reward_columns`)."""
         examples = tokenized_for(self.model, self.tokenizer, pairs, cols, max_prompt_length=self.max_prompt_length,
                                  max_length=self.max_length)
         return reward_columns(self.model, examples, self.tokenizer.pad_token_id, batch_size=self.batch_size, sides=sides,
-                              desc=desc)
+                              desc=desc, progress=progress)
 
 
 def _write_rows(rows: list[dict], path: Path) -> None:

@@ -2,11 +2,13 @@
 
 In-process runs find them because pytest puts ``tests/`` on ``sys.path``; the multi-process
 tests put ``tests/`` on ``PYTHONPATH`` of their ``python -m drdo_lightning fit`` subprocesses:
-``--trainer.callbacks+=probes.MeanLossOverRanks``, ``--model probes.ShardProbeDRDO``.
+``--trainer.callbacks+=probes.MeanLossOverRanks``, ``--model probes.ShardProbeDRDO``, and the judge
+``probe-text-hash`` (registered when this module loads, as the class named on the command line loads it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -16,6 +18,8 @@ import lightning as L
 import torch
 
 from drdo_lightning import DRDO
+from drdo_lightning.evaluation.judges import register_judge
+from drdo_lightning.online.sampling import GenerateSampler, Samples, step_seed
 
 
 class MeanLossOverRanks(L.Callback):
@@ -111,3 +115,51 @@ class OutputDtype(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx == 0:
             self.handle.remove()
+
+
+def text_hash(prompts, responses) -> list[float]:
+    """A judge: each response's score a hash of its text in [0, 1), the same in every process (unlike
+    Python's salted ``hash``); two responses tie only where their texts are equal."""
+    return [int.from_bytes(hashlib.sha256(r.encode()).digest()[:4], "little") / 2**32 for r in responses]
+
+
+register_judge("probe-text-hash", text_hash)
+
+
+class PromptSeededSampler:
+    """Hugging Face ``generate`` on each prompt alone, seeded by the prompt's text: a prompt's samples
+    depend on it and the weights only, not on the rank, step or batch it comes in (the run's own
+    sampler seeds by step and rank, so two processes would draw other samples than one)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.generate = GenerateSampler(tokenizer)
+
+    def __call__(self, model, prompts, options, seed: int) -> Samples:
+        alone = [self.generate(model, [p], options, step_seed(0, json.dumps(p))) for p in prompts]
+        return Samples(prompts=list(prompts), k=options.k, prompt_ids=[s.prompt_ids[0] for s in alone],
+                       response_ids=[ids for s in alone for ids in s.response_ids],
+                       texts=[t for s in alone for t in s.texts], ended=[e for s in alone for e in s.ended])
+
+
+class PromptSeededDRDO(DRDO):
+    """Online DRDO sampling through :class:`PromptSeededSampler`; from training step ``ties_on_rank_one_from``
+    on, the judge of rank 1 scores every sample alike, so that rank has no pair while the others do."""
+
+    def __init__(self, *args, ties_on_rank_one_from: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ties_on_rank_one_from = ties_on_rank_one_from
+
+    def make_sampler(self, tokenizer) -> PromptSeededSampler:
+        return PromptSeededSampler(tokenizer)
+
+    def start_online(self, tokenizer, device: torch.device) -> None:
+        super().start_online(tokenizer, device)
+        judge = self.online_source.judge
+
+        def tying(prompts, responses) -> list[float]:
+            start = self.ties_on_rank_one_from
+            if self.global_rank == 1 and start is not None and self.global_step >= start:
+                return [0.0] * len(responses)
+            return judge(prompts, responses)
+
+        self.online_source.judge = tying

@@ -8,13 +8,17 @@ with a tokenizer of its own.
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 from types import SimpleNamespace
 
+import probes  # registers the judge probe-text-hash
 import pytest
 import torch
 from architectures import build
 from conftest import fit_argv
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from test_deepspeed import LOSS_RTOL, cli, run
+from test_export import logged
 from test_reliability import finished_output, start_cli
 from test_scoring import expected_reward
 from transformers import AutoModelForSequenceClassification, GPTNeoXConfig
@@ -24,7 +28,7 @@ from drdo_lightning.cli import main
 from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.embedded_default import task as embedded
 from drdo_lightning.errors import SettingError
-from drdo_lightning.evaluation.judges import register_judge
+from drdo_lightning.evaluation.judges import RewardModelJudge, register_judge
 from drdo_lightning.online.options import OnlineOptions
 from drdo_lightning.online.pairs import Pairs, choose_pairs, join_batches, pair_batch, penalised
 from drdo_lightning.online.sampling import GenerateSampler, Samples, step_seed
@@ -39,6 +43,7 @@ def characters(prompts, responses):
 
 
 register_judge("test-characters", characters)
+register_judge("test-constant", lambda prompts, responses: [1.0] * len(responses))  # every prompt ties
 
 
 # -- pairs from scores --------------------------------------------------------------------------
@@ -176,13 +181,20 @@ def online_module(cls, model_dir, tokenizer, **options):
     return module
 
 
-def test_the_judge_reads_the_samples_text_with_its_own_tokenizer(tiny_model_dir, tiny_tokenizer, judge_with_own_vocabulary):
+def test_the_judge_reads_the_samples_text_with_its_own_tokenizer_and_draws_no_bar(
+    tiny_model_dir, tiny_tokenizer, judge_with_own_vocabulary, capfd
+):
     path, model, judge_tokenizer = judge_with_own_vocabulary
     module = online_module(DRDO, tiny_model_dir, tiny_tokenizer, judge=str(path), k=2, track_kl=False)
+    capfd.readouterr()
     step = module.online_batch({"prompts": PROMPTS[:2]}, "train", 0)
     for i, (text, score) in enumerate(zip(step.samples.texts, step.scores)):
         prompt = step.samples.prompts[step.samples.prompt_of(i)]
         assert float(score) == pytest.approx(expected_reward(model, judge_tokenizer, prompt, text), abs=1e-5)
+    # A bar per step would bury the training's own; the judge alone (evaluate's) still draws one.
+    assert f"judge {path}" not in capfd.readouterr().err
+    RewardModelJudge(str(path))(PROMPTS[:1], ["a response"])
+    assert f"judge {path}" in capfd.readouterr().err
 
 
 # -- steps: the objective's own loss on the sampled pairs -----------------------------------------
@@ -228,6 +240,51 @@ def test_the_kl_estimate_starts_at_zero_and_moves_with_the_policy(tiny_model_dir
     module.on_save_checkpoint(checkpoint)
     assert not any(k.startswith("online_start.") for k in checkpoint["state_dict"])
     assert checkpoint["hyper_parameters"]["online"]["k"] == 2 and checkpoint["online_source"] == {"seed": 0}
+
+
+def test_a_step_without_pairs_steps_on_zero_gradients(tmp_path, tiny_model_dir, tiny_tokenizer, pair_files):
+    """Every prompt's k scores tie and no offline pairs: the loss is 0 with a zero gradient on every
+    trainable parameter, so under DDP this process runs the backward the others all-reduce in, and
+    the step is logged with 0 pairs. AdamW steps on those zero gradients: at a first step its moments
+    are 0, so only its decoupled weight decay moves the weights, matrices by ``1 - lr * λ``, biases and
+    norms not at all (later, the momentum of earlier steps moves them too)."""
+    module = online_module(DRDO, tiny_model_dir, tiny_tokenizer, judge="test-constant", track_kl=False)
+    loss = module.training_step({"prompts": PROMPTS}, 0)
+    assert loss.item() == 0.0
+    loss.backward()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and not p.grad.any() for p in trainable)
+
+    lr, decay = 1e-2, 0.1
+    fit = main(fit_argv(tmp_path, tiny_model_dir, pair_files["train"], "--data.prompts_only", "true",
+                        "--model.online.judge", "test-constant", "--model.online.max_new_tokens", "4",
+                        "--model.online.track_kl", "false", "--model.reward_head_seed", "0",
+                        "--model.learning_rate", str(lr), "--model.weight_decay", str(decay),
+                        "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+                        "--trainer.callbacks+=probes.StepLosses", "--trainer.callbacks.path", str(tmp_path / "losses")))
+    assert fit.trainer.global_step == 1 and (tmp_path / "losses").read_text().split() == ["1", "0.0"]
+    assert logged(tmp_path, "train/online/pairs") == {0: 0.0} and logged(tmp_path, "train/online/ties_dropped") == {0: 8.0}
+    start = DRDO(str(tiny_model_dir), reward_head_seed=0)
+    start.configure_model()
+    before, after = dict(start.policy.named_parameters()), dict(fit.model.policy.named_parameters())
+    assert before.keys() == after.keys()
+    for name, param in before.items():
+        want = param * (1 - lr * decay) if param.dim() >= 2 else param
+        torch.testing.assert_close(after[name], want, rtol=0, atol=1e-7, msg=name)
+
+
+def test_validation_samples_the_validation_prompts_and_logs_their_reward_and_loss(tmp_path, tiny_model_dir, pair_files):
+    main(fit_argv(tmp_path, tiny_model_dir, pair_files["train"], "--data.val_file", str(pair_files["val"]),
+                  "--data.prompts_only", "true", "--model.online.judge", "probe-text-hash",
+                  "--model.online.max_new_tokens", "4", "--model.online.track_kl", "false", "--trainer.max_steps", "1",
+                  "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
+                  "--trainer.num_sanity_val_steps", "0"))
+    # One batch of 8 validation prompts, each sampled twice and scored by a hash of the text in [0, 1).
+    assert list(logged(tmp_path, "val/online/pairs").values()) == [8.0]
+    (reward,) = logged(tmp_path, "val/online/reward").values()
+    assert 0 < reward < 1
+    (loss,) = logged(tmp_path, "val/loss").values()
+    assert loss > 0
 
 
 def test_step_metrics_from_hand_made_scores():
@@ -302,3 +359,58 @@ def test_sigkill_then_resume_samples_alike_and_ends_with_the_same_weights(
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     samples = list((interrupted / "lightning_logs").rglob("samples.jsonl"))
     assert samples, "no samples were logged"
+
+
+# -- two processes ------------------------------------------------------------------------------------
+
+
+BIAS = "reward_head.bias"
+
+
+def weights_after_step_2(root: Path) -> dict[str, torch.Tensor]:
+    """The policy's weights in the checkpoint ``root`` saved after 2 steps."""
+    (checkpoint,) = (root / "checkpoints").glob("*step=2.ckpt")
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    return {k.removeprefix("policy."): v for k, v in state.items()}
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_sampling_their_own_prompts_train_as_one(tmp_path, tiny_model_dir, pair_files):
+    """2 gloo processes with 4 prompts each per step against one process with those 8: the same
+    samples (:class:`probes.PromptSeededSampler` seeds by prompt, not by rank), so the same pairs, the
+    mean loss over ranks (``probe/loss``) that of the whole batch and the weights after 2 steps alike
+    (``LOSS_RTOL``, as the sharded strategies' comparisons). A third step where rank 1 has no pair
+    (its judge ties every sample) ends: rank 1 steps on a zero loss, so the mean over ranks is half rank 0's.
+    Both runs last 3 steps: the learning-rate schedule spans the run."""
+    def args(root, batch_size, *more):
+        return fit_argv(root, tiny_model_dir, pair_files["train"], "--data.prompts_only", "true",
+                        "--data.batch_size", str(batch_size), "--model.online.judge", "probe-text-hash",
+                        "--model.online.max_new_tokens", "6", "--model.online.track_kl", "false",
+                        "--model.reward_head_seed", "0", "--model.learning_rate", "1e-2",
+                        "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", *more,
+                        objective="probes.PromptSeededDRDO", checkpoints=2)
+
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    main(args(single, 8))
+    assert logged(single, "train/online/pairs") == {0: 8.0, 1: 8.0, 2: 8.0}  # no prompt tied
+    ddp.mkdir()
+    run(cli(*args(ddp, 4, "--trainer.strategy", "ddp", "--trainer.devices", "2", "--model.ties_on_rank_one_from", "2",
+                  "--trainer.callbacks+=probes.MeanLossOverRanks")), ddp)
+    assert logged(ddp, "train/online/pairs") == {0: 4.0, 1: 4.0, 2: 4.0}  # rank 0's
+    assert list(ddp.rglob("samples.jsonl")), "rank 0 wrote no samples"  # at step 0, with every rank's help
+    mean_over_ranks, want = logged(ddp, "probe/loss"), logged(single, "train/loss")
+    assert [mean_over_ranks[step] for step in (0, 1)] == pytest.approx([want[0], want[1]], rel=LOSS_RTOL)
+    assert mean_over_ranks[2] == pytest.approx(logged(ddp, "train/loss")[2] / 2, rel=1e-6)
+
+    got, reference = weights_after_step_2(ddp), weights_after_step_2(single)
+    assert got.keys() == reference.keys()
+    start = DRDO(str(tiny_model_dir), reward_head_seed=0)
+    start.configure_model()
+    # The reward head's bias cancels in r̂_w - r̂_l: its gradient is 0 but for rounding, which differs
+    # with the order of the sums and which Adam scales up to steps of about lr. The rest moved, so
+    # that their agreement means something.
+    del got[BIAS], reference[BIAS]
+    still = [name for name, weight in start.policy.named_parameters() if name != BIAS and torch.allclose(reference[name], weight)]
+    assert not still
+    for name, weight in reference.items():
+        torch.testing.assert_close(got[name], weight, rtol=LOSS_RTOL, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -21,22 +21,23 @@ class RewardModelJudge:
     tokenized exactly as ``score`` tokenizes for it.
 
     Each distinct (prompt, response) is scored once, so identical responses get identical
-    rewards (a tie), whatever batch they land in.
+    rewards (a tie), whatever batch they land in. ``progress``: a progress bar for each call (off
+    where a call is one small part of a step, as the online mode's Oracle is).
     """
 
     def __init__(self, path: str, *, batch_size: int = 32, max_prompt_length: int = 512, max_length: int = 1024,
-                 device: str = "cpu", trust_remote_code: bool = False) -> None:
+                 device: str = "cpu", trust_remote_code: bool = False, progress: bool = True) -> None:
         require_reward_model(path, "judge")
         self.scorer = Scorer(path, batch_size=batch_size, max_prompt_length=max_prompt_length, max_length=max_length,
                              device=device, trust_remote_code=trust_remote_code)
-        self.name = path
+        self.name, self.progress = path, progress
 
     def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
         keys = [(json.dumps(p), r) for p, r in zip(prompts, responses)]  # conversations are lists: not hashable
         unique = dict(zip(keys, zip(prompts, responses)))
         pairs = [TextPair(p, r, None, None, None, prompt_has_special_tokens=False) for p, r in unique.values()]
         rewards = self.scorer.rewards(pairs, Columns("prompt", "response", None), sides=("chosen",),
-                                      desc=f"judge {self.name}")["chosen"]
+                                      desc=f"judge {self.name}", progress=self.progress)["chosen"]
         by_key = dict(zip(unique, rewards))
         return [by_key[k] for k in keys]
 

@@ -19,7 +19,7 @@ import contextlib
 import copy
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,14 @@ def frozen(model: CausalLMWithRewardHead) -> CausalLMWithRewardHead:
 def mean_over_pairs(per_pair: Tensor) -> Tensor:
     """The batch's loss from per-pair losses ``[B]``: their mean, summed as the fused head sums it."""
     return (per_pair / per_pair.numel()).sum()
+
+
+def zero_loss(parameters: Iterable[torch.nn.Parameter]) -> Tensor:
+    """``0 * sum_p sum(p)``: a loss of 0 whose gradient is a zero tensor for each trainable parameter
+    (none left ``None``), so a step without pairs still runs the backward every process runs: DDP and
+    DeepSpeed all-reduce the gradients of every parameter inside it, and a process that skipped its
+    backward would leave the others waiting there."""
+    return sum(p.sum() * 0.0 for p in parameters if p.requires_grad)
 
 
 def missing_scores_error(objective: str) -> UserError:
@@ -257,7 +265,8 @@ class PreferenceModule(L.LightningModule):
 
         options = self.online
         seed = options.seed if options.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        judge = load_judge(options.judge, device=str(device), trust_remote_code=self.hparams.trust_remote_code)
+        judge = load_judge(options.judge, device=str(device), trust_remote_code=self.hparams.trust_remote_code,
+                           progress=False)  # a bar at every step would bury the training's own
         self.online_source = OnlineSource(options, self.make_sampler(tokenizer), judge, tokenizer.pad_token_id, seed)
 
     def make_sampler(self, tokenizer):
@@ -307,11 +316,14 @@ class PreferenceModule(L.LightningModule):
             self.log(f"{stage}/online/{name}", value.to(self.device), on_step=on_step, on_epoch=not on_step,
                      batch_size=len(step.samples.prompts), sync_dist=not on_step)
         every = self.online.log_samples_every_n_steps
-        if stage != "train" or not every or self.global_step % every or self._trainer is None or not self.trainer.is_global_zero:
+        if stage != "train" or not every or self.global_step % every or self._trainer is None:
+            return
+        log_dir = self.trainer.log_dir  # broadcast from rank 0: every process asks, or rank 0 waits there alone
+        if not self.trainer.is_global_zero:
             return
         rows = sample_records(step, self.global_step)
-        if self.trainer.log_dir is not None:
-            append_records(Path(self.trainer.log_dir) / SAMPLES_FILE, rows)
+        if log_dir is not None:
+            append_records(Path(log_dir) / SAMPLES_FILE, rows)
         for logger in self.trainer.loggers:
             if hasattr(logger, "log_text"):
                 logger.log_text(key=f"{stage}/online/samples", columns=list(rows[0]),
@@ -404,9 +416,11 @@ class PreferenceModule(L.LightningModule):
         if self.online is not None:
             online = self.online_batch(batch, stage, batch_idx)
             batch = online.batch
-            if batch is None:  # every prompt tied and no offline pairs: nothing to train on (counted in ties_dropped)
+            if batch is None:  # every prompt tied and no offline pairs (logged: pairs 0, ties_dropped)
                 self.log_online(online, None, stage)
-                return None
+                # Training: an optimizer step on zero gradients, as every other process steps (AdamW still
+                # applies its decoupled weight decay and the momentum of earlier steps: docs/method.md).
+                return zero_loss(self.parameters()) if stage == "train" else None
         loss, out, logged = self.loss_and_outputs(batch, stage)
         metrics = {"loss": loss, **logged, "chosen_logps": out.chosen_logps}
         if out.rejected_logps is not None:
