@@ -131,8 +131,8 @@ class PromptSeededSampler:
     depend on it and the weights only, not on the rank, step or batch it comes in (the run's own
     sampler seeds by step and rank, so two processes would draw other samples than one)."""
 
-    def __init__(self, tokenizer) -> None:
-        self.generate = GenerateSampler(tokenizer)
+    def __init__(self, tokenizer, max_prompt_length: int) -> None:
+        self.generate = GenerateSampler(tokenizer, max_prompt_length)
 
     def __call__(self, model, prompts, options, seed: int) -> Samples:
         alone = [self.generate(model, [p], options, step_seed(0, json.dumps(p))) for p in prompts]
@@ -149,11 +149,11 @@ class PromptSeededDRDO(DRDO):
         super().__init__(*args, **kwargs)
         self.ties_on_rank_one_from = ties_on_rank_one_from
 
-    def make_sampler(self, tokenizer) -> PromptSeededSampler:
-        return PromptSeededSampler(tokenizer)
+    def make_sampler(self, tokenizer, max_prompt_length: int) -> PromptSeededSampler:
+        return PromptSeededSampler(tokenizer, max_prompt_length)
 
-    def start_online(self, tokenizer, device: torch.device) -> None:
-        super().start_online(tokenizer, device)
+    def start_online(self, tokenizer, device: torch.device, max_prompt_length: int) -> None:
+        super().start_online(tokenizer, device, max_prompt_length)
         judge = self.online_source.judge
 
         def tying(prompts, responses) -> list[float]:

@@ -192,6 +192,8 @@ def test_shipped_online_recipes_run_on_the_embedded_default(recipe, tmp_path):
     metrics = cli.trainer.callback_metrics
     assert metrics["train/online/pairs"] > 0 and metrics["train/online/reward"].isfinite()
     assert 0 < metrics["train/online/length"] <= cli.model.online.max_new_tokens
+    # The sampler cuts prompts to the data's budget: one prompt budget, the data module's.
+    assert cli.model.online_source.sampler.max_prompt_length == cli.datamodule.hparams.max_prompt_length == 64
     assert metrics["val/loss"].isfinite() and metrics["train/online/kl"].isfinite()
     rows = [json.loads(line) for line in next(tmp_path.rglob("samples.jsonl")).read_text().splitlines()]
     assert rows and {"prompt", "response", "score"} <= set(rows[0])

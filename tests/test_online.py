@@ -143,7 +143,7 @@ def test_left_padded_sampling_continues_each_prompt_as_alone(name, tiny_tokenize
     (left padding, positions from the mask) gets the response it gets alone."""
     lm = build(name, len(tiny_tokenizer))
     options = OnlineOptions(judge="test-characters", k=2, temperature=1e-4, max_new_tokens=6)
-    sampler = GenerateSampler(tiny_tokenizer)
+    sampler = GenerateSampler(tiny_tokenizer, max_prompt_length=64)
     lm.train()
     batched = sampler(lm, PROMPTS, options, seed=0)
     assert lm.training  # back in the mode it was in

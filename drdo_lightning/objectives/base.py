@@ -41,6 +41,8 @@ from drdo_lightning.online.options import OnlineOptions
 TRAINING_TARGET_KEY = "training_target"
 # A checkpoint's entry for the online source's random state (online.source.OnlineSource.state_dict).
 ONLINE_SOURCE_KEY = "online_source"
+# Prompt tokens the online sampler keeps where no data module gives its budget (the data module's default, the paper's).
+DEFAULT_MAX_PROMPT_LENGTH = 512
 
 
 def frozen(model: CausalLMWithRewardHead) -> CausalLMWithRewardHead:
@@ -254,11 +256,13 @@ class PreferenceModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         tokenizer = getattr(datamodule, "tokenizer", None) or load_tokenizer(
             self.hparams.model, trust_remote_code=self.hparams.trust_remote_code)
-        self.start_online(tokenizer, strategy.root_device)
+        # The prompts are cut as the data's pairs are: one budget, the data module's.
+        max_prompt_length = getattr(datamodule, "hparams", {}).get("max_prompt_length", DEFAULT_MAX_PROMPT_LENGTH)
+        self.start_online(tokenizer, strategy.root_device, max_prompt_length)
 
-    def start_online(self, tokenizer, device: torch.device) -> None:
-        """Build the online source: :meth:`make_sampler`'s sampler, the judge on ``device``, the seed
-        (``online.seed``, else the run's ``seed_everything``)."""
+    def start_online(self, tokenizer, device: torch.device, max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH) -> None:
+        """Build the online source: :meth:`make_sampler`'s sampler (prompts cut to ``max_prompt_length``
+        tokens), the judge on ``device``, the seed (``online.seed``, else the run's ``seed_everything``)."""
         # Imported here: the evaluation package imports the export, which imports this module.
         from drdo_lightning.evaluation.judges import load_judge
         from drdo_lightning.online.source import OnlineSource
@@ -267,13 +271,14 @@ class PreferenceModule(L.LightningModule):
         seed = options.seed if options.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         judge = load_judge(options.judge, device=str(device), trust_remote_code=self.hparams.trust_remote_code,
                            progress=False)  # a bar at every step would bury the training's own
-        self.online_source = OnlineSource(options, self.make_sampler(tokenizer), judge, tokenizer.pad_token_id, seed)
+        sampler = self.make_sampler(tokenizer, max_prompt_length)
+        self.online_source = OnlineSource(options, sampler, judge, tokenizer.pad_token_id, seed)
 
-    def make_sampler(self, tokenizer):
+    def make_sampler(self, tokenizer, max_prompt_length: int):
         """The sampling backend (:class:`online.sampling.Sampler`): Hugging Face ``generate``."""
         from drdo_lightning.online.sampling import GenerateSampler  # deferred as in start_online
 
-        return GenerateSampler(tokenizer)
+        return GenerateSampler(tokenizer, max_prompt_length)
 
     @contextlib.contextmanager
     def starting_policy(self) -> Iterator[CausalLMWithRewardHead | None]:

@@ -32,7 +32,6 @@ class OnlineOptions:
         temperature: Sampling temperature, above 0 (greedy decoding would give k equal responses).
         top_p: Nucleus of the sampling distribution, in (0, 1].
         max_new_tokens: The longest response; one cut there has no EOS.
-        max_prompt_length: Prompt tokens kept (truncated by the data's rule 1).
         pairs: ``best_worst``: per prompt the highest- against the lowest-scored response;
             ``random``: a random pair of responses whose scores differ. A prompt whose k scores
             all tie gives no pair (counted: ``train/online/ties_dropped``).
@@ -55,7 +54,6 @@ class OnlineOptions:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
-    max_prompt_length: int = 512
     pairs: Literal["best_worst", "random"] = "best_worst"
     missing_eos_penalty: float | None = None
     log_samples_every_n_steps: int = 50
@@ -68,7 +66,6 @@ class OnlineOptions:
             (self.temperature > 0, f"online.temperature must be above 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"online.top_p must be in (0, 1], got {self.top_p}"),
             (self.max_new_tokens >= 1, f"online.max_new_tokens must be at least 1, got {self.max_new_tokens}"),
-            (self.max_prompt_length >= 1, f"online.max_prompt_length must be at least 1, got {self.max_prompt_length}"),
             (self.pairs in PAIRINGS, f"online.pairs must be one of {PAIRINGS}, got {self.pairs!r}"),
             (self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
              f"online.missing_eos_penalty must be at least 0, got {self.missing_eos_penalty}"),

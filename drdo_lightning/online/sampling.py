@@ -68,17 +68,18 @@ def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 class GenerateSampler:
     """Hugging Face ``generate``: the k copies of each prompt in one left-padded batch, nucleus
-    sampling with the KV cache (:func:`evaluation.generation.generate_ids`), in eval mode."""
+    sampling with the KV cache (:func:`evaluation.generation.generate_ids`), in eval mode; each prompt
+    cut to ``max_prompt_length`` tokens as the data's pairs are (the data module's budget)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_prompt_length: int) -> None:
+        self.tokenizer, self.max_prompt_length = tokenizer, max_prompt_length
 
     def __call__(self, model: torch.nn.Module, prompts: Sequence[Prompt], options: OnlineOptions, seed: int) -> Samples:
         repeated = [p for p in prompts for _ in range(options.k)]
         with evaluating(model):
             generated = generate_ids(
                 model, self.tokenizer, repeated, temperature=options.temperature, top_p=options.top_p,
-                max_new_tokens=options.max_new_tokens, max_prompt_length=options.max_prompt_length,
+                max_new_tokens=options.max_new_tokens, max_prompt_length=self.max_prompt_length,
                 batch_size=max(len(repeated), 1), seed=seed,
             )
         eos = self.tokenizer.eos_token_id
