@@ -5,6 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; on a CUDA machine install your torch first or pass TORCH=torch.
 TORCH ?= torch==2.13.0
+# DeepSpeed's C++ ops are built once per environment, inside it: a build killed elsewhere (which
+# leaves torch's lock file behind, and every later build waiting on it) cannot stall this one.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup demo test embedded-default
 

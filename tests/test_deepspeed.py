@@ -35,7 +35,7 @@ from drdo_lightning import CausalLMWithRewardHead, logprobs
 from drdo_lightning.cli import main
 from drdo_lightning.data.collation import PairCollator
 from drdo_lightning.export import policy_from_state_dict, read_checkpoint
-from drdo_lightning.strategies.deepspeed import OPS, build_ops
+from drdo_lightning.strategies.deepspeed import OPS, build_ops, extensions_dir, leftover_build_locks
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs" / "strategies").glob("deepspeed_*.yaml"))
@@ -104,6 +104,19 @@ def sequence_outputs(model: CausalLMWithRewardHead, pairs: list[torch.Tensor]) -
 def test_the_ops_deepspeed_needs_here_build_ahead_of_any_run():
     # On CPU both exist (torch's extension cache makes a second build a load).
     assert build_ops() == list(OPS)
+
+
+def test_a_killed_builds_lock_is_found_where_torch_builds(tmp_path, monkeypatch):
+    # torch waits forever on a lock a killed build left; setup must be able to name it.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert extensions_dir() == tmp_path
+    (tmp_path / "cpu_adam").mkdir()
+    (tmp_path / "cpu_adam" / "cpu_adam.so").touch()
+    assert leftover_build_locks(tmp_path) == []
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "lock").touch()
+    assert leftover_build_locks(tmp_path) == [tmp_path / "deepspeed_shm_comm" / "lock"]
+    assert leftover_build_locks(tmp_path / "absent") == []
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])

@@ -23,8 +23,10 @@ Use it from YAML::
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -149,16 +151,39 @@ def cpu_adamw(optimizer: torch.optim.AdamW, lr_scheduler: LRScheduler | None = N
 OPS = ("CPUAdamBuilder", "ShareMemCommBuilder")
 
 
+def extensions_dir() -> Path:
+    """Where torch builds and caches C++ ops: ``$TORCH_EXTENSIONS_DIR``, else its default root."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def leftover_build_locks(root: Path) -> list[Path]:
+    """The ``lock`` files of op builds under ``root``.
+
+    torch marks a build in progress with a ``lock`` file and makes every other process wait, with
+    no timeout, until it is gone; a build that was killed leaves it behind and every later run
+    waits forever without a word. Outside a running build, any such file is a leftover.
+    """
+    return sorted(root.glob("**/lock")) if root.is_dir() else []
+
+
 def build_ops() -> list[str]:
-    """Build (or find in torch's extension cache, ``~/.cache/torch_extensions``) the ops of
-    :data:`OPS` that this machine's accelerator has; return their names.
+    """Build (or find in torch's extension cache, :func:`extensions_dir`) the ops of :data:`OPS`
+    that this machine's accelerator has; return their names.
 
     DeepSpeed compiles them the first time a run needs them, for a minute or more without a word;
-    building them once ahead (``make setup`` runs ``python -m drdo_lightning.strategies.deepspeed``)
-    takes that wait out of the first run.
+    building them once ahead (``make setup`` runs ``python -m drdo_lightning.strategies.deepspeed``,
+    with the cache inside the virtual environment) takes that wait out of the first run.
     """
     from deepspeed.accelerator import get_accelerator
 
+    for lock in leftover_build_locks(extensions_dir()):
+        print(
+            f"DeepSpeed: {lock} is the lock of a build of {lock.parent.name}; torch waits until it is "
+            "gone. If no other build is running, it was left by a killed one: delete it.",
+            flush=True,
+        )
     built = []
     for name in OPS:
         builder = get_accelerator().create_op_builder(name)
@@ -169,5 +194,8 @@ def build_ops() -> list[str]:
 
 
 if __name__ == "__main__":
-    print("DeepSpeed: building its ops once (a minute or more the first time; cached afterwards) ...", flush=True)
+    print(
+        f"DeepSpeed: building its ops once in {extensions_dir()} (a minute or more the first time; cached afterwards) ...",
+        flush=True,
+    )
     print("DeepSpeed: ready:", ", ".join(build_ops()) or "no op to build on this machine")
