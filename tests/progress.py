@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,3 +57,14 @@ def wait(procs: list[subprocess.Popen], outputs: list[Path] = (), until=None, id
                 p.wait()
             pytest.fail(f"no progress (CPU time or output) for {idle_limit:.0f} s: the run is taken for hung")
         time.sleep(POLL)
+
+
+def run(args: list, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``subprocess.run(args, capture_output=True, text=True)``, waited for by :func:`wait`: a slow
+    run passes, a hung one fails after ``IDLE_LIMIT`` seconds without progress."""
+    with tempfile.TemporaryDirectory() as folder:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        with out.open("w") as stdout, err.open("w") as stderr:
+            proc = subprocess.Popen([str(a) for a in args], cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True)
+            wait([proc], [out, err])
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(), err.read_text())

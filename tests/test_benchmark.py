@@ -19,10 +19,10 @@ import json
 import logging
 import math
 import random
-import subprocess
 import sys
 from pathlib import Path
 
+import progress
 import pytest
 import torch
 
@@ -55,7 +55,7 @@ def test_smoke_run_produces_a_row_of_each_kind(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, str(SCRIPT), "--preset", "tiny", "--rounds", "1", "--windows", "2",
                "--steps-per-window", "1", "--warmup-steps", "1", "--lora", "--only", *SMOKE_ROWS, "--json", str(out)]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = progress.run(command, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     bench = load_benchmark()
@@ -84,7 +84,7 @@ def test_smoke_run_with_real_lengths_and_grouping(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, str(SCRIPT), "--preset", "tiny", "--lengths", "real", "--rounds", "1", "--windows", "4",
                "--steps-per-window", "1", "--warmup-steps", "1", "--only", "drdo", "--packed", "--json", str(out)]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = progress.run(command, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(out.read_text())
     rows = {row["name"]: row for row in summary["rows"]}
@@ -111,7 +111,7 @@ def test_online_step_smoke_run_produces_an_online_and_an_offline_row(tmp_path):
     command = [sys.executable, str(ONLINE_STEP), "--rounds", "1", "--windows", "1", "--steps-per-window", "1",
                "--warmup-steps", "0", "--pairs", "2", "--k", "2", "--max-new-tokens", "8", "--threads", "1",
                "--only", "drdo", "online_drdo", "--json", str(out)]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = progress.run(command, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     script = load_benchmark(ONLINE_STEP)
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
@@ -319,8 +319,7 @@ def test_gradient_weights_script_reads_each_pairs_log_probs(tiny_model_dir, pair
 @pytest.mark.slow
 def test_gpu_checks_dry_run_passes_every_check_on_cpu(tmp_path):
     out = tmp_path / "checks.json"
-    proc = subprocess.run([sys.executable, str(CHECKS), "--dry-run", "--json", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    proc = progress.run([sys.executable, str(CHECKS), "--dry-run", "--json", str(out)], cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     checks = {c["name"]: c for c in json.loads(out.read_text())["checks"]}
     script = load_benchmark(CHECKS)

@@ -8,10 +8,10 @@ import importlib
 import inspect
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import progress
 import pytest
 import torch
 import yaml
@@ -259,8 +259,7 @@ print("imported", *sorted({"torch", "lightning", "transformers", "datasets"} & s
 @pytest.mark.parametrize("args, code", [(["--help"], 0), ([], 2), (["nope"], 2), (["test", "--config", "drdo"], 2)])
 def test_help_and_an_unknown_command_import_no_torch(args, code):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-c", IMPORTS_OF_A_RUN, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = progress.run([sys.executable, "-c", IMPORTS_OF_A_RUN, *args], cwd=ROOT, env=env)
     *printed, exit_line, imported = proc.stdout.splitlines()
     assert (exit_line, imported) == (f"exit {code}", "imported")
     if args[:1] == ["--help"] or not args:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import progress
 import pytest
 
 from drdo_lightning import CausalLMWithRewardHead
@@ -143,11 +143,10 @@ def test_a_tracker_preset_without_its_package_names_the_install(preset, hidden, 
     (no seed, no model loaded), not jsonargparse's 'Not a valid subclass of Logger' traceback."""
     (tmp_path / "sitecustomize.py").write_text(HIDE_PACKAGES)
     path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
-    proc = subprocess.run(
+    proc = progress.run(
         [sys.executable, "-m", "drdo_lightning", "fit", "--config", "drdo", "--config", f"loggers/{preset}",
          "--trainer.default_root_dir", str(tmp_path / "run")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": path, "HIDE_PACKAGES": hidden, "OMP_NUM_THREADS": "1"},
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": path, "HIDE_PACKAGES": hidden, "OMP_NUM_THREADS": "1"},
     )
     assert (proc.returncode, proc.stderr.splitlines()) == (2, [
         f'error: {preset} is not installed; it comes with `pip install -e ".[trackers]"` (or `pip install {preset}`)'])

@@ -9,6 +9,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import progress
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ def run(*args, cwd: Path, env: dict | None = None) -> str:
 
 def finished(*args, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """A command that must exit with status 0."""
-    done = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    done = progress.run(args, cwd=cwd, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

@@ -140,10 +140,7 @@ def test_unknown_config_key_is_a_plain_error(tmp_path, tiny_model_dir, pair_file
         f"model:\n  class_path: drdo_lightning.SFT\n  init_args:\n    model: {tiny_model_dir}\n"
         f"data:\n  train_file: {pair_files['sft']}\n  rejected_column: null\n  batch_sise: 8\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "drdo_lightning", "fit", "--config", str(config)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )
+    proc = progress.run([sys.executable, "-m", "drdo_lightning", "fit", "--config", str(config)], cwd=tmp_path)
     assert proc.returncode == 2
     assert "error: Subcommand 'fit' does not accept option 'data.batch_sise'" in proc.stderr
     assert "Traceback" not in proc.stderr and "args parameter" not in proc.stderr  # no noise around it

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import progress
 import pytest
 import yaml
 from data_support import TEMPLATE, as_tuples, setup_dm
@@ -35,8 +36,7 @@ SHORT_FIT = ("--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false
 def drdo(*args, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m drdo_lightning ARGS`` in a fresh process in ``cwd``, this checkout's package on its path."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "drdo_lightning", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return progress.run([sys.executable, "-m", "drdo_lightning", *args], cwd=cwd, env=env)
 
 
 def succeeded(done: subprocess.CompletedProcess) -> str:
