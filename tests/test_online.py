@@ -7,6 +7,7 @@ with a tokenizer of its own.
 
 from __future__ import annotations
 
+import math
 import signal
 from pathlib import Path
 from types import SimpleNamespace
@@ -285,6 +286,20 @@ def test_validation_samples_the_validation_prompts_and_logs_their_reward_and_los
     assert 0 < reward < 1
     (loss,) = logged(tmp_path, "val/loss").values()
     assert loss > 0
+
+
+def test_validation_without_a_single_pair_still_logs_every_pair_metric(tmp_path, tiny_model_dir, pair_files):
+    # Under DDP an epoch's means are all-reduced key by key: a process whose prompts all tied must log
+    # the keys the others log (at weight 0), or the processes wait on different collectives.
+    main(fit_argv(tmp_path, tiny_model_dir, pair_files["train"], "--data.val_file", str(pair_files["val"]),
+                  "--data.prompts_only", "true", "--model.online.judge", "test-constant",
+                  "--model.online.max_new_tokens", "4", "--model.online.track_kl", "false", "--trainer.max_steps", "1",
+                  "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
+                  "--trainer.num_sanity_val_steps", "0"))
+    assert list(logged(tmp_path, "val/online/pairs").values()) == [0.0]
+    for name in ("margin_mean", "margin_std", "informative_pairs"):
+        (value,) = logged(tmp_path, f"val/online/{name}").values()
+        assert math.isnan(value), name  # no pair anywhere: a mean over none, not a made-up 0
 
 
 def test_step_metrics_from_hand_made_scores():

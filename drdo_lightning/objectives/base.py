@@ -304,7 +304,14 @@ class PreferenceModule(L.LightningModule):
         """Log what a user watches of the step's sampling (``{stage}/online/...``, :func:`online.source.step_metrics`),
         with the KL estimate to the starting policy; every ``log_samples_every_n_steps`` training steps,
         a few samples to ``samples.jsonl`` in the logger's folder and to loggers that log text."""
-        from drdo_lightning.online.source import SAMPLES_FILE, append_records, sample_logps, sample_records, step_metrics
+        from drdo_lightning.online.source import (
+            PAIR_METRICS,
+            SAMPLES_FILE,
+            append_records,
+            sample_logps,
+            sample_records,
+            step_metrics,
+        )
 
         n = len(step.pairs.chosen)
         logps = (out.chosen_logps[:n], out.rejected_logps[:n]) if out is not None and n else (None, None)
@@ -317,9 +324,14 @@ class PreferenceModule(L.LightningModule):
                     if start is not None:
                         metrics["kl"] = (policy_logps - sample_logps(start, step.samples, pad)).mean()
         on_step = stage == "train"
+        if not on_step:
+            # An epoch's means are all-reduced key by key at its end: every process must log the same
+            # keys, so one that had no pair in the whole epoch still adds its pair metrics, at weight 0.
+            metrics = {name: torch.zeros(()) for name in PAIR_METRICS} | metrics
         for name, value in metrics.items():
+            weight = n if name in PAIR_METRICS else len(step.samples.prompts)  # pair metrics: means over pairs
             self.log(f"{stage}/online/{name}", value.to(self.device), on_step=on_step, on_epoch=not on_step,
-                     batch_size=len(step.samples.prompts), sync_dist=not on_step)
+                     batch_size=weight, sync_dist=not on_step)
         every = self.online.log_samples_every_n_steps
         if stage != "train" or not every or self.global_step % every or self._trainer is None:
             return

@@ -25,6 +25,7 @@ SAMPLES_FILE = "samples.jsonl"
 LOGGED_SAMPLES = 4  # samples written out each time samples are logged
 # p_w = sigmoid(z_w - z_l) strictly inside this range: the pair still teaches the preference term something.
 INFORMATIVE_P = (0.05, 0.95)
+PAIR_METRICS = ("margin_mean", "margin_std", "informative_pairs")  # means over a step's pairs, absent without pairs
 
 
 class OnlineStep(NamedTuple):
