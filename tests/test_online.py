@@ -274,12 +274,17 @@ def test_a_step_without_pairs_steps_on_zero_gradients(tmp_path, tiny_model_dir, 
         torch.testing.assert_close(after[name], want, rtol=0, atol=1e-7, msg=name)
 
 
-def test_validation_samples_the_validation_prompts_and_logs_their_reward_and_loss(tmp_path, tiny_model_dir, pair_files):
-    main(fit_argv(tmp_path, tiny_model_dir, pair_files["train"], "--data.val_file", str(pair_files["val"]),
-                  "--data.prompts_only", "true", "--model.online.judge", "probe-text-hash",
+def validate_after_one_step(root: Path, model_dir: Path, pair_files: dict, judge: str) -> None:
+    """One online training step, then one validation batch of 8 prompts, each sampled twice."""
+    main(fit_argv(root, model_dir, pair_files["train"], "--data.val_file", str(pair_files["val"]),
+                  "--data.prompts_only", "true", "--model.online.judge", judge,
                   "--model.online.max_new_tokens", "4", "--model.online.track_kl", "false", "--trainer.max_steps", "1",
                   "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
                   "--trainer.num_sanity_val_steps", "0"))
+
+
+def test_validation_samples_the_validation_prompts_and_logs_their_reward_and_loss(tmp_path, tiny_model_dir, pair_files):
+    validate_after_one_step(tmp_path, tiny_model_dir, pair_files, "probe-text-hash")
     # One batch of 8 validation prompts, each sampled twice and scored by a hash of the text in [0, 1).
     assert list(logged(tmp_path, "val/online/pairs").values()) == [8.0]
     (reward,) = logged(tmp_path, "val/online/reward").values()
@@ -291,11 +296,7 @@ def test_validation_samples_the_validation_prompts_and_logs_their_reward_and_los
 def test_validation_without_a_single_pair_still_logs_every_pair_metric(tmp_path, tiny_model_dir, pair_files):
     # Under DDP an epoch's means are all-reduced key by key: a process whose prompts all tied must log
     # the keys the others log (at weight 0), or the processes wait on different collectives.
-    main(fit_argv(tmp_path, tiny_model_dir, pair_files["train"], "--data.val_file", str(pair_files["val"]),
-                  "--data.prompts_only", "true", "--model.online.judge", "test-constant",
-                  "--model.online.max_new_tokens", "4", "--model.online.track_kl", "false", "--trainer.max_steps", "1",
-                  "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
-                  "--trainer.num_sanity_val_steps", "0"))
+    validate_after_one_step(tmp_path, tiny_model_dir, pair_files, "test-constant")
     assert list(logged(tmp_path, "val/online/pairs").values()) == [0.0]
     for name in ("margin_mean", "margin_std", "informative_pairs"):
         (value,) = logged(tmp_path, f"val/online/{name}").values()
