@@ -50,8 +50,11 @@ def command_for(config: Path) -> list[str]:
         return ["fit", "--config", str(ROOT / "configs/drdo.yaml"), "--config", str(config)]
     if rel.stem in COMMANDS:
         return [rel.stem, "--config", str(config)]
-    if "conditions" in yaml.safe_load(config.read_text()):  # a configuration of the experiment engine
+    keys = yaml.safe_load(config.read_text())
+    if "conditions" in keys:  # a configuration of the experiment engine
         return ["protocol", "--config", str(config)]
+    if "frontier" in keys:  # an overlay of the frontier's run
+        return ["protocol", "--config", str(ROOT / "configs/frontier.yaml"), "--config", str(config)]
     return ["fit", "--config", str(config)]
 
 

@@ -252,9 +252,19 @@ def test_the_frontier_configuration_traces_every_method_along_its_distance_knob(
         assert printed["verdict"][reading] == ["dpo", "edpo", "dpo_relabelled"]
     distance = {"dpo": "model.beta", "cdpo": "model.beta", "rdpo": "model.beta", "edpo": "model.beta",
                 "ipo": "model.tau", "simpo": "model.beta", "drdo": "model.alpha", "drdo_logps": "model.target_scale"}
+    # Traced along the learning rate where the knob alone left the KL levels unbracketed (at the
+    # tuned rate, DPO's beta never came under 65 nats; DRDO's alpha never above 26); the knob's
+    # own trace is an overlay.
+    by_rate = {"dpo", "edpo", "drdo", "drdo_logps"}
+    with pytest.raises(SystemExit):
+        main(["protocol", "--config", str(ROOT / "configs" / "frontier.yaml"),
+              "--config", str(ROOT / "configs" / "frontier_knobs.yaml"), "--print_config"])
+    knob_traced = yaml.safe_load(capsys.readouterr().out)["frontier"]
     for method, knob in distance.items():
         assert knob in grid[method]  # tuned on the knob that sets its distance, not only the learning rate
-        assert list(traced[method]) == [knob] and 4 <= len(traced[method][knob]) <= 5
+        want = "model.learning_rate" if method in by_rate else knob
+        assert list(traced[method]) == [want] and 3 <= len(traced[method][want]) <= 5
+        assert list(knob_traced[method]) == [knob] and len(knob_traced[method][knob]) == 5
     # The recipe's own value first: the coordinates start there.
     assert grid["dpo"]["model.beta"][0] == 0.1 and grid["ipo"]["model.tau"][0] == 0.1
     assert grid["simpo"]["model.beta"][0] == 2.0 and grid["drdo"]["model.alpha"][0] == 0.1
