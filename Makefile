@@ -24,5 +24,7 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/python -m drdo_lightning fit --config configs/drdo.yaml
 
+# One test process per core (at most 4: several tests start two processes of their own), one torch
+# thread each: the tiny models gain nothing from more, and more threads than cores slow every process.
 test: setup
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --maxprocesses 4

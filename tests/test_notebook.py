@@ -98,10 +98,8 @@ def test_first_cell_outside_a_checkout_stops_with_what_to_do(tmp_path):
     nb.cells = [next(c for c in nb.cells if c.cell_type == "code")]
     for cell in nb.cells:
         cell.outputs = []
-    started = time.monotonic()
     with pytest.raises(CellExecutionError):  # a loop up past / would end in the client's timeout instead
-        execute(nb, tmp_path, timeout=60)
-    assert time.monotonic() - started < 60
+        execute(nb, tmp_path, timeout=600)
     (error,) = [o for o in outputs(nb) if o.output_type == "error"]
     assert error.ename == "SystemExit"
     assert "No embedded_default/ folder" in error.evalue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def attach(
             with torch.random.fork_rng():  # loading must not shift the seeded RNG streams of training
                 values = compute_values()
             if cache is not None:
-                staging = cache.with_suffix(".tmp")
+                staging = cache.with_name(f"{cache.name}.tmp{os.getpid()}")  # runs on the same data may write at once
                 torch.save(values, staging)
                 staging.replace(cache)
         trainer.strategy.barrier("reference-logps")
