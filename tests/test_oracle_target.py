@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from drdo_lightning.export import TRAINING_TARGET_FILE, export
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.objectives import PairOutputs
 from drdo_lightning.objectives.oracle_target import OracleTarget
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ORACLE = ("--data.chosen_score_column", "oracle_chosen", "--data.rejected_score_column", "oracle_rejected")
 ENSEMBLE = ("--data.chosen_score_column", "ensemble_chosen", "--data.rejected_score_column", "ensemble_rejected")
@@ -144,3 +147,16 @@ def test_a_drdo_run_with_and_without_a_head_trains_records_its_target_and_export
     assert torch.load(checkpoint, weights_only=True)["training_target"]["oracle_margin_std"] == pytest.approx(trained_on)
     exported = export(str(checkpoint), str(tmp_path / f"{reading}-from-checkpoint"))
     assert json.loads((exported / TRAINING_TARGET_FILE).read_text()) == record
+
+
+def test_the_tuned_drdo_recipe_distils_a_soft_label_into_the_policys_log_probs(tmp_path):
+    """configs/drdo_logps.yaml, shortened: the frontier's tuned DRDO on the shipped data, no reward head."""
+    cli = main(["fit", "--config", str(ROOT / "configs" / "drdo_logps.yaml"), "--trainer.max_steps", "2",
+                "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
+                "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+                "--data.cache_dir", str(tmp_path / "cache")])
+    module = cli.model
+    assert (module.hparams.student_reward, module.hparams.distill_form, module.hparams.alpha) == ("logps", "bt_soft", 0.03)
+    assert module.policy.reward_head is None and cli.trainer.global_step == 2
+    assert torch.tensor(losses_of(cli)).isfinite().all()
+    assert {"train/distillation", "train/reward_corr", "val/loss"} <= set(cli.trainer.callback_metrics)
