@@ -80,7 +80,7 @@ def test_wheel_carries_the_recipes_and_runs_from_an_empty_folder(tmp_path, tiny_
 
 # Runs in the wheel's environment: `--print_config` of each named config as a user runs it (a layer
 # in a folder on the DRDO recipe, a function command's config with its command, a configuration of the
-# experiment engine with protocol, a recipe with fit).
+# experiment engine with protocol, an overlay of the frontier's run over it, a recipe with fit).
 PARSE_EACH = """
 import contextlib, io, sys
 from drdo_lightning.cli import COMMANDS, main
@@ -90,6 +90,8 @@ for name in sys.argv[1:]:
         argv = ["fit", "--config", "drdo", "--config", name]
     elif "conditions" in read_config(name):
         argv = ["protocol", "--config", name]
+    elif "frontier" in read_config(name):  # an overlay of the frontier's run
+        argv = ["protocol", "--config", "frontier", "--config", name]
     else:
         argv = [name if name in COMMANDS else "fit", "--config", name]
     printed = io.StringIO()
