@@ -91,7 +91,7 @@ COMMANDS: dict[str, Command] = {
         _function("score", "data and models", "scoring:score"),
         _function("export", "data and models", "export:export"),
         _function("train-ensemble", "data and models", "stages:train_ensemble"),
-        _function("evaluate", "evaluation", "evaluation.command:evaluate", "embedded_default:EVALUATE_DEFAULTS"),
+        _function("evaluate", "evaluation", "evaluating:evaluate", "embedded_default:EVALUATE_DEFAULTS"),
         _function("protocol", "experiments", "experiments.protocol:protocol"),
         _function("ablations", "experiments", "experiments.ablations:ablations"),
         _function("splits", "experiments", "data.splits:splits"),

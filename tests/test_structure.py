@@ -123,8 +123,8 @@ def test_no_private_names_from_other_modules(name):
 
 
 # Module paths from before the layers (now objectives, strategies.fsdp, reliability, cpu_cores,
-# embedded_default.task, experiments.pipeline, experiments.comparison): nothing aliases them.
-OLD_MODULES = ("modules", "fsdp", "safety", "free_cores", "demo", "pipeline", "comparison")
+# embedded_default.task, experiments.pipeline, experiments.comparison, evaluating): nothing aliases them.
+OLD_MODULES = ("modules", "fsdp", "safety", "free_cores", "demo", "pipeline", "comparison", "evaluation.command")
 OLD_PATH = re.compile(rf"drdo_lightning[./]({'|'.join(OLD_MODULES)})\b")  # a dotted path or a file path
 PACKAGE_IMPORT = re.compile(r"from drdo_lightning import (\([^)]*\)|[^\n]*)")
 SHIPPED = ("drdo_lightning", "configs", "docs", "notebooks", "launch", "benchmarks", "tests", "README.md",

@@ -25,7 +25,7 @@ from drdo_lightning.cli import main
 from drdo_lightning.data.datamodule import PreferenceDataModule
 from drdo_lightning.data.tokenization import load_tokenizer
 from drdo_lightning.errors import DataError, SettingError
-from drdo_lightning.evaluation.command import evaluate
+from drdo_lightning.evaluating import evaluate
 from drdo_lightning.jsonl import write_jsonl
 from drdo_lightning.scoring import score
 

@@ -12,10 +12,10 @@ The protocol is the paper's (``docs/evaluation.md``), with the confidence interv
    :mod:`.divergence` estimates each policy's KL to the starting policy on its own samples, and
    :func:`.statistics.margin_bin_accuracy` rankers' accuracy by bin of gold margin.
 4. **Write** (:mod:`.plots`, :mod:`.report`) the generations (JSONL), every estimate (CSV and JSON),
-   PNG plots and a markdown report that embeds them; :mod:`.command` is ``evaluate`` itself.
+   PNG plots and a markdown report that embeds them. The ``evaluate`` command that runs these steps is
+   :mod:`drdo_lightning.evaluating`, above the objectives (it exports checkpoints it is given).
 """
 
-from drdo_lightning.evaluation.command import evaluate
 from drdo_lightning.evaluation.divergence import kl_estimate, log_ratios, response_logps
 from drdo_lightning.evaluation.generation import Prompt, generate, generate_ids, load_policy
 from drdo_lightning.evaluation.judges import Judge, RewardModelJudge, load_judge, register_judge
@@ -31,7 +31,7 @@ from drdo_lightning.evaluation.statistics import (
 )
 
 __all__ = [
-    "PAPER_TEMPERATURES", "Estimate", "Judge", "Prompt", "RewardModelJudge", "bootstrap_mean", "distinct_n", "evaluate",
+    "PAPER_TEMPERATURES", "Estimate", "Judge", "Prompt", "RewardModelJudge", "bootstrap_mean", "distinct_n",
     "generate", "generate_ids", "kl_estimate", "load_judge", "load_policy", "log_ratios", "margin_bin_accuracy",
     "paired_comparison", "read_prompts", "register_judge", "response_logps", "sample_and_score", "summarize",
     "wilson_interval",

@@ -9,7 +9,7 @@ from typing import Any
 from drdo_lightning.data.pairs import holds_conversations
 from drdo_lightning.embedded_default import EMBEDDED
 from drdo_lightning.errors import require_pretrained
-from drdo_lightning.evaluation.command import evaluate
+from drdo_lightning.evaluating import evaluate
 from drdo_lightning.experiments.sweeps import STUDENTS
 from drdo_lightning.reports import markdown_table, write_csv
 from drdo_lightning.stages import train_judges_and_score
@@ -77,7 +77,7 @@ def paper_pipeline(
         eval_data: Prompts to evaluate on (its ``prompt`` column); default: ``val_data``'s.
         eval_prompts: Evaluate on the first ``eval_prompts`` prompts (default: all).
         judges: More judges besides the Oracle: name -> reward-model directory, or ``vader``.
-        evaluation: More :func:`evaluation.evaluate` options, e.g. ``{"temperatures": [0.7],
+        evaluation: More :func:`evaluating.evaluate` options, e.g. ``{"temperatures": [0.7],
             "max_new_tokens": 128}``.
     """
     require_pretrained(base_model, "base model")

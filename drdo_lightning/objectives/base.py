@@ -35,7 +35,18 @@ from drdo_lightning.errors import SettingError, UserError
 from drdo_lightning.models import CausalLMWithRewardHead
 from drdo_lightning.objectives.oracle_target import OracleTarget
 from drdo_lightning.objectives.outputs import HeadSettings, Needs, PairLoss, PairOutputs, forward_pairs
+from drdo_lightning.evaluation.judges import load_judge
 from drdo_lightning.online.options import OnlineOptions
+from drdo_lightning.online.sampling import GenerateSampler
+from drdo_lightning.online.source import (
+    PAIR_METRICS,
+    SAMPLES_FILE,
+    OnlineSource,
+    append_records,
+    sample_logps,
+    sample_records,
+    step_metrics,
+)
 
 # A checkpoint's entry for PreferenceModule.training_target, which exports write beside the model.
 TRAINING_TARGET_KEY = "training_target"
@@ -263,10 +274,6 @@ class PreferenceModule(L.LightningModule):
     def start_online(self, tokenizer, device: torch.device, max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH) -> None:
         """Build the online source: :meth:`make_sampler`'s sampler (prompts cut to ``max_prompt_length``
         tokens), the judge on ``device``, the seed (``online.seed``, else the run's ``seed_everything``)."""
-        # Imported here: the evaluation package imports the export, which imports this module.
-        from drdo_lightning.evaluation.judges import load_judge
-        from drdo_lightning.online.source import OnlineSource
-
         options = self.online
         seed = options.seed if options.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
         judge = load_judge(options.judge, device=str(device), trust_remote_code=self.hparams.trust_remote_code,
@@ -276,8 +283,6 @@ class PreferenceModule(L.LightningModule):
 
     def make_sampler(self, tokenizer, max_prompt_length: int):
         """The sampling backend (:class:`online.sampling.Sampler`): Hugging Face ``generate``."""
-        from drdo_lightning.online.sampling import GenerateSampler  # deferred as in start_online
-
         return GenerateSampler(tokenizer, max_prompt_length)
 
     @contextlib.contextmanager
@@ -304,14 +309,6 @@ class PreferenceModule(L.LightningModule):
         """Log what a user watches of the step's sampling (``{stage}/online/...``, :func:`online.source.step_metrics`),
         with the KL estimate to the starting policy; every ``log_samples_every_n_steps`` training steps,
         a few samples to ``samples.jsonl`` in the logger's folder and to loggers that log text."""
-        from drdo_lightning.online.source import (
-            PAIR_METRICS,
-            SAMPLES_FILE,
-            append_records,
-            sample_logps,
-            sample_records,
-            step_metrics,
-        )
 
         n = len(step.pairs.chosen)
         logps = (out.chosen_logps[:n], out.rejected_logps[:n]) if out is not None and n else (None, None)

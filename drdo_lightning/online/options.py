@@ -1,9 +1,5 @@
-"""The online mode's settings: :class:`OnlineOptions`, the ``online`` argument of every objective.
-
-Kept apart from the rest of :mod:`drdo_lightning.online` (which samples through the evaluation's
-generation code): the objectives' base imports this module when it loads, and the evaluation
-package imports the export, which imports that base.
-"""
+"""The online mode's settings: :class:`OnlineOptions`, the ``online`` argument of every objective,
+checked when the objective is built."""
 
 from __future__ import annotations
 

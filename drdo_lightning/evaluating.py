@@ -1,4 +1,8 @@
-"""``python -m drdo_lightning evaluate``: sample, judge, compare with intervals, write the report."""
+"""``python -m drdo_lightning evaluate``: sample, judge, compare with intervals, write the report.
+
+The steps are :mod:`drdo_lightning.evaluation`'s; this command sits above the objectives because a
+checkpoint given as a policy is exported first (:func:`drdo_lightning.export.export`).
+"""
 
 from __future__ import annotations
 
