@@ -33,7 +33,7 @@ shares add up):
 - other: the rest (prompt batches, pairing and collating, logging, the framework's hooks).
 
 The phases are timed by wrapping, in the benchmark's process, the online source's sampler and judge,
-the module's ``loss_and_outputs`` and the source module's ``sample_logps``, and by Lightning's backward
+the module's ``loss_and_outputs`` and the objectives' base module's ``sample_logps``, and by Lightning's backward
 and optimizer hooks: nothing in the library is changed. Peak memory is the high-water resident set
 (``ru_maxrss``) of the configuration's own process (on CUDA, ``torch.cuda.max_memory_allocated``), the
 Oracle in memory on the online rows; "weights MiB" is what the process holds of model parameters and
@@ -152,7 +152,7 @@ def worker(args) -> None:
     import lightning as L
     import torch
 
-    import drdo_lightning.online.source as source
+    import drdo_lightning.objectives.base as base
     from drdo_lightning.reliability import NonFiniteGuard
     from drdo_lightning.recipes import base_config, read_config
 
@@ -167,7 +167,7 @@ def worker(args) -> None:
         return loss_and_outputs(batch, stage)
 
     module.loss_and_outputs = phases.timed("training", counted_loss)
-    source.sample_logps = phases.timed("kl", source.sample_logps)  # log_online imports it at each call
+    base.sample_logps = phases.timed("kl", base.sample_logps)  # the name log_online calls
 
     held = []  # the Oracle's model, for the weights in memory
 
