@@ -62,11 +62,8 @@ def subprocess_env() -> dict[str, str]:
 
 def run(command: list[str], cwd: Path) -> None:
     """Run ``command`` to its end, however slow the machine (a hang, no progress at all, fails: :mod:`progress`)."""
-    log = cwd / f"run{len(list(cwd.glob('run*.log')))}.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, cwd=cwd, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
-    progress.wait([proc], [log])
-    assert proc.returncode == 0, f"{command[:6]} failed:\n{log.read_text()[-4000:]}"
+    done = progress.run(command, cwd=cwd, env=subprocess_env())
+    assert done.returncode == 0, f"{command[:6]} failed:\n{(done.stdout + done.stderr)[-4000:]}"
 
 
 def cli(*args: str) -> list[str]:

@@ -48,7 +48,13 @@ from drdo_lightning.data.readers import folder_splits
 from drdo_lightning.data.prompts import (check_online_settings, offline_pairs_per_batch, prompt_loader, prompt_splits,
                                          val_prompt_loader)
 from drdo_lightning.data.sampling import ResumableDataLoader, held_out, padding_fraction, sequence_lengths, shuffled_loader
-from drdo_lightning.data.tokenization import chat_renderer, describe_counts, load_tokenizer, warn_trailing_whitespace
+from drdo_lightning.data.tokenization import (
+    DEFAULT_MAX_PROMPT_LENGTH,
+    chat_renderer,
+    describe_counts,
+    load_tokenizer,
+    warn_trailing_whitespace,
+)
 from drdo_lightning.errors import DataError, SettingError, shipped_made_by
 
 log = logging.getLogger(__name__)
@@ -266,7 +272,7 @@ class PreferenceDataModule(L.LightningDataModule, ExampleColumns):
         rejected_column: str | None = "rejected",
         chosen_score_column: str | None = None,
         rejected_score_column: str | None = None,
-        max_prompt_length: int = 512,
+        max_prompt_length: int = DEFAULT_MAX_PROMPT_LENGTH,
         max_length: int = 1024,
         drop_long: bool = False,
         label_flip_rate: float = 0.0,

@@ -24,6 +24,7 @@ from drdo_lightning.errors import require_pretrained
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+DEFAULT_MAX_PROMPT_LENGTH = 512  # prompt tokens kept unless a run says otherwise (the paper's budget)
 
 
 def ends_in_whitespace(pair: TextPair) -> bool:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from drdo_lightning import device_placement, heads, lora, optimization, policy_setup, reliability
 from drdo_lightning.data.columns import ExampleColumns
-from drdo_lightning.data.tokenization import load_tokenizer
+from drdo_lightning.data.tokenization import DEFAULT_MAX_PROMPT_LENGTH, load_tokenizer
 from drdo_lightning.errors import SettingError, UserError
 from drdo_lightning.models import CausalLMWithRewardHead
 from drdo_lightning.objectives.oracle_target import OracleTarget
@@ -52,8 +52,6 @@ from drdo_lightning.online.source import (
 TRAINING_TARGET_KEY = "training_target"
 # A checkpoint's entry for the online source's random state (online.source.OnlineSource.state_dict).
 ONLINE_SOURCE_KEY = "online_source"
-# Prompt tokens the online sampler keeps where no data module gives its budget (the data module's default, the paper's).
-DEFAULT_MAX_PROMPT_LENGTH = 512
 
 
 def frozen(model: CausalLMWithRewardHead) -> CausalLMWithRewardHead:
