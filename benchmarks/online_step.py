@@ -27,7 +27,7 @@ shares add up):
 - sampling: the sampler's call (``generate`` with the KV cache, eval mode);
 - scoring: the Oracle's call on the step's samples;
 - KL estimate: the two forwards over the samples (policy and starting policy) behind
-  ``train/online/kl`` (the recipes' ``track_kl``);
+  ``train/online/kl``, taken on every step here (``online.kl_every_n_steps`` 1);
 - training: the loss's forward (a live reference's forward included), the backward, clipping and the
   optimizer's update;
 - other: the rest (prompt batches, pairing and collating, logging, the framework's hooks).
@@ -141,7 +141,9 @@ def build(name: str, args):
     recipe = read_config(name)
     model_args = dict(recipe["model"]["init_args"])
     if name in ONLINE:
-        model_args["online"] = {**model_args["online"], "k": args.k, "max_new_tokens": args.max_new_tokens}
+        # The KL estimate on every step (the recipes take it every 10th): its share is what it costs.
+        model_args["online"] = {**model_args["online"], "k": args.k, "max_new_tokens": args.max_new_tokens,
+                                "kl_every_n_steps": 1}
     data_args = {**recipe["data"], "val_file": None, "batch_size": args.pairs, "cache_dir": None,
                  "tokenizer": model_args["model"]}
     return recipe_objective(name)(**model_args), PreferenceDataModule(**data_args)

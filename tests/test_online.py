@@ -186,7 +186,7 @@ def test_the_judge_reads_the_samples_text_with_its_own_tokenizer_and_draws_no_ba
     tiny_model_dir, tiny_tokenizer, judge_with_own_vocabulary, capfd
 ):
     path, model, judge_tokenizer = judge_with_own_vocabulary
-    module = online_module(DRDO, tiny_model_dir, tiny_tokenizer, judge=str(path), k=2, track_kl=False)
+    module = online_module(DRDO, tiny_model_dir, tiny_tokenizer, judge=str(path), k=2, kl_every_n_steps=0)
     capfd.readouterr()
     step = module.online_batch({"prompts": PROMPTS[:2]}, "train", 0)
     for i, (text, score) in enumerate(zip(step.samples.texts, step.scores)):
@@ -243,13 +243,36 @@ def test_the_kl_estimate_starts_at_zero_and_moves_with_the_policy(tiny_model_dir
     assert checkpoint["hyper_parameters"]["online"]["k"] == 2 and checkpoint["online_source"] == {"seed": 0}
 
 
+def test_the_kl_estimate_runs_every_n_training_steps_and_on_every_validation_batch(tiny_model_dir, tiny_tokenizer,
+                                                                                   monkeypatch):
+    module = online_module(DRDO, tiny_model_dir, tiny_tokenizer, k=2, kl_every_n_steps=3)
+    step = [0]
+    monkeypatch.setattr(DRDO, "global_step", property(lambda self: step[0]))
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    estimated = []
+    for step[0] in range(5):
+        logged.clear()
+        module.training_step({"prompts": PROMPTS}, step[0])
+        assert "train/online/reward" in logged
+        estimated.append("train/online/kl" in logged)
+    assert estimated == [True, False, False, True, False]
+    logged.clear()
+    module.validation_step({"prompts": PROMPTS}, 0)
+    assert "val/online/kl" in logged
+    never = online_module(DRDO, tiny_model_dir, tiny_tokenizer, k=2, kl_every_n_steps=0)
+    assert never.online_start is None  # no frozen copy kept for an estimate never taken
+    with pytest.raises(SettingError, match="kl_every_n_steps must be at least 0, got -1"):
+        OnlineOptions(judge="test-characters", kl_every_n_steps=-1)
+
+
 def test_a_step_without_pairs_steps_on_zero_gradients(tmp_path, tiny_model_dir, tiny_tokenizer, pair_files):
     """Every prompt's k scores tie and no offline pairs: the loss is 0 with a zero gradient on every
     trainable parameter, so under DDP this process runs the backward the others all-reduce in, and
     the step is logged with 0 pairs. AdamW steps on those zero gradients: at a first step its moments
     are 0, so only its decoupled weight decay moves the weights, matrices by ``1 - lr * λ``, biases and
     norms not at all (later, the momentum of earlier steps moves them too)."""
-    module = online_module(DRDO, tiny_model_dir, tiny_tokenizer, judge="test-constant", track_kl=False)
+    module = online_module(DRDO, tiny_model_dir, tiny_tokenizer, judge="test-constant", kl_every_n_steps=0)
     loss = module.training_step({"prompts": PROMPTS}, 0)
     assert loss.item() == 0.0
     loss.backward()
@@ -259,7 +282,7 @@ def test_a_step_without_pairs_steps_on_zero_gradients(tmp_path, tiny_model_dir, 
     lr, decay = 1e-2, 0.1
     fit = main(fit_argv(tmp_path, tiny_model_dir, pair_files["train"], "--data.prompts_only", "true",
                         "--model.online.judge", "test-constant", "--model.online.max_new_tokens", "4",
-                        "--model.online.track_kl", "false", "--model.reward_head_seed", "0",
+                        "--model.online.kl_every_n_steps", "0", "--model.reward_head_seed", "0",
                         "--model.learning_rate", str(lr), "--model.weight_decay", str(decay),
                         "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
                         "--trainer.callbacks+=probes.StepLosses", "--trainer.callbacks.path", str(tmp_path / "losses")))
@@ -278,7 +301,7 @@ def validate_after_one_step(root: Path, model_dir: Path, pair_files: dict, judge
     """One online training step, then one validation batch of 8 prompts, each sampled twice."""
     main(fit_argv(root, model_dir, pair_files["train"], "--data.val_file", str(pair_files["val"]),
                   "--data.prompts_only", "true", "--model.online.judge", judge,
-                  "--model.online.max_new_tokens", "4", "--model.online.track_kl", "false", "--trainer.max_steps", "1",
+                  "--model.online.max_new_tokens", "4", "--model.online.kl_every_n_steps", "0", "--trainer.max_steps", "1",
                   "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
                   "--trainer.num_sanity_val_steps", "0"))
 
@@ -401,7 +424,7 @@ def test_two_ddp_processes_sampling_their_own_prompts_train_as_one(tmp_path, tin
     def args(root, batch_size, *more):
         return fit_argv(root, tiny_model_dir, pair_files["train"], "--data.prompts_only", "true",
                         "--data.batch_size", str(batch_size), "--model.online.judge", "probe-text-hash",
-                        "--model.online.max_new_tokens", "6", "--model.online.track_kl", "false",
+                        "--model.online.max_new_tokens", "6", "--model.online.kl_every_n_steps", "0",
                         "--model.reward_head_seed", "0", "--model.learning_rate", "1e-2",
                         "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", *more,
                         objective="probes.PromptSeededDRDO", checkpoints=2)

@@ -211,7 +211,7 @@ class PreferenceModule(L.LightningModule):
             gradient_checkpointing=hp.gradient_checkpointing, lora_config=hp.lora,
         )
         self._matrices = policy_setup.matrix_ids(self.policy)
-        if self.online is not None and self.online.track_kl and not self.has_start and self.hparams.lora is None:
+        if self.online is not None and self.online.kl_every_n_steps and not self.has_start and self.hparams.lora is None:
             self.online_start = frozen(CausalLMWithRewardHead(copy.deepcopy(self.policy.lm)))
 
     def check_data(self, datamodule) -> None:
@@ -286,7 +286,7 @@ class PreferenceModule(L.LightningModule):
     @contextlib.contextmanager
     def starting_policy(self) -> Iterator[CausalLMWithRewardHead | None]:
         """The starting policy, for the online KL estimate: the base model with LoRA (adapters off),
-        else the frozen copy kept for it (None with ``online.track_kl`` off)."""
+        else the frozen copy kept for it (None with ``online.kl_every_n_steps`` 0)."""
         if self.hparams.lora is not None:
             with lora.adapters_disabled(self.policy) as base:
                 yield base
@@ -305,14 +305,15 @@ class PreferenceModule(L.LightningModule):
 
     def log_online(self, step, out: PairOutputs | None, stage: str) -> None:
         """Log what a user watches of the step's sampling (``{stage}/online/...``, :func:`online.source.step_metrics`),
-        with the KL estimate to the starting policy; every ``log_samples_every_n_steps`` training steps,
+        with the KL estimate to the starting policy every ``kl_every_n_steps`` training steps; every ``log_samples_every_n_steps`` training steps,
         a few samples to ``samples.jsonl`` in the logger's folder and to loggers that log text."""
 
         n = len(step.pairs.chosen)
         logps = (out.chosen_logps[:n], out.rejected_logps[:n]) if out is not None and n else (None, None)
         metrics = step_metrics(step, *logps)
         pad = self.online_source.pad_token_id
-        if self.online.track_kl:
+        kl_every = self.online.kl_every_n_steps
+        if kl_every and (stage != "train" or self.global_step % kl_every == 0):
             with torch.no_grad():
                 policy_logps = sample_logps(self.policy, step.samples, pad)
                 with self.starting_policy() as start:

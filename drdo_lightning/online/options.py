@@ -37,10 +37,11 @@ class OnlineOptions:
         log_samples_every_n_steps: Every that many training steps, a few samples (prompt,
             response, score) are appended to ``samples.jsonl`` in the logger's folder and handed to
             loggers that log text (wandb). 0: never.
-        track_kl: Estimate the KL to the starting policy on each step's samples
-            (``train/online/kl``). Objectives with a reference use it; the others keep a frozen
-            copy of the starting policy for it (false saves that memory; with LoRA the adapters
-            are switched off instead, no copy).
+        kl_every_n_steps: Every that many training steps (and on every validation batch), estimate
+            the KL to the starting policy on the step's samples (``train/online/kl``): two forwards
+            over the samples, about a quarter of a step at k = 4. Objectives with a reference use
+            it; the others keep a frozen copy of the starting policy for it (with LoRA the adapters
+            are switched off instead, no copy). 0: never, and no copy kept.
         seed: The seed each step's sampling seed is derived from, with the step and the rank
             (:func:`online.sampling.step_seed`); None: the run's ``seed_everything``.
     """
@@ -53,7 +54,7 @@ class OnlineOptions:
     pairs: Literal["best_worst", "random"] = "best_worst"
     missing_eos_penalty: float | None = None
     log_samples_every_n_steps: int = 50
-    track_kl: bool = True
+    kl_every_n_steps: int = 1
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -65,6 +66,7 @@ class OnlineOptions:
             (self.pairs in PAIRINGS, f"online.pairs must be one of {PAIRINGS}, got {self.pairs!r}"),
             (self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
              f"online.missing_eos_penalty must be at least 0, got {self.missing_eos_penalty}"),
+            (self.kl_every_n_steps >= 0, f"online.kl_every_n_steps must be at least 0, got {self.kl_every_n_steps}"),
             (self.log_samples_every_n_steps >= 0,
              f"online.log_samples_every_n_steps must be at least 0, got {self.log_samples_every_n_steps}"),
         ]
