@@ -235,6 +235,15 @@ def test_tuning_takes_the_best_gold_among_rates_that_keep_the_diversity():
     assert tuning.choose(tried, floor=0.5, tolerance=None)["setting"]["model.learning_rate"] == 1e-3
 
 
+def test_tuning_can_keep_to_a_kl_budget_where_a_far_student_games_the_judge():
+    entry = lambda lr, gold, kl: {"setting": {"model.learning_rate": lr}, "gold": gold, "distinct_2": 0.2, "kl": kl}
+    # 3e-3 is 425 nats from the start, writing a diverse salad of words the gold judge likes.
+    tried = [entry(3e-4, 0.92, 27.1), entry(1e-3, 0.95, 90.0), entry(3e-3, 0.999, 425.2)]
+    assert tuning.choose(tried, floor=0.05, tolerance=None)["setting"]["model.learning_rate"] == 3e-3
+    assert tuning.choose(tried, floor=0.05, tolerance=None, max_kl=100)["setting"]["model.learning_rate"] == 1e-3
+    assert tuning.choose(tried, floor=0.05, tolerance=None, max_kl=50)["setting"]["model.learning_rate"] == 3e-4
+
+
 def test_a_grid_is_every_learning_rate_times_every_knob_and_a_variant_is_a_layer():
     settings = tuning.settings_of({"variant": ["paper", "corrected"], "model.alpha": [0.1, 1.0]}, [1e-3, 3e-3])
     assert len(settings) == 8 and {"model.learning_rate": 3e-3, "variant": "corrected", "model.alpha": 1.0} in settings

@@ -271,17 +271,32 @@ def test_the_online_configuration_puts_online_methods_beside_the_best_offline_on
     # The data's own labels with the Oracle that scored them (the evaluation's judge `oracle` too), and bt_s2.
     assert [(c["name"], c.get("teacher", "own")) for c in printed["conditions"]] == [("bt_s2", "own"), ("data_labels", "given")]
     assert printed["given_oracle"] == printed["evaluation"]["judges"]["oracle"] == "embedded_default/oracle"
-    assert printed["evaluation"]["judges"]["gold"] == "vader" and printed["seeds"] == [0, 1, 2, 3, 4]
+    assert printed["evaluation"]["judges"]["gold"] == "vader" and printed["seeds"] == [0, 1, 2]
     methods, grid, traced = printed["methods"], printed["grid"], printed["frontier"]
-    assert {m for m, layers in methods.items() if tuning.trains_online(tuple(layers))} == {"online_drdo", "online_dpo", "online_ipo"}
-    # Tuned by coordinates on the learning rate and the knob that sets the distance, traced along it on bt_s2.
-    distance = {"online_drdo": "model.alpha", "online_dpo": "model.beta", "online_ipo": "model.tau",
-                "drdo": "model.alpha", "dpo": "model.beta", "edpo": "model.beta"}
-    assert set(methods) == set(distance) and printed["search"] == "coordinates" and printed["tuning_condition"] == "bt_s2"
-    for method, knob in distance.items():
-        assert list(grid[method]) == [knob] and list(traced[method]) == [knob] and len(traced[method][knob]) >= 3
+    online = {"online_drdo": "model.alpha", "online_dpo": "model.beta", "online_ipo": "model.tau"}
+    assert {m for m, layers in methods.items() if tuning.trains_online(tuple(layers))} == set(online)
+    assert printed["search"] == "coordinates" and printed["tuning_condition"] == "bt_s2"
+    # Online: tuned on the learning rate and the knob that sets the distance (the recipe's value first),
+    # traced along the learning rate on bt_s2.
+    for method, knob in online.items():
+        assert list(grid[method]) == [knob] and list(traced[method]) == ["model.learning_rate"]
+        assert len(traced[method]["model.learning_rate"]) >= 3
         assert grid[method][knob][0] == tuning.read_config(methods[method][0])["model"]["init_args"][knob.removeprefix("model.")]
-    assert printed["frontier_conditions"] == ["bt_s2"] and printed["verdict"] == {"online_drdo": ["online_dpo", "dpo", "edpo"]}
+    # Offline: the frontier's methods, grids, search and traces, so its cells are these cells.
+    with pytest.raises(SystemExit):
+        main(["protocol", "--config", str(ROOT / "configs" / "frontier.yaml"), "--print_config"])
+    frontier = yaml.safe_load(capsys.readouterr().out)
+    offline = set(methods) - set(online)
+    assert offline == {"drdo", "drdo_logps", "dpo", "edpo"}
+    for key in ("learning_rates", "search", "extend_knobs", "max_grid_extensions", "min_distinct_ratio", "tuning_seed",
+                "num_tuning_prompts", "max_steps", "judge_steps", "members", "teacher_selection", "evaluation"):
+        assert printed[key] == frontier[key], key
+    for method in offline:
+        assert (methods[method], grid[method], traced[method]) == (
+            frontier["methods"][method], frontier["grid"][method], frontier["frontier"][method]), method
+    assert printed["conditions"][0] == frontier["conditions"][0]  # bt_s2, the traced condition of both
+    assert printed["frontier_conditions"] == ["bt_s2"] and set(printed["verdict"]) == {"online_drdo"}
+    assert set(printed["verdict"]["online_drdo"]) == set(methods) - {"online_drdo"}
 
 
 @pytest.mark.slow

@@ -144,6 +144,7 @@ def protocol(
     max_grid_extensions: int = 2,
     extend_knobs: bool = False,
     min_distinct_ratio: float = 0.25,
+    max_tuning_kl: float | None = None,
     distill_tolerance: float | None = None,
     tuning_condition: str | None = None,
     tuning_seed: int = 0,
@@ -203,6 +204,9 @@ def protocol(
             this share of the starting policy's: the gold reward alone rewards a policy that repeats one
             sentence it likes (:func:`tuning.choose`). On the embedded default a quarter separates the
             collapsed (SimPO at 3e-3: 2% of the start's) from the DPO family's usual 35-50%.
+        max_tuning_kl: A tuned setting qualifies only if its KL to the starting policy (nats, on the tuning
+            prompts) is at most this (None: any). Far from the start a student can write a salad of the
+            words the gold judge likes: diverse enough for ``min_distinct_ratio``, scored near the top.
         distill_tolerance: With a ``variant`` knob, a DRDO form qualifies only if its reward-margin
             correlation with its Oracle is at least the paper form's (same other settings) minus this.
         tuning_condition: The condition the settings are tuned on (default: the first).
@@ -368,8 +372,8 @@ def protocol(
         if learning_rates is not None:
             chosen = _tune(root, cells, by_name[tuning_condition], conditions, methods, grid, learning_rates, search,
                            max_grid_extensions, extend_knobs, families, val_data, policy, evaluation.prompts,
-                           num_tuning_prompts, min_distinct_ratio, distill_tolerance, tuning_seed, teachers_of,
-                           student_data, student)
+                           num_tuning_prompts, min_distinct_ratio, max_tuning_kl, distill_tolerance, tuning_seed,
+                           teachers_of, student_data, student)
         chosen = _with_relabelled(chosen)
 
         # Evaluation: seeds in order within each condition, conditions in the given order; then the
@@ -430,8 +434,8 @@ def traced_cells(root: Path, c: Condition, frontier: dict[str, dict[str, list]],
 def _tune(root: Path, cells: Cells, tuned_on: Condition, conditions: list[Condition], methods: dict[str, list[str]],
           grid: dict[str, dict[str, list]], learning_rates: list[float], search: str, max_grid_extensions: int,
           extend_knobs: bool, families: dict[str, EvalSettings], val_data: str, policy: str, eval_prompts: str,
-          num_tuning_prompts: int, min_distinct_ratio: float, distill_tolerance: float | None, tuning_seed: int,
-          teachers_of, student_data, student) -> dict[str, dict[str, Any]]:
+          num_tuning_prompts: int, min_distinct_ratio: float, max_kl: float | None, distill_tolerance: float | None,
+          tuning_seed: int, teachers_of, student_data, student) -> dict[str, dict[str, Any]]:
     """Every method's :class:`tuning.Search` on ``tuned_on`` with one seed, the methods' passes side by
     side; writes ``tuning.md``/``tuning.csv`` and ``chosen.json`` and returns each method's chosen setting."""
     prompts = tuning_prompts(val_data, eval_prompts, root / "tuning_prompts.jsonl", num_tuning_prompts)
@@ -462,11 +466,11 @@ def _tune(root: Path, cells: Cells, tuned_on: Condition, conditions: list[Condit
                 if (name := setting_name(s)) not in runs[m]:
                     runs[m][name] = (s, student(tuned_on, m, s, tuning_seed, root / "tuning" / m / name, tuning))
         following = {m: searches[m].advance(choose([entry(m, setting_name(s)) for s in settings], floor,
-                                                   distill_tolerance)["setting"]) for m, settings in pending.items()}
+                                                   distill_tolerance, max_kl)["setting"]) for m, settings in pending.items()}
         pending = {m: settings for m, settings in following.items() if settings is not None}
     tuned = {m: [entry(m, name) for name in runs[m]] for m in methods}
     chosen = {m: s.center for m, s in searches.items()}
-    (root / "tuning.md").write_text(tuning_table(tuned, chosen, floor, start["scores"][IN_DISTRIBUTION]) + "\n")
+    (root / "tuning.md").write_text(tuning_table(tuned, chosen, floor, start["scores"][IN_DISTRIBUTION], max_kl) + "\n")
     write_csv([{"method": m, "setting": setting_name(e["setting"]), **{k: v for k, v in e.items() if k != "setting"}}
                for m, es in tuned.items() for e in es], root / "tuning.csv")
     record = root / "chosen.json"

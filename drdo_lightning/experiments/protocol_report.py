@@ -238,7 +238,8 @@ def _tried_text(entries: list[dict], chosen: dict[str, Any], axis: str) -> str:
     return ", ".join(f"{v:g}" if extensible([v]) else str(v) for v in tried) + (" (chosen at an edge)" if edge else "")
 
 
-def tuning_table(tuned: dict[str, list[dict]], chosen: dict[str, dict], floor: float, start: dict[str, Any]) -> str:
+def tuning_table(tuned: dict[str, list[dict]], chosen: dict[str, dict], floor: float, start: dict[str, Any],
+                 max_kl: float | None = None) -> str:
     """Every tuned setting's measures on the tuning prompts (the chosen one in bold); the learning rates
     and the knob values each method tried around its choice, and whether the choice sits at an edge of them."""
     measures = list(dict.fromkeys(["gold", DISTINCT, *(k for es in tuned.values() for e in es for k in e if k != "setting")]))
@@ -254,7 +255,8 @@ def tuning_table(tuned: dict[str, list[dict]], chosen: dict[str, dict], floor: f
                       for m in tuned if len(chosen[m]) > 1)
     return "\n".join([
         "Tuning (one seed) on the tuning prompts; **bold**: the chosen setting, the best gold reward among those "
-        f"with distinct-2 of at least {floor:.3f}. Starting policy: "
+        f"with distinct-2 of at least {floor:.3f}" + (f" and KL to the start of at most {max_kl:g} nats" if max_kl is not None else "")
+        + ". Starting policy: "
         + ", ".join(f"{m} {s['mean']:+.3f}" for m, s in start.items()), "",
         f"Learning rates tried at the chosen knobs: {rates}.", "",
         *([f"Knob values tried at the chosen other settings: {knobs}.", ""] if knobs else []),

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from drdo_lightning.evaluation.margins import REWARD_HEAD
-from drdo_lightning.experiments.sweeps import DISTINCT, beyond_edge, ladder_step
+from drdo_lightning.experiments.sweeps import DISTINCT, KL, beyond_edge, ladder_step
 from drdo_lightning.recipes import config_path, read_config
 
 LEARNING_RATE = "model.learning_rate"
@@ -149,12 +149,15 @@ def _distils(entry: dict, tuned: list[dict], tolerance: float) -> bool:
     return paper is None or entry[CORRELATION] >= paper[CORRELATION] - tolerance
 
 
-def choose(tuned: list[dict], floor: float, tolerance: float | None) -> dict:
+def choose(tuned: list[dict], floor: float, tolerance: float | None, max_kl: float | None = None) -> dict:
     """The tuned entry with the highest mean gold reward among those that qualify: their distinct-2
-    reaches ``floor`` (the gold reward alone rewards a policy that repeats one sentence it likes) and,
-    with a ``tolerance``, a DRDO form still distils (:func:`_distils`). The most diverse entry if none
+    reaches ``floor`` (the gold reward alone rewards a policy that repeats one sentence it likes),
+    with a ``max_kl`` their KL to the start is at most that many nats (far from the start a policy can
+    write a salad of the judge's favourite words, diverse enough for the floor), and, with a
+    ``tolerance``, a DRDO form still distils (:func:`_distils`). The most diverse entry if none
     qualifies (a collapsed grid is then visible in ``tuning.md``)."""
-    qualified = [e for e in tuned if e[DISTINCT] >= floor and (tolerance is None or _distils(e, tuned, tolerance))]
+    qualified = [e for e in tuned if e[DISTINCT] >= floor and (max_kl is None or e[KL] <= max_kl)
+                 and (tolerance is None or _distils(e, tuned, tolerance))]
     if not qualified:
         return max(tuned, key=lambda e: e[DISTINCT])
     return max(qualified, key=lambda e: e["gold"])
