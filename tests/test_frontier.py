@@ -99,6 +99,28 @@ def test_the_equal_kl_and_verdict_tables_are_read_off_the_traced_cells():
     assert "ahead at KL 10; level at KL 40" in frontier.verdict_table(traced, {}, ["bt"], {"drdo": ["dpo"]}, [10.0, 40.0])
 
 
+def test_distinct_2_is_read_at_equal_kl_beside_the_gold_reward_a_repetitive_policy_can_game():
+    # Online DPO's gold rises with KL as its answers collapse into repetition; DRDO keeps its diversity.
+    traced = {"bt": {}}
+    for seed, noise in enumerate((0.0, 0.002, -0.002)):
+        for lr, kl, gold, distinct in ((1e-4, 5.0, 0.80, 0.10), (2e-4, 45.0, 0.97, 0.01)):
+            traced["bt"][("online_dpo", lr, seed)] = {"scores": {"in": {
+                "kl": {"mean": kl}, "gold": {"mean": gold}, "distinct_2": {"mean": distinct + noise}}}}
+        for lr, kl, gold, distinct in ((1e-4, 4.0, 0.60, 0.16), (2e-4, 44.0, 0.90, 0.12)):
+            traced["bt"][("online_drdo", lr, seed)] = {"scores": {"in": {
+                "kl": {"mean": kl}, "gold": {"mean": gold}, "distinct_2": {"mean": distinct + noise}}}}
+    knobs = {"online_dpo": "model.learning_rate", "online_drdo": "model.learning_rate"}
+    table = frontier.equal_kl_table(traced, knobs, [25.0], frontier.DISTINCT)
+    assert table.splitlines()[0].endswith("| distinct-2 at KL 25 |")
+    rows = {line.split("|")[2].strip(): line.split("|")[6].strip() for line in table.splitlines()[2:]}
+    assert rows["online_dpo"].startswith("+0.055 [") and rows["online_drdo"].startswith("+0.139 [")
+    sections = "\n".join(frontier.Frontiers(traced, knobs, [25.0]).sections({}, ["bt"]))
+    assert sections.index("## Gold reward at equal KL") < sections.index("## Distinct-2 at equal KL")
+    for cell in traced["bt"].values():
+        del cell["scores"]["in"]["distinct_2"]
+    assert "Distinct-2" not in "\n".join(frontier.Frontiers(traced, knobs, [25.0]).sections({}, ["bt"]))
+
+
 def test_gold_against_the_oracles_reward_shows_a_proxy_over_optimised(tmp_path, caplog):
     """Along online DPO's knob the Oracle's reward rises while the gold reward peaks and falls (over-
     optimisation); DRDO's rise together. Two seeds each, the table's rows their means in the knob's order."""
@@ -334,7 +356,9 @@ def test_the_frontier_configuration_at_a_tiny_size(tmp_path, tiny_model_dir, pai
 
     # The equal-KL table and the verdict, first in protocol.md, read off those cells.
     assert table.startswith("## Verdict at equal KL") and "## Gold reward at equal KL" in table
-    equal_kl = list(csv.DictReader((out / "equal_kl.csv").open()))
+    readings = list(csv.DictReader((out / "equal_kl.csv").open()))
+    assert {r["measure"] for r in readings} == {"gold", "distinct_2"} and "## Distinct-2 at equal KL" in table
+    equal_kl = [r for r in readings if r["measure"] == "gold"]
     assert {(r["condition"], r["method"]) for r in equal_kl} == {
         (c, m) for c in ("bt", "hard_all") for m in ("dpo", "drdo", "drdo_logps")} | {("hard_all", "dpo_relabelled")}
     for r in equal_kl:  # each reading exactly what the pure functions make of the cells' curves
@@ -370,5 +394,6 @@ def test_the_frontier_configuration_at_a_tiny_size(tmp_path, tiny_model_dir, pai
             curves.setdefault(int(p["seed"]), []).append((float(p["kl"]), float(p["gold"])))
     level = (max(min(c)[0] for c in curves.values()) + min(max(c)[0] for c in curves.values())) / 2
     main([*args, "--report_only", "true", "--kl_levels", json.dumps([level])])
-    (row,) = [r for r in csv.DictReader((out / "equal_kl.csv").open()) if (r["condition"], r["method"]) == ("hard_all", "dpo")]
+    (row,) = [r for r in csv.DictReader((out / "equal_kl.csv").open())
+              if (r["condition"], r["method"], r["measure"]) == ("hard_all", "dpo", "gold")]
     assert float(row["value"]) == pytest.approx(frontier.at_level(curves, level).value) and row["seeds"] == "2"

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from drdo_lightning.errors import UserError
 from drdo_lightning.evaluation.statistics import ALL, Estimate
 from drdo_lightning.experiments.cells import IN_DISTRIBUTION
-from drdo_lightning.experiments.sweeps import KL, cell_text, measure_label, seed_interval
+from drdo_lightning.experiments.sweeps import DISTINCT, KL, cell_text, measure_label, seed_interval
 from drdo_lightning.reports import markdown_table, new_figure, write_csv
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ KL_LEVELS = (5.0, 10.0, 20.0, 40.0)
 AHEAD, LEVEL, BEHIND = "ahead", "level", "behind"
 GOLD = "gold"  # the judge every reading is of
 ORACLE = "oracle"  # the judge the gold reward is also plotted against: the proxy the students learn from
+SHORT_NAMES = {GOLD: "gold", DISTINCT: "distinct-2"}  # the measures read at equal KL, as table headers
 
 # A traced condition's cells: (method, knob value, seed) -> cell (``scores.json``).
 Traced = dict[tuple[str, Any, int], dict]
@@ -82,13 +83,14 @@ def read_at(points: Sequence[tuple[float, float]], level: float) -> float | None
     return gold0 + (gold1 - gold0) * (level - kl0) / (kl1 - kl0)
 
 
-def curves(cells: Traced, method: str) -> dict[int, list[tuple[float, float]]]:
-    """Per seed, a method's curve: each traced point's (KL, gold reward) on the evaluation prompts."""
+def curves(cells: Traced, method: str, measure: str = GOLD) -> dict[int, list[tuple[float, float]]]:
+    """Per seed, a method's curve: each traced point's (KL, ``measure``) on the evaluation prompts
+    (the gold reward; or distinct-2, which a policy repeating what the judge likes cannot game)."""
     by_seed: dict[int, list[tuple[float, float]]] = {}
     for (m, _, seed), cell in cells.items():
         if m == method:
             scores = cell["scores"][IN_DISTRIBUTION]
-            by_seed.setdefault(seed, []).append((scores[KL]["mean"], scores[GOLD]["mean"]))
+            by_seed.setdefault(seed, []).append((scores[KL]["mean"], scores[measure]["mean"]))
     return by_seed
 
 
@@ -121,16 +123,17 @@ def methods_of(cells: Traced) -> list[str]:
     return list(dict.fromkeys(m for m, _, _ in cells))
 
 
-def equal_kl_rows(traced: dict[str, Traced], levels: Sequence[float]) -> list[dict]:
-    """Per traced condition, method and level: the estimate (``value``, ``low``, ``high``; None where
-    it has none) and how many seeds were read."""
+def equal_kl_rows(traced: dict[str, Traced], levels: Sequence[float], measure: str = GOLD) -> list[dict]:
+    """Per traced condition, method and level: the estimate of ``measure`` (``value``, ``low``,
+    ``high``; None where it has none) and how many seeds were read."""
     rows = []
     for condition, cells in traced.items():
         for method in methods_of(cells):
-            by_seed = curves(cells, method)
+            by_seed = curves(cells, method, measure)
             for level in levels:
                 estimate = at_level(by_seed, level)
-                rows.append({"condition": condition, "method": method, "kl": level, "seeds": len(by_seed),
+                rows.append({"condition": condition, "method": method, "measure": measure, "kl": level,
+                             "seeds": len(by_seed),
                              **(estimate._asdict() if estimate else dict.fromkeys(Estimate._fields))})
     return rows
 
@@ -150,10 +153,11 @@ def _value_text(value: Any) -> str:
     return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
-def equal_kl_table(traced: dict[str, Traced], knobs: dict[str, str], levels: Sequence[float]) -> str:
+def equal_kl_table(traced: dict[str, Traced], knobs: dict[str, str], levels: Sequence[float],
+                   measure: str = GOLD) -> str:
     """Per traced condition and method: the knob and values traced, the KL they span (means over
-    seeds), and the gold reward at each KL level (mean over seeds, 95% t-interval; - where not reached)."""
-    estimates = {(r["condition"], r["method"], r["kl"]): r for r in equal_kl_rows(traced, levels)}
+    seeds), and ``measure`` at each KL level (mean over seeds, 95% t-interval; - where not reached)."""
+    estimates = {(r["condition"], r["method"], r["kl"]): r for r in equal_kl_rows(traced, levels, measure)}
     body = []
     for condition, cells in traced.items():
         for method in methods_of(cells):
@@ -164,7 +168,7 @@ def equal_kl_table(traced: dict[str, Traced], knobs: dict[str, str], levels: Seq
             body.append([condition, method, traced_along, str(len(curves(cells, method))), span,
                          *(cell_text(r) if r["value"] is not None else "-" for r in readings)])
     return markdown_table(["condition", "method", "traced along", "seeds", "KL traced (nats)",
-                           *(f"gold at KL {level:g}" for level in levels)], body)
+                           *(f"{SHORT_NAMES.get(measure, measure)} at KL {level:g}" for level in levels)], body)
 
 
 def overoptimisation_table(traced: dict[str, Traced], knobs: dict[str, str]) -> str:
@@ -227,15 +231,15 @@ def verdict_table(traced: dict[str, Traced], summary: dict[tuple, dict], conditi
     return markdown_table(["condition", "method", *(f"vs {b}" for b in baselines)], body)
 
 
-def _judged_by_oracle(traced: dict[str, Traced]) -> bool:
-    """Whether every traced cell has the Oracle's reward (:data:`ORACLE` among the evaluation's judges)."""
-    return all(ORACLE in c["scores"][IN_DISTRIBUTION] for cells in traced.values() for c in cells.values())
+def _measured(traced: dict[str, Traced], measure: str) -> bool:
+    """Whether every traced cell has ``measure`` (the Oracle's reward: :data:`ORACLE` among the evaluation's judges)."""
+    return all(measure in c["scores"][IN_DISTRIBUTION] for cells in traced.values() for c in cells.values())
 
 
 def frontier_rows(traced: dict[str, Traced], knobs: dict[str, str]) -> list[dict]:
     """Every traced cell's KL, gold reward and (where judged) the Oracle's on the evaluation prompts,
     for ``frontier.csv``."""
-    measures = [KL, GOLD, *([ORACLE] if _judged_by_oracle(traced) else [])]
+    measures = [KL, GOLD, *([ORACLE] if _measured(traced, ORACLE) else [])]
     return [{"condition": condition, "method": m, "knob": knobs.get(m, ""), "value": v, "seed": seed,
              **{measure: c["scores"][IN_DISTRIBUTION][measure]["mean"] for measure in measures}}
             for condition, cells in traced.items() for (m, v, seed), c in cells.items()]
@@ -283,8 +287,8 @@ class Frontiers:
     contests: dict[str, list[str]] | None = None
 
     def sections(self, summary: dict[tuple, dict], conditions: Sequence[str]) -> list[str]:
-        """The report's opening: the verdict (with ``contests``), the gold reward at equal KL, then
-        (where the cells were judged by the Oracle) the gold reward against the Oracle's along the frontier."""
+        """The report's opening: the verdict (with ``contests``), the gold reward and distinct-2 at equal
+        KL, then (where the cells were judged by the Oracle) the gold reward against the Oracle's along the frontier."""
         lines = []
         if self.contests:
             lines += ["## Verdict at equal KL", "",
@@ -299,7 +303,12 @@ class Frontiers:
                       "linear interpolation between the points that bracket it; mean over seeds with the 95% t-interval; "
                       "- where a seed's curve never reaches the level (never extrapolated).", "",
                       equal_kl_table(self.traced, self.knobs, self.levels), ""]
-        if any(self.traced.values()) and _judged_by_oracle(self.traced):
+        if any(self.traced.values()) and _measured(self.traced, DISTINCT):
+            lines += ["## Distinct-2 at equal KL", "",
+                      "The gold reward (and the Oracle's) can be gamed by a policy that repeats what its judge likes; "
+                      "the distinct-2 of its answers cannot. Read off the same curves as the gold reward above.", "",
+                      equal_kl_table(self.traced, self.knobs, self.levels, DISTINCT), ""]
+        if any(self.traced.values()) and _measured(self.traced, ORACLE):
             lines += ["## Gold against the Oracle's reward along the frontier", "",
                       "Each traced point's means over seeds on the evaluation prompts (`overoptimisation.png` plots "
                       "them): where the Oracle's reward rises along a method's knob and the gold reward falls, the "
@@ -308,14 +317,15 @@ class Frontiers:
         return lines
 
     def write(self, root: Path, summary: dict[tuple, dict], conditions: Sequence[str]) -> None:
-        """``frontier.csv`` (every traced cell), ``equal_kl.csv``, ``equal_kl.md`` (:meth:`sections`),
+        """``frontier.csv`` (every traced cell), ``equal_kl.csv`` (gold and distinct-2), ``equal_kl.md`` (:meth:`sections`),
         ``frontier_curves.png`` and, where the cells were judged by the Oracle, ``overoptimisation.png``
         (the gold reward against the Oracle's along the same curves)."""
         write_csv(frontier_rows(self.traced, self.knobs), root / "frontier.csv")
-        write_csv(equal_kl_rows(self.traced, self.levels), root / "equal_kl.csv")
+        measures = [GOLD, *([DISTINCT] if _measured(self.traced, DISTINCT) else [])]
+        write_csv([r for m in measures for r in equal_kl_rows(self.traced, self.levels, m)], root / "equal_kl.csv")
         (root / "equal_kl.md").write_text("\n".join(self.sections(summary, conditions)))
         frontier_curves_plot(self.traced, root / "frontier_curves.png", KL, self.levels)
-        if _judged_by_oracle(self.traced):
+        if _measured(self.traced, ORACLE):
             frontier_curves_plot(self.traced, root / "overoptimisation.png", ORACLE)
         else:
             log.info("overoptimisation.png not drawn: the traced cells have no judge named %r", ORACLE)
