@@ -465,8 +465,8 @@ def _tune(root: Path, cells: Cells, tuned_on: Condition, conditions: list[Condit
             for s in settings:
                 if (name := setting_name(s)) not in runs[m]:
                     runs[m][name] = (s, student(tuned_on, m, s, tuning_seed, root / "tuning" / m / name, tuning))
-        following = {m: searches[m].advance(choose([entry(m, setting_name(s)) for s in settings], floor,
-                                                   distill_tolerance, max_kl)["setting"]) for m, settings in pending.items()}
+        following = {m: searches[m].advance(choose([entry(m, setting_name(s)) for s in settings], floor, distill_tolerance,
+                                                   max_kl)["setting"]) for m, settings in pending.items()}
         pending = {m: settings for m, settings in following.items() if settings is not None}
     tuned = {m: [entry(m, name) for name in runs[m]] for m in methods}
     chosen = {m: s.center for m, s in searches.items()}

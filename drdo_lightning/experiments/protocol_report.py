@@ -253,10 +253,10 @@ def tuning_table(tuned: dict[str, list[dict]], chosen: dict[str, dict], floor: f
     knobs = "; ".join(f"{m}: " + ", ".join(f"{axis.removeprefix('model.')} {_tried_text(tuned[m], chosen[m], axis)}"
                                           for axis in chosen[m] if axis != LEARNING_RATE)
                       for m in tuned if len(chosen[m]) > 1)
+    budget = f" and KL to the start of at most {max_kl:g} nats" if max_kl is not None else ""
     return "\n".join([
         "Tuning (one seed) on the tuning prompts; **bold**: the chosen setting, the best gold reward among those "
-        f"with distinct-2 of at least {floor:.3f}" + (f" and KL to the start of at most {max_kl:g} nats" if max_kl is not None else "")
-        + ". Starting policy: "
+        f"with distinct-2 of at least {floor:.3f}{budget}. Starting policy: "
         + ", ".join(f"{m} {s['mean']:+.3f}" for m, s in start.items()), "",
         f"Learning rates tried at the chosen knobs: {rates}.", "",
         *([f"Knob values tried at the chosen other settings: {knobs}.", ""] if knobs else []),

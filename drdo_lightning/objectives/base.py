@@ -305,8 +305,9 @@ class PreferenceModule(L.LightningModule):
 
     def log_online(self, step, out: PairOutputs | None, stage: str) -> None:
         """Log what a user watches of the step's sampling (``{stage}/online/...``, :func:`online.source.step_metrics`),
-        with the KL estimate to the starting policy every ``kl_every_n_steps`` training steps; every ``log_samples_every_n_steps`` training steps,
-        a few samples to ``samples.jsonl`` in the logger's folder and to loggers that log text."""
+        with the KL estimate to the starting policy every ``kl_every_n_steps`` training steps (and every
+        validation batch); every ``log_samples_every_n_steps`` training steps, a few samples to
+        ``samples.jsonl`` in the logger's folder and to loggers that log text."""
 
         n = len(step.pairs.chosen)
         logps = (out.chosen_logps[:n], out.rejected_logps[:n]) if out is not None and n else (None, None)
